@@ -1,0 +1,154 @@
+//! The command line: `run`, `migrate`, `status`. Errors end here, printed once, on
+//! one line, with a non-zero exit.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::config::Settings;
+use crate::daemon::{self, RunOptions};
+use crate::projector::Registry;
+use crate::{db, status, telemetry};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "pgfold",
+    version,
+    about = "Keeps projections of a PostgreSQL event store current"
+)]
+pub struct Cli {
+    /// A TOML configuration file (see config/default.toml for every key).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the projectors until SIGTERM or SIGINT.
+    Run(RunArgs),
+    /// Apply migrations and create the projectors' tables, then exit.
+    Migrate,
+    /// Show each projector's position, lag, state and last error.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Catch every selected projector up to the newest committed event, then exit.
+    #[arg(long)]
+    pub once: bool,
+    /// Rebuild this projection from the first event (repeatable; `all` for every one).
+    #[arg(long, value_name = "NAME")]
+    pub replay: Vec<String>,
+    /// Run only this projector (repeatable).
+    #[arg(long, value_name = "NAME")]
+    pub projector: Vec<String>,
+}
+
+/// The whole program, for `pgfold` itself and for an application's own binary
+/// that registers more projectors.
+pub fn main(registry: Registry) -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => {
+            // --help, --version
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+        Err(e) => {
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or("invalid arguments");
+            eprintln!("pgfold: {}", first.trim_start_matches("error: "));
+            eprintln!("pgfold: try 'pgfold --help'");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgfold: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli, registry)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("pgfold: {}", crate::config::one_line(&format!("{e:#}")));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
+    let settings = Settings::load(cli.config.as_deref())?;
+    telemetry::init(&settings.log);
+    match cli.command {
+        Command::Migrate => {
+            let pg = db::pg_config(settings.database.url.as_deref())?;
+            daemon::migrate(&pg, &registry).await?;
+            eprintln!("pgfold: database is up to date");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => {
+            let pg = db::pg_config(settings.database.url.as_deref())?;
+            let client = db::connect(&pg).await?;
+            let report =
+                status::collect(&client, &registry, settings.daemon.stall_warn_after()).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", status::render(&report));
+            }
+            Ok(if report.any_failed() {
+                ExitCode::from(3)
+            } else {
+                ExitCode::SUCCESS
+            })
+        }
+        Command::Run(args) => {
+            let options = RunOptions {
+                once: args.once,
+                replay: args.replay,
+                projectors: args.projector,
+            };
+            let outcome = daemon::run(&settings, &registry, &options, shutdown_signal()?).await?;
+            if outcome.parked.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                for parked in &outcome.parked {
+                    eprintln!("pgfold: {parked}");
+                }
+                Ok(ExitCode::from(3))
+            }
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT. A second one exits at once, for a
+/// shutdown that is taking too long.
+fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
+    use futures_util::StreamExt;
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT])?;
+    Ok(async move {
+        if let Some(signal) = signals.next().await {
+            tracing::info!(signal, "shutting down");
+            tokio::spawn(async move {
+                if signals.next().await.is_some() {
+                    eprintln!("pgfold: second signal, exiting now");
+                    std::process::exit(130);
+                }
+            });
+        }
+    })
+}

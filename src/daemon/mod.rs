@@ -1,0 +1,328 @@
+//! The long-running worker: one task per projector, one waker, clean shutdown.
+//!
+//! [`run`] prepares the database (migrations, projector tables, replays), then
+//! runs every selected projector in a task of its own, so that a slow or parked
+//! projector never holds the others back, until the shutdown future resolves or,
+//! with `once`, until every projector has caught up with the newest event that was
+//! committed when it started.
+
+pub mod checkpoint;
+mod wakeup;
+mod worker;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{DaemonSettings, Settings};
+use crate::db::{self, Backoff};
+use crate::feed::{self, Position};
+use crate::projector::{Projector, Registry};
+use wakeup::{Waker, Wakeups};
+use worker::{Step, Worker};
+
+pub use wakeup::CHANNEL;
+
+/// What `pgfold run` was asked to do.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Catch up, then return.
+    pub once: bool,
+    /// Projectors to rebuild from the first event (`all` for every one).
+    pub replay: Vec<String>,
+    /// Run only these (empty: every enabled projector).
+    pub projectors: Vec<String>,
+}
+
+/// How a run ended.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Projectors parked on an event they could not apply.
+    pub parked: Vec<ParkedProjector>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ParkedProjector {
+    pub projector: String,
+    pub event_id: i64,
+    pub event_type: String,
+    pub error: String,
+}
+
+impl std::fmt::Display for ParkedProjector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "projector {} failed at event {} ({}): {}",
+            self.projector, self.event_id, self.event_type, self.error
+        )
+    }
+}
+
+/// Selects the projectors to run: `--projector` names, or every enabled one.
+/// Unknown names, in the options or the configuration, are errors.
+pub fn select(
+    settings: &Settings,
+    registry: &Registry,
+    options: &RunOptions,
+) -> anyhow::Result<Vec<Arc<dyn Projector>>> {
+    for name in settings.projectors.keys() {
+        if registry.get(name).is_none() {
+            anyhow::bail!(
+                "invalid configuration: unknown projector {:?} in [projectors] (known: {})",
+                name,
+                registry.names().join(", ")
+            );
+        }
+    }
+    let replay = registry.resolve(&options.replay)?;
+    let mut selected = if options.projectors.is_empty() {
+        registry
+            .iter()
+            .filter(|p| settings.projector(p.name()).enabled)
+            .cloned()
+            .collect()
+    } else {
+        registry.resolve(&options.projectors)?
+    };
+    // A replayed projector runs, even if it was not otherwise selected.
+    for p in replay {
+        if !selected.iter().any(|q| q.name() == p.name()) {
+            selected.push(p);
+        }
+    }
+    Ok(selected)
+}
+
+/// Migrates the database and creates every registered projector's tables: what
+/// `pgfold migrate` does, and needs DDL rights.
+pub async fn migrate(pg: &tokio_postgres::Config, registry: &Registry) -> anyhow::Result<()> {
+    let mut client = db::connect(pg).await?;
+    db::migrate::run(&client).await?;
+    for p in registry.iter() {
+        setup(&mut client, p.as_ref()).await?;
+    }
+    Ok(())
+}
+
+async fn setup(client: &mut tokio_postgres::Client, p: &dyn Projector) -> anyhow::Result<()> {
+    let tx = client.transaction().await?;
+    p.setup(&tx)
+        .await
+        .with_context(|| format!("failed to create the tables of projector {}", p.name()))?;
+    checkpoint::register(&tx, p.name()).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Runs the daemon until `shutdown` resolves (or, with `once`, until caught up).
+pub async fn run(
+    settings: &Settings,
+    registry: &Registry,
+    options: &RunOptions,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Outcome> {
+    let selected = select(settings, registry, options)?;
+    let pg = db::pg_config(settings.database.url.as_deref())?;
+    let token = CancellationToken::new();
+    {
+        let token = token.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            token.cancel();
+        });
+    }
+
+    let mut client = tokio::select! {
+        c = db::connect_with_retry(&pg, settings.daemon.connect_timeout()) => c?,
+        _ = token.cancelled() => return Ok(Outcome::default()),
+    };
+    tracing::info!(database = %db::describe(&pg), "connected");
+    if !db::migrate::is_current(&client).await? {
+        db::migrate::run(&client)
+            .await
+            .context("the database needs migrating and this role cannot (run `pgfold migrate` with a role that has DDL rights)")?;
+    }
+    for p in &selected {
+        if !checkpoint::exists(&client, p.name()).await? {
+            setup(&mut client, p.as_ref()).await?;
+        }
+        if checkpoint::unpark(&client, p.name()).await? {
+            tracing::info!(projector = p.name(), "retrying a parked projector");
+        }
+    }
+    let replay = registry.resolve(&options.replay)?;
+    for p in &replay {
+        rewind(&mut client, p.as_ref()).await?;
+    }
+    let target = if options.once {
+        Some(feed::newest(&client).await?.unwrap_or(Position::START))
+    } else {
+        None
+    };
+    drop(client);
+
+    let pool = db::pool(&pg, settings.database.pool_size)?;
+    let (waker, wakeups) = Waker::new(pg.clone(), pool.clone(), settings.daemon.poll_interval());
+    let waker_task = tokio::spawn(waker.run(token.clone()));
+
+    let mut tasks = tokio::task::JoinSet::new();
+    for p in selected {
+        let worker = Worker::new(
+            p.clone(),
+            settings.projector(p.name()),
+            &settings.daemon,
+            pool.clone(),
+        );
+        tasks.spawn(drive(
+            worker,
+            settings.daemon.clone(),
+            wakeups.clone(),
+            token.clone(),
+            target,
+        ));
+    }
+    tracing::info!(projectors = tasks.len(), "running");
+
+    let mut outcome = Outcome::default();
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok(Some(parked)) => outcome.parked.push(parked),
+            Ok(None) => {}
+            Err(e) => {
+                token.cancel();
+                return Err(anyhow::anyhow!("a projector task panicked: {e}"));
+            }
+        }
+    }
+    token.cancel();
+    let _ = waker_task.await;
+    pool.close();
+    Ok(outcome)
+}
+
+/// Empties a projector and rewinds it to the first event, under its lock.
+async fn rewind(client: &mut tokio_postgres::Client, p: &dyn Projector) -> anyhow::Result<()> {
+    let tx = client.transaction().await?;
+    checkpoint::lock(&tx, p.name()).await?;
+    let target = feed::newest(&tx).await?;
+    p.reset(&tx)
+        .await
+        .with_context(|| format!("failed to reset projector {}", p.name()))?;
+    checkpoint::rewind(&tx, p.name(), target).await?;
+    tx.commit().await?;
+    tracing::info!(projector = p.name(), "replaying from the first event");
+    Ok(())
+}
+
+/// A projector's task: steps until shutdown, parking, or (with a target) caught up.
+async fn drive(
+    mut worker: Worker,
+    settings: DaemonSettings,
+    mut wakeups: Wakeups,
+    token: CancellationToken,
+    target: Option<Position>,
+) -> Option<ParkedProjector> {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+    let mut blocked: Option<(u64, tokio::time::Instant)> = None;
+    let mut warned_blocker = None;
+    while !token.is_cancelled() {
+        // A wake-up that arrives while we work must not be lost, and one that
+        // arrived before we started this round is already accounted for.
+        wakeups.mark_seen();
+        let step = worker.step().await;
+        match step {
+            Ok(Step::Applied { events, upto }) => {
+                backoff.reset();
+                blocked = None;
+                tracing::debug!(projector = worker.name(), events, position = %upto, "batch applied");
+                continue;
+            }
+            Ok(Step::Idle { horizon, position }) => {
+                backoff.reset();
+                if let Some(target) = target {
+                    if horizon.covers(target) || position >= target {
+                        return None;
+                    }
+                }
+                // Is an open transaction keeping newer events out of reach?
+                match horizon.blocker {
+                    Some(tx) => {
+                        let since = match blocked {
+                            Some((b, since)) if b == tx => since,
+                            _ => {
+                                blocked = Some((tx, tokio::time::Instant::now()));
+                                tokio::time::Instant::now()
+                            }
+                        };
+                        if since.elapsed() >= settings.stall_warn_after()
+                            && warned_blocker != Some(tx)
+                        {
+                            warned_blocker = Some(tx);
+                            worker.warn_stalled(tx, since.elapsed()).await;
+                        }
+                    }
+                    None => blocked = None,
+                }
+                if target.is_some() {
+                    // Catching up: the blocker will finish; look again soon.
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = wakeups.wait() => {}
+                        _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    }
+                    continue;
+                }
+                wakeups.report_idle();
+                tokio::select! {
+                    _ = token.cancelled() => {}
+                    _ = wakeups.wait() => {}
+                }
+            }
+            Ok(Step::Busy) => {
+                tokio::select! {
+                    _ = token.cancelled() => {}
+                    _ = wakeups.wait() => {}
+                    _ = tokio::time::sleep(settings.poll_interval()) => {}
+                }
+            }
+            Ok(Step::Parked {
+                event_id,
+                event_type,
+                error,
+            }) => {
+                return Some(ParkedProjector {
+                    projector: worker.name().to_string(),
+                    event_id,
+                    event_type,
+                    error,
+                });
+            }
+            Ok(Step::Retry(delay)) => {
+                if !delay.is_zero() {
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = tokio::time::sleep(delay) => {}
+                    }
+                }
+            }
+            Err(e) => {
+                let delay = backoff.next_delay();
+                tracing::warn!(
+                    projector = worker.name(),
+                    error = %e,
+                    retry_in_ms = delay.as_millis() as u64,
+                    "database error; retrying"
+                );
+                tokio::select! {
+                    _ = token.cancelled() => {}
+                    _ = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+    None
+}

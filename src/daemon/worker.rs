@@ -1,0 +1,407 @@
+//! One projector's batch loop: lock, read, apply, checkpoint, commit.
+//!
+//! Every batch is one transaction:
+//! 1. take the projector's advisory lock (skip the round if another instance has it);
+//! 2. read the checkpoint, then the horizon, then the events after the checkpoint
+//!    and below the horizon;
+//! 3. `SAVEPOINT`, hand the batch to the projector;
+//! 4. move the checkpoint in the same transaction and commit.
+//!
+//! A batch the projector rejects is rolled back to the savepoint and narrowed
+//! (halved, or cut just before the event the projector named) until the failing
+//! event stands alone; the good events before it commit on their own. The lone
+//! event is retried with backoff up to `max_attempts`, then parked or
+//! dead-lettered, all recorded under the same lock.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use deadpool_postgres::Pool;
+use tokio_postgres::Transaction;
+
+use super::checkpoint::{self, Checkpoint, Failure, State};
+use crate::config::{DaemonSettings, OnError, ProjectorSettings};
+use crate::db;
+use crate::feed::{self, Horizon, Position};
+use crate::projector::{EventRange, Feed, Projector, ProjectorError};
+
+/// What one call of [`Worker::step`] did.
+#[derive(Debug)]
+pub enum Step {
+    /// Committed a batch; there may be more.
+    Applied { events: u64, upto: Position },
+    /// Nothing to read below the horizon.
+    Idle {
+        horizon: Horizon,
+        position: Position,
+    },
+    /// Another instance holds the projector.
+    Busy,
+    /// The projector is parked on a failed event.
+    Parked {
+        event_id: i64,
+        event_type: String,
+        error: String,
+    },
+    /// An event failed and will be retried after the delay.
+    Retry(Duration),
+}
+
+/// An error that is not about the data: retried with backoff, never counted
+/// against an event.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Transient(String);
+
+impl Transient {
+    fn from_pg(e: &tokio_postgres::Error) -> Transient {
+        Transient(crate::config::one_line(&db::error_text(e)))
+    }
+}
+
+impl From<tokio_postgres::Error> for Transient {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Transient::from_pg(&e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Transient {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        let text = match &e {
+            deadpool_postgres::PoolError::Backend(pg) => db::error_text(pg),
+            other => other.to_string(),
+        };
+        Transient(crate::config::one_line(&text))
+    }
+}
+
+pub struct Worker {
+    projector: Arc<dyn Projector>,
+    settings: ProjectorSettings,
+    pool: Pool,
+    /// The configured batch size for this projector's feed.
+    full_limit: u32,
+    /// The current one: smaller while a failing event is being isolated.
+    limit: u32,
+    /// While isolating: the end of the batch that failed. The full size comes back
+    /// once the checkpoint has passed it.
+    isolating_until: Option<Position>,
+}
+
+impl Worker {
+    pub fn new(
+        projector: Arc<dyn Projector>,
+        settings: ProjectorSettings,
+        daemon: &DaemonSettings,
+        pool: Pool,
+    ) -> Worker {
+        let full_limit = match projector.feed() {
+            Feed::Events => daemon.batch_size,
+            Feed::Set => daemon.set_batch_size,
+        };
+        Worker {
+            projector,
+            settings,
+            pool,
+            full_limit,
+            limit: full_limit,
+            isolating_until: None,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        self.projector.name()
+    }
+
+    /// Runs one batch transaction.
+    pub async fn step(&mut self) -> Result<Step, Transient> {
+        let mut conn = self.pool.get().await?;
+        let client: &mut tokio_postgres::Client = &mut conn;
+        let tx = client.transaction().await?;
+        let name = self.projector.name().to_string();
+        if !checkpoint::try_lock(&tx, &name).await? {
+            return Ok(Step::Busy);
+        }
+        let ck = checkpoint::load(&tx, &name).await?;
+        if ck.state == State::Failed {
+            let row = tx
+                .query_one(
+                    "SELECT failing_event_id, coalesce(failing_event_type, ''), coalesce(last_error, '')
+                       FROM pgfold.projectors WHERE name = $1",
+                    &[&name],
+                )
+                .await?;
+            return Ok(Step::Parked {
+                event_id: row.get::<_, Option<i64>>(0).unwrap_or_default(),
+                event_type: row.get(1),
+                error: row.get(2),
+            });
+        }
+        if let Some(until) = self.isolating_until {
+            if ck.position >= until {
+                self.isolating_until = None;
+                self.limit = self.full_limit;
+            }
+        }
+        let horizon = feed::horizon(&tx).await?;
+        match self.projector.feed() {
+            Feed::Events => self.events_batch(tx, ck, horizon).await,
+            Feed::Set => self.set_batch(tx, ck, horizon).await,
+        }
+    }
+
+    async fn events_batch(
+        &mut self,
+        tx: Transaction<'_>,
+        ck: Checkpoint,
+        horizon: Horizon,
+    ) -> Result<Step, Transient> {
+        let filter = self.projector.filter();
+        let rows = feed::read_events(&tx, ck.position, horizon, &filter, self.limit).await?;
+        if rows.is_empty() {
+            return Ok(Step::Idle {
+                horizon,
+                position: ck.position,
+            });
+        }
+        let read = rows.len();
+        let batch = feed::order_batch(&tx, rows, &ck.ahead, &filter).await?;
+        tx.batch_execute("SAVEPOINT apply").await?;
+        let result = if batch.events.is_empty() {
+            Ok(())
+        } else {
+            self.projector.apply(&tx, &batch.events).await
+        };
+        match result {
+            Ok(()) => {
+                let name = self.projector.name();
+                checkpoint::record_ahead(&tx, name, &batch.ahead).await?;
+                checkpoint::advance(&tx, name, batch.upto, batch.events.len() as u64).await?;
+                tx.commit().await?;
+                Ok(Step::Applied {
+                    events: batch.events.len() as u64,
+                    upto: batch.upto,
+                })
+            }
+            Err(e) => {
+                fail_fast_if_transient(&e)?;
+                tx.batch_execute("ROLLBACK TO SAVEPOINT apply").await?;
+                let named = match &e {
+                    ProjectorError::Event { event_id, .. } => batch
+                        .events
+                        .iter()
+                        .position(|ev| ev.id == *event_id)
+                        .map(|i| (batch.origin[i], &batch.events[i])),
+                    _ => None,
+                };
+                if read > 1 {
+                    // Apply the events before the failing one (or the first half when
+                    // the projector did not say which one failed) on their own.
+                    let keep = named.map(|(row, _)| row).unwrap_or(read / 2).max(1);
+                    return Ok(self.narrow(e, keep as u32, batch.upto));
+                }
+                let event = named.map(|(_, ev)| ev).unwrap_or(&batch.events[0]);
+                let failure = Failure {
+                    event_id: event.id,
+                    event_type: event.event_type.clone(),
+                    error: message_of(&e)?,
+                    attempts: attempts_after(&ck, event.id),
+                };
+                self.give_up_or_retry(tx, failure, batch.upto, &batch.ahead)
+                    .await
+            }
+        }
+    }
+
+    async fn set_batch(
+        &mut self,
+        tx: Transaction<'_>,
+        ck: Checkpoint,
+        horizon: Horizon,
+    ) -> Result<Step, Transient> {
+        let Some(upto) = feed::set_batch_end(&tx, ck.position, horizon, self.limit).await? else {
+            return Ok(Step::Idle {
+                horizon,
+                position: ck.position,
+            });
+        };
+        let range = EventRange::new(ck.position, upto);
+        tx.batch_execute("SAVEPOINT apply").await?;
+        match self.projector.apply_range(&tx, &range).await {
+            Ok(applied) => {
+                checkpoint::advance(&tx, self.projector.name(), upto, applied).await?;
+                tx.commit().await?;
+                Ok(Step::Applied {
+                    events: applied,
+                    upto,
+                })
+            }
+            Err(e) => {
+                fail_fast_if_transient(&e)?;
+                tx.batch_execute("ROLLBACK TO SAVEPOINT apply").await?;
+                if self.limit > 1 {
+                    let keep = self.limit / 2;
+                    return Ok(self.narrow(e, keep, upto));
+                }
+                let event_type: String = tx
+                    .query_one("SELECT event_type FROM events WHERE id = $1", &[&upto.id])
+                    .await?
+                    .get(0);
+                let failure = Failure {
+                    event_id: upto.id,
+                    event_type,
+                    error: message_of(&e)?,
+                    attempts: attempts_after(&ck, upto.id),
+                };
+                self.give_up_or_retry(tx, failure, upto, &[]).await
+            }
+        }
+    }
+
+    /// Logs who holds the horizon back, once it has done so for `for_how_long`.
+    pub async fn warn_stalled(&self, tx: u64, for_how_long: Duration) {
+        let who = match self.pool.get().await {
+            Ok(client) => feed::blocker(&**client, tx).await.ok().flatten(),
+            Err(_) => None,
+        };
+        let held_ms = for_how_long.as_millis() as u64;
+        match who {
+            Some(b) => {
+                tracing::warn!(
+                projector = self.name(),
+                blocking_pid = b.pid,
+                blocking_state = b.state.as_deref().unwrap_or("not visible to this role"),
+                transaction_age_s = b.transaction_age_seconds.unwrap_or(-1.0),
+                query = b.query_start.as_deref().unwrap_or("not visible to this role"),
+                held_ms,
+                "an open transaction is keeping new events from being read; waiting for it to end"
+            )
+            }
+            None => tracing::warn!(
+                projector = self.name(),
+                transaction = tx,
+                held_ms,
+                "an open transaction (no longer visible) kept new events from being read"
+            ),
+        }
+    }
+
+    /// Shrinks the next batch to `keep` events to isolate a failure.
+    fn narrow(&mut self, e: ProjectorError, keep: u32, failed_upto: Position) -> Step {
+        tracing::debug!(
+            projector = self.projector.name(),
+            error = %e,
+            keep,
+            "batch failed; narrowing it to isolate the failing event"
+        );
+        self.limit = keep.clamp(1, self.limit);
+        self.isolating_until = Some(
+            self.isolating_until
+                .map_or(failed_upto, |u| u.max(failed_upto)),
+        );
+        Step::Retry(Duration::ZERO)
+    }
+
+    async fn give_up_or_retry(
+        &mut self,
+        tx: Transaction<'_>,
+        failure: Failure,
+        upto: Position,
+        ahead: &[(i64, Position)],
+    ) -> Result<Step, Transient> {
+        let name = self.projector.name().to_string();
+        let attempts = failure.attempts as u32;
+        if attempts < self.settings.max_attempts {
+            tracing::warn!(
+                projector = %name,
+                event_id = failure.event_id,
+                event_type = %failure.event_type,
+                attempt = attempts,
+                max_attempts = self.settings.max_attempts,
+                error = %failure.error,
+                "event failed; will retry"
+            );
+            checkpoint::record_failure(&tx, &name, &failure).await?;
+            tx.commit().await?;
+            return Ok(Step::Retry(retry_delay(attempts)));
+        }
+        match self.settings.on_error {
+            OnError::Stop => {
+                tracing::error!(
+                    projector = %name,
+                    event_id = failure.event_id,
+                    event_type = %failure.event_type,
+                    attempts,
+                    error = %failure.error,
+                    "event failed too many times; projector parked (on_error = \"stop\")"
+                );
+                checkpoint::park(&tx, &name, &failure).await?;
+                tx.commit().await?;
+                Ok(Step::Parked {
+                    event_id: failure.event_id,
+                    event_type: failure.event_type,
+                    error: failure.error,
+                })
+            }
+            OnError::Skip => {
+                tracing::warn!(
+                    projector = %name,
+                    event_id = failure.event_id,
+                    event_type = %failure.event_type,
+                    attempts,
+                    error = %failure.error,
+                    "event failed too many times; recorded as a dead letter (on_error = \"skip\")"
+                );
+                checkpoint::dead_letter(&tx, &name, &failure).await?;
+                checkpoint::record_ahead(&tx, &name, ahead).await?;
+                checkpoint::advance(&tx, &name, upto, 0).await?;
+                tx.commit().await?;
+                Ok(Step::Applied { events: 0, upto })
+            }
+        }
+    }
+}
+
+fn attempts_after(ck: &Checkpoint, event_id: i64) -> i32 {
+    if ck.failing_event_id == Some(event_id) {
+        ck.attempts + 1
+    } else {
+        1
+    }
+}
+
+/// A connection error is not the event's fault: it aborts the round instead of
+/// counting against the batch.
+fn fail_fast_if_transient(e: &ProjectorError) -> Result<(), Transient> {
+    match e {
+        ProjectorError::Database(pg) if db::is_transient(pg) => Err(Transient::from_pg(pg)),
+        _ => Ok(()),
+    }
+}
+
+/// The text stored and shown for a failed event.
+fn message_of(e: &ProjectorError) -> Result<String, Transient> {
+    let text = match e {
+        ProjectorError::Database(pg) => db::error_text(pg),
+        ProjectorError::Event { message, .. } => message.clone(),
+        ProjectorError::Other(message) => message.clone(),
+    };
+    // SQL raised through pgfold.bad_event already names the event.
+    let text = match text.strip_prefix("event ") {
+        Some(rest)
+            if rest
+                .split_once(": ")
+                .is_some_and(|(id, _)| id.parse::<i64>().is_ok()) =>
+        {
+            rest.split_once(": ")
+                .map(|(_, m)| m.to_string())
+                .unwrap_or(text.clone())
+        }
+        _ => text,
+    };
+    Ok(crate::config::one_line(&text))
+}
+
+fn retry_delay(attempts: u32) -> Duration {
+    Duration::from_millis(100u64 << attempts.saturating_sub(1).min(6)).min(Duration::from_secs(5))
+}

@@ -1,0 +1,164 @@
+//! Connections: the pool the workers share, the dedicated connections that must
+//! not be pooled (LISTEN, migrations), and how database errors are classified.
+
+pub mod connect;
+pub mod migrate;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::NoTls;
+
+pub use connect::{describe, pg_config};
+
+/// The shared pool. `Fast` recycling: a checked-out connection is only tested for
+/// being closed; our transactions always end in COMMIT or ROLLBACK.
+pub fn pool(config: &tokio_postgres::Config, size: usize) -> anyhow::Result<Pool> {
+    let manager = Manager::from_config(
+        config.clone(),
+        NoTls,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size)
+        .build()
+        .context("failed to build the connection pool")
+}
+
+/// One connection outside the pool, driven by a task of its own. Errors name the
+/// server and never the password.
+pub async fn connect(config: &tokio_postgres::Config) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| unreachable_error(config, &e))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "connection closed");
+        }
+    });
+    Ok(client)
+}
+
+/// Connects, retrying transient failures with backoff until `timeout` has passed.
+pub async fn connect_with_retry(
+    config: &tokio_postgres::Config,
+    timeout: Duration,
+) -> anyhow::Result<tokio_postgres::Client> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
+    loop {
+        match connect(config).await {
+            Ok(client) => return Ok(client),
+            Err(e) if tokio::time::Instant::now() + backoff.peek() < deadline => {
+                tracing::warn!(error = %format!("{e:#}"), "database not reachable, retrying");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => {
+                return Err(e.context(format!(
+                    "gave up after {} ms (daemon.connect_timeout_ms)",
+                    timeout.as_millis()
+                )))
+            }
+        }
+    }
+}
+
+pub fn unreachable_error(
+    config: &tokio_postgres::Config,
+    e: &tokio_postgres::Error,
+) -> anyhow::Error {
+    anyhow::anyhow!(
+        "cannot connect to PostgreSQL at {}: {}",
+        describe(config),
+        crate::config::one_line(&error_text(e))
+    )
+}
+
+/// The most useful line of a tokio-postgres error: the server's message when there
+/// is one, else the error and its cause.
+pub fn error_text(e: &tokio_postgres::Error) -> String {
+    if let Some(db) = e.as_db_error() {
+        return db.message().to_string();
+    }
+    match std::error::Error::source(e) {
+        Some(source) => format!("{e}: {source}"),
+        None => e.to_string(),
+    }
+}
+
+/// Whether an error is about the connection or the server's state rather than the
+/// data: such errors are retried forever, never counted against an event.
+pub fn is_transient(e: &tokio_postgres::Error) -> bool {
+    let Some(code) = e.code() else {
+        // No SQLSTATE: the socket closed, a timeout, a protocol error.
+        return true;
+    };
+    let class = &code.code()[..2];
+    matches!(
+        class,
+        "08" // connection exception
+        | "40" // serialization failure, deadlock
+        | "53" // insufficient resources
+        | "55" // lock not available, object in use
+        | "57" // admin shutdown, cancelled, cannot connect now
+        | "58" // system error (I/O)
+        | "XX" // internal error
+    )
+}
+
+/// Capped exponential backoff with full jitter.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(base: Duration, cap: Duration) -> Backoff {
+        Backoff {
+            base,
+            cap,
+            attempt: 0,
+        }
+    }
+
+    /// The largest delay the next call may return.
+    pub fn peek(&self) -> Duration {
+        self.base
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.cap)
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self.peek();
+        self.attempt = self.attempt.saturating_add(1);
+        // Full jitter keeps restarted instances from reconnecting in lockstep.
+        let millis = ceiling.as_millis().max(1) as u64;
+        Duration::from_millis(millis / 2 + rand::random_range(0..=millis / 2))
+    }
+
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        let delays: Vec<_> = (0..8).map(|_| b.next_delay()).collect();
+        assert!(delays[0] <= Duration::from_millis(100));
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
+        assert!(delays[7] >= Duration::from_secs(1), "{delays:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

@@ -1,0 +1,12 @@
+//! Reading the log: positions, the horizon below which reading is final, the
+//! queries, and the repair that keeps each stream in `sequence` order.
+
+mod horizon;
+mod order;
+mod position;
+mod reader;
+
+pub use horizon::{blocker, horizon, Blocker, Horizon};
+pub use order::{order_batch, OrderedBatch};
+pub use position::{Position, POSITION_TX};
+pub use reader::{newest, read_events, set_batch_end, ReadRow};

@@ -1,0 +1,23 @@
+//! pgfold keeps read models of a PostgreSQL event store current.
+//!
+//! # Layout
+//! - [`store`]: the application side: appending events with optimistic concurrency.
+//! - [`feed`]: reading the log gap-free, in an order that respects each stream.
+//! - [`projector`]: the `Projector` trait and the registry of projectors by name.
+//! - [`projectors`]: the built-in projectors, `daily_revenue` and `order_snapshots`.
+//! - [`daemon`]: the long-running worker: batches, checkpoints, coordination,
+//!   wake-ups, retries and shutdown.
+//! - [`status`]: what `pgfold status` reports.
+//! - [`db`]: connections, migrations, and which database errors are transient.
+//! - [`config`], [`cli`], [`telemetry`]: settings, the command line, logging.
+
+pub mod cli;
+pub mod config;
+pub mod daemon;
+pub mod db;
+pub mod feed;
+pub mod projector;
+pub mod projectors;
+pub mod status;
+pub mod store;
+pub mod telemetry;

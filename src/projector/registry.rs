@@ -1,0 +1,77 @@
+//! Projectors by name.
+
+use std::sync::Arc;
+
+use super::Projector;
+
+/// The projectors a daemon knows. The built-in ones come from
+/// [`crate::projectors::builtin`]; an application adds its own with [`Registry::register`].
+#[derive(Clone, Default)]
+pub struct Registry {
+    projectors: Vec<Arc<dyn Projector>>,
+}
+
+impl Registry {
+    pub fn new() -> Registry {
+        Registry::default()
+    }
+
+    /// Adds a projector. Names are checkpoint keys, so a duplicate is a programming
+    /// error, reported at start-up rather than left to corrupt a checkpoint.
+    pub fn register(mut self, projector: impl Projector) -> Registry {
+        assert!(
+            self.get(projector.name()).is_none(),
+            "projector {:?} is registered twice",
+            projector.name()
+        );
+        assert!(
+            valid_name(projector.name()),
+            "projector name {:?} must be lowercase letters, digits and underscores",
+            projector.name()
+        );
+        self.projectors.push(Arc::new(projector));
+        self
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Projector>> {
+        self.projectors.iter().find(|p| p.name() == name)
+    }
+
+    pub fn names(&self) -> Vec<&str> {
+        self.projectors.iter().map(|p| p.name()).collect()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Projector>> {
+        self.projectors.iter()
+    }
+
+    /// Resolves names from the command line or the configuration: `all` means every
+    /// projector; an unknown name is an error that lists the known ones.
+    pub fn resolve(&self, names: &[String]) -> anyhow::Result<Vec<Arc<dyn Projector>>> {
+        if names.iter().any(|n| n == "all") {
+            return Ok(self.projectors.clone());
+        }
+        let mut out: Vec<Arc<dyn Projector>> = Vec::new();
+        for name in names {
+            let Some(p) = self.get(name) else {
+                anyhow::bail!(
+                    "unknown projector {:?} (known: {}, or all)",
+                    name,
+                    self.names().join(", ")
+                );
+            };
+            if !out.iter().any(|q| q.name() == p.name()) {
+                out.push(p.clone());
+            }
+        }
+        Ok(out)
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}

@@ -1,0 +1,186 @@
+//! `pgfold status`: where each projector is, how far behind, and what is wrong.
+
+use serde::Serialize;
+use tokio_postgres::GenericClient;
+
+use crate::daemon::checkpoint::State;
+use crate::feed::{self, Blocker, POSITION_TX};
+use crate::projector::Registry;
+
+/// The `--json` shape. Fields are only ever added, never renamed or removed.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub projectors: Vec<ProjectorStatus>,
+    /// The open transaction keeping new events out of reach, if any.
+    pub horizon_blocked_by: Option<Blocker>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ProjectorStatus {
+    pub name: String,
+    /// `running`, `replaying`, `failed`, or `new` (never run).
+    pub state: String,
+    /// Id of the last event consumed (0: none yet).
+    pub position: i64,
+    /// Committed events it consumes that it has not applied yet.
+    pub lag_events: i64,
+    pub events_applied: i64,
+    pub last_advanced_at: Option<String>,
+    pub failing_event: Option<FailingEvent>,
+    pub last_error: Option<String>,
+    pub dead_letters: i64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct FailingEvent {
+    pub id: i64,
+    pub event_type: Option<String>,
+    pub attempts: i32,
+}
+
+impl Status {
+    pub fn any_failed(&self) -> bool {
+        self.projectors
+            .iter()
+            .any(|p| p.state == State::Failed.as_str())
+    }
+}
+
+/// Gathers the status. A transaction holding the horizon is reported once it has
+/// been open for `stall_after`: a short one is just a write in flight.
+pub async fn collect<C: GenericClient>(
+    client: &C,
+    registry: &Registry,
+    stall_after: std::time::Duration,
+) -> anyhow::Result<Status> {
+    if !crate::db::migrate::is_current(client).await? {
+        anyhow::bail!("the database is not migrated: run `pgfold migrate`");
+    }
+    let mut projectors = Vec::new();
+    for p in registry.iter() {
+        let filter = p.filter();
+        let row = client
+            .query_opt(
+                &format!(
+                    "SELECT p.state, p.position_id, p.events_applied,
+                            to_char(p.last_advanced_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                            p.failing_event_id, p.failing_event_type, p.attempts, p.last_error,
+                            (SELECT count(*) FROM pgfold.dead_letters d WHERE d.projector = p.name),
+                            (SELECT count(*) FROM events e
+                              WHERE ({POSITION_TX}, e.id) > (p.position_tx, p.position_id)
+                                AND ($2::text[] IS NULL OR e.event_type = ANY($2))
+                                AND ($3::text[] IS NULL OR e.stream_type = ANY($3)))
+                       FROM pgfold.projectors p WHERE p.name = $1"
+                ),
+                &[&p.name(), &filter.event_types, &filter.stream_types],
+            )
+            .await?;
+        projectors.push(match row {
+            None => ProjectorStatus {
+                name: p.name().to_string(),
+                state: "new".into(),
+                position: 0,
+                lag_events: 0,
+                events_applied: 0,
+                last_advanced_at: None,
+                failing_event: None,
+                last_error: None,
+                dead_letters: 0,
+            },
+            Some(r) => ProjectorStatus {
+                name: p.name().to_string(),
+                state: r.get(0),
+                position: r.get(1),
+                events_applied: r.get(2),
+                last_advanced_at: r.get(3),
+                failing_event: r.get::<_, Option<i64>>(4).map(|id| FailingEvent {
+                    id,
+                    event_type: r.get(5),
+                    attempts: r.get(6),
+                }),
+                last_error: r.get(7),
+                dead_letters: r.get(8),
+                lag_events: r.get(9),
+            },
+        });
+    }
+    let horizon = feed::horizon(client).await?;
+    let horizon_blocked_by = match horizon.blocker {
+        Some(tx) => feed::blocker(client, tx)
+            .await?
+            .filter(|b| b.transaction_age_seconds.unwrap_or(f64::MAX) >= stall_after.as_secs_f64()),
+        None => None,
+    };
+    Ok(Status {
+        projectors,
+        horizon_blocked_by,
+    })
+}
+
+/// The table printed without `--json`.
+pub fn render(status: &Status) -> String {
+    let mut rows = vec![[
+        "PROJECTOR".to_string(),
+        "STATE".into(),
+        "POSITION".into(),
+        "LAG".into(),
+        "LAST ADVANCED".into(),
+        "DEAD LETTERS".into(),
+        "LAST ERROR".into(),
+    ]];
+    for p in &status.projectors {
+        let error = match (&p.failing_event, &p.last_error) {
+            (Some(f), Some(e)) => format!(
+                "event {} ({}), attempt {}: {}",
+                f.id,
+                f.event_type.as_deref().unwrap_or("?"),
+                f.attempts,
+                e
+            ),
+            (_, Some(e)) => e.clone(),
+            _ => "-".into(),
+        };
+        rows.push([
+            p.name.clone(),
+            p.state.clone(),
+            p.position.to_string(),
+            p.lag_events.to_string(),
+            p.last_advanced_at.clone().unwrap_or_else(|| "-".into()),
+            p.dead_letters.to_string(),
+            error,
+        ]);
+    }
+    let widths: Vec<usize> = (0..7)
+        .map(|i| rows.iter().map(|r| r[i].chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for r in &rows {
+        let cells: Vec<String> = r
+            .iter()
+            .enumerate()
+            .map(|(i, c)| {
+                if i == 6 {
+                    c.clone()
+                } else {
+                    format!("{:w$}", c, w = widths[i])
+                }
+            })
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    if let Some(b) = &status.horizon_blocked_by {
+        out.push_str(&format!(
+            "\nnew events are held back by the open transaction of backend {} ({}, open {}s): {}\n",
+            b.pid,
+            b.state
+                .as_deref()
+                .unwrap_or("state not visible to this role"),
+            b.transaction_age_seconds
+                .map(|s| format!("{s:.0}"))
+                .unwrap_or_else(|| "?".into()),
+            b.query_start.as_deref().unwrap_or("?"),
+        ));
+    }
+    out
+}

@@ -1,0 +1,137 @@
+//! The application side of the event store: appending with optimistic concurrency,
+//! as the application would. pgfold's own tests, examples and benchmark write
+//! through this, so the daemon is always exercised against real application writes.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::GenericClient;
+
+/// The unique index that turns a lost race into a conflict.
+pub const STREAM_SEQUENCE_INDEX: &str = "idx_events_stream_sequence";
+
+/// An event to append.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub stream_id: String,
+    pub stream_type: String,
+    pub event_type: String,
+    pub event_version: i32,
+    pub payload: Value,
+    pub metadata: Value,
+    /// `None`: the database's `now()`.
+    pub occurred_at: Option<DateTime<Utc>>,
+}
+
+impl NewEvent {
+    pub fn new(
+        stream_id: impl Into<String>,
+        stream_type: &str,
+        event_type: &str,
+        payload: Value,
+    ) -> NewEvent {
+        NewEvent {
+            stream_id: stream_id.into(),
+            stream_type: stream_type.to_string(),
+            event_type: event_type.to_string(),
+            event_version: 1,
+            payload,
+            metadata: Value::Object(Default::default()),
+            occurred_at: None,
+        }
+    }
+
+    pub fn occurred_at(mut self, at: DateTime<Utc>) -> NewEvent {
+        self.occurred_at = Some(at);
+        self
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// Another writer appended this stream's `sequence` first.
+    #[error("concurrency conflict on stream {stream_id} at sequence {sequence}")]
+    Conflict { stream_id: String, sequence: i64 },
+    #[error("failed to append to the event store: {0}")]
+    Database(#[from] tokio_postgres::Error),
+}
+
+/// Appends `event` at `sequence`, which the caller expects to be the stream's next.
+/// Runs in whatever transaction `client` is in.
+pub async fn append<C: GenericClient>(
+    client: &C,
+    event: &NewEvent,
+    sequence: i64,
+) -> Result<i64, AppendError> {
+    let result = client
+        .query_one(
+            "INSERT INTO events
+               (stream_id, stream_type, event_type, event_version, payload, metadata, occurred_at, sequence)
+             VALUES ($1, $2, $3, $4, $5, $6, coalesce($7, now()), $8)
+             RETURNING id",
+            &[
+                &event.stream_id,
+                &event.stream_type,
+                &event.event_type,
+                &event.event_version,
+                &event.payload,
+                &event.metadata,
+                &event.occurred_at,
+                &sequence,
+            ],
+        )
+        .await;
+    match result {
+        Ok(row) => Ok(row.get(0)),
+        Err(e) if is_sequence_conflict(&e) => Err(AppendError::Conflict {
+            stream_id: event.stream_id.clone(),
+            sequence,
+        }),
+        Err(e) => Err(AppendError::Database(e)),
+    }
+}
+
+fn is_sequence_conflict(e: &tokio_postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        *db.code() == SqlState::UNIQUE_VIOLATION && db.constraint() == Some(STREAM_SEQUENCE_INDEX)
+    })
+}
+
+/// The stream's highest sequence, 0 for a new stream.
+pub async fn last_sequence<C: GenericClient>(
+    client: &C,
+    stream_id: &str,
+) -> Result<i64, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(max(sequence), 0) FROM events WHERE stream_id = $1",
+            &[&stream_id],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// How many times [`append_next`] re-reads the stream before giving up.
+pub const MAX_APPEND_ATTEMPTS: u32 = 20;
+
+/// The usual application write: append `event` as the next event of its stream, in
+/// a transaction of its own, retrying on conflict.
+pub async fn append_next(
+    client: &mut tokio_postgres::Client,
+    event: &NewEvent,
+) -> Result<i64, AppendError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let tx = client.transaction().await?;
+        let sequence = last_sequence(&tx, &event.stream_id).await? + 1;
+        match append(&tx, event, sequence).await {
+            Ok(_) => {
+                tx.commit().await?;
+                return Ok(sequence);
+            }
+            Err(AppendError::Conflict { .. }) if tries < MAX_APPEND_ATTEMPTS => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}

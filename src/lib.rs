@@ -10,6 +10,8 @@
 //! - [`status`]: what `pgfold status` reports.
 //! - [`db`]: connections, migrations, and which database errors are transient.
 //! - [`config`], [`cli`], [`telemetry`]: settings, the command line, logging.
+//! - [`workload`]: the "orders" workload and independent SQL folds, for tests
+//!   and the benchmark.
 
 pub mod cli;
 pub mod config;
@@ -21,3 +23,4 @@ pub mod projectors;
 pub mod status;
 pub mod store;
 pub mod telemetry;
+pub mod workload;

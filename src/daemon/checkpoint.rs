@@ -274,8 +274,8 @@ pub async fn rewind<C: GenericClient>(
     tx.execute(
         "UPDATE pgfold.projectors
             SET position_tx = '0', position_id = 0, events_applied = 0,
-                state = CASE WHEN $2::text::xid8 = '0' AND $3 = 0 THEN 'running' ELSE 'replaying' END,
-                replay_target_tx = $2::text::xid8, replay_target_id = $3,
+                state = CASE WHEN $2::text::xid8 = '0' AND $3::bigint = 0 THEN 'running' ELSE 'replaying' END,
+                replay_target_tx = $2::text::xid8, replay_target_id = $3::bigint,
                 failing_event_id = NULL, failing_event_type = NULL, attempts = 0,
                 last_error = NULL, last_error_at = NULL, updated_at = now()
           WHERE name = $1",

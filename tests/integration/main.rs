@@ -1,0 +1,12 @@
+//! Integration tests against a real PostgreSQL, each in a database of its own.
+//! One binary, so they share one build and run in parallel.
+
+mod append;
+mod cli;
+mod crash;
+mod gap;
+mod helpers;
+mod migration;
+mod projections;
+mod replay;
+mod stream_order;

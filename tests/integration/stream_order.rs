@@ -1,0 +1,196 @@
+//! Issue: transaction ids that disagree with a stream's sequence order.
+//!
+//! A writer that writes elsewhere first takes its transaction id early; if another
+//! writer appends the stream's previous event and commits in the meantime, the
+//! later event has the older transaction id.
+
+use std::time::Duration;
+
+use pgfold::daemon::RunOptions;
+use pgfold::store;
+use serde_json::json;
+use tokio_postgres::Client;
+
+use crate::helpers::*;
+
+/// A connection that has taken its transaction id by writing to `scratch`.
+async fn early_writer(db: &TestDb) -> Client {
+    let client = db.client().await;
+    client
+        .batch_execute("BEGIN; INSERT INTO scratch VALUES (1)")
+        .await
+        .unwrap();
+    client
+}
+
+async fn append_in_open(client: &Client, event: &pgfold::store::NewEvent, sequence: i64) {
+    store::append(client, event, sequence).await.unwrap();
+    client.batch_execute("COMMIT").await.unwrap();
+}
+
+async fn with_scratch() -> TestDb {
+    let db = TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute("CREATE TABLE scratch (x int)")
+        .await
+        .unwrap();
+    db
+}
+
+/// Builds `order-1` as created (seq 1) ← paid (seq 2) ← shipped (seq 3), where each
+/// later event's transaction took its id before the earlier one's: positions run
+/// 3, 2, 1 — two consecutive inversions.
+async fn twice_inverted_stream(db: &TestDb) {
+    let third = early_writer(db).await;
+    let second = early_writer(db).await;
+    let mut first = db.client().await;
+    append_all(
+        &mut first,
+        &[created("order-1", "books", json!("12.50"), 2)],
+    )
+    .await;
+    append_in_open(&second, &paid("order-1", "books", json!("12.50"), 2), 2).await;
+    append_in_open(&third, &shipped("order-1", "1 Harbour Street"), 3).await;
+}
+
+async fn positions_are_inverted(client: &Client) {
+    let inverted = scalar_i64(
+        client,
+        "SELECT count(*) FROM events a JOIN events b ON a.stream_id = b.stream_id AND b.sequence = a.sequence + 1
+          WHERE b.tx_id < a.tx_id",
+    )
+    .await;
+    assert_eq!(
+        inverted, 2,
+        "the test did not build the inversion it means to"
+    );
+}
+
+#[tokio::test]
+async fn an_inverted_pair_is_delivered_in_sequence_order() {
+    let db = with_scratch().await;
+    let late = early_writer(&db).await;
+    let mut first = db.client().await;
+    append_all(&mut first, &[created("order-1", "books", json!("9.99"), 1)]).await;
+    append_in_open(&late, &paid("order-1", "books", json!("9.99"), 1), 2).await;
+
+    let outcome = run_once(&db.settings(), RunOptions::default()).await;
+
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    assert_projections_exact(&first).await;
+}
+
+#[tokio::test]
+async fn two_consecutive_inversions_across_batches_of_one_event() {
+    let db = with_scratch().await;
+    twice_inverted_stream(&db).await;
+    let client = db.client().await;
+    positions_are_inverted(&client).await;
+    let mut settings = db.settings();
+    // Every event in a batch of its own: the inverted events straddle boundaries.
+    settings.daemon.batch_size = 1;
+    settings.daemon.set_batch_size = 1;
+
+    let outcome = run_once(&settings, RunOptions::default()).await;
+
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    assert_projections_exact(&client).await;
+    assert_eq!(
+        scalar_i64(
+            &client,
+            "SELECT events_applied FROM pgfold.projectors WHERE name = 'order_snapshots'"
+        )
+        .await,
+        3,
+        "each event exactly once"
+    );
+    assert_eq!(
+        scalar_i64(&client, "SELECT count(*) FROM pgfold.delivered_ahead").await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn inversions_survive_a_replay() {
+    let db = with_scratch().await;
+    twice_inverted_stream(&db).await;
+    let client = db.client().await;
+    run_once(&db.settings(), RunOptions::default()).await;
+    client
+        .batch_execute("UPDATE order_snapshots SET state = '{}'")
+        .await
+        .unwrap();
+    let mut settings = db.settings();
+    settings.daemon.batch_size = 2;
+
+    let outcome = run_once(
+        &settings,
+        RunOptions {
+            replay: vec!["all".into()],
+            ..RunOptions::default()
+        },
+    )
+    .await;
+
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    assert_projections_exact(&client).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_predecessor_above_the_horizon_is_delivered_ahead_exactly_once_live() {
+    let db = with_scratch().await;
+    let mut settings = db.settings();
+    settings.daemon.batch_size = 1;
+    let daemon = RunningDaemon::start(settings, RunOptions::default());
+    // `late` takes the oldest id; `holder` then holds the horizon below `first`'s
+    // transaction, so when `late`'s event is read, its predecessor is committed but
+    // above the horizon.
+    let late = early_writer(&db).await;
+    let holder = early_writer(&db).await;
+    let mut first = db.client().await;
+    append_all(&mut first, &[created("order-1", "books", json!("3.00"), 3)]).await;
+    append_in_open(&late, &paid("order-1", "books", json!("3.00"), 3), 2).await;
+
+    wait_for(
+        "the paid order to be projected",
+        Duration::from_secs(10),
+        || async {
+            scalar_i64(
+                &first,
+                "SELECT coalesce(max(sequence), 0) FROM order_snapshots",
+            )
+            .await
+                == 2
+        },
+    )
+    .await;
+    assert_eq!(
+        scalar_i64(
+            &first,
+            "SELECT count(*) FROM pgfold.delivered_ahead WHERE projector = 'order_snapshots'"
+        )
+        .await,
+        1,
+        "the predecessor beyond the horizon is remembered until the checkpoint passes it"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+    wait_for(
+        "the checkpoint to pass the predecessor",
+        Duration::from_secs(10),
+        || async { scalar_i64(&first, "SELECT count(*) FROM pgfold.delivered_ahead").await == 0 },
+    )
+    .await;
+
+    let outcome = daemon.stop().await;
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    assert_projections_exact(&first).await;
+    assert_eq!(
+        scalar_i64(
+            &first,
+            "SELECT events_applied FROM pgfold.projectors WHERE name = 'order_snapshots'"
+        )
+        .await,
+        2
+    );
+}

@@ -20,6 +20,8 @@ pub struct Settings {
     pub daemon: DaemonSettings,
     pub log: LogSettings,
     #[serde(default)]
+    pub http: HttpSettings,
+    #[serde(default)]
     pub projectors: BTreeMap<String, ProjectorSettings>,
 }
 
@@ -51,6 +53,13 @@ impl DaemonSettings {
     pub fn stall_warn_after(&self) -> Duration {
         Duration::from_millis(self.stall_warn_after_ms)
     }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSettings {
+    /// Address for `/healthz`, `/readyz` and `/metrics`; `None`: no HTTP server.
+    pub listen: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -8,6 +8,7 @@
 //! - [`daemon`]: the long-running worker: batches, checkpoints, coordination,
 //!   wake-ups, retries and shutdown.
 //! - [`status`]: what `pgfold status` reports.
+//! - [`ops`]: metrics, the HTTP health and metrics endpoints, systemd notifications.
 //! - [`db`]: connections, migrations, and which database errors are transient.
 //! - [`config`], [`cli`], [`telemetry`]: settings, the command line, logging.
 //! - [`workload`]: the "orders" workload and independent SQL folds, for tests
@@ -18,6 +19,7 @@ pub mod config;
 pub mod daemon;
 pub mod db;
 pub mod feed;
+pub mod ops;
 pub mod projector;
 pub mod projectors;
 pub mod status;

@@ -24,6 +24,8 @@ pub struct ProjectorStatus {
     pub position: i64,
     /// Committed events it consumes that it has not applied yet.
     pub lag_events: i64,
+    /// Age, by `occurred_at`, of the oldest of those events; 0 when caught up.
+    pub lag_seconds: f64,
     pub events_applied: i64,
     pub last_advanced_at: Option<String>,
     pub failing_event: Option<FailingEvent>,
@@ -66,11 +68,15 @@ pub async fn collect<C: GenericClient>(
                             to_char(p.last_advanced_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
                             p.failing_event_id, p.failing_event_type, p.attempts, p.last_error,
                             (SELECT count(*) FROM pgfold.dead_letters d WHERE d.projector = p.name),
-                            (SELECT count(*) FROM events e
-                              WHERE ({POSITION_TX}, e.id) > (p.position_tx, p.position_id)
-                                AND ($2::text[] IS NULL OR e.event_type = ANY($2))
-                                AND ($3::text[] IS NULL OR e.stream_type = ANY($3)))
-                       FROM pgfold.projectors p WHERE p.name = $1"
+                            lag.events,
+                            coalesce(extract(epoch FROM now() - lag.oldest)::float8, 0)
+                       FROM pgfold.projectors p
+                       CROSS JOIN LATERAL (
+                         SELECT count(*) AS events, min(e.occurred_at) AS oldest FROM events e
+                          WHERE ({POSITION_TX}, e.id) > (p.position_tx, p.position_id)
+                            AND ($2::text[] IS NULL OR e.event_type = ANY($2))
+                            AND ($3::text[] IS NULL OR e.stream_type = ANY($3))) lag
+                      WHERE p.name = $1"
                 ),
                 &[&p.name(), &filter.event_types, &filter.stream_types],
             )
@@ -81,6 +87,7 @@ pub async fn collect<C: GenericClient>(
                 state: "new".into(),
                 position: 0,
                 lag_events: 0,
+                lag_seconds: 0.0,
                 events_applied: 0,
                 last_advanced_at: None,
                 failing_event: None,
@@ -101,6 +108,7 @@ pub async fn collect<C: GenericClient>(
                 last_error: r.get(7),
                 dead_letters: r.get(8),
                 lag_events: r.get(9),
+                lag_seconds: r.get::<_, f64>(10).max(0.0),
             },
         });
     }

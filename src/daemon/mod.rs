@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{DaemonSettings, Settings};
 use crate::db::{self, Backoff};
 use crate::feed::{self, Position};
+use crate::ops::{self, metrics::Metrics, Liveness};
 use crate::projector::{Projector, Registry};
 use wakeup::{Waker, Wakeups};
 use worker::{Step, Worker};
@@ -99,7 +100,7 @@ pub fn select(
 
 /// Migrates the database and creates every registered projector's tables: what
 /// `pgfold migrate` does, and needs DDL rights.
-pub async fn migrate(pg: &tokio_postgres::Config, registry: &Registry) -> anyhow::Result<()> {
+pub async fn migrate(pg: &db::PgConfig, registry: &Registry) -> anyhow::Result<()> {
     let mut client = db::connect(pg).await?;
     db::migrate::run(&client).await?;
     for p in registry.iter() {
@@ -166,6 +167,26 @@ pub async fn run(
     drop(client);
 
     let pool = db::pool(&pg, settings.database.pool_size)?;
+    let ops = Ops {
+        metrics: Arc::new(Metrics::new()),
+        // Generous: a replay batch of a million events can take a few seconds.
+        liveness: Arc::new(Liveness::new(
+            settings.daemon.poll_interval() * 5 + Duration::from_secs(60),
+        )),
+    };
+    let http_task = match &settings.http.listen {
+        Some(listen) => {
+            let state = ops::http::HttpState {
+                metrics: ops.metrics.clone(),
+                liveness: ops.liveness.clone(),
+                pool: pool.clone(),
+                registry: registry.clone(),
+                stall_after: settings.daemon.stall_warn_after(),
+            };
+            Some(ops::http::serve(listen, state, token.clone()).await?)
+        }
+        None => None,
+    };
     let (waker, wakeups) = Waker::new(pg.clone(), pool.clone(), settings.daemon.poll_interval());
     let waker_task = tokio::spawn(waker.run(token.clone()));
 
@@ -177,31 +198,54 @@ pub async fn run(
             &settings.daemon,
             pool.clone(),
         );
+        ops.liveness.beat(p.name());
         tasks.spawn(drive(
             worker,
             settings.daemon.clone(),
             wakeups.clone(),
             token.clone(),
             target,
+            ops.clone(),
         ));
     }
     tracing::info!(projectors = tasks.len(), "running");
+    ops::systemd::ready();
+    ops::systemd::spawn_watchdog(ops.liveness.clone(), token.clone());
 
     let mut outcome = Outcome::default();
+    let mut failure = None;
     while let Some(joined) = tasks.join_next().await {
         match joined {
-            Ok(Some(parked)) => outcome.parked.push(parked),
-            Ok(None) => {}
+            Ok(Ok(Some(parked))) => outcome.parked.push(parked),
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => {
+                token.cancel();
+                failure.get_or_insert(e);
+            }
             Err(e) => {
                 token.cancel();
-                return Err(anyhow::anyhow!("a projector task panicked: {e}"));
+                failure.get_or_insert(anyhow::anyhow!("a projector task panicked: {e}"));
             }
         }
     }
+    ops::systemd::stopping();
     token.cancel();
     let _ = waker_task.await;
+    if let Some(task) = http_task {
+        let _ = task.await;
+    }
     pool.close();
-    Ok(outcome)
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(outcome),
+    }
+}
+
+/// What the projector tasks report to.
+#[derive(Clone)]
+struct Ops {
+    metrics: Arc<Metrics>,
+    liveness: Arc<Liveness>,
 }
 
 /// Empties a projector and rewinds it to the first event, under its lock.
@@ -219,33 +263,60 @@ async fn rewind(client: &mut tokio_postgres::Client, p: &dyn Projector) -> anyho
 }
 
 /// A projector's task: steps until shutdown, parking, or (with a target) caught up.
+/// With a target (`--once`), database errors that outlast
+/// `daemon.connect_timeout_ms` end the run instead of being retried forever.
 async fn drive(
     mut worker: Worker,
     settings: DaemonSettings,
     mut wakeups: Wakeups,
     token: CancellationToken,
     target: Option<Position>,
-) -> Option<ParkedProjector> {
+    ops: Ops,
+) -> anyhow::Result<Option<ParkedProjector>> {
+    let name = worker.name().to_string();
+    let result = drive_loop(&mut worker, &settings, &mut wakeups, &token, target, &ops).await;
+    ops.liveness.retire(&name);
+    result
+}
+
+async fn drive_loop(
+    worker: &mut Worker,
+    settings: &DaemonSettings,
+    wakeups: &mut Wakeups,
+    token: &CancellationToken,
+    target: Option<Position>,
+    ops: &Ops,
+) -> anyhow::Result<Option<ParkedProjector>> {
+    let name = worker.name().to_string();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+    let mut failing_since: Option<tokio::time::Instant> = None;
     let mut blocked: Option<(u64, tokio::time::Instant)> = None;
     let mut warned_blocker = None;
     while !token.is_cancelled() {
+        ops.liveness.beat(&name);
         // A wake-up that arrives while we work must not be lost, and one that
         // arrived before we started this round is already accounted for.
         wakeups.mark_seen();
+        let started = std::time::Instant::now();
         let step = worker.step().await;
+        if step.is_ok() {
+            failing_since = None;
+        }
         match step {
             Ok(Step::Applied { events, upto }) => {
                 backoff.reset();
                 blocked = None;
-                tracing::debug!(projector = worker.name(), events, position = %upto, "batch applied");
+                ops.metrics.horizon_stalled_for(0.0);
+                ops.metrics
+                    .batch_applied(&name, events, started.elapsed().as_secs_f64());
+                tracing::debug!(projector = %name, events, position = %upto, "batch applied");
                 continue;
             }
             Ok(Step::Idle { horizon, position }) => {
                 backoff.reset();
                 if let Some(target) = target {
                     if horizon.covers(target) || position >= target {
-                        return None;
+                        return Ok(None);
                     }
                 }
                 // Is an open transaction keeping newer events out of reach?
@@ -258,6 +329,8 @@ async fn drive(
                                 tokio::time::Instant::now()
                             }
                         };
+                        ops.metrics
+                            .horizon_stalled_for(since.elapsed().as_secs_f64());
                         if since.elapsed() >= settings.stall_warn_after()
                             && warned_blocker != Some(tx)
                         {
@@ -265,7 +338,10 @@ async fn drive(
                             worker.warn_stalled(tx, since.elapsed()).await;
                         }
                     }
-                    None => blocked = None,
+                    None => {
+                        blocked = None;
+                        ops.metrics.horizon_stalled_for(0.0);
+                    }
                 }
                 if target.is_some() {
                     // Catching up: the blocker will finish; look again soon.
@@ -294,14 +370,15 @@ async fn drive(
                 event_type,
                 error,
             }) => {
-                return Some(ParkedProjector {
-                    projector: worker.name().to_string(),
+                return Ok(Some(ParkedProjector {
+                    projector: name,
                     event_id,
                     event_type,
                     error,
-                });
+                }));
             }
             Ok(Step::Retry(delay)) => {
+                ops.metrics.batch_failed(&name);
                 if !delay.is_zero() {
                     tokio::select! {
                         _ = token.cancelled() => {}
@@ -310,9 +387,17 @@ async fn drive(
                 }
             }
             Err(e) => {
+                ops.metrics.batch_failed(&name);
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                if target.is_some() && since.elapsed() >= settings.connect_timeout() {
+                    anyhow::bail!(
+                        "projector {name}: database unavailable for {} ms (daemon.connect_timeout_ms): {e}",
+                        since.elapsed().as_millis()
+                    );
+                }
                 let delay = backoff.next_delay();
                 tracing::warn!(
-                    projector = worker.name(),
+                    projector = %name,
                     error = %e,
                     retry_in_ms = delay.as_millis() as u64,
                     "database error; retrying"
@@ -324,5 +409,5 @@ async fn drive(
             }
         }
     }
-    None
+    Ok(None)
 }

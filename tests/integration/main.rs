@@ -7,6 +7,7 @@ mod crash;
 mod gap;
 mod helpers;
 mod migration;
+mod ops;
 mod projections;
 mod replay;
 mod stream_order;

@@ -1,0 +1,168 @@
+//! Prometheus metrics. Counters and the batch histogram are kept by the projector
+//! tasks as they work; the gauges that describe the database (lag, dead letters,
+//! state) are read from it at scrape time, so they are right even for projectors
+//! that another instance is working.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::status::Status;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProjectorLabel {
+    pub projector: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub projector: String,
+    pub state: String,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    events_applied: Family<ProjectorLabel, Counter>,
+    batches: Family<ProjectorLabel, Counter>,
+    errors: Family<ProjectorLabel, Counter>,
+    batch_seconds: Family<ProjectorLabel, Histogram>,
+    lag_events: Family<ProjectorLabel, Gauge>,
+    lag_seconds: Family<ProjectorLabel, Gauge<f64, AtomicU64>>,
+    dead_letters: Family<ProjectorLabel, Gauge>,
+    state: Family<StateLabels, Gauge>,
+    horizon_stall_seconds: Gauge<f64, AtomicU64>,
+}
+
+fn label(projector: &str) -> ProjectorLabel {
+    ProjectorLabel {
+        projector: projector.to_string(),
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("pgfold");
+        let events_applied = Family::<ProjectorLabel, Counter>::default();
+        let batches = Family::<ProjectorLabel, Counter>::default();
+        let errors = Family::<ProjectorLabel, Counter>::default();
+        let batch_seconds = Family::<ProjectorLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0005, 2.0, 16))
+        });
+        let lag_events = Family::<ProjectorLabel, Gauge>::default();
+        let lag_seconds = Family::<ProjectorLabel, Gauge<f64, AtomicU64>>::default();
+        let dead_letters = Family::<ProjectorLabel, Gauge>::default();
+        let state = Family::<StateLabels, Gauge>::default();
+        let horizon_stall_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "events_applied",
+            "Events applied by this instance, per projector",
+            events_applied.clone(),
+        );
+        registry.register(
+            "batches",
+            "Batches committed by this instance",
+            batches.clone(),
+        );
+        registry.register(
+            "errors",
+            "Failed batch attempts (database errors and rejected events)",
+            errors.clone(),
+        );
+        registry.register(
+            "batch_duration_seconds",
+            "Time to read, apply and commit one batch",
+            batch_seconds.clone(),
+        );
+        registry.register(
+            "lag_events",
+            "Committed events the projector consumes and has not applied",
+            lag_events.clone(),
+        );
+        registry.register(
+            "lag_seconds",
+            "Age (by occurred_at) of the oldest event not yet applied; 0 when caught up",
+            lag_seconds.clone(),
+        );
+        registry.register(
+            "dead_letters",
+            "Events skipped after failing",
+            dead_letters.clone(),
+        );
+        registry.register(
+            "projector_state",
+            "1 for the projector's current state (running, replaying, failed, new)",
+            state.clone(),
+        );
+        registry.register(
+            "horizon_stall_seconds",
+            "How long an open transaction has kept new events from being read",
+            horizon_stall_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            events_applied,
+            batches,
+            errors,
+            batch_seconds,
+            lag_events,
+            lag_seconds,
+            dead_letters,
+            state,
+            horizon_stall_seconds,
+        }
+    }
+
+    pub fn batch_applied(&self, projector: &str, events: u64, seconds: f64) {
+        let l = label(projector);
+        self.events_applied.get_or_create(&l).inc_by(events);
+        self.batches.get_or_create(&l).inc();
+        self.batch_seconds.get_or_create(&l).observe(seconds);
+    }
+
+    pub fn batch_failed(&self, projector: &str) {
+        self.errors.get_or_create(&label(projector)).inc();
+    }
+
+    pub fn horizon_stalled_for(&self, seconds: f64) {
+        self.horizon_stall_seconds.set(seconds);
+    }
+
+    /// Copies what the database says about each projector into the gauges.
+    pub fn observe(&self, status: &Status) {
+        for p in &status.projectors {
+            let l = label(&p.name);
+            self.lag_events.get_or_create(&l).set(p.lag_events);
+            self.lag_seconds.get_or_create(&l).set(p.lag_seconds);
+            self.dead_letters.get_or_create(&l).set(p.dead_letters);
+            for state in ["running", "replaying", "failed", "new"] {
+                let labels = StateLabels {
+                    projector: p.name.clone(),
+                    state: state.to_string(),
+                };
+                self.state
+                    .get_or_create(&labels)
+                    .set(i64::from(p.state == state));
+            }
+        }
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        encode(&mut out, &self.registry).expect("encoding metrics into a String");
+        out
+    }
+}

@@ -1,0 +1,53 @@
+//! systemd's notification protocol (`Type=notify`): READY=1 once connected,
+//! migrated and running, STOPPING=1 on shutdown, and WATCHDOG=1 while every
+//! projector task is alive, so that `WatchdogSec=` restarts a wedged daemon.
+//! Everything here is a no-op when not started by systemd (no NOTIFY_SOCKET).
+
+use std::sync::Arc;
+
+use sd_notify::NotifyState;
+use tokio_util::sync::CancellationToken;
+
+use super::Liveness;
+
+pub fn ready() {
+    notify(&[NotifyState::Ready]);
+}
+
+pub fn stopping() {
+    notify(&[NotifyState::Stopping]);
+}
+
+fn notify(states: &[NotifyState]) {
+    if std::env::var_os("NOTIFY_SOCKET").is_none() {
+        return;
+    }
+    if let Err(e) = sd_notify::notify(states) {
+        tracing::warn!(error = %e, "cannot notify systemd");
+    }
+}
+
+/// Pings the watchdog at half its interval while the tasks are alive; a wedged
+/// task stops the pings and systemd restarts the service.
+pub fn spawn_watchdog(liveness: Arc<Liveness>, shutdown: CancellationToken) {
+    let Some(interval) = sd_notify::watchdog_enabled() else {
+        return;
+    };
+    let period = interval / 2;
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    let stale = liveness.stale();
+                    if stale.is_empty() {
+                        notify(&[NotifyState::Watchdog]);
+                    } else {
+                        tracing::error!(tasks = ?stale, "not pinging the watchdog: tasks are not making progress");
+                    }
+                }
+            }
+        }
+    });
+}

@@ -1,0 +1,172 @@
+//! The operator's surface over real HTTP: health, readiness, Prometheus metrics;
+//! and the documented `status --json` shape.
+
+use std::time::Duration;
+
+use pgfold::daemon::RunOptions;
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::helpers::*;
+
+/// A plain HTTP/1.1 GET: (status code, body).
+async fn get(address: &str, path: &str) -> (u16, String) {
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_readiness_and_metrics_are_served_over_http() {
+    let db = TestDb::new().await;
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut settings = db.settings();
+    settings.http.listen = Some(address.clone());
+    let daemon = RunningDaemon::start(settings, RunOptions::default());
+    let mut client = db.client().await;
+
+    wait_for("/readyz to answer 200", Duration::from_secs(10), || async {
+        tokio::net::TcpStream::connect(&address).await.is_ok()
+            && get(&address, "/readyz").await.0 == 200
+    })
+    .await;
+    assert_eq!(get(&address, "/healthz").await, (200, "ok\n".to_string()));
+    append_all(
+        &mut client,
+        &[
+            created("order-1", "books", json!("4.00"), 1),
+            paid("order-1", "books", json!("4.00"), 1),
+        ],
+    )
+    .await;
+
+    wait_for(
+        "the metrics to count both events",
+        Duration::from_secs(10),
+        || async {
+            let (status, body) = get(&address, "/metrics").await;
+            status == 200
+                && body.contains("pgfold_events_applied_total{projector=\"order_snapshots\"} 2")
+        },
+    )
+    .await;
+    let (_, body) = get(&address, "/metrics").await;
+    for expected in [
+        "pgfold_events_applied_total{projector=\"daily_revenue\"} 1",
+        "pgfold_lag_events{projector=\"order_snapshots\"} 0",
+        "pgfold_lag_seconds{projector=\"daily_revenue\"} 0",
+        "pgfold_projector_state{projector=\"order_snapshots\",state=\"running\"} 1",
+        "pgfold_dead_letters{projector=\"daily_revenue\"} 0",
+        "pgfold_batch_duration_seconds_bucket{",
+        "pgfold_horizon_stall_seconds ",
+    ] {
+        assert!(body.contains(expected), "missing {expected:?} in\n{body}");
+    }
+    assert_eq!(get(&address, "/nothing").await.0, 404);
+
+    // Readiness follows the schema: a database that lacks a migration is not ready.
+    client
+        .batch_execute("DELETE FROM pgfold.schema_migrations WHERE version = 4")
+        .await
+        .unwrap();
+    let (status, body) = get(&address, "/readyz").await;
+    assert_eq!(status, 503);
+    assert!(body.contains("not migrated"), "{body}");
+    client
+        .batch_execute(
+            "INSERT INTO pgfold.schema_migrations (version, name) VALUES (4, 'bookkeeping')",
+        )
+        .await
+        .unwrap();
+    assert_eq!(get(&address, "/readyz").await.0, 200);
+
+    daemon.stop().await;
+    assert!(
+        tokio::net::TcpStream::connect(&address).await.is_err(),
+        "still listening after shutdown"
+    );
+}
+
+#[tokio::test]
+async fn status_json_has_the_documented_shape() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    append_all(
+        &mut client,
+        &[created("order-1", "books", json!("4.00"), 1)],
+    )
+    .await;
+    run_once(&db.settings(), RunOptions::default()).await;
+    append_all(&mut client, &[paid("order-1", "books", json!("4.00"), 1)]).await;
+
+    let out = pgfold(&["status", "--json"], &[("DATABASE_URL", &db.url)]);
+
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let keys = |v: &serde_json::Value| {
+        let mut k: Vec<String> = v.as_object().unwrap().keys().cloned().collect();
+        k.sort();
+        k
+    };
+    assert_eq!(keys(&status), ["horizon_blocked_by", "projectors"]);
+    let revenue = &status["projectors"][0];
+    assert_eq!(
+        keys(revenue),
+        [
+            "dead_letters",
+            "events_applied",
+            "failing_event",
+            "lag_events",
+            "lag_seconds",
+            "last_advanced_at",
+            "last_error",
+            "name",
+            "position",
+            "state"
+        ]
+    );
+    assert_eq!(revenue["name"], "daily_revenue");
+    assert_eq!(revenue["state"], "running");
+    assert_eq!(
+        revenue["lag_events"], 1,
+        "the OrderPaid appended after the run"
+    );
+    assert_eq!(status["projectors"][1]["lag_events"], 1);
+    assert!(revenue["lag_seconds"].as_f64().unwrap() >= 0.0);
+
+    let table = pgfold(&["status"], &[("DATABASE_URL", &db.url)]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.starts_with("PROJECTOR"), "{text}");
+    assert!(text.contains("order_snapshots  running"), "{text}");
+}

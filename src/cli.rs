@@ -37,6 +37,19 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create a demo database, append sample orders and show the projections
+    /// updating live until Ctrl-C.
+    Demo {
+        /// Name of the database to create (or reuse) on the configured server.
+        #[arg(long, default_value = "pgfold_demo", value_name = "NAME")]
+        database: String,
+        /// Orders appended per second.
+        #[arg(long, default_value_t = 20)]
+        rate: u32,
+        /// Stop after this many seconds instead of waiting for Ctrl-C.
+        #[arg(long, value_name = "SECONDS")]
+        seconds: Option<u64>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -114,6 +127,19 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             } else {
                 ExitCode::SUCCESS
             })
+        }
+        Command::Demo {
+            database,
+            rate,
+            seconds,
+        } => {
+            let options = crate::demo::DemoOptions {
+                database,
+                rate,
+                duration: seconds.map(std::time::Duration::from_secs),
+            };
+            crate::demo::run(settings, registry, options, shutdown_signal()?).await?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Run(args) => {
             let options = RunOptions {

@@ -11,6 +11,7 @@
 //! - [`ops`]: metrics, the HTTP health and metrics endpoints, systemd notifications.
 //! - [`db`]: connections, migrations, and which database errors are transient.
 //! - [`config`], [`cli`], [`telemetry`]: settings, the command line, logging.
+//! - [`demo`]: `pgfold demo`, a live first look on a throwaway database.
 //! - [`workload`]: the "orders" workload and independent SQL folds, for tests
 //!   and the benchmark.
 
@@ -18,6 +19,7 @@ pub mod cli;
 pub mod config;
 pub mod daemon;
 pub mod db;
+pub mod demo;
 pub mod feed;
 pub mod ops;
 pub mod projector;

@@ -17,10 +17,11 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+use crate::config::LogFormat;
 use crate::config::{DaemonSettings, Settings};
 use crate::db::{self, Backoff};
 use crate::feed::{self, Position};
-use crate::ops::{self, metrics::Metrics, Liveness};
+use crate::ops::{self, metrics::Metrics, progress::Progress, Liveness};
 use crate::projector::{Projector, Registry};
 use wakeup::{Waker, Wakeups};
 use worker::{Step, Worker};
@@ -119,15 +120,29 @@ async fn setup(client: &mut tokio_postgres::Client, p: &dyn Projector) -> anyhow
     Ok(())
 }
 
-/// Runs the daemon until `shutdown` resolves (or, with `once`, until caught up).
+/// Runs the daemon until `shutdown` resolves (or, with `once`, until caught up),
+/// connecting as `settings.database` says.
 pub async fn run(
     settings: &Settings,
     registry: &Registry,
     options: &RunOptions,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Outcome> {
-    let selected = select(settings, registry, options)?;
+    // Bad names are rejected before anything touches the database.
+    select(settings, registry, options)?;
     let pg = db::pg_config(settings.database.url.as_deref())?;
+    run_with(settings, registry, options, pg, shutdown).await
+}
+
+/// [`run`] against an explicit connection configuration.
+pub async fn run_with(
+    settings: &Settings,
+    registry: &Registry,
+    options: &RunOptions,
+    pg: db::PgConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<Outcome> {
+    let selected = select(settings, registry, options)?;
     let token = CancellationToken::new();
     {
         let token = token.clone();
@@ -159,16 +174,28 @@ pub async fn run(
     for p in &replay {
         rewind(&mut client, p.as_ref()).await?;
     }
-    let target = if options.once {
-        Some(feed::newest(&client).await?.unwrap_or(Position::START))
-    } else {
-        None
-    };
+    let newest = feed::newest(&client).await?.unwrap_or(Position::START);
+    let target = options.once.then_some(newest);
+    // A replay, or a --once run, is a catch-up worth showing progress for.
+    let progress = Arc::new(Progress::new(settings.log.format == LogFormat::Text));
+    for p in &selected {
+        if options.once || replay.iter().any(|r| r.name() == p.name()) {
+            let from: i64 = client
+                .query_one(
+                    "SELECT position_id FROM pgfold.projectors WHERE name = $1",
+                    &[&p.name()],
+                )
+                .await?
+                .get(0);
+            progress.begin(p.name(), from, newest.id);
+        }
+    }
     drop(client);
 
     let pool = db::pool(&pg, settings.database.pool_size)?;
     let ops = Ops {
         metrics: Arc::new(Metrics::new()),
+        progress,
         // Generous: a replay batch of a million events can take a few seconds.
         liveness: Arc::new(Liveness::new(
             settings.daemon.poll_interval() * 5 + Duration::from_secs(60),
@@ -245,6 +272,7 @@ pub async fn run(
 #[derive(Clone)]
 struct Ops {
     metrics: Arc<Metrics>,
+    progress: Arc<Progress>,
     liveness: Arc<Liveness>,
 }
 
@@ -314,6 +342,7 @@ async fn drive_loop(
             }
             Ok(Step::Idle { horizon, position }) => {
                 backoff.reset();
+                ops.progress.finish(&name);
                 if let Some(target) = target {
                     if horizon.covers(target) || position >= target {
                         return Ok(None);

@@ -21,7 +21,7 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch, Notify};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
 use crate::db::{self, Backoff};
@@ -59,7 +59,7 @@ impl Wakeups {
 
 /// The waker task's state.
 pub struct Waker {
-    pg: tokio_postgres::Config,
+    pg: db::PgConfig,
     pool: Pool,
     poll_interval: Duration,
     generation: watch::Sender<u64>,
@@ -67,11 +67,7 @@ pub struct Waker {
 }
 
 impl Waker {
-    pub fn new(
-        pg: tokio_postgres::Config,
-        pool: Pool,
-        poll_interval: Duration,
-    ) -> (Waker, Wakeups) {
+    pub fn new(pg: db::PgConfig, pool: Pool, poll_interval: Duration) -> (Waker, Wakeups) {
         let (tx, rx) = watch::channel(0);
         let idle = std::sync::Arc::new(Notify::new());
         (
@@ -238,9 +234,9 @@ struct Listener {
 
 /// Opens the LISTEN connection; its notifications arrive on `rx`, which closes
 /// when the connection does.
-async fn listen(pg: &tokio_postgres::Config) -> anyhow::Result<Listener> {
+async fn listen(pg: &db::PgConfig) -> anyhow::Result<Listener> {
     let (client, mut connection) = pg
-        .connect(NoTls)
+        .connect()
         .await
         .map_err(|e| db::unreachable_error(pg, &e))?;
     let (tx, rx) = mpsc::unbounded_channel();

@@ -240,7 +240,15 @@ impl Worker {
                 fail_fast_if_transient(&e)?;
                 tx.batch_execute("ROLLBACK TO SAVEPOINT apply").await?;
                 if self.limit > 1 {
-                    let keep = self.limit / 2;
+                    // Halve what the range really holds, not the configured
+                    // maximum: a live batch of three events needs two rounds, not
+                    // twenty.
+                    let sql = format!(
+                        "SELECT count(*) FROM events e WHERE {}",
+                        EventRange::condition()
+                    );
+                    let held: i64 = tx.query_one(&sql, &range.params()).await?.get(0);
+                    let keep = (held.clamp(1, i64::from(self.limit)) / 2) as u32;
                     return Ok(self.narrow(e, keep, upto));
                 }
                 let event_type: String = tx

@@ -5,24 +5,90 @@
 //! PGHOST (a host name or a socket directory), PGPORT, PGUSER, PGPASSWORD,
 //! PGDATABASE, PGAPPNAME and PGCONNECT_TIMEOUT, falling back to the local socket,
 //! the OS user and a database named after it.
+//!
+//! TLS (`sslmode`, `sslrootcert`, or PGSSLMODE and PGSSLROOTCERT without a URL)
+//! is resolved here too, into the [`PgConfig`] every connection is opened from:
+//! see [`super::tls`].
 
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use tokio_postgres::config::Host;
+use tokio_postgres::{Client, Connection, Socket};
+
+use super::tls::{self, Tls, TlsOptions, TlsStream};
+
+/// A connection configuration and the TLS that goes with it. It dereferences to
+/// the `tokio_postgres::Config`; connect through [`PgConfig::connect`] (or
+/// `db::connect`, `db::pool`), which use the TLS settings.
+#[derive(Clone)]
+pub struct PgConfig {
+    config: tokio_postgres::Config,
+    tls: Tls,
+}
+
+impl PgConfig {
+    pub fn tls(&self) -> &Tls {
+        &self.tls
+    }
+
+    /// The same server and credentials, another database.
+    pub fn with_dbname(&self, dbname: &str) -> PgConfig {
+        let mut other = self.clone();
+        other.config.dbname(dbname);
+        other
+    }
+
+    /// Opens a connection with the configured TLS; the caller drives the
+    /// connection.
+    pub async fn connect(
+        &self,
+    ) -> Result<(Client, Connection<Socket, TlsStream>), tokio_postgres::Error> {
+        self.config.connect(self.tls.connector()).await
+    }
+}
+
+impl Deref for PgConfig {
+    type Target = tokio_postgres::Config;
+
+    fn deref(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+}
+
+impl DerefMut for PgConfig {
+    fn deref_mut(&mut self) -> &mut tokio_postgres::Config {
+        &mut self.config
+    }
+}
+
+impl std::fmt::Debug for PgConfig {
+    // tokio-postgres's Debug leaves the password out.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgConfig")
+            .field("config", &self.config)
+            .field("tls", &self.tls)
+            .finish()
+    }
+}
 
 /// Builds the connection configuration from `url`, or from the environment.
-pub fn pg_config(url: Option<&str>) -> anyhow::Result<tokio_postgres::Config> {
-    let mut config = match url {
+pub fn pg_config(url: Option<&str>) -> anyhow::Result<PgConfig> {
+    let (mut config, tls_options) = match url {
         // The parser's error can quote the input, password included: name the
         // problem without it.
-        Some(url) => url.parse::<tokio_postgres::Config>().map_err(|e| {
-            anyhow::anyhow!(
-                "invalid database URL ({}): expected postgres://user@host:port/dbname or host=... dbname=...",
-                crate::config::one_line(&redact(&e.to_string(), url))
-            )
-        })?,
+        Some(url) => {
+            let (rest, tls_options) = tls::split_options(url);
+            let config = rest.parse::<tokio_postgres::Config>().map_err(|e| {
+                anyhow::anyhow!(
+                    "invalid database URL ({}): expected postgres://user@host:port/dbname or host=... dbname=...",
+                    crate::config::one_line(&redact(&e.to_string(), url))
+                )
+            })?;
+            (config, tls_options)
+        }
         None => from_env()?,
     };
     if config.get_application_name().is_none() {
@@ -46,10 +112,19 @@ pub fn pg_config(url: Option<&str>) -> anyhow::Result<tokio_postgres::Config> {
         let user = config.get_user().unwrap_or_default().to_string();
         config.dbname(&user);
     }
-    Ok(config)
+    // libpq never uses TLS over a Unix socket, whatever sslmode says.
+    let tcp = config.get_hosts().iter().any(|h| matches!(h, Host::Tcp(_)));
+    // Its errors quote sslmode and sslrootcert, never the password.
+    let tls = Tls::new(&tls_options, tcp)?;
+    config.ssl_mode(if tcp {
+        tls.negotiation()
+    } else {
+        tokio_postgres::config::SslMode::Disable
+    });
+    Ok(PgConfig { config, tls })
 }
 
-fn from_env() -> anyhow::Result<tokio_postgres::Config> {
+fn from_env() -> anyhow::Result<(tokio_postgres::Config, TlsOptions)> {
     let mut config = tokio_postgres::Config::new();
     let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
     if let Some(port) = var("PGPORT") {
@@ -85,12 +160,15 @@ fn from_env() -> anyhow::Result<tokio_postgres::Config> {
             .with_context(|| format!("PGCONNECT_TIMEOUT is {secs:?}, not a number of seconds"))?;
         config.connect_timeout(Duration::from_secs(secs.max(2)));
     }
-    if let Some(mode) = var("PGSSLMODE") {
-        if mode != "disable" && mode != "prefer" && mode != "allow" {
-            bail!("PGSSLMODE={mode} is not supported yet: TLS connections are not implemented");
-        }
+    let tls = TlsOptions {
+        sslmode: var("PGSSLMODE"),
+        sslrootcert: var("PGSSLROOTCERT"),
+    };
+    if let Some(mode) = &tls.sslmode {
+        mode.parse::<tls::SslMode>()
+            .with_context(|| format!("PGSSLMODE={mode} is not valid"))?;
     }
-    Ok(config)
+    Ok((config, tls))
 }
 
 fn port_of(config: &tokio_postgres::Config) -> u16 {
@@ -178,6 +256,23 @@ mod tests {
             text.contains("host=db.example.com port=6543 user=app dbname=shop"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn tls_modes_reach_tokio_postgres_as_it_knows_them() {
+        use tokio_postgres::config::SslMode as Pg;
+        let pg = pg_config(Some("postgres://app:s3cret@db/shop?sslmode=verify-ca")).unwrap();
+        assert_eq!(pg.get_ssl_mode(), Pg::Require);
+        assert_eq!(pg.tls().mode(), tls::SslMode::VerifyCa);
+        let pg = pg_config(Some("host=db dbname=shop sslmode=disable")).unwrap();
+        assert_eq!(pg.get_ssl_mode(), Pg::Disable);
+        // No TLS over a Unix socket, as in libpq.
+        let pg = pg_config(Some("host=/run/postgresql sslmode=require")).unwrap();
+        assert_eq!(pg.get_ssl_mode(), Pg::Disable);
+
+        let err = pg_config(Some("postgres://app:s3cret@db/shop?sslmode=bogus")).unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("bogus") && !text.contains("s3cret"), "{text}");
     }
 
     #[test]

@@ -3,21 +3,21 @@
 
 pub mod connect;
 pub mod migrate;
+pub mod tls;
 
 use std::time::Duration;
 
 use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
-use tokio_postgres::NoTls;
 
-pub use connect::{describe, pg_config};
+pub use connect::{describe, pg_config, PgConfig};
 
 /// The shared pool. `Fast` recycling: a checked-out connection is only tested for
 /// being closed; our transactions always end in COMMIT or ROLLBACK.
-pub fn pool(config: &tokio_postgres::Config, size: usize) -> anyhow::Result<Pool> {
+pub fn pool(config: &PgConfig, size: usize) -> anyhow::Result<Pool> {
     let manager = Manager::from_config(
-        config.clone(),
-        NoTls,
+        (**config).clone(),
+        config.tls().connector(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -30,9 +30,9 @@ pub fn pool(config: &tokio_postgres::Config, size: usize) -> anyhow::Result<Pool
 
 /// One connection outside the pool, driven by a task of its own. Errors name the
 /// server and never the password.
-pub async fn connect(config: &tokio_postgres::Config) -> anyhow::Result<tokio_postgres::Client> {
+pub async fn connect(config: &PgConfig) -> anyhow::Result<tokio_postgres::Client> {
     let (client, connection) = config
-        .connect(NoTls)
+        .connect()
         .await
         .map_err(|e| unreachable_error(config, &e))?;
     tokio::spawn(async move {
@@ -45,7 +45,7 @@ pub async fn connect(config: &tokio_postgres::Config) -> anyhow::Result<tokio_po
 
 /// Connects, retrying transient failures with backoff until `timeout` has passed.
 pub async fn connect_with_retry(
-    config: &tokio_postgres::Config,
+    config: &PgConfig,
     timeout: Duration,
 ) -> anyhow::Result<tokio_postgres::Client> {
     let deadline = tokio::time::Instant::now() + timeout;

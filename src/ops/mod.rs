@@ -3,6 +3,7 @@
 
 pub mod http;
 pub mod metrics;
+pub mod progress;
 pub mod systemd;
 
 use std::collections::HashMap;

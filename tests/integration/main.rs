@@ -11,3 +11,4 @@ mod ops;
 mod projections;
 mod replay;
 mod stream_order;
+mod tls;

@@ -4,26 +4,23 @@ use pgfold::daemon::RunOptions;
 
 use crate::helpers::*;
 
-const ARTICLE_SCHEMA: &str = "
-CREATE TABLE events (
-  id BIGSERIAL PRIMARY KEY,
-  stream_id TEXT NOT NULL,
-  stream_type TEXT NOT NULL,
-  event_type TEXT NOT NULL,
-  event_version INT NOT NULL DEFAULT 1,
-  payload JSONB NOT NULL,
-  metadata JSONB NOT NULL DEFAULT '{}',
-  occurred_at TIMESTAMPTZ NOT NULL DEFAULT NOW(),
-  sequence BIGINT NOT NULL
-);
-CREATE UNIQUE INDEX idx_events_stream_sequence ON events(stream_id, sequence);
-CREATE INDEX idx_events_stream_type_occurred ON events(stream_type, occurred_at);
-CREATE INDEX idx_events_event_type ON events(event_type, occurred_at);
-";
+/// The application's own schema, exactly as the article has it.
+const ARTICLE_SCHEMA: &str = include_str!("../../migrations/V1__events.sql");
 
 /// The article's INSERT, with exactly its columns.
 const APP_INSERT: &str = "INSERT INTO events (stream_id, stream_type, event_type, event_version, payload, metadata, occurred_at, sequence)
   VALUES ($1, 'order', $2, 1, $3, '{}', NOW(), $4)";
+
+/// Each row's physical location: a rewritten row moves.
+async fn row_locations(client: &tokio_postgres::Client) -> Vec<(i64, String)> {
+    client
+        .query("SELECT id, ctid::text FROM events ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
 
 #[tokio::test]
 async fn existing_events_are_kept_unrewritten_and_projected_first() {
@@ -33,13 +30,7 @@ async fn existing_events_are_kept_unrewritten_and_projected_first() {
     pgfold::workload::load_orders(&client, 1, 2_000)
         .await
         .unwrap();
-    let before: Vec<(i64, String)> = client
-        .query("SELECT id, ctid::text FROM events ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let before = row_locations(&client).await;
 
     let out = pgfold(&["migrate"], &[("DATABASE_URL", &db.url)]);
     assert!(
@@ -48,14 +39,11 @@ async fn existing_events_are_kept_unrewritten_and_projected_first() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let after: Vec<(i64, String)> = client
-        .query("SELECT id, ctid::text FROM events ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-    assert_eq!(before, after, "rows were rewritten (their ctid moved)");
+    assert_eq!(
+        before,
+        row_locations(&client).await,
+        "rows were rewritten (their ctid moved)"
+    );
     // The application's own INSERT keeps working unchanged.
     let payload = serde_json::json!({"orderId": "late", "customerId": "c", "items": [{"sku": "s", "category": "x", "price": "1.50", "qty": 2}]});
     client

@@ -170,3 +170,44 @@ async fn status_json_has_the_documented_shape() {
     assert!(text.starts_with("PROJECTOR"), "{text}");
     assert!(text.contains("order_snapshots  running"), "{text}");
 }
+
+#[tokio::test]
+async fn the_demo_appends_orders_and_shows_revenue_live() {
+    // The demo creates its own database on the server; point it at a fresh name.
+    let db = TestDb::empty().await;
+    let demo = format!("{}_demo", db.name);
+    let admin = db.client().await;
+
+    let out = pgfold(
+        &[
+            "demo",
+            "--database",
+            &demo,
+            "--rate",
+            "40",
+            "--seconds",
+            "3",
+        ],
+        &[("DATABASE_URL", &db.url)],
+    );
+
+    // Drop the demo database before asserting, so a failure leaves nothing behind.
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {demo} WITH (FORCE)"))
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("today's revenue by category"), "{stdout}");
+    assert!(stdout.contains("order_snapshots  running"), "{stdout}");
+    // The last screen shows revenue rows.
+    let last = stdout.rsplit("today's revenue").next().unwrap();
+    assert!(
+        last.lines().any(|l| l.starts_with("  ") && l.contains('.')),
+        "no revenue row: {last}"
+    );
+}

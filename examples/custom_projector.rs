@@ -1,35 +1,56 @@
-//! A projector defined outside pgfold: counts events per stream type and event
-//! type. Build a binary with the built-in projectors plus this one:
+//! A projector defined outside pgfold: what each customer has paid, folded in Rust
+//! with exact decimals. Build a binary with the built-in projectors plus this one:
 //!
 //! ```sh
 //! cargo run --example custom_projector -- run --once
 //! ```
 
+use std::collections::HashMap;
 use std::process::ExitCode;
+use std::str::FromStr;
 
 use async_trait::async_trait;
 use pgfold::projector::{Event, EventFilter, Projector, ProjectorError};
+use rust_decimal::Decimal;
+use serde_json::Value;
 use tokio_postgres::Transaction;
 
-struct EventCounts;
+struct CustomerSpend;
+
+/// A JSON number or numeric string, exactly as written: pgfold decodes payloads
+/// with serde_json's `arbitrary_precision`, so a number's text is never a float.
+fn decimal(event: &Event, value: Option<&Value>, what: &str) -> Result<Decimal, ProjectorError> {
+    let text = match value {
+        Some(Value::Number(n)) => n.to_string(),
+        Some(Value::String(s)) => s.clone(),
+        _ => return Err(ProjectorError::event(event, format!("{what} is missing"))),
+    };
+    Decimal::from_str(&text)
+        .or_else(|_| Decimal::from_scientific(&text))
+        .map_err(|_| {
+            ProjectorError::event(event, format!("{what} is {text:?}, not a decimal number"))
+        })
+}
 
 #[async_trait]
-impl Projector for EventCounts {
+impl Projector for CustomerSpend {
     fn name(&self) -> &str {
-        "event_counts"
+        "customer_spend"
     }
 
     fn filter(&self) -> EventFilter {
-        EventFilter::all()
+        EventFilter::event_types(&["OrderCreated", "OrderPaid"]).in_streams_of(&["order"])
     }
 
     async fn setup(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
         tx.batch_execute(
-            "CREATE TABLE IF NOT EXISTS event_counts (
-               stream_type TEXT NOT NULL,
-               event_type TEXT NOT NULL,
-               events BIGINT NOT NULL,
-               PRIMARY KEY (stream_type, event_type)
+            "CREATE TABLE IF NOT EXISTS customer_spend (
+               customer_id TEXT PRIMARY KEY,
+               paid NUMERIC NOT NULL
+             );
+             CREATE TABLE IF NOT EXISTS customer_spend_orders (
+               stream_id TEXT PRIMARY KEY,
+               customer_id TEXT NOT NULL
              )",
         )
         .await?;
@@ -37,24 +58,69 @@ impl Projector for EventCounts {
     }
 
     async fn reset(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
-        tx.batch_execute("TRUNCATE event_counts").await?;
+        tx.batch_execute("TRUNCATE customer_spend, customer_spend_orders")
+            .await?;
         Ok(())
     }
 
     async fn apply(&self, tx: &Transaction<'_>, events: &[Event]) -> Result<(), ProjectorError> {
-        let stream_types: Vec<&str> = events.iter().map(|e| e.stream_type.as_str()).collect();
-        let event_types: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
-        tx.execute(
-            "INSERT INTO event_counts AS c (stream_type, event_type, events)
-             SELECT s, t, count(*) FROM unnest($1::text[], $2::text[]) AS u(s, t) GROUP BY s, t
-             ON CONFLICT (stream_type, event_type) DO UPDATE SET events = c.events + EXCLUDED.events",
-            &[&stream_types, &event_types],
-        )
-        .await?;
+        // OrderPaid does not name the customer: remember it from OrderCreated.
+        // Within a batch, a stream's OrderCreated always comes before its OrderPaid.
+        let mut customers: HashMap<&str, String> = HashMap::new();
+        let mut paid: HashMap<String, Decimal> = HashMap::new();
+        for event in events {
+            if event.event_type == "OrderCreated" {
+                let customer = event.payload["customerId"]
+                    .as_str()
+                    .unwrap_or("unknown")
+                    .to_string();
+                tx.execute(
+                    "INSERT INTO customer_spend_orders (stream_id, customer_id) VALUES ($1, $2)
+                     ON CONFLICT (stream_id) DO UPDATE SET customer_id = EXCLUDED.customer_id",
+                    &[&event.stream_id, &customer],
+                )
+                .await?;
+                customers.insert(&event.stream_id, customer);
+                continue;
+            }
+            let customer = match customers.get(event.stream_id.as_str()) {
+                Some(c) => c.clone(),
+                None => tx
+                    .query_opt(
+                        "SELECT customer_id FROM customer_spend_orders WHERE stream_id = $1",
+                        &[&event.stream_id],
+                    )
+                    .await?
+                    .map(|r| r.get(0))
+                    .ok_or_else(|| {
+                        ProjectorError::event(event, "OrderPaid before its OrderCreated")
+                    })?,
+            };
+            let Some(items) = event.payload["items"].as_array() else {
+                return Err(ProjectorError::event(
+                    event,
+                    "payload.items is not an array",
+                ));
+            };
+            let mut total = Decimal::ZERO;
+            for item in items {
+                total += decimal(event, item.get("price"), "price")?
+                    * decimal(event, item.get("qty"), "qty")?;
+            }
+            *paid.entry(customer).or_default() += total;
+        }
+        for (customer, amount) in paid {
+            tx.execute(
+                "INSERT INTO customer_spend AS s (customer_id, paid) VALUES ($1, $2)
+                 ON CONFLICT (customer_id) DO UPDATE SET paid = s.paid + EXCLUDED.paid",
+                &[&customer, &amount],
+            )
+            .await?;
+        }
         Ok(())
     }
 }
 
 fn main() -> ExitCode {
-    pgfold::cli::main(pgfold::projectors::builtin().register(EventCounts))
+    pgfold::cli::main(pgfold::projectors::builtin().register(CustomerSpend))
 }

@@ -153,7 +153,8 @@ pub async fn run_with(
     }
 
     let mut client = tokio::select! {
-        c = db::connect_with_retry(&pg, settings.daemon.connect_timeout()) => c?,
+        // `run` waits for its database however long it takes; `--once` gives up.
+        c = db::connect_with_retry(&pg, options.once.then(|| settings.daemon.connect_timeout())) => c?,
         _ = token.cancelled() => return Ok(Outcome::default()),
     };
     tracing::info!(database = %db::describe(&pg), "connected");

@@ -235,9 +235,14 @@ struct Listener {
 /// Opens the LISTEN connection; its notifications arrive on `rx`, which closes
 /// when the connection does.
 async fn listen(pg: &db::PgConfig) -> anyhow::Result<Listener> {
-    let (client, mut connection) = pg
-        .connect()
+    let (client, mut connection) = tokio::time::timeout(db::handshake_timeout(pg), pg.connect())
         .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "cannot connect to PostgreSQL at {}: no answer",
+                db::describe(pg)
+            )
+        })?
         .map_err(|e| db::unreachable_error(pg, &e))?;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {

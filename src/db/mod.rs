@@ -8,7 +8,7 @@ pub mod tls;
 use std::time::Duration;
 
 use anyhow::Context;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
 pub use connect::{describe, pg_config, PgConfig};
 
@@ -22,8 +22,13 @@ pub fn pool(config: &PgConfig, size: usize) -> anyhow::Result<Pool> {
             recycling_method: RecyclingMethod::Fast,
         },
     );
+    // Without these a checkout could wait forever on a server that accepts TCP
+    // connections and never answers.
     Pool::builder(manager)
         .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .create_timeout(Some(handshake_timeout(config)))
+        .wait_timeout(Some(handshake_timeout(config) * 3))
         .build()
         .context("failed to build the connection pool")
 }
@@ -31,10 +36,31 @@ pub fn pool(config: &PgConfig, size: usize) -> anyhow::Result<Pool> {
 /// One connection outside the pool, driven by a task of its own. Errors name the
 /// server and never the password.
 pub async fn connect(config: &PgConfig) -> anyhow::Result<tokio_postgres::Client> {
-    let (client, connection) = config
-        .connect()
-        .await
-        .map_err(|e| unreachable_error(config, &e))?;
+    connect_within(config, handshake_timeout(config)).await
+}
+
+/// tokio-postgres's connect timeout covers only the TCP connect; a server that
+/// accepts and then never answers would hang the TLS and startup exchange. So the
+/// whole handshake is bounded by the same timeout.
+pub fn handshake_timeout(config: &PgConfig) -> Duration {
+    config
+        .get_connect_timeout()
+        .copied()
+        .unwrap_or(Duration::from_secs(10))
+}
+
+async fn connect_within(
+    config: &PgConfig,
+    limit: Duration,
+) -> anyhow::Result<tokio_postgres::Client> {
+    let (client, connection) = match tokio::time::timeout(limit, config.connect()).await {
+        Ok(result) => result.map_err(|e| unreachable_error(config, &e))?,
+        Err(_) => anyhow::bail!(
+            "cannot connect to PostgreSQL at {}: no answer within {} ms",
+            describe(config),
+            limit.as_millis()
+        ),
+    };
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "connection closed");
@@ -43,28 +69,56 @@ pub async fn connect(config: &PgConfig) -> anyhow::Result<tokio_postgres::Client
     Ok(client)
 }
 
-/// Connects, retrying transient failures with backoff until `timeout` has passed.
+/// Connects, retrying with backoff until `timeout` has passed (`None`: forever,
+/// for a daemon that must outlive a database restart). A host name that does not
+/// resolve is a configuration error and fails at once.
 pub async fn connect_with_retry(
     config: &PgConfig,
-    timeout: Duration,
+    timeout: Option<Duration>,
 ) -> anyhow::Result<tokio_postgres::Client> {
-    let deadline = tokio::time::Instant::now() + timeout;
+    let started = tokio::time::Instant::now();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {
-        match connect(config).await {
+        let limit = match timeout {
+            Some(t) => t
+                .saturating_sub(started.elapsed())
+                .min(handshake_timeout(config)),
+            None => handshake_timeout(config),
+        };
+        let error = match connect_within(config, limit.max(Duration::from_millis(1))).await {
             Ok(client) => return Ok(client),
-            Err(e) if tokio::time::Instant::now() + backoff.peek() < deadline => {
-                tracing::warn!(error = %format!("{e:#}"), "database not reachable, retrying");
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
-            Err(e) => {
-                return Err(e.context(format!(
-                    "gave up after {} ms (daemon.connect_timeout_ms)",
-                    timeout.as_millis()
-                )))
+            Err(e) => e,
+        };
+        if let Some(host) = unresolvable_host(config).await {
+            return Err(error.context(format!("host {host:?} does not resolve")));
+        }
+        let delay = backoff.next_delay();
+        let out_of_time = timeout.is_some_and(|t| started.elapsed() + delay >= t);
+        if out_of_time {
+            return Err(error.context(format!(
+                "gave up after {} ms (daemon.connect_timeout_ms)",
+                started.elapsed().as_millis()
+            )));
+        }
+        tracing::warn!(error = %format!("{error:#}"), retry_in_ms = delay.as_millis() as u64, "database not reachable, retrying");
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// The first TCP host of `config` that DNS does not know, if any.
+async fn unresolvable_host(config: &PgConfig) -> Option<String> {
+    let port = config.get_ports().first().copied().unwrap_or(5432);
+    for host in config.get_hosts() {
+        if let tokio_postgres::config::Host::Tcp(name) = host {
+            if tokio::net::lookup_host((name.as_str(), port))
+                .await
+                .is_err()
+            {
+                return Some(name.clone());
             }
         }
     }
+    None
 }
 
 pub fn unreachable_error(

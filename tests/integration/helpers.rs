@@ -253,3 +253,130 @@ pub fn pgfold(args: &[&str], env: &[(&str, &str)]) -> Output {
     }
     cmd.output().expect("run pgfold")
 }
+
+// ---------------------------------------------------------------------------
+// The real binary as a long-running child, the daemon's backends, `status --json`
+// (poison, privilege, stall, reconnect and torture tests).
+
+/// A `pgfold` process (the real binary) whose stderr is collected line by line.
+/// SIGKILLed when dropped, so a failing test leaves nothing running.
+pub struct Daemon {
+    child: std::process::Child,
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Starts `pgfold ARGS` with `env` (RUST_LOG=warn unless `env` sets it).
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        use std::io::BufRead;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgfold"));
+        cmd.args(args)
+            .env_remove("DATABASE_URL")
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn pgfold");
+        let stderr = child.stderr.take().expect("piped stderr");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                match line {
+                    Ok(line) => sink.lock().unwrap().push(line),
+                    Err(_) => break,
+                }
+            }
+        });
+        Daemon {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// Everything it has written to stderr so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Whether it is still running (it has not exited on its own).
+    pub fn is_running(&mut self) -> bool {
+        self.child.try_wait().expect("try_wait").is_none()
+    }
+
+    /// SIGKILL, reap it, and collect the rest of its stderr.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The backends the daemon has open in database `dbname` (it connects with
+/// application_name = 'pgfold').
+pub async fn daemon_backends(client: &Client, dbname: &str) -> Vec<i32> {
+    client
+        .query(
+            "SELECT pid FROM pg_stat_activity
+              WHERE datname = $1 AND application_name = 'pgfold' AND pid <> pg_backend_pid()
+              ORDER BY pid",
+            &[&dbname],
+        )
+        .await
+        .expect("list the daemon's backends")
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// `pg_terminate_backend` of every backend the daemon has in `dbname`; returns how
+/// many were terminated.
+pub async fn terminate_daemon_backends(client: &Client, dbname: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FILTER (WHERE t) FROM (
+               SELECT pg_terminate_backend(pid) AS t FROM pg_stat_activity
+                WHERE datname = $1 AND application_name = 'pgfold' AND pid <> pg_backend_pid()
+             ) x",
+            &[&dbname],
+        )
+        .await
+        .expect("terminate the daemon's backends")
+        .get(0)
+}
+
+/// `pgfold status --json` (the binary) against `url`: the exit code and the JSON.
+pub fn status_json(url: &str, env: &[(&str, &str)]) -> (Option<i32>, Value) {
+    let mut all = vec![("DATABASE_URL", url)];
+    all.extend_from_slice(env);
+    let out = pgfold(&["status", "--json"], &all);
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "status --json printed no JSON ({e}); stdout {:?}, stderr {:?}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.code(), json)
+}
+
+/// One projector's entry in `status --json`.
+pub fn projector_status<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["projectors"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["name"] == name))
+        .unwrap_or_else(|| panic!("no projector {name} in {status}"))
+}

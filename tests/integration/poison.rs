@@ -1,0 +1,714 @@
+//! Issue 3, poison events: an event a projector cannot fold is isolated from the
+//! good events around it, retried `max_attempts` times, then parked
+//! (`on_error = "stop"`) or dead-lettered (`on_error = "skip"`); the other
+//! projector keeps going.
+
+use std::time::Duration;
+
+use pgfold::config::{OnError, ProjectorSettings, Settings};
+use pgfold::daemon::RunOptions;
+use pgfold::store::NewEvent;
+use serde_json::{json, Value};
+use tokio_postgres::Client;
+
+use crate::helpers::*;
+
+/// The malformed `OrderPaid` payloads of the issue.
+#[derive(Debug, Clone, Copy)]
+enum Bad {
+    MissingItems,
+    ItemsNotAnArray,
+    PriceAbc,
+    PayloadNull,
+    MissingQty,
+}
+
+impl Bad {
+    fn payload(self, order: &str) -> Value {
+        match self {
+            Bad::MissingItems => json!({"orderId": order}),
+            Bad::ItemsNotAnArray => json!({"orderId": order, "items": "three books"}),
+            Bad::PriceAbc => json!({"orderId": order, "items": [
+                {"sku": "sku-1", "category": "books", "price": "abc", "qty": 1}]}),
+            Bad::PayloadNull => Value::Null,
+            Bad::MissingQty => json!({"orderId": order, "items": [
+                {"sku": "sku-1", "category": "books", "price": "4.00"}]}),
+        }
+    }
+
+    /// A word the stored error must contain, so the operator can tell what is wrong.
+    fn clue(self) -> &'static str {
+        match self {
+            Bad::MissingItems | Bad::ItemsNotAnArray | Bad::PayloadNull => "items",
+            Bad::PriceAbc => "abc",
+            Bad::MissingQty => "qty",
+        }
+    }
+}
+
+fn with_policy(db: &TestDb, projector: &str, on_error: OnError, max_attempts: u32) -> Settings {
+    let mut settings = db.settings();
+    settings.projectors.insert(
+        projector.into(),
+        ProjectorSettings {
+            max_attempts,
+            on_error,
+            enabled: true,
+        },
+    );
+    settings
+}
+
+/// `EXPECTED_DAILY_REVENUE` over only the events matching `filter` (SQL on `events`).
+fn expected_revenue_where(filter: &str) -> String {
+    let from = "FROM events e,";
+    let sql = pgfold::workload::EXPECTED_DAILY_REVENUE;
+    assert_eq!(
+        sql.matches(from).count(),
+        1,
+        "the expected fold changed shape"
+    );
+    sql.replacen(
+        from,
+        &format!("FROM (SELECT * FROM events WHERE {filter} OFFSET 0) e,"),
+        1,
+    )
+}
+
+/// `EXPECTED_ORDER_SNAPSHOTS` over only the events matching `filter`.
+fn expected_snapshots_where(filter: &str) -> String {
+    let from = "FROM events\n";
+    let sql = pgfold::workload::EXPECTED_ORDER_SNAPSHOTS;
+    assert_eq!(
+        sql.matches(from).count(),
+        1,
+        "the expected fold changed shape"
+    );
+    sql.replacen(
+        from,
+        &format!("FROM (SELECT * FROM events WHERE {filter} OFFSET 0) events\n"),
+        1,
+    )
+}
+
+async fn revenue_differences(client: &Client, expected: &str) -> i64 {
+    assert!(
+        scalar_i64(client, "SELECT count(*) FROM daily_revenue").await > 0,
+        "daily_revenue is empty: nothing was applied"
+    );
+    pgfold::workload::differences(
+        client,
+        "SELECT day, category, total FROM daily_revenue",
+        expected,
+    )
+    .await
+    .unwrap()
+}
+
+async fn snapshot_differences(client: &Client, expected: &str) -> i64 {
+    assert!(
+        scalar_i64(client, "SELECT count(*) FROM order_snapshots").await > 0,
+        "order_snapshots is empty: nothing was applied"
+    );
+    pgfold::workload::differences(
+        client,
+        "SELECT stream_id, sequence, state FROM order_snapshots",
+        expected,
+    )
+    .await
+    .unwrap()
+}
+
+/// Two good orders, an order whose `OrderPaid` is `bad`, two more good orders, all
+/// committed before the daemon runs (so they fall into one batch). Returns the id
+/// of the bad event.
+async fn log_with_bad_payment(db: &TestDb, bad: Bad) -> i64 {
+    let mut client = db.client().await;
+    append_all(
+        &mut client,
+        &[
+            created("order-1", "books", json!("10.00"), 2),
+            paid("order-1", "books", json!("10.00"), 2),
+            created("order-2", "toys", json!(3.5), 1),
+            paid("order-2", "toys", json!(3.5), 1),
+            created("order-3", "books", json!("4.00"), 1),
+            NewEvent::new("order-3", "order", "OrderPaid", bad.payload("order-3")),
+            created("order-4", "books", json!("100.00"), 1),
+            paid("order-4", "books", json!("100.00"), 1),
+            created("order-5", "games", json!("7.25"), 4),
+            paid("order-5", "games", json!("7.25"), 4),
+        ],
+    )
+    .await;
+    scalar_i64(
+        &client,
+        "SELECT id FROM events WHERE stream_id = 'order-3' AND event_type = 'OrderPaid'",
+    )
+    .await
+}
+
+/// Good orders around an `OrderPaid` on a stream that has no `OrderCreated`: a
+/// poison for `order_snapshots` only (its items are fine for `daily_revenue`).
+async fn log_with_orphan_payment(db: &TestDb) -> i64 {
+    let mut client = db.client().await;
+    append_all(
+        &mut client,
+        &[
+            created("order-1", "books", json!("10.00"), 2),
+            paid("order-1", "books", json!("10.00"), 2),
+            paid("order-orphan", "toys", json!("2.50"), 2),
+            created("order-2", "games", json!("7.25"), 1),
+            paid("order-2", "games", json!("7.25"), 1),
+            shipped("order-2", "1 Harbour Street"),
+            created("order-3", "toys", json!(1), 3),
+        ],
+    )
+    .await;
+    scalar_i64(
+        &client,
+        "SELECT id FROM events WHERE stream_id = 'order-orphan'",
+    )
+    .await
+}
+
+/// (state, failing_event_id, attempts, last_error) of a projector's row.
+async fn projector_row(client: &Client, name: &str) -> (String, Option<i64>, i32, Option<String>) {
+    let row = client
+        .query_one(
+            "SELECT state, failing_event_id, attempts, last_error FROM pgfold.projectors WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2), row.get(3))
+}
+
+/// The binary's `run --once`: must exit non-zero with a line naming projector and
+/// event; returns that line.
+fn run_once_binary_fails_naming(db: &TestDb, projector: &str, event_id: i64) -> String {
+    let attempts_var = format!(
+        "PGFOLD_PROJECTORS__{}__MAX_ATTEMPTS",
+        projector.to_uppercase()
+    );
+    let out = pgfold(
+        &["run", "--once"],
+        &[("DATABASE_URL", &db.url), (&attempts_var, "2")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(
+        !out.status.success(),
+        "run --once exited 0 with a parked projector; stderr {stderr:?}"
+    );
+    assert_ne!(
+        out.status.code(),
+        Some(1),
+        "exit 1 is for errors; a parked projector exits 3 (README): {stderr:?}"
+    );
+    let needle = format!("event {event_id}");
+    stderr
+        .lines()
+        .find(|l| l.contains(projector) && l.contains(&needle))
+        .unwrap_or_else(|| panic!("no line naming {projector} and {needle} in {stderr:?}"))
+        .to_string()
+}
+
+// ---------------------------------------------------------------------------
+// on_error = "stop", daily_revenue
+
+async fn daily_revenue_stops_on(bad: Bad) {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let bad_id = log_with_bad_payment(&db, bad).await;
+    let settings = with_policy(&db, "daily_revenue", OnError::Stop, 2);
+
+    let outcome = run_once(&settings, RunOptions::default()).await;
+
+    // Parked, naming projector, event and error.
+    assert_eq!(outcome.parked.len(), 1, "{bad:?}: {:?}", outcome.parked);
+    let parked = &outcome.parked[0];
+    assert_eq!(parked.projector, "daily_revenue");
+    assert_eq!(parked.event_id, bad_id);
+    assert_eq!(parked.event_type, "OrderPaid");
+    assert!(
+        parked.error.contains(bad.clue()),
+        "{bad:?}: the error does not say what is wrong: {:?}",
+        parked.error
+    );
+    // The good events before the bad one are applied, the bad one and those after
+    // it are not.
+    assert_eq!(
+        revenue_differences(&client, &expected_revenue_where(&format!("id < {bad_id}"))).await,
+        0,
+        "{bad:?}: daily_revenue is not the fold of the events before the bad one"
+    );
+    let total: String = client
+        .query_one("SELECT sum(total)::text FROM daily_revenue", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, "23.50", "{bad:?}: 2 × 10.00 + 3.5 only");
+    // Retried max_attempts times, then parked.
+    let (state, failing, attempts, error) = projector_row(&client, "daily_revenue").await;
+    assert_eq!(
+        (state.as_str(), failing, attempts),
+        ("failed", Some(bad_id), 2),
+        "{bad:?}: (state, failing event, attempts)"
+    );
+    assert!(error.unwrap_or_default().contains(bad.clue()));
+    // The other projector is unaffected and caught up.
+    assert_eq!(
+        snapshot_differences(&client, pgfold::workload::EXPECTED_ORDER_SNAPSHOTS).await,
+        0,
+        "{bad:?}: order_snapshots is not the full fold"
+    );
+    assert_eq!(projector_row(&client, "order_snapshots").await.0, "running");
+
+    // `pgfold status --json` shows it, and exits 3.
+    let (code, status) = status_json(&db.url, &[]);
+    assert_eq!(code, Some(3), "{bad:?}: {status}");
+    let revenue = projector_status(&status, "daily_revenue");
+    assert_eq!(revenue["state"], "failed", "{status}");
+    assert_eq!(revenue["failing_event"]["id"], bad_id, "{status}");
+    assert_eq!(
+        revenue["failing_event"]["event_type"], "OrderPaid",
+        "{status}"
+    );
+    assert_eq!(revenue["failing_event"]["attempts"], 2, "{status}");
+    assert!(
+        revenue["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains(bad.clue())),
+        "{status}"
+    );
+    let snapshots = projector_status(&status, "order_snapshots");
+    assert_eq!(snapshots["state"], "running", "{status}");
+    assert_eq!(snapshots["lag_events"], 0, "{status}");
+
+    // The binary: a restart retries the parked projector, which fails again, and
+    // `run --once` exits non-zero naming projector and event.
+    let error_at_before: String = client
+        .query_one(
+            "SELECT last_error_at::text FROM pgfold.projectors WHERE name = 'daily_revenue'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let line = run_once_binary_fails_naming(&db, "daily_revenue", bad_id);
+    assert!(line.contains("OrderPaid"), "{line}");
+    let retried: bool = client
+        .query_one(
+            "SELECT last_error_at > $1::text::timestamptz FROM pgfold.projectors WHERE name = 'daily_revenue'",
+            &[&error_at_before],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        retried,
+        "{bad:?}: the restart did not retry the parked event"
+    );
+    let (state, failing, attempts, _) = projector_row(&client, "daily_revenue").await;
+    assert_eq!(
+        (state.as_str(), failing, attempts),
+        ("failed", Some(bad_id), 2)
+    );
+    assert_eq!(
+        revenue_differences(&client, &expected_revenue_where(&format!("id < {bad_id}"))).await,
+        0,
+        "{bad:?}: the retries half-applied something"
+    );
+}
+
+#[tokio::test]
+async fn stop_parks_daily_revenue_on_a_payment_without_items() {
+    daily_revenue_stops_on(Bad::MissingItems).await;
+}
+
+#[tokio::test]
+async fn stop_parks_daily_revenue_on_items_that_are_not_an_array() {
+    daily_revenue_stops_on(Bad::ItemsNotAnArray).await;
+}
+
+#[tokio::test]
+async fn stop_parks_daily_revenue_on_a_price_of_abc() {
+    daily_revenue_stops_on(Bad::PriceAbc).await;
+}
+
+#[tokio::test]
+async fn stop_parks_daily_revenue_on_a_null_payload() {
+    daily_revenue_stops_on(Bad::PayloadNull).await;
+}
+
+#[tokio::test]
+async fn stop_parks_daily_revenue_on_an_item_without_qty() {
+    daily_revenue_stops_on(Bad::MissingQty).await;
+}
+
+// ---------------------------------------------------------------------------
+// on_error = "skip", daily_revenue
+
+async fn daily_revenue_skips(bad: Bad) {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let bad_id = log_with_bad_payment(&db, bad).await;
+    let settings = with_policy(&db, "daily_revenue", OnError::Skip, 3);
+
+    let outcome = run_once(&settings, RunOptions::default()).await;
+
+    assert!(outcome.parked.is_empty(), "{bad:?}: {:?}", outcome.parked);
+    // Exactly one dead letter, with every attempt counted.
+    let rows = client
+        .query(
+            "SELECT projector, event_id, event_type, error, attempts, recorded_at IS NOT NULL
+               FROM pgfold.dead_letters",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1, "{bad:?}: dead letters");
+    let r = &rows[0];
+    assert_eq!(r.get::<_, String>(0), "daily_revenue");
+    assert_eq!(r.get::<_, i64>(1), bad_id);
+    assert_eq!(r.get::<_, String>(2), "OrderPaid");
+    let error: String = r.get(3);
+    assert!(error.contains(bad.clue()), "{bad:?}: {error:?}");
+    assert_eq!(
+        r.get::<_, i32>(4),
+        3,
+        "{bad:?}: attempts recorded must equal max_attempts (the retries happened)"
+    );
+    assert!(r.get::<_, bool>(5), "no time recorded");
+    // The projection is the fold of every event except exactly that one.
+    assert_eq!(
+        revenue_differences(&client, &expected_revenue_where(&format!("id <> {bad_id}"))).await,
+        0,
+        "{bad:?}: daily_revenue is not the fold without the bad event"
+    );
+    let total: String = client
+        .query_one("SELECT sum(total)::text FROM daily_revenue", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(total, "152.50", "{bad:?}: 20.00 + 3.5 + 100.00 + 29.00");
+    assert_eq!(
+        scalar_i64(
+            &client,
+            "SELECT events_applied FROM pgfold.projectors WHERE name = 'daily_revenue'"
+        )
+        .await,
+        4,
+        "{bad:?}: the four good payments, once each"
+    );
+    let (state, failing, _, _) = projector_row(&client, "daily_revenue").await;
+    assert_eq!((state.as_str(), failing), ("running", None));
+    assert_eq!(
+        snapshot_differences(&client, pgfold::workload::EXPECTED_ORDER_SNAPSHOTS).await,
+        0
+    );
+
+    let (code, status) = status_json(&db.url, &[]);
+    assert_eq!(code, Some(0), "{status}");
+    let revenue = projector_status(&status, "daily_revenue");
+    assert_eq!(revenue["dead_letters"], 1, "{status}");
+    assert_eq!(revenue["state"], "running", "{status}");
+    assert_eq!(revenue["lag_events"], 0, "{status}");
+    assert_eq!(
+        projector_status(&status, "order_snapshots")["dead_letters"],
+        0,
+        "{status}"
+    );
+
+    // Another run neither retries the dead letter nor applies anything twice.
+    let outcome = run_once(&settings, RunOptions::default()).await;
+    assert!(outcome.parked.is_empty());
+    assert_eq!(
+        scalar_i64(&client, "SELECT count(*) FROM pgfold.dead_letters").await,
+        1
+    );
+    assert_eq!(
+        revenue_differences(&client, &expected_revenue_where(&format!("id <> {bad_id}"))).await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn skip_dead_letters_a_payment_without_items() {
+    daily_revenue_skips(Bad::MissingItems).await;
+}
+
+#[tokio::test]
+async fn skip_dead_letters_items_that_are_not_an_array() {
+    daily_revenue_skips(Bad::ItemsNotAnArray).await;
+}
+
+#[tokio::test]
+async fn skip_dead_letters_a_price_of_abc() {
+    daily_revenue_skips(Bad::PriceAbc).await;
+}
+
+#[tokio::test]
+async fn skip_dead_letters_a_null_payload() {
+    daily_revenue_skips(Bad::PayloadNull).await;
+}
+
+#[tokio::test]
+async fn skip_dead_letters_an_item_without_qty() {
+    daily_revenue_skips(Bad::MissingQty).await;
+}
+
+// ---------------------------------------------------------------------------
+// order_snapshots: an OrderPaid on a stream that has no OrderCreated
+
+#[tokio::test]
+async fn stop_parks_order_snapshots_on_a_payment_before_its_order_exists() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let orphan = log_with_orphan_payment(&db).await;
+    let settings = with_policy(&db, "order_snapshots", OnError::Stop, 2);
+
+    let outcome = run_once(&settings, RunOptions::default()).await;
+
+    assert_eq!(outcome.parked.len(), 1, "{:?}", outcome.parked);
+    let parked = &outcome.parked[0];
+    assert_eq!(parked.projector, "order_snapshots");
+    assert_eq!(parked.event_id, orphan);
+    assert_eq!(parked.event_type, "OrderPaid");
+    assert!(
+        parked.error.contains("order-orphan"),
+        "the error should name the stream: {:?}",
+        parked.error
+    );
+    // The events before the orphan are applied, the rest are not.
+    assert_eq!(
+        snapshot_differences(
+            &client,
+            &expected_snapshots_where(&format!("id < {orphan}"))
+        )
+        .await,
+        0,
+        "order_snapshots is not the fold of the events before the orphan"
+    );
+    let (state, failing, attempts, _) = projector_row(&client, "order_snapshots").await;
+    assert_eq!(
+        (state.as_str(), failing, attempts),
+        ("failed", Some(orphan), 2)
+    );
+    // daily_revenue folds the orphan's (valid) payment and everything else.
+    assert_eq!(
+        revenue_differences(&client, pgfold::workload::EXPECTED_DAILY_REVENUE).await,
+        0,
+        "daily_revenue was held back by the other projector's poison"
+    );
+    assert_eq!(projector_row(&client, "daily_revenue").await.0, "running");
+
+    let (code, status) = status_json(&db.url, &[]);
+    assert_eq!(code, Some(3), "{status}");
+    let snapshots = projector_status(&status, "order_snapshots");
+    assert_eq!(snapshots["state"], "failed", "{status}");
+    assert_eq!(snapshots["failing_event"]["id"], orphan, "{status}");
+    assert_eq!(
+        snapshots["failing_event"]["event_type"], "OrderPaid",
+        "{status}"
+    );
+    assert!(
+        snapshots["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("order-orphan")),
+        "{status}"
+    );
+    assert_eq!(
+        projector_status(&status, "daily_revenue")["state"],
+        "running",
+        "{status}"
+    );
+
+    run_once_binary_fails_naming(&db, "order_snapshots", orphan);
+    let (state, failing, attempts, _) = projector_row(&client, "order_snapshots").await;
+    assert_eq!(
+        (state.as_str(), failing, attempts),
+        ("failed", Some(orphan), 2)
+    );
+    assert_eq!(
+        snapshot_differences(
+            &client,
+            &expected_snapshots_where(&format!("id < {orphan}"))
+        )
+        .await,
+        0
+    );
+}
+
+#[tokio::test]
+async fn skip_dead_letters_a_payment_before_its_order_exists() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let orphan = log_with_orphan_payment(&db).await;
+    let settings = with_policy(&db, "order_snapshots", OnError::Skip, 3);
+
+    let outcome = run_once(&settings, RunOptions::default()).await;
+
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    let row = client
+        .query_one(
+            "SELECT projector, event_id, event_type, attempts, error FROM pgfold.dead_letters",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "order_snapshots");
+    assert_eq!(row.get::<_, i64>(1), orphan);
+    assert_eq!(row.get::<_, String>(2), "OrderPaid");
+    assert_eq!(row.get::<_, i32>(3), 3, "attempts recorded = max_attempts");
+    assert!(row.get::<_, String>(4).contains("order-orphan"));
+    assert_eq!(
+        scalar_i64(&client, "SELECT count(*) FROM pgfold.dead_letters").await,
+        1
+    );
+    // Everything else is applied: the expected fold leaves a stream without an
+    // OrderCreated out.
+    assert_projections_exact(&client).await;
+    assert_eq!(
+        scalar_i64(
+            &client,
+            "SELECT count(*) FROM order_snapshots WHERE stream_id = 'order-orphan'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        scalar_i64(
+            &client,
+            "SELECT events_applied FROM pgfold.projectors WHERE name = 'order_snapshots'"
+        )
+        .await,
+        6,
+        "the six good events, once each"
+    );
+
+    let (code, status) = status_json(&db.url, &[]);
+    assert_eq!(code, Some(0), "{status}");
+    assert_eq!(
+        projector_status(&status, "order_snapshots")["dead_letters"],
+        1,
+        "{status}"
+    );
+    assert_eq!(
+        projector_status(&status, "daily_revenue")["dead_letters"],
+        0,
+        "{status}"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// A restart retries a parked projector: state goes back to running, then failed.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_retries_the_parked_projector_and_it_fails_again() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    let bad_id = log_with_bad_payment(&db, Bad::MissingItems).await;
+    let settings = with_policy(&db, "daily_revenue", OnError::Stop, 2);
+    let outcome = run_once(&settings, RunOptions::default()).await;
+    assert_eq!(outcome.parked.len(), 1);
+    assert_eq!(projector_row(&client, "daily_revenue").await.0, "failed");
+    let error_at_before: String = client
+        .query_one(
+            "SELECT last_error_at::text FROM pgfold.projectors WHERE name = 'daily_revenue'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    // Hold the projector's table so that the retried batch waits: the state the
+    // restart sets can then be observed before the retry fails again.
+    let hold = client.transaction().await.unwrap();
+    hold.batch_execute("LOCK TABLE daily_revenue IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let mut daemon = Daemon::spawn(
+        &["run"],
+        &[
+            ("DATABASE_URL", &db.url),
+            ("PGFOLD_PROJECTORS__DAILY_REVENUE__MAX_ATTEMPTS", "2"),
+            ("PGFOLD_DAEMON__POLL_INTERVAL_MS", "100"),
+        ],
+    );
+    let observer = db.client().await;
+    wait_for(
+        "the restarted daemon to put daily_revenue back to running",
+        Duration::from_secs(15),
+        || async {
+            let row = observer
+                .query_one(
+                    "SELECT state, attempts FROM pgfold.projectors WHERE name = 'daily_revenue'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            row.get::<_, String>(0) == "running" && row.get::<_, i32>(1) == 0
+        },
+    )
+    .await;
+    let (code, status) = status_json(&db.url, &[]);
+    assert_eq!(
+        code,
+        Some(0),
+        "nothing is failed while it is retried: {status}"
+    );
+    assert_eq!(
+        projector_status(&status, "daily_revenue")["state"],
+        "running"
+    );
+    hold.rollback().await.unwrap();
+
+    wait_for(
+        "daily_revenue to be parked again after max_attempts",
+        Duration::from_secs(15),
+        || async {
+            let row = observer
+                .query_one(
+                    "SELECT state, attempts, failing_event_id, last_error_at > $1::text::timestamptz
+                       FROM pgfold.projectors WHERE name = 'daily_revenue'",
+                    &[&error_at_before],
+                )
+                .await
+                .unwrap();
+            row.get::<_, String>(0) == "failed"
+                && row.get::<_, i32>(1) == 2
+                && row.get::<_, Option<i64>>(2) == Some(bad_id)
+                && row.get::<_, bool>(3)
+        },
+    )
+    .await;
+    assert!(
+        daemon.is_running(),
+        "pgfold run exited when one projector parked: {:?}",
+        daemon.lines()
+    );
+    // The other projector keeps going meanwhile.
+    append_all(
+        &mut client,
+        &[created("order-9", "books", json!("1.00"), 1)],
+    )
+    .await;
+    wait_for(
+        "order_snapshots to keep going",
+        Duration::from_secs(15),
+        || async {
+            scalar_i64(
+                &observer,
+                "SELECT count(*) FROM order_snapshots WHERE stream_id = 'order-9'",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    daemon.kill();
+    assert_eq!(
+        revenue_differences(&client, &expected_revenue_where(&format!("id < {bad_id}"))).await,
+        0
+    );
+}

@@ -28,6 +28,11 @@ use worker::{Step, Worker};
 
 pub use wakeup::CHANNEL;
 
+/// How long after its last batch a projector keeps polling rather than arming
+/// the wake-up flag, and how often it polls meanwhile.
+const LINGER: Duration = Duration::from_millis(100);
+const LINGER_POLL: Duration = Duration::from_millis(10);
+
 /// What `pgfold run` was asked to do.
 #[derive(Debug, Clone, Default)]
 pub struct RunOptions {
@@ -321,6 +326,9 @@ async fn drive_loop(
     let mut failing_since: Option<tokio::time::Instant> = None;
     let mut blocked: Option<(u64, tokio::time::Instant)> = None;
     let mut warned_blocker = None;
+    let mut last_progress = tokio::time::Instant::now()
+        .checked_sub(LINGER)
+        .unwrap_or_else(tokio::time::Instant::now);
     while !token.is_cancelled() {
         ops.liveness.beat(&name);
         // A wake-up that arrives while we work must not be lost, and one that
@@ -334,6 +342,9 @@ async fn drive_loop(
         match step {
             Ok(Step::Applied { events, upto }) => {
                 backoff.reset();
+                if events > 0 {
+                    last_progress = tokio::time::Instant::now();
+                }
                 blocked = None;
                 ops.metrics.horizon_stalled_for(0.0);
                 ops.metrics
@@ -379,6 +390,19 @@ async fn drive_loop(
                         _ = token.cancelled() => {}
                         _ = wakeups.wait() => {}
                         _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    }
+                    continue;
+                }
+                // Under a steady flow of writes, arming the wake-up flag would make
+                // nearly every writer notify (and queue on the notify lock) just to
+                // wake a daemon that is about to look anyway. So for a while after
+                // the last batch, look again every LINGER_POLL instead; arm only
+                // once the flow has paused.
+                if last_progress.elapsed() < LINGER {
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = wakeups.wait() => {}
+                        _ = tokio::time::sleep(LINGER_POLL) => {}
                     }
                     continue;
                 }

@@ -157,6 +157,10 @@ impl Worker {
         horizon: Horizon,
     ) -> Result<Step, Transient> {
         let filter = self.projector.filter();
+        // A batch is a few thousand rows at most: starting parallel workers for it
+        // costs more than it saves.
+        tx.batch_execute("SET LOCAL max_parallel_workers_per_gather = 0")
+            .await?;
         let rows = feed::read_events(&tx, ck.position, horizon, &filter, self.limit).await?;
         if rows.is_empty() {
             return Ok(Step::Idle {
@@ -219,7 +223,15 @@ impl Worker {
         ck: Checkpoint,
         horizon: Horizon,
     ) -> Result<Step, Transient> {
-        let Some(upto) = feed::set_batch_end(&tx, ck.position, horizon, self.limit).await? else {
+        let Some(upto) = feed::set_batch_end(
+            &tx,
+            ck.position,
+            horizon,
+            self.limit,
+            self.isolating_until.is_some(),
+        )
+        .await?
+        else {
             return Ok(Step::Idle {
                 horizon,
                 position: ck.position,

@@ -32,7 +32,11 @@ pub async fn read_events<C: GenericClient>(
                 p.id IS NOT NULL
                   AND (COALESCE(p.tx_id, '0'::xid8), p.id) > ({POSITION_TX}, e.id)
            FROM events e
-           LEFT JOIN events p ON p.stream_id = e.stream_id AND p.sequence = e.sequence - 1
+           -- A stream's first event has no predecessor: skip the probe for it.
+           LEFT JOIN LATERAL (
+             SELECT p.id, p.tx_id FROM events p
+              WHERE e.sequence > 1 AND p.stream_id = e.stream_id AND p.sequence = e.sequence - 1
+           ) p ON true
           WHERE ({POSITION_TX}, e.id) > ($1::text::xid8, $2)
             AND {POSITION_TX} < $3::text::xid8
             AND ($4::text[] IS NULL OR e.event_type = ANY($4))
@@ -94,26 +98,55 @@ pub(super) async fn later_predecessors<C: GenericClient>(
     Ok(rows.iter().map(decode).collect())
 }
 
-/// The end of a set-based batch: the position of the `limit`-th event after
-/// `after` below the horizon (any type), or of the last one if there are fewer.
+/// The end of a set-based batch of about `limit` events after `after`, below the
+/// horizon: any position is a valid end (the range holds whatever lies between),
+/// so instead of counting `limit` events through the index, take the event
+/// `limit` ids further on, two index probes, and fall back to the newest event
+/// below the horizon when that one is beyond it. Positions follow ids closely, so
+/// batches come out close to `limit`.
+///
+/// With `exact`, the batch holds at most `limit` events, counted through the
+/// index: what isolating a failing event needs.
 pub async fn set_batch_end<C: GenericClient>(
     client: &C,
     after: Position,
     horizon: Horizon,
     limit: u32,
+    exact: bool,
 ) -> Result<Option<Position>, tokio_postgres::Error> {
-    let sql = format!(
-        "SELECT tx::text, id FROM (
-           SELECT {POSITION_TX} AS tx, e.id
-             FROM events e
-            WHERE ({POSITION_TX}, e.id) > ($1::text::xid8, $2)
-              AND {POSITION_TX} < $3::text::xid8
-            ORDER BY 1, 2
-            LIMIT $4
-         ) batch
-         ORDER BY tx DESC, id DESC
+    let sql = if exact {
+        format!(
+            "SELECT tx::text, id FROM (
+               SELECT {POSITION_TX} AS tx, e.id
+                 FROM events e
+                WHERE ({POSITION_TX}, e.id) > ($1::text::xid8, $2)
+                  AND {POSITION_TX} < $3::text::xid8
+                ORDER BY 1, 2
+                LIMIT $4
+             ) batch
+             ORDER BY tx DESC, id DESC
+             LIMIT 1"
+        )
+    } else {
+        format!(
+            "WITH guess AS (
+           SELECT {POSITION_TX} AS tx, e.id FROM events e
+            WHERE e.id >= $2::bigint + $4::bigint
+            ORDER BY e.id LIMIT 1
+         ),
+         newest AS (
+           SELECT {POSITION_TX} AS tx, e.id FROM events e
+            WHERE {POSITION_TX} < $3::text::xid8
+            ORDER BY {POSITION_TX} DESC, e.id DESC LIMIT 1
+         )
+         SELECT tx::text, id FROM guess
+          WHERE tx < $3::text::xid8 AND (tx, id) > ($1::text::xid8, $2)
+         UNION ALL
+         SELECT tx::text, id FROM newest
+          WHERE (tx, id) > ($1::text::xid8, $2)
          LIMIT 1"
-    );
+        )
+    };
     let row = client
         .query_opt(
             &sql,

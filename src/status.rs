@@ -1,7 +1,7 @@
 //! `pgfold status`: where each projector is, how far behind, and what is wrong.
 
+use crate::db::Db;
 use serde::Serialize;
-use tokio_postgres::GenericClient;
 
 use crate::daemon::checkpoint::State;
 use crate::feed::{self, Blocker, POSITION_TX};
@@ -50,7 +50,7 @@ impl Status {
 
 /// Gathers the status. A transaction holding the horizon is reported once it has
 /// been open for `stall_after`: a short one is just a write in flight.
-pub async fn collect<C: GenericClient>(
+pub async fn collect<C: Db>(
     client: &C,
     registry: &Registry,
     stall_after: std::time::Duration,

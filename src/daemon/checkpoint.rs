@@ -11,7 +11,7 @@
 
 use std::collections::HashSet;
 
-use tokio_postgres::GenericClient;
+use crate::db::Db;
 
 use crate::feed::Position;
 
@@ -58,23 +58,20 @@ pub struct Checkpoint {
 const LOCK_KEY: &str = "hashtextextended('pgfold:projector:' || $1, 0)";
 
 /// Tries to take the projector's lock for the rest of this transaction.
-pub async fn try_lock<C: GenericClient>(tx: &C, name: &str) -> Result<bool, tokio_postgres::Error> {
+pub async fn try_lock<C: Db>(tx: &C, name: &str) -> Result<bool, tokio_postgres::Error> {
     let sql = format!("SELECT pg_try_advisory_xact_lock({LOCK_KEY})");
     Ok(tx.query_one(&sql, &[&name]).await?.get(0))
 }
 
 /// Waits for the projector's lock (for a replay, which must not be skipped).
-pub async fn lock<C: GenericClient>(tx: &C, name: &str) -> Result<(), tokio_postgres::Error> {
+pub async fn lock<C: Db>(tx: &C, name: &str) -> Result<(), tokio_postgres::Error> {
     let sql = format!("SELECT pg_advisory_xact_lock({LOCK_KEY})");
     tx.execute(&sql, &[&name]).await?;
     Ok(())
 }
 
 /// Creates the projector's row if it has none; reports whether it did.
-pub async fn register<C: GenericClient>(
-    client: &C,
-    name: &str,
-) -> Result<bool, tokio_postgres::Error> {
+pub async fn register<C: Db>(client: &C, name: &str) -> Result<bool, tokio_postgres::Error> {
     let n = client
         .execute(
             "INSERT INTO pgfold.projectors (name) VALUES ($1) ON CONFLICT (name) DO NOTHING",
@@ -84,20 +81,14 @@ pub async fn register<C: GenericClient>(
     Ok(n == 1)
 }
 
-pub async fn exists<C: GenericClient>(
-    client: &C,
-    name: &str,
-) -> Result<bool, tokio_postgres::Error> {
+pub async fn exists<C: Db>(client: &C, name: &str) -> Result<bool, tokio_postgres::Error> {
     Ok(client
         .query_opt("SELECT 1 FROM pgfold.projectors WHERE name = $1", &[&name])
         .await?
         .is_some())
 }
 
-pub async fn load<C: GenericClient>(
-    tx: &C,
-    name: &str,
-) -> Result<Checkpoint, tokio_postgres::Error> {
+pub async fn load<C: Db>(tx: &C, name: &str) -> Result<Checkpoint, tokio_postgres::Error> {
     let row = tx
         .query_one(
             "SELECT position_tx::text, position_id, state, failing_event_id, attempts,
@@ -123,7 +114,7 @@ pub async fn load<C: GenericClient>(
 
 /// Moves the checkpoint to `upto` after `applied` events, clears any failure, and
 /// ends a replay that has reached its target.
-pub async fn advance<C: GenericClient>(
+pub async fn advance<C: Db>(
     tx: &C,
     name: &str,
     upto: Position,
@@ -154,7 +145,7 @@ pub async fn advance<C: GenericClient>(
     Ok(())
 }
 
-pub async fn record_ahead<C: GenericClient>(
+pub async fn record_ahead<C: Db>(
     tx: &C,
     name: &str,
     ahead: &[(i64, Position)],
@@ -182,7 +173,7 @@ pub struct Failure {
     pub attempts: i32,
 }
 
-pub async fn record_failure<C: GenericClient>(
+pub async fn record_failure<C: Db>(
     tx: &C,
     name: &str,
     f: &Failure,
@@ -199,11 +190,7 @@ pub async fn record_failure<C: GenericClient>(
 }
 
 /// `on_error = "stop"`: parks the projector on the event.
-pub async fn park<C: GenericClient>(
-    tx: &C,
-    name: &str,
-    f: &Failure,
-) -> Result<(), tokio_postgres::Error> {
+pub async fn park<C: Db>(tx: &C, name: &str, f: &Failure) -> Result<(), tokio_postgres::Error> {
     record_failure(tx, name, f).await?;
     tx.execute(
         "UPDATE pgfold.projectors SET state = 'failed' WHERE name = $1",
@@ -214,7 +201,7 @@ pub async fn park<C: GenericClient>(
 }
 
 /// `on_error = "skip"`: records the dead letter; the caller advances past it.
-pub async fn dead_letter<C: GenericClient>(
+pub async fn dead_letter<C: Db>(
     tx: &C,
     name: &str,
     f: &Failure,
@@ -239,10 +226,7 @@ pub async fn dead_letter<C: GenericClient>(
 }
 
 /// A parked projector is tried again when a daemon starts.
-pub async fn unpark<C: GenericClient>(
-    client: &C,
-    name: &str,
-) -> Result<bool, tokio_postgres::Error> {
+pub async fn unpark<C: Db>(client: &C, name: &str) -> Result<bool, tokio_postgres::Error> {
     let n = client
         .execute(
             "UPDATE pgfold.projectors SET state = 'running', attempts = 0, updated_at = now()
@@ -255,7 +239,7 @@ pub async fn unpark<C: GenericClient>(
 
 /// Rewinds the projector to the first event, in the transaction that empties its
 /// tables, and remembers the newest position as the replay's target.
-pub async fn rewind<C: GenericClient>(
+pub async fn rewind<C: Db>(
     tx: &C,
     name: &str,
     target: Option<Position>,

@@ -349,6 +349,7 @@ async fn drive_loop(
                 ops.metrics.horizon_stalled_for(0.0);
                 ops.metrics
                     .batch_applied(&name, events, started.elapsed().as_secs_f64());
+                ops.progress.advance(&name, upto.id, events);
                 tracing::debug!(projector = %name, events, position = %upto, "batch applied");
                 continue;
             }

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::Pool;
-use tokio_postgres::Transaction;
+use deadpool_postgres::Transaction;
 
 use super::checkpoint::{self, Checkpoint, Failure, State};
 use crate::config::{DaemonSettings, OnError, ProjectorSettings};
@@ -116,8 +116,8 @@ impl Worker {
     /// Runs one batch transaction.
     pub async fn step(&mut self) -> Result<Step, Transient> {
         let mut conn = self.pool.get().await?;
-        let client: &mut tokio_postgres::Client = &mut conn;
-        let tx = client.transaction().await?;
+        // deadpool's transaction: statements are prepared once per connection.
+        let tx = conn.transaction().await?;
         let name = self.projector.name().to_string();
         if !checkpoint::try_lock(&tx, &name).await? {
             return Ok(Step::Busy);

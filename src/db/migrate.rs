@@ -62,7 +62,7 @@ pub struct Report {
 
 /// Whether every migration has been applied. Needs no DDL rights, so `pgfold run`
 /// under a least-privilege role can check before deciding to migrate.
-pub async fn is_current<C: tokio_postgres::GenericClient>(client: &C) -> anyhow::Result<bool> {
+pub async fn is_current<C: crate::db::Db>(client: &C) -> anyhow::Result<bool> {
     let row = client
         .query_one(
             "SELECT to_regclass('pgfold.schema_migrations') IS NOT NULL",

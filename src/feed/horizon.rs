@@ -16,7 +16,7 @@
 //! is the one that reads the events. One that starts after the snapshot is above
 //! the snapshot's xmax, which bounds the horizon too.
 
-use tokio_postgres::GenericClient;
+use crate::db::Db;
 
 use super::Position;
 
@@ -56,7 +56,7 @@ SELECT
 
 /// Computes the horizon. Must run in its own statement *before* the statement that
 /// reads events, and in a transaction that has no transaction id of its own.
-pub async fn horizon<C: GenericClient>(client: &C) -> Result<Horizon, tokio_postgres::Error> {
+pub async fn horizon<C: Db>(client: &C) -> Result<Horizon, tokio_postgres::Error> {
     let row = client.query_one(HORIZON_SQL, &[]).await?;
     let blocker: Option<String> = row.get(0);
     let xmax: String = row.get(1);
@@ -80,10 +80,7 @@ pub struct Blocker {
 }
 
 /// Who runs transaction `tx` in this database, if it is still running.
-pub async fn blocker<C: GenericClient>(
-    client: &C,
-    tx: u64,
-) -> Result<Option<Blocker>, tokio_postgres::Error> {
+pub async fn blocker<C: Db>(client: &C, tx: u64) -> Result<Option<Blocker>, tokio_postgres::Error> {
     let low = (tx & 0xffff_ffff) as i64;
     let row = client
         .query_opt(

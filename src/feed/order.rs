@@ -29,7 +29,7 @@
 
 use std::collections::HashSet;
 
-use tokio_postgres::GenericClient;
+use crate::db::Db;
 
 use super::reader::{later_predecessors, ReadRow};
 use super::Position;
@@ -50,7 +50,7 @@ pub struct OrderedBatch {
 
 /// Orders `rows` (as read, in position order) for delivery. `already_ahead` holds
 /// the events delivered ahead by earlier batches.
-pub async fn order_batch<C: GenericClient>(
+pub async fn order_batch<C: Db>(
     client: &C,
     rows: Vec<ReadRow>,
     already_ahead: &HashSet<i64>,

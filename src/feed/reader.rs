@@ -1,7 +1,9 @@
 //! The queries that read the log, all in position order over the
 //! `pgfold_events_position` index.
 
-use tokio_postgres::{GenericClient, Row};
+use tokio_postgres::Row;
+
+use crate::db::Db;
 
 use super::{Horizon, Position, POSITION_TX};
 use crate::projector::{Event, EventFilter};
@@ -20,7 +22,7 @@ pub struct ReadRow {
 }
 
 /// Up to `limit` events after `after` and below the horizon that pass `filter`.
-pub async fn read_events<C: GenericClient>(
+pub async fn read_events<C: Db>(
     client: &C,
     after: Position,
     horizon: Horizon,
@@ -68,7 +70,7 @@ pub async fn read_events<C: GenericClient>(
 
 /// The events of `event`'s stream before it in `sequence` whose position is after
 /// it, in `sequence` order.
-pub(super) async fn later_predecessors<C: GenericClient>(
+pub(super) async fn later_predecessors<C: Db>(
     client: &C,
     event: &Event,
     filter: &EventFilter,
@@ -107,7 +109,7 @@ pub(super) async fn later_predecessors<C: GenericClient>(
 ///
 /// With `exact`, the batch holds at most `limit` events, counted through the
 /// index: what isolating a failing event needs.
-pub async fn set_batch_end<C: GenericClient>(
+pub async fn set_batch_end<C: Db>(
     client: &C,
     after: Position,
     horizon: Horizon,
@@ -162,9 +164,7 @@ pub async fn set_batch_end<C: GenericClient>(
 }
 
 /// The position of the newest committed event, if any.
-pub async fn newest<C: GenericClient>(
-    client: &C,
-) -> Result<Option<Position>, tokio_postgres::Error> {
+pub async fn newest<C: Db>(client: &C) -> Result<Option<Position>, tokio_postgres::Error> {
     let sql = format!(
         "SELECT {POSITION_TX}::text, e.id FROM events e ORDER BY {POSITION_TX} DESC, e.id DESC LIMIT 1"
     );

@@ -107,8 +107,9 @@ fn init_logging() {
 /// `pgfold run --once` in-process.
 pub async fn run_once(settings: &Settings, mut options: RunOptions) -> Outcome {
     options.once = true;
+    // Generous: CI machines are small and shared.
     tokio::time::timeout(
-        Duration::from_secs(120),
+        Duration::from_secs(300),
         daemon::run(
             settings,
             &pgfold::projectors::builtin(),
@@ -117,7 +118,7 @@ pub async fn run_once(settings: &Settings, mut options: RunOptions) -> Outcome {
         ),
     )
     .await
-    .expect("run --once did not finish within 120 s")
+    .expect("run --once did not finish within 300 s")
     .expect("run --once failed")
 }
 
@@ -379,4 +380,26 @@ pub fn projector_status<'a>(status: &'a Value, name: &str) -> &'a Value {
         .as_array()
         .and_then(|ps| ps.iter().find(|p| p["name"] == name))
         .unwrap_or_else(|| panic!("no projector {name} in {status}"))
+}
+
+impl Daemon {
+    /// SIGTERM, then wait for it to exit on its own (up to `within`).
+    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill -TERM");
+        let deadline = std::time::Instant::now() + within;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                if let Some(reader) = self.reader.take() {
+                    let _ = reader.join();
+                }
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
 }

@@ -211,3 +211,96 @@ async fn the_demo_appends_orders_and_shows_revenue_live() {
         "no revenue row: {last}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn systemd_hears_ready_watchdog_and_stopping_and_sigterm_exits_0() {
+    let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut daemon = Daemon::spawn(
+        &["run"],
+        &[
+            ("DATABASE_URL", &db.url),
+            ("NOTIFY_SOCKET", socket_path.to_str().unwrap()),
+            // 400 ms: the daemon pings every 200 ms.
+            ("WATCHDOG_USEC", "400000"),
+        ],
+    );
+    let mut received: Vec<String> = Vec::new();
+    let mut next = || {
+        let mut buf = [0u8; 512];
+        let n = socket.recv(&mut buf).expect("a notification within 15 s");
+        String::from_utf8_lossy(&buf[..n]).to_string()
+    };
+
+    received.push(next());
+    assert_eq!(received[0].trim(), "READY=1", "first notification");
+    for _ in 0..2 {
+        received.push(next());
+    }
+    assert!(
+        received[1..].iter().all(|m| m.trim() == "WATCHDOG=1"),
+        "{received:?}"
+    );
+
+    let status = daemon
+        .terminate(Duration::from_secs(10))
+        .expect("exits within 10 s of SIGTERM");
+    assert!(
+        status.success(),
+        "exit status {status:?}; stderr: {:?}",
+        daemon.lines()
+    );
+    let mut rest = Vec::new();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut buf = [0u8; 512];
+    while let Ok(n) = socket.recv(&mut buf) {
+        rest.push(String::from_utf8_lossy(&buf[..n]).trim().to_string());
+    }
+    assert!(rest.iter().any(|m| m == "STOPPING=1"), "{rest:?}");
+}
+
+#[tokio::test]
+async fn a_replay_off_a_terminal_reports_its_progress_as_structured_logs() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    pgfold::workload::load_orders(&client, 1, 2_000)
+        .await
+        .unwrap();
+
+    let out = pgfold(
+        &["run", "--once", "--replay", "all"],
+        &[
+            ("DATABASE_URL", &db.url),
+            ("PGFOLD_LOG__FORMAT", "json"),
+            ("RUST_LOG", "info"),
+            ("PGFOLD_DAEMON__BATCH_SIZE", "500"),
+        ],
+    );
+
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .map(|l| {
+            serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON log line ({e}): {l}"))
+        })
+        .collect();
+    for projector in ["daily_revenue", "order_snapshots"] {
+        let done = lines
+            .iter()
+            .find(|l| l["message"] == "caught up" && l["projector"] == projector)
+            .unwrap_or_else(|| panic!("no 'caught up' line for {projector}: {lines:?}"));
+        assert!(done["events_applied"].as_u64().unwrap() > 0, "{done}");
+        assert!(done["events_per_second"].is_u64(), "{done}");
+    }
+}

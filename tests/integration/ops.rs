@@ -231,7 +231,7 @@ async fn systemd_hears_ready_watchdog_and_stopping_and_sigterm_exits_0() {
         ],
     );
     let mut received: Vec<String> = Vec::new();
-    let mut next = || {
+    let next = || {
         let mut buf = [0u8; 512];
         let n = socket.recv(&mut buf).expect("a notification within 15 s");
         String::from_utf8_lossy(&buf[..n]).to_string()

@@ -616,6 +616,22 @@ async fn run(args: Args) -> Result<()> {
         report: String::new(),
     };
     let started = Instant::now();
+    // Two runs on one database would drop it under each other: hold a lock named
+    // after it (session-level, on the admin connection) for the whole run.
+    let guard = connect(&env.admin).await?;
+    let free: bool = guard
+        .query_one(
+            "SELECT pg_try_advisory_lock(hashtextextended('pgfold-bench:' || $1, 0))",
+            &[&env.args.db],
+        )
+        .await?
+        .get(0);
+    if !free {
+        bail!(
+            "another benchmark run is using database {} on this server: wait for it, or pass --db OTHER",
+            env.args.db
+        );
+    }
     header(&mut env).await?;
     load(&mut env).await?;
     if env.args.wants("replay") {
@@ -639,7 +655,46 @@ async fn run(args: Args) -> Result<()> {
             .join(" ")
     )?;
     println!("\n{}", env.report);
+    drop(guard);
     Ok(())
+}
+
+/// The source the daemon was built from: commit, and whether src/ had changes.
+fn source_version() -> String {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let git = |args: &[&str]| {
+        Command::new("git")
+            .arg("-C")
+            .arg(dir)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match git(&["rev-parse", "--short", "HEAD"]) {
+        Some(commit) => {
+            let dirty = git(&[
+                "status",
+                "--porcelain",
+                "--",
+                "src",
+                "migrations",
+                "Cargo.toml",
+                "Cargo.lock",
+            ])
+            .is_some_and(|s| !s.is_empty());
+            format!(
+                "commit {commit}{}",
+                if dirty {
+                    " with uncommitted changes in src/, migrations/ or Cargo.*"
+                } else {
+                    ""
+                }
+            )
+        }
+        None => "unknown (not a git checkout)".to_string(),
+    }
 }
 
 async fn header(env: &mut Env) -> Result<()> {
@@ -669,6 +724,11 @@ async fn header(env: &mut Env) -> Result<()> {
          which come from the same run)"
     )?;
     writeln!(r, "server:  {version}; {}", settings.join(", "))?;
+    writeln!(
+        r,
+        "pgfold:  {} (built by this cargo bench)",
+        source_version()
+    )?;
     writeln!(
         r,
         "load average at start: {}",

@@ -9,15 +9,7 @@ use serde_json::json;
 use crate::helpers::*;
 
 async fn projected(db: &TestDb, stream: &str) -> bool {
-    let client = db.client().await;
-    client
-        .query_opt(
-            "SELECT 1 FROM order_snapshots WHERE stream_id = $1",
-            &[&stream],
-        )
-        .await
-        .unwrap()
-        .is_some()
+    snapshot_exists(&db.client().await, stream).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

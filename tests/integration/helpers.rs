@@ -403,3 +403,15 @@ impl Daemon {
         None
     }
 }
+
+/// Whether `order_snapshots` has a row for `stream`.
+pub async fn snapshot_exists(client: &Client, stream: &str) -> bool {
+    client
+        .query_opt(
+            "SELECT 1 FROM order_snapshots WHERE stream_id = $1",
+            &[&stream],
+        )
+        .await
+        .unwrap()
+        .is_some()
+}

@@ -12,17 +12,6 @@ use tokio_postgres::Client;
 
 use crate::helpers::*;
 
-async fn snapshot_exists(client: &Client, stream: &str) -> bool {
-    client
-        .query_opt(
-            "SELECT 1 FROM order_snapshots WHERE stream_id = $1",
-            &[&stream],
-        )
-        .await
-        .unwrap()
-        .is_some()
-}
-
 async fn applied(client: &Client) -> i64 {
     scalar_i64(
         client,

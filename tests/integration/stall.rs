@@ -4,22 +4,10 @@
 use std::time::Duration;
 
 use serde_json::{json, Value};
-use tokio_postgres::Client;
 
 use crate::helpers::*;
 
 const BLOCKER_QUERY: &str = "INSERT INTO scratch VALUES (4242)";
-
-async fn snapshot_exists(client: &Client, stream: &str) -> bool {
-    client
-        .query_opt(
-            "SELECT 1 FROM order_snapshots WHERE stream_id = $1",
-            &[&stream],
-        )
-        .await
-        .unwrap()
-        .is_some()
-}
 
 /// Whether a JSON log line is the stall warning naming `pid`: its pid, its state
 /// "idle in transaction", its age and the start of its query.

@@ -340,7 +340,7 @@ async fn drive_loop(
             failing_since = None;
         }
         match step {
-            Ok(Step::Applied { events, upto }) => {
+            Ok(Step::Applied { events, upto, .. }) => {
                 backoff.reset();
                 if events > 0 {
                     last_progress = tokio::time::Instant::now();

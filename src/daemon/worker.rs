@@ -28,8 +28,13 @@ use crate::projector::{EventRange, Feed, Projector, ProjectorError};
 /// What one call of [`Worker::step`] did.
 #[derive(Debug)]
 pub enum Step {
-    /// Committed a batch; there may be more.
-    Applied { events: u64, upto: Position },
+    /// Committed a batch. `full`: it was cut at the batch size, so more events are
+    /// waiting.
+    Applied {
+        events: u64,
+        upto: Position,
+        full: bool,
+    },
     /// Nothing to read below the horizon.
     Idle {
         horizon: Horizon,
@@ -75,6 +80,9 @@ impl From<deadpool_postgres::PoolError> for Transient {
     }
 }
 
+/// Set batches of at most this many events end exactly at their size.
+const EXACT_BATCH_END_BELOW: u32 = 10_000;
+
 pub struct Worker {
     projector: Arc<dyn Projector>,
     settings: ProjectorSettings,
@@ -97,7 +105,7 @@ impl Worker {
     ) -> Worker {
         let full_limit = match projector.feed() {
             Feed::Events => daemon.batch_size,
-            Feed::Set => daemon.set_batch_size,
+            Feed::Set | Feed::StreamSet => daemon.set_batch_size,
         };
         Worker {
             projector,
@@ -146,7 +154,7 @@ impl Worker {
         let horizon = feed::horizon(&tx).await?;
         match self.projector.feed() {
             Feed::Events => self.events_batch(tx, ck, horizon).await,
-            Feed::Set => self.set_batch(tx, ck, horizon).await,
+            Feed::Set | Feed::StreamSet => self.set_batch(tx, ck, horizon).await,
         }
     }
 
@@ -185,6 +193,7 @@ impl Worker {
                 Ok(Step::Applied {
                     events: batch.events.len() as u64,
                     upto: batch.upto,
+                    full: read >= self.limit as usize,
                 })
             }
             Err(e) => {
@@ -204,14 +213,25 @@ impl Worker {
                     let keep = named.map(|(row, _)| row).unwrap_or(read / 2).max(1);
                     return Ok(self.narrow(e, keep as u32, batch.upto));
                 }
-                let event = named.map(|(_, ev)| ev).unwrap_or(&batch.events[0]);
+                // One row read, with any events delivered ahead for it: they fail
+                // together. Unless the projector named one, blame the row read.
+                let event = named
+                    .map(|(_, ev)| ev)
+                    .or(batch.events.last())
+                    .expect("a failed batch delivered events");
                 let failure = Failure {
                     event_id: event.id,
                     event_type: event.event_type.clone(),
                     error: message_of(&e)?,
                     attempts: attempts_after(&ck, event.id),
                 };
-                self.give_up_or_retry(tx, failure, batch.upto, &batch.ahead)
+                let others: Vec<(i64, String)> = batch
+                    .events
+                    .iter()
+                    .filter(|ev| ev.id != event.id)
+                    .map(|ev| (ev.id, ev.event_type.clone()))
+                    .collect();
+                self.give_up_or_retry(tx, failure, &others, batch.upto, &batch.ahead)
                     .await
             }
         }
@@ -223,12 +243,14 @@ impl Worker {
         ck: Checkpoint,
         horizon: Horizon,
     ) -> Result<Step, Transient> {
-        let Some(upto) = feed::set_batch_end(
+        let Some((upto, full)) = feed::set_batch_end(
             &tx,
             ck.position,
             horizon,
             self.limit,
-            self.isolating_until.is_some(),
+            // Counting a small batch through the index is cheap, and keeps it at
+            // its size when ids and positions disagree.
+            self.isolating_until.is_some() || self.limit <= EXACT_BATCH_END_BELOW,
         )
         .await?
         else {
@@ -237,15 +259,31 @@ impl Worker {
                 position: ck.position,
             });
         };
-        let range = EventRange::new(ck.position, upto);
+        let skip: Vec<i64> = ck.ahead.iter().copied().collect();
+        let ahead = match self.projector.feed() {
+            Feed::StreamSet => {
+                let filter = self.projector.filter();
+                feed::ahead_of_range(&tx, ck.position, upto, &skip, &filter).await?
+            }
+            _ => Vec::new(),
+        };
+        let range = EventRange::with_ahead(
+            ck.position,
+            upto,
+            skip,
+            ahead.iter().map(|(id, _)| *id).collect(),
+        );
         tx.batch_execute("SAVEPOINT apply").await?;
         match self.projector.apply_range(&tx, &range).await {
             Ok(applied) => {
-                checkpoint::advance(&tx, self.projector.name(), upto, applied).await?;
+                let name = self.projector.name();
+                checkpoint::record_ahead(&tx, name, &ahead).await?;
+                checkpoint::advance(&tx, name, upto, applied).await?;
                 tx.commit().await?;
                 Ok(Step::Applied {
                     events: applied,
                     upto,
+                    full,
                 })
             }
             Err(e) => {
@@ -255,25 +293,31 @@ impl Worker {
                     // Halve what the range really holds, not the configured
                     // maximum: a live batch of three events needs two rounds, not
                     // twenty.
-                    let sql = format!(
-                        "SELECT count(*) FROM events e WHERE {}",
-                        EventRange::condition()
-                    );
+                    let sql = format!("SELECT count(*) FROM {} e", EventRange::source());
                     let held: i64 = tx.query_one(&sql, &range.params()).await?.get(0);
                     let keep = (held.clamp(1, i64::from(self.limit)) / 2) as u32;
                     return Ok(self.narrow(e, keep, upto));
                 }
-                let event_type: String = tx
-                    .query_one("SELECT event_type FROM events WHERE id = $1", &[&upto.id])
-                    .await?
-                    .get(0);
+                // The range is one event, with any delivered ahead for it: they fail
+                // together, and the SQL may have named which one.
+                let mut unit: Vec<i64> = range.ahead().to_vec();
+                unit.push(upto.id);
+                let message = message_of(&e)?;
+                let failing = named_event(&e)
+                    .filter(|id| unit.contains(id))
+                    .unwrap_or(upto.id);
                 let failure = Failure {
-                    event_id: upto.id,
-                    event_type,
-                    error: message_of(&e)?,
-                    attempts: attempts_after(&ck, upto.id),
+                    event_id: failing,
+                    event_type: event_type(&tx, failing).await?,
+                    error: message,
+                    attempts: attempts_after(&ck, failing),
                 };
-                self.give_up_or_retry(tx, failure, upto, &[]).await
+                let mut others = Vec::new();
+                for id in unit.into_iter().filter(|id| *id != failing) {
+                    others.push((id, event_type(&tx, id).await?));
+                }
+                self.give_up_or_retry(tx, failure, &others, upto, &ahead)
+                    .await
             }
         }
     }
@@ -322,10 +366,13 @@ impl Worker {
         Step::Retry(Duration::ZERO)
     }
 
+    /// After the lone failing event (with `others`, the events delivered with it)
+    /// has failed once more: retry later, park, or dead-letter them all.
     async fn give_up_or_retry(
         &mut self,
         tx: Transaction<'_>,
         failure: Failure,
+        others: &[(i64, String)],
         upto: Position,
         ahead: &[(i64, Position)],
     ) -> Result<Step, Transient> {
@@ -373,13 +420,56 @@ impl Worker {
                     "event failed too many times; recorded as a dead letter (on_error = \"skip\")"
                 );
                 checkpoint::dead_letter(&tx, &name, &failure).await?;
+                // The stream's earlier events delivered with it cannot be applied
+                // without it in the same transaction; they are skipped with it, and
+                // recorded, never dropped in silence.
+                for (id, event_type) in others {
+                    let with = Failure {
+                        event_id: *id,
+                        event_type: event_type.clone(),
+                        error: format!(
+                            "skipped with event {} of the same stream, which failed: {}",
+                            failure.event_id, failure.error
+                        ),
+                        attempts: failure.attempts,
+                    };
+                    checkpoint::dead_letter(&tx, &name, &with).await?;
+                }
                 checkpoint::record_ahead(&tx, &name, ahead).await?;
                 checkpoint::advance(&tx, &name, upto, 0).await?;
                 tx.commit().await?;
-                Ok(Step::Applied { events: 0, upto })
+                Ok(Step::Applied {
+                    events: 0,
+                    upto,
+                    full: true,
+                })
             }
         }
     }
+}
+
+/// The event a set-based projector's SQL named through `pgfold.bad_event`
+/// ("event N: …").
+fn named_event(e: &ProjectorError) -> Option<i64> {
+    match e {
+        ProjectorError::Event { event_id, .. } => Some(*event_id),
+        ProjectorError::Database(pg) => pg
+            .as_db_error()?
+            .message()
+            .strip_prefix("event ")?
+            .split_once(": ")?
+            .0
+            .parse()
+            .ok(),
+        ProjectorError::Other(_) => None,
+    }
+}
+
+async fn event_type(tx: &Transaction<'_>, id: i64) -> Result<String, Transient> {
+    Ok(tx
+        .query_one("SELECT event_type FROM events WHERE id = $1", &[&id])
+        .await?
+        .get(0))
 }
 
 fn attempts_after(ck: &Checkpoint, event_id: i64) -> i32 {

@@ -48,6 +48,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "bookkeeping",
         sql: include_str!("../../migrations/V4__bookkeeping.sql"),
     },
+    Migration {
+        version: 5,
+        name: "bad_event_stable",
+        sql: include_str!("../../migrations/V5__bad_event_stable.sql"),
+    },
 ];
 
 /// Each DDL attempt waits at most this long for a lock before backing off.

@@ -9,4 +9,5 @@ mod reader;
 pub use horizon::{blocker, horizon, Blocker, Horizon};
 pub use order::{order_batch, OrderedBatch};
 pub use position::{Position, POSITION_TX};
-pub use reader::{newest, read_events, set_batch_end, ReadRow};
+pub(crate) use reader::in_range;
+pub use reader::{ahead_of_range, newest, read_events, set_batch_end, ReadRow};

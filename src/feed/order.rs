@@ -16,16 +16,22 @@
 //! batches, and sequence 1 may even be above the horizon when sequence 2 is read.
 //!
 //! The repair: the reading query returns, for each event, whether its stream's
-//! previous event has a later position. For such an event, its stream's earlier
-//! events with later positions (necessarily committed: the writer read them before
-//! appending) are delivered first, in `sequence` order. Those that lie beyond the
-//! batch are recorded in `pgfold.delivered_ahead` in the same transaction, and
-//! skipped when the checkpoint reaches them. Exactly-once holds because the record
-//! commits atomically with the projection and the checkpoint.
+//! previous event (the nearest one the projector consumes) has a later position.
+//! For such an event, its stream's earlier events with later positions
+//! (necessarily committed: the writer read them before appending) are delivered
+//! first, in `sequence` order. Those that lie beyond the batch are recorded in
+//! `pgfold.delivered_ahead` in the same transaction, and skipped when the
+//! checkpoint reaches them. Exactly-once holds because the record commits
+//! atomically with the projection and the checkpoint.
+//!
+//! [`crate::projector::Feed::StreamSet`] batches get the same repair, set-based:
+//! the projector orders each stream by `sequence` itself, so only earlier events
+//! beyond the batch's end matter; [`super::ahead_of_range`] finds them and they
+//! join the batch's range (see [`crate::projector::EventRange`]).
 //!
 //! Cost: one probe of the `(stream_id, sequence)` index per event read, paid only by
-//! [`crate::projector::Feed::Events`] projectors; set-based projectors fold a set
-//! and do not need an order.
+//! the projectors that need an order; [`crate::projector::Feed::Set`] projectors
+//! fold a set and pay nothing.
 
 use std::collections::HashSet;
 

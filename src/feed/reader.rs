@@ -21,6 +21,49 @@ pub struct ReadRow {
     pub predecessor_later: bool,
 }
 
+/// A `LATERAL` subquery giving `p`, the nearest earlier event of `e`'s stream that
+/// passes the filter (bound at `$f1` / `$f2`; see [`filter_params`]). Earlier
+/// events the projector does not consume are stepped over: an inversion hidden
+/// behind one of them would otherwise go unnoticed. `LIMIT 1` keeps it a single
+/// backward probe of `(stream_id, sequence)` per event and keeps the planner from
+/// flattening it into a join.
+fn nearest_consumed_predecessor(f1: u8, f2: u8) -> String {
+    format!(
+        "LATERAL (
+           SELECT p.id, COALESCE(p.tx_id, '0'::xid8) AS tx FROM events p
+            WHERE p.stream_id = e.stream_id AND p.sequence < e.sequence
+              AND (${f1}::text[] IS NULL OR p.event_type = ANY(${f1}))
+              AND (${f2}::text[] IS NULL OR p.stream_type = ANY(${f2}))
+            ORDER BY p.sequence DESC
+            LIMIT 1
+         ) p"
+    )
+}
+
+/// The condition that `e` passes the filter bound at `$f1` / `$f2`.
+fn passes(f1: u8, f2: u8) -> String {
+    passes_as("e", f1, f2)
+}
+
+fn passes_as(alias: &str, f1: u8, f2: u8) -> String {
+    format!(
+        "(${f1}::text[] IS NULL OR {alias}.event_type = ANY(${f1}))
+         AND (${f2}::text[] IS NULL OR {alias}.stream_type = ANY(${f2}))"
+    )
+}
+
+/// The condition that `alias` lies in `(after, upto]`, bound at `$1`–`$4`. The
+/// BETWEEN repeats the row comparisons for the planner, which estimates a range on
+/// one column far better than one on a row.
+pub(crate) fn in_range(alias: &str) -> String {
+    let tx = format!("COALESCE({alias}.tx_id, '0'::xid8)");
+    format!(
+        "{tx} BETWEEN $1::text::xid8 AND $3::text::xid8
+         AND ({tx}, {alias}.id) > ($1::text::xid8, $2)
+         AND ({tx}, {alias}.id) <= ($3::text::xid8, $4)"
+    )
+}
+
 /// Up to `limit` events after `after` and below the horizon that pass `filter`.
 pub async fn read_events<C: Db>(
     client: &C,
@@ -31,20 +74,16 @@ pub async fn read_events<C: Db>(
 ) -> Result<Vec<ReadRow>, tokio_postgres::Error> {
     let sql = format!(
         "SELECT {COLUMNS},
-                p.id IS NOT NULL
-                  AND (COALESCE(p.tx_id, '0'::xid8), p.id) > ({POSITION_TX}, e.id)
+                p.id IS NOT NULL AND (p.tx, p.id) > ({POSITION_TX}, e.id)
            FROM events e
-           -- A stream's first event has no predecessor: skip the probe for it.
-           LEFT JOIN LATERAL (
-             SELECT p.id, p.tx_id FROM events p
-              WHERE e.sequence > 1 AND p.stream_id = e.stream_id AND p.sequence = e.sequence - 1
-           ) p ON true
+           LEFT JOIN {probe} ON true
           WHERE ({POSITION_TX}, e.id) > ($1::text::xid8, $2)
             AND {POSITION_TX} < $3::text::xid8
-            AND ($4::text[] IS NULL OR e.event_type = ANY($4))
-            AND ($5::text[] IS NULL OR e.stream_type = ANY($5))
+            AND {passes}
           ORDER BY {POSITION_TX}, e.id
-          LIMIT $6"
+          LIMIT $6",
+        probe = nearest_consumed_predecessor(4, 5),
+        passes = passes(4, 5),
     );
     let rows = client
         .query(
@@ -68,6 +107,75 @@ pub async fn read_events<C: Db>(
         .collect())
 }
 
+/// For a [`crate::projector::Feed::StreamSet`] batch `(after, upto]`: the events
+/// that must be delivered ahead with it, that is, earlier events (that pass
+/// `filter`) of a stream with an event in the range whose position lies beyond
+/// `upto`, less those in `skip` (delivered ahead already).
+///
+/// Two equivalent queries; the cheaper one is the one that probes the smaller
+/// side. Catching up to the newest event, the tail beyond `upto` is only what was
+/// written since, so each event of the tail looks for a later event of its stream
+/// in the range. A range that stops short of a long tail checks each of its
+/// events' nearest consumed predecessor instead: any earlier event beyond `upto`
+/// is that predecessor or, by the same check one step back, an earlier one's.
+pub async fn ahead_of_range<C: Db>(
+    client: &C,
+    after: Position,
+    upto: Position,
+    skip: &[i64],
+    filter: &EventFilter,
+) -> Result<Vec<(i64, Position)>, tokio_postgres::Error> {
+    let newest_id: i64 = client
+        .query_one("SELECT coalesce(max(id), 0) FROM events", &[])
+        .await?
+        .get(0);
+    let range = in_range("e");
+    let beyond = format!("({POSITION_TX}, e.id) > ($3::text::xid8, $4)");
+    let passes = passes(5, 6);
+    let sql = if newest_id.saturating_sub(upto.id) <= upto.id.saturating_sub(after.id) {
+        format!(
+            "SELECT e.id, {POSITION_TX}::text
+               FROM events e
+              WHERE {beyond} AND {passes} AND e.id <> ALL($7::bigint[])
+                AND EXISTS (
+                  SELECT 1 FROM events s
+                   WHERE s.stream_id = e.stream_id AND s.sequence > e.sequence
+                     AND {range_s} AND {passes_s})",
+            range_s = in_range("s"),
+            passes_s = passes_as("s", 5, 6),
+        )
+    } else {
+        format!(
+            "WITH flagged AS (
+               SELECT e.stream_id, e.sequence
+                 FROM events e
+                 JOIN {probe} ON (p.tx, p.id) > ($3::text::xid8, $4)
+                WHERE {range} AND {passes}
+             )
+             SELECT DISTINCT e.id, {POSITION_TX}::text
+               FROM flagged f
+               JOIN events e ON e.stream_id = f.stream_id AND e.sequence < f.sequence
+              WHERE {beyond} AND {passes} AND e.id <> ALL($7::bigint[])",
+            probe = nearest_consumed_predecessor(5, 6),
+        )
+    };
+    let rows = client
+        .query(
+            &sql,
+            &[
+                &after.tx_text(),
+                &after.id,
+                &upto.tx_text(),
+                &upto.id,
+                &filter.event_types,
+                &filter.stream_types,
+                &skip,
+            ],
+        )
+        .await?;
+    Ok(rows.iter().map(|r| (r.get(0), position(r, 1, 0))).collect())
+}
+
 /// The events of `event`'s stream before it in `sequence` whose position is after
 /// it, in `sequence` order.
 pub(super) async fn later_predecessors<C: Db>(
@@ -80,9 +188,9 @@ pub(super) async fn later_predecessors<C: Db>(
            FROM events e
           WHERE e.stream_id = $1 AND e.sequence < $2
             AND ({POSITION_TX}, e.id) > ($3::text::xid8, $4)
-            AND ($5::text[] IS NULL OR e.event_type = ANY($5))
-            AND ($6::text[] IS NULL OR e.stream_type = ANY($6))
-          ORDER BY e.sequence"
+            AND {passes}
+          ORDER BY e.sequence",
+        passes = passes(5, 6),
     );
     let rows = client
         .query(
@@ -109,16 +217,19 @@ pub(super) async fn later_predecessors<C: Db>(
 ///
 /// With `exact`, the batch holds at most `limit` events, counted through the
 /// index: what isolating a failing event needs.
+///
+/// Returns the end, and whether the size limit cut the batch short (more events
+/// are waiting below the horizon).
 pub async fn set_batch_end<C: Db>(
     client: &C,
     after: Position,
     horizon: Horizon,
     limit: u32,
     exact: bool,
-) -> Result<Option<Position>, tokio_postgres::Error> {
+) -> Result<Option<(Position, bool)>, tokio_postgres::Error> {
     let sql = if exact {
         format!(
-            "SELECT tx::text, id FROM (
+            "SELECT tx::text, id, count(*) OVER () = $4 FROM (
                SELECT {POSITION_TX} AS tx, e.id
                  FROM events e
                 WHERE ({POSITION_TX}, e.id) > ($1::text::xid8, $2)
@@ -141,10 +252,10 @@ pub async fn set_batch_end<C: Db>(
             WHERE {POSITION_TX} < $3::text::xid8
             ORDER BY {POSITION_TX} DESC, e.id DESC LIMIT 1
          )
-         SELECT tx::text, id FROM guess
+         SELECT tx::text, id, true FROM guess
           WHERE tx < $3::text::xid8 AND (tx, id) > ($1::text::xid8, $2)
          UNION ALL
-         SELECT tx::text, id FROM newest
+         SELECT tx::text, id, false FROM newest
           WHERE (tx, id) > ($1::text::xid8, $2)
          LIMIT 1"
         )
@@ -160,7 +271,7 @@ pub async fn set_batch_end<C: Db>(
             ],
         )
         .await?;
-    Ok(row.map(|r| position(&r, 0, 1)))
+    Ok(row.map(|r| (position(&r, 0, 1), r.get(2))))
 }
 
 /// The position of the newest committed event, if any.

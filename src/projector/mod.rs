@@ -13,6 +13,11 @@
 //!   round trip per event. The events of the range arrive as a set, so this is only
 //!   for folds that do not depend on order (sums, counts), where it makes a rebuild
 //!   run at the speed of a single `INSERT … SELECT`.
+//! - [`Feed::StreamSet`]: an [`EventRange`] too, with the guarantee that folding
+//!   each stream's events of the range in `sequence` order follows the stream's
+//!   order: every earlier event of a stream is already applied or in the range.
+//!   Right for per-stream state folded in SQL (`ORDER BY stream_id, sequence`),
+//!   which makes a rebuild of stream snapshots set-based too.
 
 mod registry;
 
@@ -23,7 +28,7 @@ use chrono::{DateTime, Utc};
 use serde_json::Value;
 use tokio_postgres::Transaction;
 
-use crate::feed::{Position, POSITION_TX};
+use crate::feed::{in_range, Position};
 
 /// One event of the log, as a projector receives it.
 #[derive(Debug, Clone)]
@@ -75,38 +80,81 @@ impl EventFilter {
 pub enum Feed {
     Events,
     Set,
+    StreamSet,
 }
 
-/// The events of one batch of a [`Feed::Set`] projector: every event whose position
-/// is in `(after, upto]` and that passes the projector's filter.
+impl Feed {
+    /// Whether batches come as an [`EventRange`] folded in SQL.
+    pub fn is_set(self) -> bool {
+        matches!(self, Feed::Set | Feed::StreamSet)
+    }
+}
+
+/// The events of one batch of a [`Feed::Set`] or [`Feed::StreamSet`] projector:
+/// the events whose position is in `(after, upto]`, less those delivered ahead by
+/// an earlier batch, plus those this batch delivers ahead (a [`Feed::StreamSet`]
+/// stream's earlier events whose position lies beyond `upto`; see `src/feed/order.rs`).
+/// The projector applies its own filter on top.
 #[derive(Debug, Clone)]
 pub struct EventRange {
     pub after: Position,
     pub upto: Position,
     after_tx: String,
     upto_tx: String,
+    skip: Vec<i64>,
+    ahead: Vec<i64>,
 }
 
 impl EventRange {
     pub fn new(after: Position, upto: Position) -> EventRange {
+        EventRange::with_ahead(after, upto, Vec::new(), Vec::new())
+    }
+
+    pub(crate) fn with_ahead(
+        after: Position,
+        upto: Position,
+        skip: Vec<i64>,
+        ahead: Vec<i64>,
+    ) -> EventRange {
         EventRange {
             after,
             upto,
             after_tx: after.tx_text(),
             upto_tx: upto.tx_text(),
+            skip,
+            ahead,
         }
     }
 
-    /// A condition on `events e` selecting the range, with placeholders `$1`–`$4`;
-    /// bind [`EventRange::params`] first and number your own parameters from `$5`.
-    pub fn condition() -> String {
+    /// The ids of the events delivered ahead with this batch.
+    pub fn ahead(&self) -> &[i64] {
+        &self.ahead
+    }
+
+    /// The batch's events as a `FROM` item with the columns of `events`, to alias
+    /// (`FROM {source} e`), with placeholders `$1`–`$6`: bind
+    /// [`EventRange::params`] first and number your own parameters from `$7`.
+    pub fn source() -> String {
+        // Two branches rather than one condition with OR: each keeps its own index
+        // (the position index for the range, the primary key for the few ahead).
         format!(
-            "({POSITION_TX}, e.id) > ($1::text::xid8, $2) AND ({POSITION_TX}, e.id) <= ($3::text::xid8, $4)"
+            "(SELECT e.* FROM events e
+               WHERE {range} AND e.id <> ALL($5::bigint[])
+              UNION ALL
+              SELECT e.* FROM events e WHERE e.id = ANY($6::bigint[]))",
+            range = in_range("e")
         )
     }
 
-    pub fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 4] {
-        [&self.after_tx, &self.after.id, &self.upto_tx, &self.upto.id]
+    pub fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 6] {
+        [
+            &self.after_tx,
+            &self.after.id,
+            &self.upto_tx,
+            &self.upto.id,
+            &self.skip,
+            &self.ahead,
+        ]
     }
 }
 
@@ -167,8 +215,8 @@ pub trait Projector: Send + Sync + 'static {
         )))
     }
 
-    /// [`Feed::Set`]: folds the range into the projection in SQL and returns how many
-    /// events it consumed.
+    /// [`Feed::Set`] and [`Feed::StreamSet`]: folds the range into the projection in
+    /// SQL and returns how many events it consumed.
     async fn apply_range(
         &self,
         tx: &Transaction<'_>,
@@ -176,7 +224,7 @@ pub trait Projector: Send + Sync + 'static {
     ) -> Result<u64, ProjectorError> {
         let _ = (tx, range);
         Err(ProjectorError::Other(format!(
-            "projector {} declares Feed::Set but does not implement apply_range",
+            "projector {} declares a set feed but does not implement apply_range",
             self.name()
         )))
     }

@@ -66,14 +66,13 @@ WITH items AS (
          * coalesce((i.item->>'qty')::numeric,
                   pgfold.bad_event(e.id, format('payload.items[%s].qty is missing', i.n - 1))::text::numeric)
            AS amount
-    FROM events e
+    FROM {source} e
     CROSS JOIN LATERAL jsonb_array_elements(
       CASE WHEN jsonb_typeof(e.payload->'items') = 'array' THEN e.payload->'items'
            ELSE pgfold.bad_event(e.id, 'payload.items is '
                   || coalesce(jsonb_typeof(e.payload->'items'), 'missing') || ', expected an array')
       END) WITH ORDINALITY AS i(item, n)
-   WHERE {range}
-     AND e.event_type = $5
+   WHERE e.event_type = $7
 ),
 totals AS (
   SELECT day, category, sum(amount) AS total, count(*) FILTER (WHERE n = 1) AS events
@@ -87,11 +86,11 @@ upsert AS (
 )
 SELECT coalesce(sum(events), 0)::bigint FROM totals
 "#,
-            range = EventRange::condition()
+            source = EventRange::source()
         );
-        let p = range.params();
+        let [p1, p2, p3, p4, p5, p6] = range.params();
         let row = tx
-            .query_one(&sql, &[p[0], p[1], p[2], p[3], &EVENT_TYPE])
+            .query_one(&sql, &[p1, p2, p3, p4, p5, p6, &EVENT_TYPE])
             .await?;
         Ok(row.get::<_, i64>(0) as u64)
     }

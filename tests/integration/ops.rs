@@ -92,16 +92,22 @@ async fn health_readiness_and_metrics_are_served_over_http() {
     assert_eq!(get(&address, "/nothing").await.0, 404);
 
     // Readiness follows the schema: a database that lacks a migration is not ready.
-    client
-        .batch_execute("DELETE FROM pgfold.schema_migrations WHERE version = 4")
+    let latest = pgfold::db::migrate::latest();
+    let name: String = client
+        .query_one(
+            "DELETE FROM pgfold.schema_migrations WHERE version = $1 RETURNING name",
+            &[&latest],
+        )
         .await
-        .unwrap();
+        .unwrap()
+        .get(0);
     let (status, body) = get(&address, "/readyz").await;
     assert_eq!(status, 503);
     assert!(body.contains("not migrated"), "{body}");
     client
-        .batch_execute(
-            "INSERT INTO pgfold.schema_migrations (version, name) VALUES (4, 'bookkeeping')",
+        .execute(
+            "INSERT INTO pgfold.schema_migrations (version, name) VALUES ($1, $2)",
+            &[&latest, &name],
         )
         .await
         .unwrap();

@@ -6,10 +6,11 @@
 
 use std::time::Duration;
 
-use pgfold::daemon::RunOptions;
+use pgfold::daemon::{self, RunOptions};
+use pgfold::projector::{Event, EventFilter, Projector, ProjectorError, Registry};
 use pgfold::store;
 use serde_json::json;
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Transaction};
 
 use crate::helpers::*;
 
@@ -192,5 +193,140 @@ async fn a_predecessor_above_the_horizon_is_delivered_ahead_exactly_once_live() 
         )
         .await,
         2
+    );
+}
+
+/// A `Feed::Events` projector that logs the order in which it receives each
+/// stream's events, and does not consume `OrderNoted`.
+struct DeliveryLog;
+
+#[async_trait::async_trait]
+impl Projector for DeliveryLog {
+    fn name(&self) -> &str {
+        "delivery_log"
+    }
+
+    fn filter(&self) -> EventFilter {
+        EventFilter::event_types(&["OrderCreated", "OrderPaid", "OrderShipped"])
+    }
+
+    async fn setup(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS delivery_log (
+               n BIGSERIAL PRIMARY KEY, stream_id TEXT NOT NULL, sequence BIGINT NOT NULL)",
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn reset(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+        tx.batch_execute("TRUNCATE delivery_log").await?;
+        Ok(())
+    }
+
+    async fn apply(&self, tx: &Transaction<'_>, events: &[Event]) -> Result<(), ProjectorError> {
+        for e in events {
+            tx.execute(
+                "INSERT INTO delivery_log (stream_id, sequence) VALUES ($1, $2)",
+                &[&e.stream_id, &e.sequence],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// `order-1`: created (seq 1) ← noted (seq 2, consumed by neither projector
+/// under test) ← paid (seq 3), where noted and paid took their transaction ids
+/// before created: positions run noted, paid, created. Paid's immediate
+/// predecessor (noted) comes before it, so only looking past the event the
+/// projector does not consume shows that created must come first.
+async fn inversion_behind_an_unconsumed_event(db: &TestDb) {
+    let noted_writer = early_writer(db).await;
+    let paid_writer = early_writer(db).await;
+    let mut first = db.client().await;
+    append_all(
+        &mut first,
+        &[created("order-1", "books", json!("12.50"), 2)],
+    )
+    .await;
+    let noted = store::NewEvent::new("order-1", "order", "OrderNoted", json!({"note": "gift"}));
+    append_in_open(&noted_writer, &noted, 2).await;
+    append_in_open(
+        &paid_writer,
+        &paid("order-1", "books", json!("12.50"), 2),
+        3,
+    )
+    .await;
+    let inverted = scalar_i64(
+        &first,
+        "SELECT count(*) FROM events c, events p
+          WHERE c.event_type = 'OrderCreated' AND p.event_type = 'OrderPaid' AND p.tx_id < c.tx_id",
+    )
+    .await;
+    assert_eq!(
+        inverted, 1,
+        "the test did not build the inversion it means to"
+    );
+}
+
+#[tokio::test]
+async fn an_inversion_behind_an_unconsumed_event_is_repaired_for_decoded_events() {
+    let db = with_scratch().await;
+    inversion_behind_an_unconsumed_event(&db).await;
+    let client = db.client().await;
+    let mut settings = db.settings();
+    settings.daemon.batch_size = 1;
+    settings.projectors.clear();
+    let registry = Registry::new().register(DeliveryLog);
+
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(60),
+        daemon::run(
+            &settings,
+            &registry,
+            &RunOptions {
+                once: true,
+                ..RunOptions::default()
+            },
+            std::future::pending(),
+        ),
+    )
+    .await
+    .expect("run --once did not finish")
+    .expect("run --once failed");
+
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    let delivered: Vec<i64> = client
+        .query("SELECT sequence FROM delivery_log ORDER BY n", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(delivered, vec![1, 3], "delivered out of sequence order");
+}
+
+#[tokio::test]
+async fn an_inversion_behind_an_unconsumed_event_is_repaired_for_stream_sets() {
+    let db = with_scratch().await;
+    inversion_behind_an_unconsumed_event(&db).await;
+    let client = db.client().await;
+    let mut settings = db.settings();
+    // One event per batch: paid's batch ends before created's position.
+    settings.daemon.set_batch_size = 1;
+
+    let outcome = run_once(&settings, RunOptions::default()).await;
+
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    assert_projections_exact(&client).await;
+    assert_eq!(
+        scalar_i64(
+            &client,
+            "SELECT events_applied FROM pgfold.projectors WHERE name = 'order_snapshots'"
+        )
+        .await,
+        2,
+        "each consumed event exactly once"
     );
 }

@@ -340,7 +340,7 @@ async fn drive_loop(
             failing_since = None;
         }
         match step {
-            Ok(Step::Applied { events, upto, .. }) => {
+            Ok(Step::Applied { events, upto, full }) => {
                 backoff.reset();
                 if events > 0 {
                     last_progress = tokio::time::Instant::now();
@@ -351,6 +351,18 @@ async fn drive_loop(
                     .batch_applied(&name, events, started.elapsed().as_secs_f64());
                 ops.progress.advance(&name, upto.id, events);
                 tracing::debug!(projector = %name, events, position = %upto, "batch applied");
+                if !full && target.is_none() {
+                    // Caught up under a steady flow of writes: batches back to back
+                    // would each carry a handful of events and cost the database
+                    // (and the writers sharing its CPU) a dozen round trips apiece.
+                    // Starting at most one batch per LINGER_POLL keeps the lag
+                    // within it and gathers the events that arrive meanwhile.
+                    let next = tokio::time::Instant::from_std(started) + LINGER_POLL;
+                    tokio::select! {
+                        _ = token.cancelled() => {}
+                        _ = tokio::time::sleep_until(next) => {}
+                    }
+                }
                 continue;
             }
             Ok(Step::Idle { horizon, position }) => {

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use pgfold::projector::{Event, EventFilter, Projector, ProjectorError};
+use pgfold::projector::{BatchTransaction, Event, EventFilter, Projector, ProjectorError};
 use rust_decimal::Decimal;
 use serde_json::Value;
 use tokio_postgres::Transaction;
@@ -63,7 +63,11 @@ impl Projector for CustomerSpend {
         Ok(())
     }
 
-    async fn apply(&self, tx: &Transaction<'_>, events: &[Event]) -> Result<(), ProjectorError> {
+    async fn apply(
+        &self,
+        tx: &BatchTransaction<'_>,
+        events: &[Event],
+    ) -> Result<(), ProjectorError> {
         // OrderPaid does not name the customer: remember it from OrderCreated.
         // Within a batch, a stream's OrderCreated always comes before its OrderPaid.
         let mut customers: HashMap<&str, String> = HashMap::new();

@@ -113,12 +113,14 @@ pub async fn load<C: Db>(tx: &C, name: &str) -> Result<Checkpoint, tokio_postgre
 }
 
 /// Moves the checkpoint to `upto` after `applied` events, clears any failure, and
-/// ends a replay that has reached its target.
+/// ends a replay that has reached its target. `had_ahead`: the checkpoint loaded
+/// for this batch listed events delivered ahead, which may now be passed.
 pub async fn advance<C: Db>(
     tx: &C,
     name: &str,
     upto: Position,
     applied: u64,
+    had_ahead: bool,
 ) -> Result<(), tokio_postgres::Error> {
     tx.execute(
         "UPDATE pgfold.projectors
@@ -135,6 +137,10 @@ pub async fn advance<C: Db>(
         &[&name, &upto.tx_text(), &upto.id, &(applied as i64)],
     )
     .await?;
+    if !had_ahead {
+        // Any recorded by this batch lie beyond `upto`.
+        return Ok(());
+    }
     // Events delivered ahead that the checkpoint has now passed are done with.
     tx.execute(
         "DELETE FROM pgfold.delivered_ahead

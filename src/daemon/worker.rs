@@ -21,7 +21,7 @@ use deadpool_postgres::Transaction;
 
 use super::checkpoint::{self, Checkpoint, Failure, State};
 use crate::config::{DaemonSettings, OnError, ProjectorSettings};
-use crate::db;
+use crate::db::{self, Db};
 use crate::feed::{self, Horizon, Position};
 use crate::projector::{EventRange, Feed, Projector, ProjectorError};
 
@@ -167,8 +167,7 @@ impl Worker {
         let filter = self.projector.filter();
         // A batch is a few thousand rows at most: starting parallel workers for it
         // costs more than it saves.
-        tx.batch_execute("SET LOCAL max_parallel_workers_per_gather = 0")
-            .await?;
+        Db::execute(&tx, "SET LOCAL max_parallel_workers_per_gather = 0", &[]).await?;
         let rows = feed::read_events(&tx, ck.position, horizon, &filter, self.limit).await?;
         if rows.is_empty() {
             return Ok(Step::Idle {
@@ -178,7 +177,7 @@ impl Worker {
         }
         let read = rows.len();
         let batch = feed::order_batch(&tx, rows, &ck.ahead, &filter).await?;
-        tx.batch_execute("SAVEPOINT apply").await?;
+        Db::execute(&tx, "SAVEPOINT apply", &[]).await?;
         let result = if batch.events.is_empty() {
             Ok(())
         } else {
@@ -188,7 +187,14 @@ impl Worker {
             Ok(()) => {
                 let name = self.projector.name();
                 checkpoint::record_ahead(&tx, name, &batch.ahead).await?;
-                checkpoint::advance(&tx, name, batch.upto, batch.events.len() as u64).await?;
+                checkpoint::advance(
+                    &tx,
+                    name,
+                    batch.upto,
+                    batch.events.len() as u64,
+                    !ck.ahead.is_empty(),
+                )
+                .await?;
                 tx.commit().await?;
                 Ok(Step::Applied {
                     events: batch.events.len() as u64,
@@ -198,7 +204,7 @@ impl Worker {
             }
             Err(e) => {
                 fail_fast_if_transient(&e)?;
-                tx.batch_execute("ROLLBACK TO SAVEPOINT apply").await?;
+                Db::execute(&tx, "ROLLBACK TO SAVEPOINT apply", &[]).await?;
                 let named = match &e {
                     ProjectorError::Event { event_id, .. } => batch
                         .events
@@ -273,12 +279,12 @@ impl Worker {
             skip,
             ahead.iter().map(|(id, _)| *id).collect(),
         );
-        tx.batch_execute("SAVEPOINT apply").await?;
+        Db::execute(&tx, "SAVEPOINT apply", &[]).await?;
         match self.projector.apply_range(&tx, &range).await {
             Ok(applied) => {
                 let name = self.projector.name();
                 checkpoint::record_ahead(&tx, name, &ahead).await?;
-                checkpoint::advance(&tx, name, upto, applied).await?;
+                checkpoint::advance(&tx, name, upto, applied, !ck.ahead.is_empty()).await?;
                 tx.commit().await?;
                 Ok(Step::Applied {
                     events: applied,
@@ -288,7 +294,7 @@ impl Worker {
             }
             Err(e) => {
                 fail_fast_if_transient(&e)?;
-                tx.batch_execute("ROLLBACK TO SAVEPOINT apply").await?;
+                Db::execute(&tx, "ROLLBACK TO SAVEPOINT apply", &[]).await?;
                 if self.limit > 1 {
                     // Halve what the range really holds, not the configured
                     // maximum: a live batch of three events needs two rounds, not
@@ -436,7 +442,7 @@ impl Worker {
                     checkpoint::dead_letter(&tx, &name, &with).await?;
                 }
                 checkpoint::record_ahead(&tx, &name, ahead).await?;
-                checkpoint::advance(&tx, &name, upto, 0).await?;
+                checkpoint::advance(&tx, &name, upto, 0, true).await?;
                 tx.commit().await?;
                 Ok(Step::Applied {
                     events: 0,

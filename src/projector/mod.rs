@@ -30,6 +30,12 @@ use tokio_postgres::Transaction;
 
 use crate::feed::{in_range, Position};
 
+/// The transaction a batch is applied in: a pooled connection's, which derefs to
+/// [`tokio_postgres::Transaction`]. Statements sent through [`crate::db::Db`]
+/// (`Db::query(tx, …)`) are prepared once per connection and reused, which
+/// spares the server parsing and planning a projector's statement every batch.
+pub type BatchTransaction<'a> = deadpool_postgres::Transaction<'a>;
+
 /// One event of the log, as a projector receives it.
 #[derive(Debug, Clone)]
 pub struct Event {
@@ -207,7 +213,11 @@ pub trait Projector: Send + Sync + 'static {
     async fn reset(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError>;
 
     /// [`Feed::Events`]: folds `events` into the projection.
-    async fn apply(&self, tx: &Transaction<'_>, events: &[Event]) -> Result<(), ProjectorError> {
+    async fn apply(
+        &self,
+        tx: &BatchTransaction<'_>,
+        events: &[Event],
+    ) -> Result<(), ProjectorError> {
         let _ = (tx, events);
         Err(ProjectorError::Other(format!(
             "projector {} declares Feed::Events but does not implement apply",
@@ -219,7 +229,7 @@ pub trait Projector: Send + Sync + 'static {
     /// SQL and returns how many events it consumed.
     async fn apply_range(
         &self,
-        tx: &Transaction<'_>,
+        tx: &BatchTransaction<'_>,
         range: &EventRange,
     ) -> Result<u64, ProjectorError> {
         let _ = (tx, range);

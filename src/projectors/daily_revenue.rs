@@ -10,7 +10,10 @@
 use async_trait::async_trait;
 use tokio_postgres::Transaction;
 
-use crate::projector::{EventFilter, EventRange, Feed, Projector, ProjectorError};
+use crate::db::Db;
+use crate::projector::{
+    BatchTransaction, EventFilter, EventRange, Feed, Projector, ProjectorError,
+};
 
 pub struct DailyRevenue;
 
@@ -50,7 +53,7 @@ impl Projector for DailyRevenue {
 
     async fn apply_range(
         &self,
-        tx: &Transaction<'_>,
+        tx: &BatchTransaction<'_>,
         range: &EventRange,
     ) -> Result<u64, ProjectorError> {
         let sql = format!(
@@ -89,9 +92,7 @@ SELECT coalesce(sum(events), 0)::bigint FROM totals
             source = EventRange::source()
         );
         let [p1, p2, p3, p4, p5, p6] = range.params();
-        let row = tx
-            .query_one(&sql, &[p1, p2, p3, p4, p5, p6, &EVENT_TYPE])
-            .await?;
+        let row = Db::query_one(tx, &sql, &[p1, p2, p3, p4, p5, p6, &EVENT_TYPE]).await?;
         Ok(row.get::<_, i64>(0) as u64)
     }
 }

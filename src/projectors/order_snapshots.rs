@@ -13,7 +13,10 @@
 use async_trait::async_trait;
 use tokio_postgres::Transaction;
 
-use crate::projector::{EventFilter, EventRange, Feed, Projector, ProjectorError};
+use crate::db::Db;
+use crate::projector::{
+    BatchTransaction, EventFilter, EventRange, Feed, Projector, ProjectorError,
+};
 
 pub struct OrderSnapshots;
 
@@ -71,7 +74,7 @@ impl Projector for OrderSnapshots {
 
     async fn apply_range(
         &self,
-        tx: &Transaction<'_>,
+        tx: &BatchTransaction<'_>,
         range: &EventRange,
     ) -> Result<u64, ProjectorError> {
         // Per stream, the batch reduces to: the last OrderCreated (the state
@@ -184,9 +187,7 @@ SELECT coalesce(sum(events), 0)::bigint,
         );
         let [p1, p2, p3, p4, p5, p6] = range.params();
         let types: Vec<&str> = EVENT_TYPES.to_vec();
-        let row = tx
-            .query_one(&sql, &[p1, p2, p3, p4, p5, p6, &STREAM_TYPE, &types])
-            .await?;
+        let row = Db::query_one(tx, &sql, &[p1, p2, p3, p4, p5, p6, &STREAM_TYPE, &types]).await?;
         Ok(row.get::<_, i64>(0) as u64)
     }
 }

@@ -7,7 +7,9 @@
 use std::time::Duration;
 
 use pgfold::daemon::{self, RunOptions};
-use pgfold::projector::{Event, EventFilter, Projector, ProjectorError, Registry};
+use pgfold::projector::{
+    BatchTransaction, Event, EventFilter, Projector, ProjectorError, Registry,
+};
 use pgfold::store;
 use serde_json::json;
 use tokio_postgres::{Client, Transaction};
@@ -224,7 +226,11 @@ impl Projector for DeliveryLog {
         Ok(())
     }
 
-    async fn apply(&self, tx: &Transaction<'_>, events: &[Event]) -> Result<(), ProjectorError> {
+    async fn apply(
+        &self,
+        tx: &BatchTransaction<'_>,
+        events: &[Event],
+    ) -> Result<(), ProjectorError> {
         for e in events {
             tx.execute(
                 "INSERT INTO delivery_log (stream_id, sequence) VALUES ($1, $2)",

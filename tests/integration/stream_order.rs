@@ -336,3 +336,61 @@ async fn an_inversion_behind_an_unconsumed_event_is_repaired_for_stream_sets() {
         "each consumed event exactly once"
     );
 }
+
+#[tokio::test]
+async fn skipping_a_bad_event_delivered_ahead_dead_letters_its_whole_unit() {
+    let db = with_scratch().await;
+    // order-1: a malformed OrderCreated (payload a string) whose OrderPaid took its
+    // transaction id first: paid's batch carries created ahead of its place.
+    let late = early_writer(&db).await;
+    let mut first = db.client().await;
+    let bad_created = store::NewEvent::new("order-1", "order", "OrderCreated", json!("oops"));
+    append_all(&mut first, &[bad_created]).await;
+    append_in_open(&late, &paid("order-1", "books", json!("9.99"), 1), 2).await;
+    let mut settings = db.settings();
+    settings.daemon.set_batch_size = 1;
+    settings.projectors.insert(
+        "order_snapshots".into(),
+        pgfold::config::ProjectorSettings {
+            enabled: true,
+            max_attempts: 1,
+            on_error: pgfold::config::OnError::Skip,
+        },
+    );
+
+    let outcome = run_once(&settings, RunOptions::default()).await;
+
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    let letters: Vec<(String, String)> = first
+        .query(
+            "SELECT event_type, error FROM pgfold.dead_letters
+              WHERE projector = 'order_snapshots' ORDER BY event_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        letters.len(),
+        2,
+        "both events of the unit recorded: {letters:?}"
+    );
+    assert_eq!(letters[0].0, "OrderCreated");
+    assert!(
+        letters[0].1.contains("expected an object"),
+        "the bad event carries its own error: {letters:?}"
+    );
+    assert_eq!(letters[1].0, "OrderPaid");
+    assert!(
+        letters[1].1.starts_with("skipped with event"),
+        "the event delivered with it says why: {letters:?}"
+    );
+    assert!(!snapshot_exists(&first, "order-1").await);
+    assert_eq!(
+        scalar_i64(&first, "SELECT count(*) FROM pgfold.delivered_ahead").await,
+        0,
+        "the checkpoint has passed the event delivered ahead"
+    );
+}

@@ -31,6 +31,17 @@ async fn append_in_open(client: &Client, event: &pgfold::store::NewEvent, sequen
     client.batch_execute("COMMIT").await.unwrap();
 }
 
+async fn events_applied(client: &Client, projector: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT events_applied FROM pgfold.projectors WHERE name = $1",
+            &[&projector],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 async fn with_scratch() -> TestDb {
     let db = TestDb::new().await;
     db.client()
@@ -100,11 +111,7 @@ async fn two_consecutive_inversions_across_batches_of_one_event() {
     assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
     assert_projections_exact(&client).await;
     assert_eq!(
-        scalar_i64(
-            &client,
-            "SELECT events_applied FROM pgfold.projectors WHERE name = 'order_snapshots'"
-        )
-        .await,
+        events_applied(&client, "order_snapshots").await,
         3,
         "each event exactly once"
     );
@@ -188,14 +195,7 @@ async fn a_predecessor_above_the_horizon_is_delivered_ahead_exactly_once_live() 
     let outcome = daemon.stop().await;
     assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
     assert_projections_exact(&first).await;
-    assert_eq!(
-        scalar_i64(
-            &first,
-            "SELECT events_applied FROM pgfold.projectors WHERE name = 'order_snapshots'"
-        )
-        .await,
-        2
-    );
+    assert_eq!(events_applied(&first, "order_snapshots").await, 2);
 }
 
 /// A `Feed::Events` projector that logs the order in which it receives each
@@ -327,11 +327,7 @@ async fn an_inversion_behind_an_unconsumed_event_is_repaired_for_stream_sets() {
     assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
     assert_projections_exact(&client).await;
     assert_eq!(
-        scalar_i64(
-            &client,
-            "SELECT events_applied FROM pgfold.projectors WHERE name = 'order_snapshots'"
-        )
-        .await,
+        events_applied(&client, "order_snapshots").await,
         2,
         "each consumed event exactly once"
     );

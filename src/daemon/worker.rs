@@ -269,11 +269,11 @@ impl Worker {
         let ahead = match self.projector.feed() {
             Feed::StreamSet => {
                 let filter = self.projector.filter();
-                feed::ahead_of_range(&tx, ck.position, upto, &skip, &filter).await?
+                feed::ahead_of_range(&tx, ck.position, upto, !full, &skip, &filter).await?
             }
             _ => Vec::new(),
         };
-        let range = EventRange::with_ahead(
+        let range = EventRange::new(
             ck.position,
             upto,
             skip,
@@ -308,20 +308,17 @@ impl Worker {
                 // together, and the SQL may have named which one.
                 let mut unit: Vec<i64> = range.ahead().to_vec();
                 unit.push(upto.id);
-                let message = message_of(&e)?;
                 let failing = named_event(&e)
                     .filter(|id| unit.contains(id))
                     .unwrap_or(upto.id);
+                let mut types = event_types(&tx, &unit).await?;
                 let failure = Failure {
                     event_id: failing,
-                    event_type: event_type(&tx, failing).await?,
-                    error: message,
+                    event_type: types.remove(&failing).unwrap_or_default(),
+                    error: message_of(&e)?,
                     attempts: attempts_after(&ck, failing),
                 };
-                let mut others = Vec::new();
-                for id in unit.into_iter().filter(|id| *id != failing) {
-                    others.push((id, event_type(&tx, id).await?));
-                }
+                let others: Vec<(i64, String)> = types.into_iter().collect();
                 self.give_up_or_retry(tx, failure, &others, upto, &ahead)
                     .await
             }
@@ -454,28 +451,37 @@ impl Worker {
     }
 }
 
-/// The event a set-based projector's SQL named through `pgfold.bad_event`
-/// ("event N: …").
+/// The event a projector named: directly, or in SQL through `pgfold.bad_event`.
 fn named_event(e: &ProjectorError) -> Option<i64> {
     match e {
         ProjectorError::Event { event_id, .. } => Some(*event_id),
-        ProjectorError::Database(pg) => pg
-            .as_db_error()?
-            .message()
-            .strip_prefix("event ")?
-            .split_once(": ")?
-            .0
-            .parse()
-            .ok(),
+        ProjectorError::Database(pg) => {
+            bad_event_parts(pg.as_db_error()?.message()).map(|(id, _)| id)
+        }
         ProjectorError::Other(_) => None,
     }
 }
 
-async fn event_type(tx: &Transaction<'_>, id: i64) -> Result<String, Transient> {
+/// `pgfold.bad_event`'s message, "event N: problem", as (N, problem).
+fn bad_event_parts(text: &str) -> Option<(i64, &str)> {
+    let (id, problem) = text.strip_prefix("event ")?.split_once(": ")?;
+    Some((id.parse().ok()?, problem))
+}
+
+/// The event type of each of `ids`, in one query.
+async fn event_types(
+    tx: &Transaction<'_>,
+    ids: &[i64],
+) -> Result<std::collections::HashMap<i64, String>, Transient> {
     Ok(tx
-        .query_one("SELECT event_type FROM events WHERE id = $1", &[&id])
+        .query(
+            "SELECT id, event_type FROM events WHERE id = ANY($1)",
+            &[&ids],
+        )
         .await?
-        .get(0))
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect())
 }
 
 fn attempts_after(ck: &Checkpoint, event_id: i64) -> i32 {
@@ -503,18 +509,8 @@ fn message_of(e: &ProjectorError) -> Result<String, Transient> {
         ProjectorError::Other(message) => message.clone(),
     };
     // SQL raised through pgfold.bad_event already names the event.
-    let text = match text.strip_prefix("event ") {
-        Some(rest)
-            if rest
-                .split_once(": ")
-                .is_some_and(|(id, _)| id.parse::<i64>().is_ok()) =>
-        {
-            rest.split_once(": ")
-                .map(|(_, m)| m.to_string())
-                .unwrap_or(text.clone())
-        }
-        _ => text,
-    };
+    let problem = bad_event_parts(&text).map(|(_, problem)| problem.to_owned());
+    let text = problem.unwrap_or(text);
     Ok(crate::config::one_line(&text))
 }
 

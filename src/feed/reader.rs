@@ -22,7 +22,7 @@ pub struct ReadRow {
 }
 
 /// A `LATERAL` subquery giving `p`, the nearest earlier event of `e`'s stream that
-/// passes the filter (bound at `$f1` / `$f2`; see [`filter_params`]). Earlier
+/// passes the filter bound at `$f1` / `$f2`. Earlier
 /// events the projector does not consume are stepped over: an inversion hidden
 /// behind one of them would otherwise go unnoticed. `LIMIT 1` keeps it a single
 /// backward probe of `(stream_id, sequence)` per event and keeps the planner from
@@ -112,27 +112,25 @@ pub async fn read_events<C: Db>(
 /// `filter`) of a stream with an event in the range whose position lies beyond
 /// `upto`, less those in `skip` (delivered ahead already).
 ///
-/// Two equivalent queries; the cheaper one is the one that probes the smaller
-/// side. Catching up to the newest event, the tail beyond `upto` is only what was
-/// written since, so each event of the tail looks for a later event of its stream
-/// in the range. A range that stops short of a long tail checks each of its
-/// events' nearest consumed predecessor instead: any earlier event beyond `upto`
-/// is that predecessor or, by the same check one step back, an earlier one's.
+/// Two equivalent queries; the cheaper one probes the smaller side. A batch that
+/// runs to the newest event below the horizon (`to_newest`: catching up, or
+/// live) leaves a short tail beyond `upto`, only what was written since, so each
+/// event of the tail looks for a later event of its stream in the range. A batch
+/// cut at its size, short of a long tail, checks each of its events' nearest
+/// consumed predecessor instead: any earlier event beyond `upto` is that
+/// predecessor or, by the same check one step back, an earlier one's.
 pub async fn ahead_of_range<C: Db>(
     client: &C,
     after: Position,
     upto: Position,
+    to_newest: bool,
     skip: &[i64],
     filter: &EventFilter,
 ) -> Result<Vec<(i64, Position)>, tokio_postgres::Error> {
-    let newest_id: i64 = client
-        .query_one("SELECT coalesce(max(id), 0) FROM events", &[])
-        .await?
-        .get(0);
     let range = in_range("e");
     let beyond = format!("({POSITION_TX}, e.id) > ($3::text::xid8, $4)");
     let passes = passes(5, 6);
-    let sql = if newest_id.saturating_sub(upto.id) <= upto.id.saturating_sub(after.id) {
+    let sql = if to_newest {
         format!(
             "SELECT e.id, {POSITION_TX}::text
                FROM events e

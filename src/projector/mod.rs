@@ -89,13 +89,6 @@ pub enum Feed {
     StreamSet,
 }
 
-impl Feed {
-    /// Whether batches come as an [`EventRange`] folded in SQL.
-    pub fn is_set(self) -> bool {
-        matches!(self, Feed::Set | Feed::StreamSet)
-    }
-}
-
 /// The events of one batch of a [`Feed::Set`] or [`Feed::StreamSet`] projector:
 /// the events whose position is in `(after, upto]`, less those delivered ahead by
 /// an earlier batch, plus those this batch delivers ahead (a [`Feed::StreamSet`]
@@ -112,11 +105,7 @@ pub struct EventRange {
 }
 
 impl EventRange {
-    pub fn new(after: Position, upto: Position) -> EventRange {
-        EventRange::with_ahead(after, upto, Vec::new(), Vec::new())
-    }
-
-    pub(crate) fn with_ahead(
+    pub(crate) fn new(
         after: Position,
         upto: Position,
         skip: Vec<i64>,

@@ -523,6 +523,18 @@ impl Daemon {
     }
 }
 
+/// A benchmark that fails half-way must not leave a daemon running: it would go on
+/// competing for the projectors (and the CPU) in whatever runs next.
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
 /// One `pgfold run --once ...`: wall time from spawn to exit, and peak RSS.
 async fn pgfold_once(url: &str, args: &'static [&'static str]) -> Result<(f64, u64)> {
     let url = url.to_string();

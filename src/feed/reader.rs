@@ -131,10 +131,15 @@ pub async fn ahead_of_range<C: Db>(
     let beyond = format!("({POSITION_TX}, e.id) > ($3::text::xid8, $4)");
     let passes = passes(5, 6);
     let sql = if to_newest {
+        // The upper bound changes no result (every visible event's transaction is
+        // below the snapshot's xmax) but gives the planner a closed range: with
+        // only a lower bound, a generic plan (see `daemon::worker`) takes the tail
+        // for a third of the log and scans all of it.
         format!(
             "SELECT e.id, {POSITION_TX}::text
                FROM events e
               WHERE {beyond} AND {passes} AND e.id <> ALL($7::bigint[])
+                AND {POSITION_TX} BETWEEN $3::text::xid8 AND pg_snapshot_xmax(pg_current_snapshot())
                 AND EXISTS (
                   SELECT 1 FROM events s
                    WHERE s.stream_id = e.stream_id AND s.sequence > e.sequence

@@ -33,7 +33,9 @@ use crate::feed::{in_range, Position};
 /// The transaction a batch is applied in: a pooled connection's, which derefs to
 /// [`tokio_postgres::Transaction`]. Statements sent through [`crate::db::Db`]
 /// (`Db::query(tx, …)`) are prepared once per connection and reused, which
-/// spares the server parsing and planning a projector's statement every batch.
+/// spares the server parsing a projector's statement every batch (and planning
+/// it, on live batches, for a projector that allows generic plans:
+/// [`Projector::generic_plans`]).
 pub type BatchTransaction<'a> = deadpool_postgres::Transaction<'a>;
 
 /// One event of the log, as a projector receives it.
@@ -193,6 +195,19 @@ pub trait Projector: Send + Sync + 'static {
 
     fn feed(&self) -> Feed {
         Feed::Events
+    }
+
+    /// Set feeds: whether the daemon may run this projector's statements with
+    /// generic plans (`plan_cache_mode = force_generic_plan`, JIT off) on small
+    /// batches, the live ones, instead of planning them on every batch. Opt in
+    /// once the generic plan is known to be good for a range of a few thousand
+    /// events: `PREPARE` the statement, `SET plan_cache_mode =
+    /// force_generic_plan`, and check that `EXPLAIN EXECUTE` reads the range
+    /// through the position index (`pgfold_events_position`) rather than
+    /// scanning the log. Large batches (catch-up, replay) are always planned for
+    /// their values.
+    fn generic_plans(&self) -> bool {
+        false
     }
 
     /// Creates its tables if they do not exist. Run by `pgfold migrate`.

@@ -8,6 +8,7 @@ mod gap;
 mod helpers;
 mod migration;
 mod ops;
+mod plans;
 mod poison;
 mod privilege;
 mod projections;

@@ -1,0 +1,160 @@
+//! Issue 4: live set batches reuse generic plans, for the projectors that allow
+//! it, and large batches are planned for their values.
+
+use std::time::Duration;
+
+use pgfold::daemon::{self, RunOptions};
+use pgfold::projector::{BatchTransaction, EventRange, Feed, Projector, ProjectorError, Registry};
+use tokio_postgres::{Client, Transaction};
+
+use crate::helpers::*;
+
+/// A `Feed::Set` projector that records, per batch, the planner settings its
+/// statement ran under and how many events the range held.
+struct PlanProbe {
+    generic_plans: bool,
+}
+
+#[async_trait::async_trait]
+impl Projector for PlanProbe {
+    fn name(&self) -> &str {
+        "plan_probe"
+    }
+
+    fn feed(&self) -> Feed {
+        Feed::Set
+    }
+
+    fn generic_plans(&self) -> bool {
+        self.generic_plans
+    }
+
+    async fn setup(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS plan_probe (
+               n BIGSERIAL PRIMARY KEY, events BIGINT NOT NULL,
+               plan_cache_mode TEXT NOT NULL, jit TEXT NOT NULL)",
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn reset(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+        tx.batch_execute("TRUNCATE plan_probe").await?;
+        Ok(())
+    }
+
+    async fn apply_range(
+        &self,
+        tx: &BatchTransaction<'_>,
+        range: &EventRange,
+    ) -> Result<u64, ProjectorError> {
+        let sql = format!(
+            "INSERT INTO plan_probe (events, plan_cache_mode, jit)
+             SELECT count(*), current_setting('plan_cache_mode'), current_setting('jit')
+               FROM {} e
+             RETURNING events",
+            EventRange::source()
+        );
+        let row = tx.query_one(&sql, &range.params()).await?;
+        Ok(row.get::<_, i64>(0) as u64)
+    }
+}
+
+/// Appends `n` events, each the first of a new stream, in one statement.
+async fn append_many(client: &Client, n: i64) {
+    client
+        .execute(
+            "INSERT INTO events (stream_id, stream_type, event_type, payload, sequence)
+             SELECT gen_random_uuid()::text, 'probe', 'Probed', '{}', 1 FROM generate_series(1, $1::bigint) g",
+            &[&n],
+        )
+        .await
+        .unwrap();
+}
+
+/// Runs the probe once to the newest event; returns its batches since `after`
+/// (by row number): events, plan_cache_mode, jit.
+async fn run_probe(db: &TestDb, generic_plans: bool, after: i64) -> Vec<(i64, String, String)> {
+    let mut settings = db.settings();
+    settings.projectors.clear();
+    let registry = Registry::new().register(PlanProbe { generic_plans });
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(60),
+        daemon::run(
+            &settings,
+            &registry,
+            &RunOptions {
+                once: true,
+                ..RunOptions::default()
+            },
+            std::future::pending(),
+        ),
+    )
+    .await
+    .expect("run --once did not finish within 60 s")
+    .expect("run --once failed");
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    db.client()
+        .await
+        .query(
+            "SELECT events, plan_cache_mode, jit FROM plan_probe WHERE n > $1 ORDER BY n",
+            &[&after],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect()
+}
+
+#[tokio::test]
+async fn small_batches_reuse_generic_plans_and_large_ones_are_planned() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let server_default: String = client
+        .query_one("SELECT current_setting('plan_cache_mode')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(
+        server_default, "force_generic_plan",
+        "the test needs a server that plans per value"
+    );
+
+    // A large first batch: well over the live size, planned for its values.
+    append_many(&client, 6_000).await;
+    let batches = run_probe(&db, true, 0).await;
+    assert_eq!(batches.len(), 1, "{batches:?}");
+    assert_eq!(batches[0].0, 6_000);
+    assert_eq!(
+        batches[0].1, server_default,
+        "a large batch must not be forced onto a generic plan"
+    );
+
+    // A live-sized batch: generic plan, no JIT.
+    append_many(&client, 3).await;
+    let batches = run_probe(&db, true, 1).await;
+    assert_eq!(
+        batches,
+        vec![(3, "force_generic_plan".to_string(), "off".to_string())]
+    );
+}
+
+#[tokio::test]
+async fn a_projector_that_does_not_allow_generic_plans_is_always_planned() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let server_default: String = client
+        .query_one("SELECT current_setting('plan_cache_mode')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    append_many(&client, 3).await;
+    let batches = run_probe(&db, false, 0).await;
+    assert_eq!(batches.len(), 1, "{batches:?}");
+    assert_eq!(
+        (batches[0].0, batches[0].1.as_str()),
+        (3, server_default.as_str())
+    );
+}

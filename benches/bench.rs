@@ -49,6 +49,9 @@ usage: cargo bench --bench bench -- [options]
                       (--only load: just create and load the database)
   --reuse             keep an already loaded NAME (skip drop/create/load; for profiling,
                       not for reported figures)
+  --write-projectors LIST
+                      write-side B rounds: run only these projectors (default: all), to
+                      see what each one costs the writers
 environment: PGFOLD_BENCH_ADMIN_URL (default \"host=127.0.0.1 user=postgres dbname=postgres\")";
 
 #[derive(Debug, Clone)]
@@ -63,6 +66,7 @@ struct Args {
     db: String,
     only: Vec<String>,
     reuse: bool,
+    write_projectors: Vec<String>,
 }
 
 impl Args {
@@ -99,6 +103,7 @@ fn parse_args() -> Result<Args> {
         db: "pgfold_bench".to_string(),
         only: Vec::new(),
         reuse: false,
+        write_projectors: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -133,6 +138,13 @@ fn parse_args() -> Result<Args> {
                     .collect()
             }
             "--reuse" => args.reuse = true,
+            "--write-projectors" => {
+                args.write_projectors = value()?
+                    .split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -585,15 +597,24 @@ async fn projector_positions(client: &Client) -> Result<HashMap<String, (Positio
         .collect())
 }
 
-/// Waits until every projector's checkpoint has reached the newest event.
-async fn wait_caught_up(client: &Client, daemon: &mut Daemon, timeout: Duration) -> Result<()> {
+/// Waits until every projector's checkpoint (of those in `only`, unless empty) has
+/// reached the newest event.
+async fn wait_caught_up(
+    client: &Client,
+    daemon: &mut Daemon,
+    only: &[String],
+    timeout: Duration,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         daemon.alive()?;
         let newest = pgfold::feed::newest(client)
             .await?
             .unwrap_or(Position::START);
-        let positions = projector_positions(client).await?;
+        let mut positions = projector_positions(client).await?;
+        if !only.is_empty() {
+            positions.retain(|name, _| only.contains(name));
+        }
         if !positions.is_empty()
             && positions
                 .values()
@@ -1248,7 +1269,7 @@ async fn live(env: &mut Env) -> Result<()> {
     log("live: starting `pgfold run` and waiting until it has caught up");
     let url = env.url.clone();
     let mut daemon = tokio::task::spawn_blocking(move || Daemon::spawn(&url, &["run"])).await??;
-    wait_caught_up(&client, &mut daemon, Duration::from_secs(900)).await?;
+    wait_caught_up(&client, &mut daemon, &[], Duration::from_secs(900)).await?;
     // Let the workers go idle and arm the wake-up flag, as in production.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cpu0 = daemon.cpu_ticks();
@@ -1529,6 +1550,10 @@ async fn write_side(env: &mut Env) -> Result<()> {
         bench_clients.push(connect(&env.url).await?);
     }
     let secs = a.write_seconds as f64;
+    let mut run_args = vec!["run".to_string()];
+    for p in &a.write_projectors {
+        run_args.extend(["--projector".to_string(), p.clone()]);
+    }
     log("write side: 1 s warm-up on each database");
     let (c, _, _, _) = append_round(bare_clients, 1.0, "warm").await?;
     bare_clients = c;
@@ -1561,9 +1586,19 @@ async fn write_side(env: &mut Env) -> Result<()> {
 
         // B: migrated, daemon running (caught up first).
         let url = env.url.clone();
-        let mut daemon =
-            tokio::task::spawn_blocking(move || Daemon::spawn(&url, &["run"])).await??;
-        wait_caught_up(&bench, &mut daemon, Duration::from_secs(600)).await?;
+        let run_args = run_args.clone();
+        let mut daemon = tokio::task::spawn_blocking(move || {
+            let run_args: Vec<&str> = run_args.iter().map(String::as_str).collect();
+            Daemon::spawn(&url, &run_args)
+        })
+        .await??;
+        wait_caught_up(
+            &bench,
+            &mut daemon,
+            &a.write_projectors,
+            Duration::from_secs(600),
+        )
+        .await?;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (listener, notifications) = notification_counter(&env.url).await?;
         let backends0 = ticks_of(&daemon_backends(&bench).await?);
@@ -1633,6 +1668,13 @@ async fn write_side(env: &mut Env) -> Result<()> {
          notifies\n   M = as B but daemon stopped, flag off: the migrations' cost alone (tx_id column, \
          position index, trigger)"
     )?;
+    if !a.write_projectors.is_empty() {
+        writeln!(
+            r,
+            "   B runs only: {} (--write-projectors)",
+            a.write_projectors.join(", ")
+        )?;
+    }
     writeln!(r)?;
     writeln!(
         r,

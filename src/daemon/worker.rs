@@ -2,8 +2,8 @@
 //!
 //! Every batch is one transaction:
 //! 1. take the projector's advisory lock (skip the round if another instance has it);
-//! 2. read the checkpoint, then the horizon, then the events after the checkpoint
-//!    and below the horizon;
+//! 2. read the checkpoint and the horizon (pipelined), then the events after the
+//!    checkpoint and below the horizon;
 //! 3. `SAVEPOINT`, hand the batch to the projector;
 //! 4. move the checkpoint in the same transaction and commit.
 //!
@@ -155,7 +155,11 @@ impl Worker {
         if !checkpoint::try_lock(&tx, &name).await? {
             return Ok(Step::Busy);
         }
-        let ck = checkpoint::load(&tx, &name).await?;
+        // One round trip for both: they only read, and neither depends on the
+        // other. Both run after the lock has been granted (a later statement, so
+        // the checkpoint's snapshot sees what the lock's last holder committed)
+        // and before anything reads events (as the horizon must).
+        let (ck, horizon) = tokio::try_join!(checkpoint::load(&tx, &name), feed::horizon(&tx))?;
         if ck.state == State::Failed {
             let row = tx
                 .query_one(
@@ -176,7 +180,6 @@ impl Worker {
                 self.limit = self.full_limit;
             }
         }
-        let horizon = feed::horizon(&tx).await?;
         match self.projector.feed() {
             Feed::Events => self.events_batch(tx, ck, horizon).await,
             Feed::Set | Feed::StreamSet => self.set_batch(tx, ck, horizon).await,

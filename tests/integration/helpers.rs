@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use pgfold::config::Settings;
 use pgfold::daemon::{self, Outcome, RunOptions};
+use pgfold::projector::Registry;
 use pgfold::store::{self, NewEvent};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
@@ -105,17 +106,21 @@ fn init_logging() {
 }
 
 /// `pgfold run --once` in-process.
-pub async fn run_once(settings: &Settings, mut options: RunOptions) -> Outcome {
+pub async fn run_once(settings: &Settings, options: RunOptions) -> Outcome {
+    run_once_with(settings, &pgfold::projectors::builtin(), options).await
+}
+
+/// `pgfold run --once` in-process, with these projectors.
+pub async fn run_once_with(
+    settings: &Settings,
+    registry: &Registry,
+    mut options: RunOptions,
+) -> Outcome {
     options.once = true;
     // Generous: CI machines are small and shared.
     tokio::time::timeout(
         Duration::from_secs(300),
-        daemon::run(
-            settings,
-            &pgfold::projectors::builtin(),
-            &options,
-            std::future::pending(),
-        ),
+        daemon::run(settings, registry, &options, std::future::pending()),
     )
     .await
     .expect("run --once did not finish within 300 s")

@@ -1,9 +1,7 @@
 //! Issue 4: live set batches reuse generic plans, for the projectors that allow
 //! it, and large batches are planned for their values.
 
-use std::time::Duration;
-
-use pgfold::daemon::{self, RunOptions};
+use pgfold::daemon::RunOptions;
 use pgfold::projector::{BatchTransaction, EventRange, Feed, Projector, ProjectorError, Registry};
 use tokio_postgres::{Client, Transaction};
 
@@ -79,21 +77,7 @@ async fn run_probe(db: &TestDb, generic_plans: bool, after: i64) -> Vec<(i64, St
     let mut settings = db.settings();
     settings.projectors.clear();
     let registry = Registry::new().register(PlanProbe { generic_plans });
-    let outcome = tokio::time::timeout(
-        Duration::from_secs(60),
-        daemon::run(
-            &settings,
-            &registry,
-            &RunOptions {
-                once: true,
-                ..RunOptions::default()
-            },
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("run --once did not finish within 60 s")
-    .expect("run --once failed");
+    let outcome = run_once_with(&settings, &registry, RunOptions::default()).await;
     assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
     db.client()
         .await
@@ -108,15 +92,20 @@ async fn run_probe(db: &TestDb, generic_plans: bool, after: i64) -> Vec<(i64, St
         .collect()
 }
 
+/// The server's own `plan_cache_mode`, what a batch runs under unless forced.
+async fn plan_cache_mode(client: &Client) -> String {
+    client
+        .query_one("SELECT current_setting('plan_cache_mode')", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
 #[tokio::test]
 async fn small_batches_reuse_generic_plans_and_large_ones_are_planned() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    let server_default: String = client
-        .query_one("SELECT current_setting('plan_cache_mode')", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let server_default = plan_cache_mode(&client).await;
     assert_ne!(
         server_default, "force_generic_plan",
         "the test needs a server that plans per value"
@@ -145,11 +134,7 @@ async fn small_batches_reuse_generic_plans_and_large_ones_are_planned() {
 async fn a_projector_that_does_not_allow_generic_plans_is_always_planned() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    let server_default: String = client
-        .query_one("SELECT current_setting('plan_cache_mode')", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let server_default = plan_cache_mode(&client).await;
     append_many(&client, 3).await;
     let batches = run_probe(&db, false, 0).await;
     assert_eq!(batches.len(), 1, "{batches:?}");

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use pgfold::daemon::{self, RunOptions};
+use pgfold::daemon::RunOptions;
 use pgfold::projector::{
     BatchTransaction, Event, EventFilter, Projector, ProjectorError, Registry,
 };
@@ -286,21 +286,7 @@ async fn an_inversion_behind_an_unconsumed_event_is_repaired_for_decoded_events(
     settings.projectors.clear();
     let registry = Registry::new().register(DeliveryLog);
 
-    let outcome = tokio::time::timeout(
-        Duration::from_secs(60),
-        daemon::run(
-            &settings,
-            &registry,
-            &RunOptions {
-                once: true,
-                ..RunOptions::default()
-            },
-            std::future::pending(),
-        ),
-    )
-    .await
-    .expect("run --once did not finish")
-    .expect("run --once failed");
+    let outcome = run_once_with(&settings, &registry, RunOptions::default()).await;
 
     assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
     let delivered: Vec<i64> = client

@@ -10,7 +10,8 @@ use async_trait::async_trait;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Error, Row};
 
-type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+/// Bound parameters, as tokio-postgres takes them.
+pub type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
 #[async_trait]
 pub trait Db: Sync {

@@ -8,6 +8,7 @@ mod gap;
 mod helpers;
 mod migration;
 mod ops;
+mod plan_robustness;
 mod plans;
 mod poison;
 mod privilege;

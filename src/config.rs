@@ -236,7 +236,8 @@ mod tests {
     fn load(vars: &[(&str, &str)]) -> anyhow::Result<Settings> {
         Settings::load_with_env(
             None,
-            vars.iter().map(|(k, v)| (OsString::from(k), OsString::from(v))),
+            vars.iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v))),
         )
     }
 

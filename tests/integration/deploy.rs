@@ -91,6 +91,12 @@ async fn logs_are_coloured_only_on_a_terminal_without_no_color() {
         out.stdout
     };
     assert!(on_terminal(None).contains(&ESC), "no colour on a terminal");
-    assert!(on_terminal(Some("")).contains(&ESC), "NO_COLOR= (empty) disabled colour");
-    assert!(!on_terminal(Some("1")).contains(&ESC), "colour despite NO_COLOR=1");
+    assert!(
+        on_terminal(Some("")).contains(&ESC),
+        "NO_COLOR= (empty) disabled colour"
+    );
+    assert!(
+        !on_terminal(Some("1")).contains(&ESC),
+        "colour despite NO_COLOR=1"
+    );
 }

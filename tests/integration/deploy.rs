@@ -1,7 +1,10 @@
 //! What real deployments bring along: Kubernetes' service-link variables, logs
-//! collected off a terminal.
+//! collected off a terminal, and the Grafana dashboard and Prometheus alerting
+//! rules in deploy/, whose metric names must be what the daemon exports.
 
+use std::collections::BTreeSet;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use crate::helpers::*;
 
@@ -99,4 +102,140 @@ async fn logs_are_coloured_only_on_a_terminal_without_no_color() {
         !on_terminal(Some("1")).contains(&ESC),
         "colour despite NO_COLOR=1"
     );
+}
+
+/// The series names a `/metrics` body can hold, from its `# TYPE` lines (so a
+/// family with no sample yet, such as errors before the first error, counts):
+/// counters as `_total`, histograms as `_bucket`, `_sum` and `_count`, as
+/// Prometheus stores what it scrapes.
+fn exported_series(body: &str) -> BTreeSet<String> {
+    let mut series = BTreeSet::new();
+    for line in body.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let (name, kind) = rest.split_once(' ').expect("# TYPE name kind");
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total"],
+            "histogram" => &["_bucket", "_sum", "_count"],
+            "gauge" => &[""],
+            other => panic!("unexpected metric type {other} of {name}"),
+        };
+        series.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+    }
+    series
+}
+
+/// Every `pgfold_*` name in `text`.
+fn metric_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("pgfold_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        names.insert(name);
+    }
+    names
+}
+
+fn deploy_file(path: &str) -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path);
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every expression of the dashboard's panels and variables.
+fn dashboard_queries(dashboard: &serde_json::Value) -> Vec<String> {
+    let mut queries = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "panel {} has no query", panel["title"]);
+        queries.extend(
+            targets
+                .iter()
+                .map(|t| t["expr"].as_str().expect("expr").to_string()),
+        );
+    }
+    for variable in dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating")
+    {
+        if let Some(query) = variable["definition"].as_str() {
+            queries.push(query.to_string());
+        }
+    }
+    queries
+}
+
+#[tokio::test]
+async fn dashboard_and_alerts_use_only_metrics_the_daemon_exports() {
+    let db = TestDb::new().await;
+    let address = format!("127.0.0.1:{}", free_port());
+    let _daemon = Daemon::spawn(
+        &["run"],
+        &[("DATABASE_URL", &db.url), ("PGFOLD_HTTP__LISTEN", &address)],
+    );
+    let mut client = db.client().await;
+    append_all(
+        &mut client,
+        &[created("order-1", "books", serde_json::json!("4.00"), 1)],
+    )
+    .await;
+    // Once a batch is applied every family, the histogram included, has samples.
+    wait_for("a batch in /metrics", Duration::from_secs(15), || async {
+        tokio::net::TcpStream::connect(&address).await.is_ok()
+            && get(&address, "/metrics")
+                .await
+                .1
+                .contains("pgfold_batch_duration_seconds_bucket{")
+    })
+    .await;
+    let (_, body) = get(&address, "/metrics").await;
+    let exported = exported_series(&body);
+    assert!(exported.contains("pgfold_events_applied_total"), "{body}");
+    // Names Prometheus never stores must not pass.
+    assert!(!exported.contains("pgfold_events_applied"));
+    assert!(!exported.contains("pgfold_batch_duration_seconds"));
+
+    let dashboard: serde_json::Value =
+        serde_json::from_str(&deploy_file("deploy/grafana/pgfold.json")).expect("dashboard JSON");
+    let used = metric_names(&dashboard_queries(&dashboard).join("\n"));
+    let rules = deploy_file("deploy/prometheus/pgfold-rules.yml");
+    for (file, used, required) in [
+        (
+            "deploy/grafana/pgfold.json",
+            &used,
+            &[
+                "pgfold_lag_events",
+                "pgfold_lag_seconds",
+                "pgfold_events_applied_total",
+                "pgfold_batch_duration_seconds_bucket",
+                "pgfold_projector_state",
+                "pgfold_dead_letters",
+                "pgfold_horizon_stall_seconds",
+            ][..],
+        ),
+        (
+            "deploy/prometheus/pgfold-rules.yml",
+            &metric_names(&rules),
+            &[
+                "pgfold_projector_state",
+                "pgfold_lag_seconds",
+                "pgfold_horizon_stall_seconds",
+                "pgfold_dead_letters",
+            ][..],
+        ),
+    ] {
+        let unknown: Vec<&String> = used.difference(&exported).collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} uses {unknown:?}, which /metrics does not export:\n{body}"
+        );
+        for name in required {
+            assert!(used.contains(*name), "{file} does not show {name}");
+        }
+    }
+    assert!(rules.contains("up{job=\"pgfold\"} == 0") && rules.contains("absent(up{"));
 }

@@ -737,4 +737,42 @@ mod tests {
         let err = check_key_permissions(dir.path()).unwrap_err();
         assert!(err.to_string().contains("not a regular file"), "{err}");
     }
+
+    #[test]
+    fn client_certificate_files_are_read_only_where_tls_may_be_used() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key_pair = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["pgfold".to_string()])
+            .unwrap()
+            .self_signed(&key_pair)
+            .unwrap();
+        let (cert_file, key_file) = (dir.path().join("c.crt"), dir.path().join("c.key"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key_pair.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let with = |mode: &str, cert: &Path| TlsOptions {
+            sslmode: Some(mode.to_string()),
+            sslcert: cert.to_str().map(str::to_string),
+            sslkey: key_file.to_str().map(str::to_string),
+            ..TlsOptions::default()
+        };
+
+        let tls = Tls::new(&with("require", &cert_file), true).unwrap();
+        let expected = ClientCertificate {
+            cert: cert_file.clone(),
+            key: key_file.clone(),
+        };
+        assert_eq!(tls.client_certificate(), Some(&expected));
+
+        // A named certificate that is not there is an error naming it...
+        let missing = dir.path().join("missing.crt");
+        let err = Tls::new(&with("prefer", &missing), true).unwrap_err();
+        assert!(err.to_string().contains(missing.to_str().unwrap()), "{err}");
+        // ...except where no TLS would be used.
+        for (mode, tcp) in [("disable", true), ("require", false)] {
+            let tls = Tls::new(&with(mode, &missing), tcp).unwrap();
+            assert_eq!(tls.client_certificate(), None, "{mode}");
+        }
+    }
 }

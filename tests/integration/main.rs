@@ -4,6 +4,7 @@
 mod append;
 mod cli;
 mod crash;
+mod deploy;
 mod gap;
 mod helpers;
 mod migration;

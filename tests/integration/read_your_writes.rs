@@ -369,13 +369,28 @@ async fn an_event_delivered_ahead_is_applied_once_its_effect_is_visible() {
     // OrderCreated (sequence 1), and a transaction between them stays open: the
     // daemon reads sequence 2 below the horizon and delivers sequence 1 ahead of
     // its position, which stays beyond the checkpoint.
+    //
+    // order-2 is paid twice, the second payment (sequence 3) by the same early
+    // transaction: daily_revenue folds unordered sets and delivers nothing ahead, so
+    // having passed sequence 3 does not mean it has applied sequence 2.
     let late = early_writer(&db).await;
     let blocker = early_writer(&db).await;
     let mut first = db.client().await;
-    let created = store::append_next(&mut first, &created("order-1", "books", json!("4.00"), 1))
+    let ahead = store::append_next(&mut first, &created("order-1", "books", json!("4.00"), 1))
         .await
         .unwrap();
+    append_all(
+        &mut first,
+        &[
+            created("order-2", "games", json!("1.00"), 1),
+            paid("order-2", "games", json!("1.00"), 1),
+        ],
+    )
+    .await;
     store::append(&late, &paid("order-1", "books", json!("4.00"), 1), 2)
+        .await
+        .unwrap();
+    let second_payment = store::append(&late, &paid("order-2", "games", json!("1.00"), 1), 3)
         .await
         .unwrap();
     late.batch_execute("COMMIT").await.unwrap();
@@ -416,13 +431,44 @@ async fn an_event_delivered_ahead_is_applied_once_its_effect_is_visible() {
                           WHERE name = 'order_snapshots'),
                     EXISTS (SELECT 1 FROM pgfold.delivered_ahead
                              WHERE projector = 'order_snapshots' AND event_id = $1)",
-            &[&created.id],
+            &[&ahead.id],
         )
         .await
         .unwrap();
     assert!(beyond.get::<_, bool>(0) && beyond.get::<_, bool>(1));
-    assert!(waited(&client, "order_snapshots", &created).await);
+    assert!(waited(&client, "order_snapshots", &ahead).await);
+
+    wait_for(
+        "daily_revenue to pass order-2's second payment",
+        WAIT,
+        || {
+            let client = &client;
+            async move {
+                client
+                    .query_one(
+                        "SELECT (SELECT (tx_id, id) FROM events WHERE id = $1)
+                              <= (SELECT (position_tx, position_id) FROM pgfold.projectors
+                                   WHERE name = 'daily_revenue')",
+                        &[&second_payment],
+                    )
+                    .await
+                    .unwrap()
+                    .get(0)
+            }
+        },
+    )
+    .await;
+    let paid_twice = Appended {
+        id: second_payment,
+        stream_id: "order-2".into(),
+        sequence: 3,
+    };
+    assert!(!applied(&client, "daily_revenue", &paid_twice).await);
+    assert_eq!(revenue(&client, "games").await.as_deref(), Some("1.00"));
+
     blocker.batch_execute("ROLLBACK").await.unwrap();
+    assert!(waited(&client, "daily_revenue", &paid_twice).await);
+    assert_eq!(revenue(&client, "games").await.as_deref(), Some("2.00"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -485,4 +531,61 @@ async fn wait_is_served_over_http() {
             "{query}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_row_an_older_pgfold_wrote_is_read_conservatively_until_a_run_refreshes_it() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    let event = store::append_next(&mut client, &created("order-1", "books", json!("1.00"), 1))
+        .await
+        .unwrap();
+    // An older pgfold registers its projectors without their filters.
+    client
+        .batch_execute(
+            "UPDATE pgfold.projectors
+                SET event_types = NULL, stream_types = NULL, in_stream_order = NULL",
+        )
+        .await
+        .unwrap();
+    // As far as this row tells, daily_revenue consumes OrderCreated too.
+    assert!(!applied(&client, "daily_revenue", &event).await);
+
+    run_once(&db.settings(), RunOptions::default()).await;
+
+    assert!(applied(&client, "daily_revenue", &event).await);
+    let rows: Vec<(String, Option<Vec<String>>, Option<bool>)> = client
+        .query(
+            "SELECT name, event_types, in_stream_order FROM pgfold.projectors ORDER BY name",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            (
+                "daily_revenue".to_string(),
+                Some(vec!["OrderPaid".to_string()]),
+                Some(false)
+            ),
+            (
+                "order_snapshots".to_string(),
+                Some(
+                    [
+                        "OrderCreated",
+                        "OrderPaid",
+                        "OrderShipped",
+                        "OrderCancelled"
+                    ]
+                    .map(String::from)
+                    .to_vec()
+                ),
+                Some(true)
+            ),
+        ]
+    );
 }

@@ -48,6 +48,16 @@ async fn waited(client: &Client, projector: &str, event: &Appended) -> bool {
         .unwrap()
 }
 
+/// A database with order-1 created, not yet projected.
+async fn one_order() -> (TestDb, Client, Appended) {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    let event = store::append_next(&mut client, &created("order-1", "books", json!("1.00"), 1))
+        .await
+        .unwrap();
+    (db, client, event)
+}
+
 /// The order's snapshot: (sequence, status).
 async fn snapshot(client: &Client, order: &str) -> Option<(i64, String)> {
     client
@@ -179,11 +189,7 @@ async fn an_application_reads_its_own_write_with_two_instances() {
 
 #[tokio::test]
 async fn with_the_daemon_stopped_wait_for_gives_up_at_its_timeout() {
-    let db = TestDb::new().await;
-    let mut client = db.client().await;
-    let event = store::append_next(&mut client, &created("order-1", "books", json!("1.00"), 1))
-        .await
-        .unwrap();
+    let (db, client, event) = one_order().await;
 
     let started = Instant::now();
     let row = client
@@ -211,11 +217,7 @@ async fn with_the_daemon_stopped_wait_for_gives_up_at_its_timeout() {
 
 #[tokio::test]
 async fn bad_calls_are_errors_naming_the_problem_and_nulls_give_null() {
-    let db = TestDb::new().await;
-    let mut client = db.client().await;
-    let event = store::append_next(&mut client, &created("order-1", "books", json!("1.00"), 1))
-        .await
-        .unwrap();
+    let (_db, mut client, event) = one_order().await;
 
     for sql in [
         "SELECT pgfold.applied('no_such_projector', 'order-1', 1)",
@@ -246,11 +248,7 @@ async fn bad_calls_are_errors_naming_the_problem_and_nulls_give_null() {
         .start()
         .await
         .unwrap();
-    let e = store::wait_for(&tx, "order_snapshots", "order-1", 1, WAIT)
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Some(&SqlState::INVALID_TRANSACTION_STATE));
-    assert!(db_message(&e).contains("READ COMMITTED"), "{e:?}");
+    assert_refused(&tx, 1, "READ COMMITTED").await;
     tx.rollback().await.unwrap();
 
     // Waiting for an event the waiting transaction itself has not committed.
@@ -258,11 +256,7 @@ async fn bad_calls_are_errors_naming_the_problem_and_nulls_give_null() {
     store::append(&tx, &paid("order-1", "books", json!("1.00"), 1), 2)
         .await
         .unwrap();
-    let e = store::wait_for(&tx, "order_snapshots", "order-1", 2, WAIT)
-        .await
-        .unwrap_err();
-    assert_eq!(e.code(), Some(&SqlState::INVALID_TRANSACTION_STATE));
-    assert!(db_message(&e).contains("after COMMIT"), "{e:?}");
+    assert_refused(&tx, 2, "after COMMIT").await;
     tx.rollback().await.unwrap();
 
     // A sequence that does not exist is not applied.
@@ -279,8 +273,15 @@ async fn bad_calls_are_errors_naming_the_problem_and_nulls_give_null() {
     );
 }
 
-fn db_message(e: &tokio_postgres::Error) -> &str {
-    e.as_db_error().map(|d| d.message()).unwrap_or_default()
+/// `wait_for` refuses to wait for order-1's `sequence` in `tx`: SQLSTATE 25000,
+/// with a message saying `why`.
+async fn assert_refused(tx: &tokio_postgres::Transaction<'_>, sequence: i64, why: &str) {
+    let e = store::wait_for(tx, "order_snapshots", "order-1", sequence, WAIT)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Some(&SqlState::INVALID_TRANSACTION_STATE));
+    let message = e.as_db_error().map(|d| d.message()).unwrap_or_default();
+    assert!(message.contains(why), "{e:?}");
 }
 
 /// A LOGIN role with no rights of its own, dropped when the test ends.
@@ -535,11 +536,7 @@ async fn wait_is_served_over_http() {
 
 #[tokio::test]
 async fn a_row_an_older_pgfold_wrote_is_read_conservatively_until_a_run_refreshes_it() {
-    let db = TestDb::new().await;
-    let mut client = db.client().await;
-    let event = store::append_next(&mut client, &created("order-1", "books", json!("1.00"), 1))
-        .await
-        .unwrap();
+    let (db, client, event) = one_order().await;
     // An older pgfold registers its projectors without their filters.
     client
         .batch_execute(

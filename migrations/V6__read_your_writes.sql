@@ -51,18 +51,27 @@ BEGIN
     RETURN;
   END IF;
   ahead_counts := COALESCE(p.in_stream_order, false);
+  -- The stream's events are read through (stream_id, sequence) alone, behind an
+  -- OFFSET 0 fence: offered the filter too, the planner may combine the index on
+  -- stream_type, which covers most of the log, when its statistics are stale.
   IF ahead_counts THEN
-    SELECT COALESCE(e.tx_id, '0'::xid8), e.id INTO target_tx, target_id FROM @events@ e
-     WHERE e.stream_id = applied_target.stream_id AND e.sequence <= applied_target.sequence
-       AND (p.event_types IS NULL OR e.event_type = ANY (p.event_types))
-       AND (p.stream_types IS NULL OR e.stream_type = ANY (p.stream_types))
-     ORDER BY e.sequence DESC LIMIT 1;
+    SELECT s.tx, s.id INTO target_tx, target_id FROM (
+      SELECT COALESCE(e.tx_id, '0'::xid8) AS tx, e.id, e.event_type, e.stream_type
+        FROM @events@ e
+       WHERE e.stream_id = applied_target.stream_id AND e.sequence <= applied_target.sequence
+       ORDER BY e.sequence DESC OFFSET 0) s
+     WHERE (p.event_types IS NULL OR s.event_type = ANY (p.event_types))
+       AND (p.stream_types IS NULL OR s.stream_type = ANY (p.stream_types))
+     LIMIT 1;
   ELSE
-    SELECT COALESCE(e.tx_id, '0'::xid8), e.id INTO target_tx, target_id FROM @events@ e
-     WHERE e.stream_id = applied_target.stream_id AND e.sequence <= applied_target.sequence
-       AND (p.event_types IS NULL OR e.event_type = ANY (p.event_types))
-       AND (p.stream_types IS NULL OR e.stream_type = ANY (p.stream_types))
-     ORDER BY COALESCE(e.tx_id, '0'::xid8) DESC, e.id DESC LIMIT 1;
+    SELECT s.tx, s.id INTO target_tx, target_id FROM (
+      SELECT COALESCE(e.tx_id, '0'::xid8) AS tx, e.id, e.event_type, e.stream_type
+        FROM @events@ e
+       WHERE e.stream_id = applied_target.stream_id AND e.sequence <= applied_target.sequence
+      OFFSET 0) s
+     WHERE (p.event_types IS NULL OR s.event_type = ANY (p.event_types))
+       AND (p.stream_types IS NULL OR s.stream_type = ANY (p.stream_types))
+     ORDER BY s.tx DESC, s.id DESC LIMIT 1;
   END IF;
 END
 $$;

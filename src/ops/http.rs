@@ -130,7 +130,7 @@ async fn metrics(State(state): State<HttpState>) -> Response {
 
 /// `/wait`'s query string, checked by hand so that each problem gets its own line.
 #[derive(Debug, serde::Deserialize)]
-pub struct WaitQuery {
+struct WaitQuery {
     projector: Option<String>,
     stream_id: Option<String>,
     sequence: Option<String>,

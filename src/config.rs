@@ -69,7 +69,7 @@ impl DaemonSettings {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
-    /// Address for `/healthz`, `/readyz` and `/metrics`; `None`: no HTTP server.
+    /// Address for `/healthz`, `/readyz`, `/metrics` and `/wait`; `None`: no HTTP server.
     pub listen: Option<String>,
 }
 

@@ -14,6 +14,7 @@ mod plans;
 mod poison;
 mod privilege;
 mod projections;
+mod read_your_writes;
 mod reconnect;
 mod replay;
 mod stall;

@@ -155,11 +155,22 @@ impl Worker {
         if !checkpoint::try_lock(&tx, &name).await? {
             return Ok(Step::Busy);
         }
-        // One round trip for both: they only read, and neither depends on the
-        // other. Both run after the lock has been granted (a later statement, so
+        // One round trip for these: they only read (or set), and none depends on
+        // another. All run after the lock has been granted (a later statement, so
         // the checkpoint's snapshot sees what the lock's last holder committed)
         // and before anything reads events (as the horizon must).
-        let (ck, horizon) = tokio::try_join!(checkpoint::load(&tx, &name), feed::horizon(&tx))?;
+        let serial = async {
+            match self.projector.feed() {
+                // A decoded batch is a few thousand rows at most: starting parallel
+                // workers for it costs more than it saves.
+                Feed::Events => {
+                    Db::execute(&tx, "SET LOCAL max_parallel_workers_per_gather = 0", &[]).await
+                }
+                Feed::Set | Feed::StreamSet => Ok(0),
+            }
+        };
+        let (ck, horizon, _) =
+            tokio::try_join!(checkpoint::load(&tx, &name), feed::horizon(&tx), serial)?;
         if ck.state == State::Failed {
             let row = tx
                 .query_one(
@@ -193,9 +204,6 @@ impl Worker {
         horizon: Horizon,
     ) -> Result<Step, Transient> {
         let filter = self.projector.filter();
-        // A batch is a few thousand rows at most: starting parallel workers for it
-        // costs more than it saves.
-        Db::execute(&tx, "SET LOCAL max_parallel_workers_per_gather = 0", &[]).await?;
         let rows = feed::read_events(&tx, ck.position, horizon, &filter, self.limit).await?;
         if rows.is_empty() {
             return Ok(Step::Idle {
@@ -293,26 +301,36 @@ impl Worker {
                 position: ck.position,
             });
         };
-        if self.projector.generic_plans()
-            && (0..GENERIC_PLANS_BELOW).contains(&(upto.id - ck.position.id))
-        {
-            plan_generically(&tx).await?;
-        }
+        let generic = self.projector.generic_plans()
+            && (0..GENERIC_PLANS_BELOW).contains(&(upto.id - ck.position.id));
         let skip: Vec<i64> = ck.ahead.iter().copied().collect();
-        let ahead = match self.projector.feed() {
-            Feed::StreamSet => {
-                let filter = self.projector.filter();
-                feed::ahead_of_range(&tx, ck.position, upto, !full, &skip, &filter).await?
+        let filter = self.projector.filter();
+        // The plan setting, the probe for events to deliver ahead and the savepoint
+        // depend on none of one another: one round trip for the three, which a live
+        // batch pays a hundred times a second. (The probe reads either way, under
+        // a generic plan or a custom one; both read by position.)
+        let plan = async {
+            match generic {
+                true => plan_generically(&tx).await,
+                false => Ok(()),
             }
-            _ => Vec::new(),
         };
+        let probe = async {
+            match self.projector.feed() {
+                Feed::StreamSet => {
+                    feed::ahead_of_range(&tx, ck.position, upto, !full, &skip, &filter).await
+                }
+                _ => Ok(Vec::new()),
+            }
+        };
+        let ((), ahead, _) =
+            tokio::try_join!(plan, probe, Db::execute(&tx, "SAVEPOINT apply", &[]))?;
         let range = EventRange::new(
             ck.position,
             upto,
             skip,
             ahead.iter().map(|(id, _)| *id).collect(),
         );
-        Db::execute(&tx, "SAVEPOINT apply", &[]).await?;
         match self.projector.apply_range(&tx, &range).await {
             Ok(applied) => {
                 let name = self.projector.name();

@@ -119,6 +119,13 @@ pub struct Worker {
     /// While isolating: the end of the batch that failed. The full size comes back
     /// once the checkpoint has passed it.
     isolating_until: Option<Position>,
+    /// A set batch that consumed nothing and wrote nothing commits no checkpoint
+    /// (it would cost a WAL flush for nothing): `(checkpoint, read up to)`, so that
+    /// the next batch reads on from where it stopped, as long as the checkpoint
+    /// is still the one it extends (no other instance has moved it meanwhile).
+    /// Lost with the process, which then reads those events again: harmless,
+    /// since they are not consumed.
+    unrecorded: Option<(Position, Position)>,
 }
 
 impl Worker {
@@ -139,6 +146,7 @@ impl Worker {
             full_limit,
             limit: full_limit,
             isolating_until: None,
+            unrecorded: None,
         }
     }
 
@@ -185,15 +193,19 @@ impl Worker {
                 error: row.get(2),
             });
         }
+        let from = match self.unrecorded.take() {
+            Some((checkpoint, read)) if checkpoint == ck.position => read,
+            _ => ck.position,
+        };
         if let Some(until) = self.isolating_until {
-            if ck.position >= until {
+            if from >= until {
                 self.isolating_until = None;
                 self.limit = self.full_limit;
             }
         }
         match self.projector.feed() {
             Feed::Events => self.events_batch(tx, ck, horizon).await,
-            Feed::Set | Feed::StreamSet => self.set_batch(tx, ck, horizon).await,
+            Feed::Set | Feed::StreamSet => self.set_batch(tx, ck, from, horizon).await,
         }
     }
 
@@ -283,11 +295,12 @@ impl Worker {
         &mut self,
         tx: Transaction<'_>,
         ck: Checkpoint,
+        from: Position,
         horizon: Horizon,
     ) -> Result<Step, Transient> {
         let Some((upto, full)) = feed::set_batch_end(
             &tx,
-            ck.position,
+            from,
             horizon,
             self.limit,
             // Counting a small batch through the index is cheap, and keeps it at
@@ -296,13 +309,16 @@ impl Worker {
         )
         .await?
         else {
+            if from != ck.position {
+                self.unrecorded = Some((ck.position, from));
+            }
             return Ok(Step::Idle {
                 horizon,
-                position: ck.position,
+                position: from,
             });
         };
         let generic = self.projector.generic_plans()
-            && (0..GENERIC_PLANS_BELOW).contains(&(upto.id - ck.position.id));
+            && (0..GENERIC_PLANS_BELOW).contains(&(upto.id - from.id));
         let skip: Vec<i64> = ck.ahead.iter().copied().collect();
         let filter = self.projector.filter();
         // The plan setting, the probe for events to deliver ahead and the savepoint
@@ -318,21 +334,30 @@ impl Worker {
         let probe = async {
             match self.projector.feed() {
                 Feed::StreamSet => {
-                    feed::ahead_of_range(&tx, ck.position, upto, !full, &skip, &filter).await
+                    feed::ahead_of_range(&tx, from, upto, !full, &skip, &filter).await
                 }
                 _ => Ok(Vec::new()),
             }
         };
         let ((), ahead, _) =
             tokio::try_join!(plan, probe, Db::execute(&tx, "SAVEPOINT apply", &[]))?;
-        let range = EventRange::new(
-            ck.position,
-            upto,
-            skip,
-            ahead.iter().map(|(id, _)| *id).collect(),
-        );
+        let range = EventRange::new(from, upto, skip, ahead.iter().map(|(id, _)| *id).collect());
         match self.projector.apply_range(&tx, &range).await {
             Ok(applied) => {
+                let nothing_to_record = applied == 0
+                    && ahead.is_empty()
+                    && ck.ahead.is_empty()
+                    && ck.failing_event_id.is_none()
+                    && ck.state == State::Running;
+                if nothing_to_record && !wrote(&tx).await? {
+                    self.unrecorded = Some((ck.position, upto));
+                    // Dropped: rolled back, and it had written nothing.
+                    return Ok(Step::Applied {
+                        events: 0,
+                        upto,
+                        full,
+                    });
+                }
                 let name = self.projector.name();
                 checkpoint::record_ahead(&tx, name, &ahead).await?;
                 checkpoint::advance(&tx, name, upto, applied, !ck.ahead.is_empty()).await?;
@@ -500,6 +525,14 @@ impl Worker {
             }
         }
     }
+}
+
+/// Whether this transaction has written anything: writing takes a transaction id.
+async fn wrote<C: Db>(tx: &C) -> Result<bool, tokio_postgres::Error> {
+    Ok(tx
+        .query_one("SELECT pg_current_xact_id_if_assigned() IS NOT NULL", &[])
+        .await?
+        .get(0))
 }
 
 /// The event a projector named: directly, or in SQL through `pgfold.bad_event`.

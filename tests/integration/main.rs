@@ -7,6 +7,7 @@ mod crash;
 mod deploy;
 mod gap;
 mod helpers;
+mod live_cost;
 mod migration;
 mod ops;
 mod plan_robustness;

@@ -18,13 +18,12 @@
 
 use std::time::Duration;
 
-use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{self, Backoff};
+use crate::db::{self, Backoff, Pool};
 use crate::feed;
 
 pub const CHANNEL: &str = "pgfold_events";
@@ -215,7 +214,7 @@ impl Waker {
 
     async fn horizon(&self) -> anyhow::Result<u64> {
         let client = self.pool.get().await?;
-        Ok(feed::horizon(&**client).await?.tx)
+        Ok(feed::horizon(&client).await?.tx)
     }
 }
 

@@ -13,11 +13,11 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::Metrics;
 use super::Liveness;
+use crate::db::Pool;
 use crate::projector::Registry;
 
 /// Database checks behind an endpoint give up after this long.
@@ -74,7 +74,7 @@ async fn healthz(State(state): State<HttpState>) -> Response {
 async fn readyz(State(state): State<HttpState>) -> Response {
     let check = async {
         let client = state.pool.get().await.map_err(|e| e.to_string())?;
-        match crate::db::migrate::is_current(&**client).await {
+        match crate::db::migrate::is_current(&client).await {
             Ok(true) => Ok(()),
             Ok(false) => Err("database schema is not migrated".to_string()),
             Err(e) => Err(format!("{e:#}")),
@@ -97,7 +97,7 @@ async fn metrics(State(state): State<HttpState>) -> Response {
     // The in-process metrics are served even when the database is down.
     let refresh = async {
         let client = state.pool.get().await.map_err(|e| anyhow::anyhow!(e))?;
-        crate::status::collect(&**client, &state.registry, state.stall_after).await
+        crate::status::collect(&client, &state.registry, state.stall_after).await
     };
     match tokio::time::timeout(DB_TIMEOUT, refresh).await {
         Ok(Ok(status)) => state.metrics.observe(&status),

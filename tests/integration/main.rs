@@ -10,6 +10,7 @@ mod migration;
 mod ops;
 mod plans;
 mod poison;
+mod pooler;
 mod privilege;
 mod projections;
 mod reconnect;

@@ -1,0 +1,363 @@
+//! Issue 15, part 2: behind a transaction-mode pooler. A real PgBouncer, started
+//! by each test, with fewer server connections than pgfold has pooled ones, so
+//! that every server connection is shared between pgfold's connections.
+//! `database.prepared_statements = false` sends batches, status and the wake-up
+//! flag through it; `database.listen_url` takes LISTEN and migrations straight to
+//! the server.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::json;
+use tokio_postgres::{Client, NoTls};
+
+use crate::helpers::*;
+
+/// PgBouncer in `transaction` mode in front of one test database, killed when
+/// dropped. It refuses to run as root, so as root it runs as `postgres`.
+struct Bouncer {
+    child: Child,
+    /// Its config and log, readable by the user it runs as.
+    dir: tempfile::TempDir,
+    port: u16,
+    dbname: String,
+}
+
+impl Bouncer {
+    async fn start(db: &TestDb) -> Bouncer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let ini = dir.path().join("pgbouncer.ini");
+        std::fs::write(
+            dir.path().join("userlist.txt"),
+            "\"postgres\" \"\"\n\"root\" \"\"\n",
+        )
+        .unwrap();
+        std::fs::write(
+            &ini,
+            format!(
+                "[databases]
+{name} = host=127.0.0.1 port=5432 dbname={name} user=postgres
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {dir}/userlist.txt
+pool_mode = transaction
+max_client_conn = 50
+default_pool_size = 2
+min_pool_size = 0
+reserve_pool_size = 0
+server_round_robin = 1
+logfile = {dir}/pgbouncer.log
+",
+                name = db.name,
+                dir = dir.path().display(),
+            ),
+        )
+        .unwrap();
+        let mut cmd = Command::new(pgbouncer_binary());
+        cmd.arg(&ini)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if let Some((uid, gid)) = postgres_ids_if_root() {
+            use std::os::unix::process::CommandExt;
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(gid)).unwrap();
+            cmd.uid(uid).gid(gid);
+        }
+        let child = cmd
+            .spawn()
+            .expect("start pgbouncer (apt-get install pgbouncer)");
+        let mut bouncer = Bouncer {
+            child,
+            dir,
+            port,
+            dbname: db.name.clone(),
+        };
+        let url = bouncer.url();
+        wait_for(
+            "PgBouncer to accept connections",
+            Duration::from_secs(20),
+            || {
+                let url = url.clone();
+                let exited = bouncer.child.try_wait().expect("try_wait").is_some();
+                let log = bouncer.log();
+                async move {
+                    assert!(!exited, "pgbouncer exited: {log}");
+                    match tokio_postgres::connect(&url, NoTls).await {
+                        Ok((client, conn)) => {
+                            tokio::spawn(conn);
+                            client.simple_query("SELECT 1").await.is_ok()
+                        }
+                        Err(_) => false,
+                    }
+                }
+            },
+        )
+        .await;
+        bouncer
+    }
+
+    fn url(&self) -> String {
+        format!(
+            "postgres://postgres@127.0.0.1:{}/{}",
+            self.port, self.dbname
+        )
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Bouncer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn pgbouncer_binary() -> PathBuf {
+    let sbin = Path::new("/usr/sbin/pgbouncer");
+    if sbin.exists() {
+        sbin.to_path_buf()
+    } else {
+        PathBuf::from("pgbouncer")
+    }
+}
+
+fn id(args: &[&str]) -> u32 {
+    let out = Command::new("id").args(args).output().expect("id");
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("a numeric id")
+}
+
+fn postgres_ids_if_root() -> Option<(u32, u32)> {
+    (id(&["-u"]) == 0).then(|| (id(&["-u", "postgres"]), id(&["-g", "postgres"])))
+}
+
+/// The daemon's environment behind the bouncer: batches through it, LISTEN and
+/// migrations straight to the server, a pool twice the bouncer's server pool.
+fn behind<'a>(bouncer_url: &'a str, db: &'a TestDb, prepared: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("DATABASE_URL", bouncer_url),
+        ("PGFOLD_DATABASE__LISTEN_URL", &db.url),
+        ("PGFOLD_DATABASE__PREPARED_STATEMENTS", prepared),
+        ("PGFOLD_DATABASE__POOL_SIZE", "4"),
+    ]
+}
+
+/// The errors a named prepared statement meets behind a transaction pooler.
+fn prepared_statement_errors(lines: &[String]) -> Vec<&String> {
+    lines
+        .iter()
+        .filter(|l| {
+            l.contains("prepared statement")
+                && (l.contains("does not exist") || l.contains("already exists"))
+        })
+        .collect()
+}
+
+async fn armed(client: &Client) -> bool {
+    client
+        .query_one("SELECT armed FROM pgfold.wakeup WHERE id = 1", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+fn order(n: i64) -> Vec<pgfold::store::NewEvent> {
+    let order = format!("order-{n}");
+    let price = json!(format!("{n}.50"));
+    let mut events = vec![
+        created(&order, "books", price.clone(), 1 + n % 3),
+        paid(&order, "books", price, 1 + n % 3),
+    ];
+    if n % 2 == 0 {
+        events.push(shipped(&order, "1 Quay Street"));
+    }
+    events
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_live_instances_behind_a_transaction_pooler_are_woken_and_end_exact() {
+    let db = TestDb::new().await;
+    let bouncer = Bouncer::start(&db).await;
+    let url = bouncer.url();
+    let mut client = db.client().await;
+    pgfold::workload::load_orders(&client, 1, 500)
+        .await
+        .unwrap();
+
+    // Polling once an hour: within the test, only a notification can wake them.
+    let mut env = behind(&url, &db, "false");
+    env.push(("PGFOLD_DAEMON__POLL_INTERVAL_MS", "3600000"));
+    let mut first = Daemon::spawn(&["run"], &env);
+    let mut second = Daemon::spawn(&["run"], &env);
+
+    let mut next = 1_000_000;
+    for round in 0..3 {
+        // Idle and armed: the next append notifies.
+        wait_for(
+            &format!("round {round}: caught up, the wake-up flag armed"),
+            Duration::from_secs(60),
+            || async { armed(&client).await },
+        )
+        .await;
+        for _ in 0..5 {
+            next += 1;
+            append_all(&mut client, &order(next)).await;
+        }
+        let stream = format!("order-{next}");
+        wait_for(
+            &format!("round {round}: the appended orders projected on a notification"),
+            Duration::from_secs(30),
+            || async { snapshot_exists(&client, &stream).await },
+        )
+        .await;
+        // Only a notification disarms the flag.
+        assert!(
+            !armed(&client).await,
+            "round {round}: no notification arrived"
+        );
+        assert!(first.is_running() && second.is_running());
+    }
+    wait_for("both projectors at the last event they consume", Duration::from_secs(60), || async {
+        let behind = scalar_i64(
+            &client,
+            "SELECT count(*) FROM pgfold.projectors p
+              WHERE p.position_id < (SELECT max(e.id) FROM events e
+                                      WHERE p.name = 'order_snapshots' OR e.event_type = 'OrderPaid')",
+        )
+        .await;
+        behind == 0
+    })
+    .await;
+    first.kill();
+    second.kill();
+    assert_projections_exact(&client).await;
+    let lines = [first.lines(), second.lines()].concat();
+    assert!(
+        prepared_statement_errors(&lines).is_empty(),
+        "errors behind the pooler: {lines:#?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| !l.contains("WARN") && !l.contains("ERROR")),
+        "warnings behind the pooler: {lines:#?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_all_and_status_run_behind_a_transaction_pooler() {
+    let db = TestDb::new().await;
+    let bouncer = Bouncer::start(&db).await;
+    let url = bouncer.url();
+    let client = db.client().await;
+    pgfold::workload::load_orders(&client, 1, 1_000)
+        .await
+        .unwrap();
+    let env = behind(&url, &db, "false");
+
+    // Two at once, sharing the bouncer's two server connections.
+    let replays: Vec<_> = (0..2)
+        .map(|_| {
+            let env: Vec<(String, String)> = env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect();
+            std::thread::spawn(move || {
+                let env: Vec<(&str, &str)> =
+                    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+                pgfold(&["run", "--once", "--replay", "all"], &env)
+            })
+        })
+        .collect();
+    for replay in replays {
+        let out = replay.join().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "run --once --replay all: {stderr}"
+        );
+        assert!(!stderr.contains("prepared statement"), "{stderr}");
+    }
+    assert_projections_exact(&client).await;
+
+    let (code, status) = status_json(&url, &env[1..]);
+    assert_eq!(code, Some(0), "{status}");
+    for name in ["daily_revenue", "order_snapshots"] {
+        let p = projector_status(&status, name);
+        assert_eq!(p["state"], "running", "{status}");
+        assert_eq!(p["lag_events"], 0, "{status}");
+    }
+}
+
+/// Without the setting, through the same kind of bouncer: the daemon's prepared
+/// statements land on server connections that never saw them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_statements_fail_behind_a_transaction_pooler() {
+    let db = TestDb::new().await;
+    let bouncer = Bouncer::start(&db).await;
+    let url = bouncer.url();
+    let mut client = db.client().await;
+    let mut env = behind(&url, &db, "true");
+    env.push(("PGFOLD_DAEMON__POLL_INTERVAL_MS", "50"));
+    let daemon = Daemon::spawn(&["run"], &env);
+    // Each append is a reason for a batch; the daemon's pooled connections take
+    // turns on the bouncer's two server connections.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let mut next = 0;
+    while prepared_statement_errors(&daemon.lines()).is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no prepared-statement error within 60 s: {:#?}",
+            daemon.lines()
+        );
+        next += 1;
+        append_all(&mut client, &order(next)).await;
+    }
+}
+
+/// `pgfold migrate` uses `listen_url` alone: `url` may point nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_connects_to_listen_url() {
+    let db = TestDb::empty().await;
+    let nowhere = format!("postgres://postgres@127.0.0.1:{}/{}", free_port(), db.name);
+    let out = pgfold(
+        &["migrate"],
+        &[
+            ("DATABASE_URL", &nowhere),
+            ("PGFOLD_DATABASE__LISTEN_URL", &db.url),
+        ],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client = db.client().await;
+    assert_eq!(
+        scalar_i64(
+            &client,
+            "SELECT max(version)::bigint FROM pgfold.schema_migrations"
+        )
+        .await,
+        i64::from(pgfold::db::migrate::latest())
+    );
+}

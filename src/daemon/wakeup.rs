@@ -13,8 +13,10 @@
 //! more. After that, every writer sees the flag set and notifies.
 //!
 //! The LISTEN connection is dedicated (a pooled one would be recycled and its
-//! notifications lost); when it drops, the waker reconnects with backoff and wakes
-//! the workers, which catch up from their checkpoints.
+//! notifications lost) and opened from `database.listen_url`, so that it keeps a
+//! session behind a transaction-mode pooler; when it drops, the waker reconnects
+//! with backoff and wakes the workers, which catch up from their checkpoints. The
+//! flag and the horizon go through the pool.
 
 use std::time::Duration;
 

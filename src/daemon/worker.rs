@@ -148,7 +148,7 @@ impl Worker {
     /// Runs one batch transaction.
     pub async fn step(&mut self) -> Result<Step, Transient> {
         let mut conn = self.pool.get().await?;
-        // deadpool's transaction: statements are prepared once per connection.
+        // Statements are sent as database.prepared_statements says (db::Session).
         let tx = conn.transaction().await?;
         let name = self.projector.name().to_string();
         if !checkpoint::try_lock(&tx, &name).await? {

@@ -318,6 +318,51 @@ mod tests {
         assert!(text.contains("bogus") && !text.contains("s3cret"), "{text}");
     }
 
+    fn database(url: &str, listen_url: Option<&str>, prepared: bool) -> DatabaseSettings {
+        DatabaseSettings {
+            url: Some(url.to_string()),
+            listen_url: listen_url.map(str::to_string),
+            pool_size: 8,
+            prepared_statements: prepared,
+        }
+    }
+
+    #[test]
+    fn listen_url_defaults_to_url_and_both_carry_the_statement_mode() {
+        let c = configs(&database("postgres://app@pooler:6432/shop", None, false)).unwrap();
+        assert_eq!(describe(&c.listen_url), describe(&c.url));
+        assert_eq!(
+            (c.url.statements(), c.listen_url.statements()),
+            (Statements::Unnamed, Statements::Unnamed)
+        );
+
+        let c = configs(&database(
+            "postgres://app@pooler:6432/shop",
+            Some("postgres://app@db:5432/shop"),
+            true,
+        ))
+        .unwrap();
+        assert!(describe(&c.url).contains("host=pooler port=6432"));
+        assert!(describe(&c.listen_url).contains("host=db port=5432"));
+        assert_eq!(c.listen_url.statements(), Statements::Prepared);
+    }
+
+    #[test]
+    fn a_bad_listen_url_is_named() {
+        let err = configs(&database(
+            "postgres://app@db/shop",
+            Some("postgres://app:s3cret@db:notaport/shop"),
+            true,
+        ))
+        .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.starts_with("database.listen_url: invalid database URL"),
+            "{text}"
+        );
+        assert!(!text.contains("s3cret"), "{text}");
+    }
+
     #[test]
     fn a_malformed_url_is_one_line_without_the_password() {
         let err = pg_config(Some("postgres://app:s3cret@db:notaport/shop")).unwrap_err();

@@ -171,6 +171,21 @@ fn prepared_statement_errors(lines: &[String]) -> Vec<&String> {
         .collect()
 }
 
+/// Counts, in `disarms`, each time a daemon clears the wake-up flag: it does so
+/// only on receiving a notification.
+async fn count_disarms(client: &Client) {
+    client
+        .batch_execute(
+            "CREATE TABLE disarms (at timestamptz NOT NULL DEFAULT now());
+             CREATE FUNCTION count_disarm() RETURNS trigger LANGUAGE plpgsql AS $$
+             BEGIN INSERT INTO disarms DEFAULT VALUES; RETURN NULL; END $$;
+             CREATE TRIGGER count_disarm AFTER UPDATE ON pgfold.wakeup FOR EACH ROW
+               WHEN (OLD.armed AND NOT NEW.armed) EXECUTE FUNCTION count_disarm();",
+        )
+        .await
+        .unwrap();
+}
+
 async fn armed(client: &Client) -> bool {
     client
         .query_one("SELECT armed FROM pgfold.wakeup WHERE id = 1", &[])
@@ -208,6 +223,7 @@ async fn two_live_instances_behind_a_transaction_pooler_are_woken_and_end_exact(
     let mut first = Daemon::spawn(&["run"], &env);
     let mut second = Daemon::spawn(&["run"], &env);
 
+    count_disarms(&client).await;
     let mut next = 1_000_000;
     for round in 0..3 {
         // Idle and armed: the next append notifies.
@@ -217,6 +233,7 @@ async fn two_live_instances_behind_a_transaction_pooler_are_woken_and_end_exact(
             || async { armed(&client).await },
         )
         .await;
+        let disarms = scalar_i64(&client, "SELECT count(*) FROM disarms").await;
         for _ in 0..5 {
             next += 1;
             append_all(&mut client, &order(next)).await;
@@ -228,11 +245,12 @@ async fn two_live_instances_behind_a_transaction_pooler_are_woken_and_end_exact(
             || async { snapshot_exists(&client, &stream).await },
         )
         .await;
-        // Only a notification disarms the flag.
-        assert!(
-            !armed(&client).await,
-            "round {round}: no notification arrived"
-        );
+        wait_for(
+            &format!("round {round}: a notification received (the flag disarmed)"),
+            Duration::from_secs(30),
+            || async { scalar_i64(&client, "SELECT count(*) FROM disarms").await > disarms },
+        )
+        .await;
         assert!(first.is_running() && second.is_running());
     }
     wait_for("both projectors at the last event they consume", Duration::from_secs(60), || async {
@@ -360,4 +378,23 @@ async fn migrate_connects_to_listen_url() {
         .await,
         i64::from(pgfold::db::migrate::latest())
     );
+}
+
+#[test]
+fn a_malformed_listen_url_is_one_line_naming_the_key() {
+    let out = pgfold(
+        &["migrate"],
+        &[(
+            "PGFOLD_DATABASE__LISTEN_URL",
+            "postgres://app:s3cret@db:notaport/shop",
+        )],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with("pgfold: database.listen_url: invalid database URL"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("s3cret"), "{stderr}");
 }

@@ -171,42 +171,47 @@ commit!(tokio_postgres::Transaction<'_>);
 /// cache) rather than prepared per call.
 macro_rules! session {
     ($t:ty => $inner:ty, cached: $cached:tt) => {
+        impl Session<$t> {
+            fn driver(&self) -> &$inner {
+                &self.inner
+            }
+
+            async fn statement(&self, sql: &str) -> Result<tokio_postgres::Statement, Error> {
+                prepare!(self, sql, $cached)
+            }
+        }
+
         #[async_trait]
         impl Db for Session<$t> {
             async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, Error> {
-                let client: &$inner = &self.inner;
-                match self.statements {
-                    Statements::Unnamed => unnamed_query(client, sql, params).await,
-                    Statements::Prepared => {
-                        let statement = prepare!(self, client, sql, $cached);
-                        GenericClient::query(client, &statement, params).await
-                    }
-                }
+                let statement = match self.statements {
+                    Statements::Unnamed => return unnamed_query(self.driver(), sql, params).await,
+                    Statements::Prepared => self.statement(sql).await?,
+                };
+                GenericClient::query(self.driver(), &statement, params).await
             }
             async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, Error> {
-                let client: &$inner = &self.inner;
-                match self.statements {
-                    Statements::Unnamed => unnamed_execute(client, sql, params).await,
-                    Statements::Prepared => {
-                        let statement = prepare!(self, client, sql, $cached);
-                        GenericClient::execute(client, &statement, params).await
+                let statement = match self.statements {
+                    Statements::Unnamed => {
+                        return unnamed_execute(self.driver(), sql, params).await
                     }
-                }
+                    Statements::Prepared => self.statement(sql).await?,
+                };
+                GenericClient::execute(self.driver(), &statement, params).await
             }
             async fn row_count_error(&self) -> Error {
-                let client: &$inner = &self.inner;
-                row_count_error(client).await
+                row_count_error(self.driver()).await
             }
         }
     };
 }
 
 macro_rules! prepare {
-    ($self:ident, $client:ident, $sql:ident, true) => {
-        $self.inner.prepare_cached($sql).await?
+    ($self:ident, $sql:ident, true) => {
+        $self.inner.prepare_cached($sql).await
     };
-    ($self:ident, $client:ident, $sql:ident, false) => {
-        GenericClient::prepare($client, $sql).await?
+    ($self:ident, $sql:ident, false) => {
+        GenericClient::prepare($self.driver(), $sql).await
     };
 }
 

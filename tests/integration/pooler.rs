@@ -195,11 +195,12 @@ async fn count_disarms(client: &Client) {
 }
 
 async fn armed(client: &Client) -> bool {
-    client
-        .query_one("SELECT armed FROM pgfold.wakeup WHERE id = 1", &[])
-        .await
-        .unwrap()
-        .get(0)
+    scalar_i64(
+        client,
+        "SELECT count(*) FROM pgfold.wakeup WHERE id = 1 AND armed",
+    )
+    .await
+        == 1
 }
 
 fn order(n: i64) -> Vec<pgfold::store::NewEvent> {

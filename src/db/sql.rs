@@ -6,9 +6,9 @@
 //! pooled connection (or a transaction on one) prepares each statement once and
 //! reuses it; a dedicated connection prepares per call.
 //!
-//! A transaction-mode pooler (PgBouncer before 1.21, Supavisor, RDS Proxy) hands
-//! each transaction, and each statement outside one, whichever server connection
-//! is free: a statement prepared on one is missing on the next (`prepared
+//! A transaction-mode pooler (PgBouncer before 1.21, Supavisor) hands each
+//! transaction, and each statement outside one, whichever server connection is
+//! free: a statement prepared on one is missing on the next (`prepared
 //! statement "s9" does not exist`), or clashes with another client's of the same
 //! name (`already exists`). With [`Statements::Unnamed`]
 //! (`database.prepared_statements = false`) no named statement is ever sent: each

@@ -209,7 +209,8 @@ pub trait Projector: Send + Sync + 'static {
     /// force_generic_plan`, and check that `EXPLAIN EXECUTE` reads the range
     /// through the position index (`pgfold_events_position`) rather than
     /// scanning the log. Large batches (catch-up, replay) are always planned for
-    /// their values.
+    /// their values, and so is every batch with `database.prepared_statements =
+    /// false`: an unnamed statement is planned anew each time anyway.
     fn generic_plans(&self) -> bool {
         false
     }

@@ -39,7 +39,8 @@ use crate::feed::{in_range, Position};
 /// plans: [`Projector::generic_plans`]); with `false`, unnamed, which a
 /// transaction-mode pooler passes through. Other tokio-postgres methods reached
 /// through the deref (`prepare`, `query_raw`, ...) always prepare a named
-/// statement: behind such a pooler, avoid them.
+/// statement: behind such a pooler, avoid them. Statements are kept by their
+/// text, so put values in parameters, never in the SQL.
 pub type BatchTransaction<'a> = crate::db::Session<deadpool_postgres::Transaction<'a>>;
 
 /// One event of the log, as a projector receives it.

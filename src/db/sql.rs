@@ -300,7 +300,9 @@ async fn parameter_types<C: GenericClient + Sync>(
     let messages = client
         .client()
         .simple_query(&format!(
-            "PREPARE {name} AS {sql};
+            // The line break ends a comment the SQL may end with.
+            "PREPARE {name} AS {sql}
+             ;
              SELECT parameter_types::oid[]::text FROM pg_prepared_statements WHERE name = '{name}';
              DEALLOCATE {name}"
         ))

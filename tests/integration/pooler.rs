@@ -393,3 +393,73 @@ fn a_malformed_listen_url_is_one_line_naming_the_key() {
     );
     assert!(!stderr.contains("s3cret"), "{stderr}");
 }
+
+/// What the setting promises at the level of one connection: unnamed, nothing is
+/// left prepared on the server session (`pg_prepared_statements` lists the
+/// protocol-level statements too), whatever the statement and its parameters.
+#[tokio::test]
+async fn unnamed_statements_leave_nothing_prepared_on_the_connection() {
+    use pgfold::db::Statements;
+    let db = TestDb::new().await;
+    for statements in [Statements::Unnamed, Statements::Prepared] {
+        let pg = pgfold::db::pg_config(Some(&db.url))
+            .unwrap()
+            .with_statements(statements);
+        let pool = pgfold::db::pool(&pg, 2).unwrap();
+        let conn = pool.get().await.unwrap();
+        let row = conn
+            .query_one(
+                "SELECT $1::text || $2::bigint, $3::text[] = ARRAY['a'], $4::jsonb ->> 'k',
+                        ($5::numeric * 2)::text, $6::text IS NULL -- ends in a comment",
+                &[
+                    &"x",
+                    &7i64,
+                    &vec!["a"],
+                    &json!({"k": "v"}),
+                    &rust_decimal::Decimal::new(125, 2),
+                    &None::<String>,
+                ],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (
+                row.get::<_, String>(0),
+                row.get::<_, bool>(1),
+                row.get::<_, String>(2),
+                row.get::<_, String>(3),
+                row.get::<_, bool>(4)
+            ),
+            (
+                "x7".to_string(),
+                true,
+                "v".to_string(),
+                "2.50".to_string(),
+                true
+            )
+        );
+        let updated = conn
+            .execute(
+                "UPDATE pgfold.projectors SET state = state WHERE name = $1",
+                &[&"nobody"],
+            )
+            .await
+            .unwrap();
+        assert_eq!(updated, 0);
+        let err = conn
+            .query_one("SELECT 1 WHERE $1::int = 0", &[&1i32])
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("number of rows"), "{err}");
+
+        let prepared: i64 = conn
+            .query_one("SELECT count(*) FROM pg_prepared_statements", &[])
+            .await
+            .unwrap()
+            .get(0);
+        match statements {
+            Statements::Unnamed => assert_eq!(prepared, 0, "named statements were sent"),
+            Statements::Prepared => assert!(prepared > 0, "the pool no longer prepares"),
+        }
+    }
+}

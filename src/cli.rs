@@ -113,13 +113,13 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
     }
     match cli.command {
         Command::Migrate => {
-            let pg = db::pg_config(settings.database.url.as_deref())?;
+            let pg = db::configs(&settings.database)?.listen_url;
             daemon::migrate(&pg, &registry).await?;
             eprintln!("pgfold: database is up to date");
             Ok(ExitCode::SUCCESS)
         }
         Command::Status { json } => {
-            let pg = db::pg_config(settings.database.url.as_deref())?;
+            let pg = db::configs(&settings.database)?.url;
             let client = db::connect(&pg).await?;
             let report =
                 status::collect(&client, &registry, settings.daemon.stall_warn_after()).await?;

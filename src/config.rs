@@ -41,7 +41,13 @@ pub struct Settings {
 pub struct DatabaseSettings {
     /// Connection string; `None` means libpq-style defaults from the PG* variables.
     pub url: Option<String>,
+    /// The connection for LISTEN and migrations, which need a session; `None`:
+    /// the same as `url`.
+    pub listen_url: Option<String>,
     pub pool_size: usize,
+    /// `false`: no named prepared statement is ever sent, so every connection
+    /// survives a transaction-mode pooler.
+    pub prepared_statements: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]

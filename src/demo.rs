@@ -62,6 +62,7 @@ pub async fn run(
                 &settings,
                 &registry,
                 &RunOptions::default(),
+                demo.clone(),
                 demo,
                 async move { token.cancelled().await },
             )

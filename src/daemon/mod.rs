@@ -115,7 +115,7 @@ pub async fn migrate(pg: &db::PgConfig, registry: &Registry) -> anyhow::Result<(
     Ok(())
 }
 
-async fn setup(client: &mut tokio_postgres::Client, p: &dyn Projector) -> anyhow::Result<()> {
+async fn setup(client: &mut db::Client, p: &dyn Projector) -> anyhow::Result<()> {
     let tx = client.transaction().await?;
     p.setup(&tx)
         .await
@@ -136,16 +136,26 @@ pub async fn run(
 ) -> anyhow::Result<Outcome> {
     // Bad names are rejected before anything touches the database.
     select(settings, registry, options)?;
-    let pg = db::pg_config(settings.database.url.as_deref())?;
-    run_with(settings, registry, options, pg, shutdown).await
+    let configs = db::configs(&settings.database)?;
+    run_with(
+        settings,
+        registry,
+        options,
+        configs.url,
+        configs.listen_url,
+        shutdown,
+    )
+    .await
 }
 
-/// [`run`] against an explicit connection configuration.
+/// [`run`] against explicit connection configurations: `pg` for batches, `session`
+/// for LISTEN and the start-up preparation (migrations, projector tables, replays).
 pub async fn run_with(
     settings: &Settings,
     registry: &Registry,
     options: &RunOptions,
     pg: db::PgConfig,
+    session: db::PgConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<Outcome> {
     let selected = select(settings, registry, options)?;
@@ -160,10 +170,10 @@ pub async fn run_with(
 
     let mut client = tokio::select! {
         // `run` waits for its database however long it takes; `--once` gives up.
-        c = db::connect_with_retry(&pg, options.once.then(|| settings.daemon.connect_timeout())) => c?,
+        c = db::connect_with_retry(&session, options.once.then(|| settings.daemon.connect_timeout())) => c?,
         _ = token.cancelled() => return Ok(Outcome::default()),
     };
-    tracing::info!(database = %db::describe(&pg), "connected");
+    tracing::info!(database = %db::describe(&session), "connected");
     if !db::migrate::is_current(&client).await? {
         db::migrate::run(&client)
             .await
@@ -222,7 +232,7 @@ pub async fn run_with(
         }
         None => None,
     };
-    let (waker, wakeups) = Waker::new(pg.clone(), pool.clone(), settings.daemon.poll_interval());
+    let (waker, wakeups) = Waker::new(session, pool.clone(), settings.daemon.poll_interval());
     let waker_task = tokio::spawn(waker.run(token.clone()));
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -285,7 +295,7 @@ struct Ops {
 }
 
 /// Empties a projector and rewinds it to the first event, under its lock.
-async fn rewind(client: &mut tokio_postgres::Client, p: &dyn Projector) -> anyhow::Result<()> {
+async fn rewind(client: &mut db::Client, p: &dyn Projector) -> anyhow::Result<()> {
     let tx = client.transaction().await?;
     checkpoint::lock(&tx, p.name()).await?;
     let target = feed::newest(&tx).await?;

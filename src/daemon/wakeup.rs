@@ -13,18 +13,19 @@
 //! more. After that, every writer sees the flag set and notifies.
 //!
 //! The LISTEN connection is dedicated (a pooled one would be recycled and its
-//! notifications lost); when it drops, the waker reconnects with backoff and wakes
-//! the workers, which catch up from their checkpoints.
+//! notifications lost) and opened from `database.listen_url`, so that it keeps a
+//! session behind a transaction-mode pooler; when it drops, the waker reconnects
+//! with backoff and wakes the workers, which catch up from their checkpoints. The
+//! flag and the horizon go through the pool.
 
 use std::time::Duration;
 
-use deadpool_postgres::Pool;
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch, Notify};
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{self, Backoff};
+use crate::db::{self, Backoff, Pool};
 use crate::feed;
 
 pub const CHANNEL: &str = "pgfold_events";
@@ -215,7 +216,7 @@ impl Waker {
 
     async fn horizon(&self) -> anyhow::Result<u64> {
         let client = self.pool.get().await?;
-        Ok(feed::horizon(&**client).await?.tx)
+        Ok(feed::horizon(&client).await?.tx)
     }
 }
 

@@ -16,14 +16,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use deadpool_postgres::Pool;
-use deadpool_postgres::Transaction;
-
 use super::checkpoint::{self, Checkpoint, Failure, State};
 use crate::config::{DaemonSettings, OnError, ProjectorSettings};
-use crate::db::{self, Db};
+use crate::db::{self, Db, Pool, Statements};
 use crate::feed::{self, Horizon, Position};
-use crate::projector::{EventRange, Feed, Projector, ProjectorError};
+use crate::projector::{
+    BatchTransaction as Transaction, EventRange, Feed, Projector, ProjectorError,
+};
 
 /// What one call of [`Worker::step`] did.
 #[derive(Debug)]
@@ -157,7 +156,7 @@ impl Worker {
     /// Runs one batch transaction.
     pub async fn step(&mut self) -> Result<Step, Transient> {
         let mut conn = self.pool.get().await?;
-        // deadpool's transaction: statements are prepared once per connection.
+        // Statements are sent as database.prepared_statements says (db::Session).
         let tx = conn.transaction().await?;
         let name = self.projector.name().to_string();
         if !checkpoint::try_lock(&tx, &name).await? {
@@ -317,7 +316,10 @@ impl Worker {
                 position: from,
             });
         };
+        // An unnamed statement is parsed and planned again every time, so a
+        // generic plan would save nothing there and may be worse than a custom one.
         let generic = self.projector.generic_plans()
+            && tx.statements() == Statements::Prepared
             && (0..GENERIC_PLANS_BELOW).contains(&(upto.id - from.id));
         let skip: Vec<i64> = ck.ahead.iter().copied().collect();
         let filter = self.projector.filter();
@@ -404,7 +406,7 @@ impl Worker {
     /// Logs who holds the horizon back, once it has done so for `for_how_long`.
     pub async fn warn_stalled(&self, tx: u64, for_how_long: Duration) {
         let who = match self.pool.get().await {
-            Ok(client) => feed::blocker(&**client, tx).await.ok().flatten(),
+            Ok(client) => feed::blocker(&client, tx).await.ok().flatten(),
             Err(_) => None,
         };
         let held_ms = for_how_long.as_millis() as u64;

@@ -9,6 +9,9 @@
 //! TLS (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`, or PGSSLMODE,
 //! PGSSLROOTCERT, PGSSLCERT and PGSSLKEY without a URL) is resolved here too, into the [`PgConfig`] every connection is opened from:
 //! see [`super::tls`].
+//!
+//! [`configs`] reads `[database]`: `url`, and `listen_url` for the connection
+//! that needs a session; both carry `prepared_statements` to every connection.
 
 use std::ops::{Deref, DerefMut};
 use std::path::Path;
@@ -18,7 +21,9 @@ use anyhow::Context;
 use tokio_postgres::config::Host;
 use tokio_postgres::{Client, Connection, Socket};
 
+use super::sql::Statements;
 use super::tls::{self, Tls, TlsOptions, TlsStream};
+use crate::config::DatabaseSettings;
 
 /// A connection configuration and the TLS that goes with it. It dereferences to
 /// the `tokio_postgres::Config`; connect through [`PgConfig::connect`] (or
@@ -27,11 +32,22 @@ use super::tls::{self, Tls, TlsOptions, TlsStream};
 pub struct PgConfig {
     config: tokio_postgres::Config,
     tls: Tls,
+    statements: Statements,
 }
 
 impl PgConfig {
     pub fn tls(&self) -> &Tls {
         &self.tls
+    }
+
+    /// How statements are sent on connections opened from this configuration.
+    pub fn statements(&self) -> Statements {
+        self.statements
+    }
+
+    pub fn with_statements(mut self, statements: Statements) -> PgConfig {
+        self.statements = statements;
+        self
     }
 
     /// The same server and credentials, another database.
@@ -70,6 +86,7 @@ impl std::fmt::Debug for PgConfig {
         f.debug_struct("PgConfig")
             .field("config", &self.config)
             .field("tls", &self.tls)
+            .field("statements", &self.statements)
             .finish()
     }
 }
@@ -121,7 +138,33 @@ pub fn pg_config(url: Option<&str>) -> anyhow::Result<PgConfig> {
     } else {
         tokio_postgres::config::SslMode::Disable
     });
-    Ok(PgConfig { config, tls })
+    Ok(PgConfig {
+        config,
+        tls,
+        statements: Statements::default(),
+    })
+}
+
+/// The two connections `[database]` describes.
+#[derive(Debug, Clone)]
+pub struct Configs {
+    /// `database.url`: batches, `status`, the HTTP checks and the wake-up flag.
+    pub url: PgConfig,
+    /// `database.listen_url`, else `url`: LISTEN and migrations, which need a
+    /// session of their own.
+    pub listen_url: PgConfig,
+}
+
+pub fn configs(database: &DatabaseSettings) -> anyhow::Result<Configs> {
+    let statements = Statements::from_setting(database.prepared_statements);
+    let url = pg_config(database.url.as_deref())?.with_statements(statements);
+    let listen_url = match database.listen_url.as_deref().filter(|u| !u.is_empty()) {
+        Some(listen) => pg_config(Some(listen))
+            .context("database.listen_url")?
+            .with_statements(statements),
+        None => url.clone(),
+    };
+    Ok(Configs { url, listen_url })
 }
 
 fn from_env() -> anyhow::Result<(tokio_postgres::Config, TlsOptions)> {
@@ -275,6 +318,51 @@ mod tests {
         let err = pg_config(Some("postgres://app:s3cret@db/shop?sslmode=bogus")).unwrap_err();
         let text = format!("{err:#}");
         assert!(text.contains("bogus") && !text.contains("s3cret"), "{text}");
+    }
+
+    fn database(url: &str, listen_url: Option<&str>, prepared: bool) -> DatabaseSettings {
+        DatabaseSettings {
+            url: Some(url.to_string()),
+            listen_url: listen_url.map(str::to_string),
+            pool_size: 8,
+            prepared_statements: prepared,
+        }
+    }
+
+    #[test]
+    fn listen_url_defaults_to_url_and_both_carry_the_statement_mode() {
+        let c = configs(&database("postgres://app@pooler:6432/shop", None, false)).unwrap();
+        assert_eq!(describe(&c.listen_url), describe(&c.url));
+        assert_eq!(
+            (c.url.statements(), c.listen_url.statements()),
+            (Statements::Unnamed, Statements::Unnamed)
+        );
+
+        let c = configs(&database(
+            "postgres://app@pooler:6432/shop",
+            Some("postgres://app@db:5432/shop"),
+            true,
+        ))
+        .unwrap();
+        assert!(describe(&c.url).contains("host=pooler port=6432"));
+        assert!(describe(&c.listen_url).contains("host=db port=5432"));
+        assert_eq!(c.listen_url.statements(), Statements::Prepared);
+    }
+
+    #[test]
+    fn a_bad_listen_url_is_named() {
+        let err = configs(&database(
+            "postgres://app@db/shop",
+            Some("postgres://app:s3cret@db:notaport/shop"),
+            true,
+        ))
+        .unwrap_err();
+        let text = format!("{err:#}");
+        assert!(
+            text.starts_with("database.listen_url: invalid database URL"),
+            "{text}"
+        );
+        assert!(!text.contains("s3cret"), "{text}");
     }
 
     #[test]

@@ -11,9 +11,8 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio_postgres::Client;
 
-use super::Backoff;
+use super::{Backoff, Client};
 
 struct Migration {
     version: i32,

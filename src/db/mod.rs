@@ -1,5 +1,7 @@
 //! Connections: the pool the workers share, the dedicated connections that must
 //! not be pooled (LISTEN, migrations), and how database errors are classified.
+//! Both hand out [`Session`]s, which send statements as `database.prepared_statements`
+//! says (see `src/db/sql.rs`).
 
 pub mod connect;
 pub mod migrate;
@@ -9,10 +11,33 @@ pub mod tls;
 use std::time::Duration;
 
 use anyhow::Context;
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime};
 
-pub use connect::{describe, pg_config, PgConfig};
-pub use sql::{Db, Params};
+pub use connect::{configs, describe, pg_config, Configs, PgConfig};
+pub use sql::{Db, Params, Session, Statements};
+
+/// A dedicated connection, in the statement mode of its configuration.
+pub type Client = Session<tokio_postgres::Client>;
+
+/// The shared pool; its connections come out as sessions in the statement mode
+/// of the configuration it was built from.
+#[derive(Clone)]
+pub struct Pool {
+    pool: deadpool_postgres::Pool,
+    statements: Statements,
+}
+
+impl Pool {
+    pub async fn get(
+        &self,
+    ) -> Result<Session<deadpool_postgres::Object>, deadpool_postgres::PoolError> {
+        Ok(Session::new(self.pool.get().await?, self.statements))
+    }
+
+    pub fn close(&self) {
+        self.pool.close();
+    }
+}
 
 /// The shared pool. `Fast` recycling: a checked-out connection is only tested for
 /// being closed; our transactions always end in COMMIT or ROLLBACK.
@@ -26,18 +51,22 @@ pub fn pool(config: &PgConfig, size: usize) -> anyhow::Result<Pool> {
     );
     // Without these a checkout could wait forever on a server that accepts TCP
     // connections and never answers.
-    Pool::builder(manager)
+    let pool = deadpool_postgres::Pool::builder(manager)
         .max_size(size)
         .runtime(Runtime::Tokio1)
         .create_timeout(Some(handshake_timeout(config)))
         .wait_timeout(Some(handshake_timeout(config) * 3))
         .build()
-        .context("failed to build the connection pool")
+        .context("failed to build the connection pool")?;
+    Ok(Pool {
+        pool,
+        statements: config.statements(),
+    })
 }
 
 /// One connection outside the pool, driven by a task of its own. Errors name the
 /// server and never the password.
-pub async fn connect(config: &PgConfig) -> anyhow::Result<tokio_postgres::Client> {
+pub async fn connect(config: &PgConfig) -> anyhow::Result<Client> {
     connect_within(config, handshake_timeout(config)).await
 }
 
@@ -51,10 +80,7 @@ pub fn handshake_timeout(config: &PgConfig) -> Duration {
         .unwrap_or(Duration::from_secs(10))
 }
 
-async fn connect_within(
-    config: &PgConfig,
-    limit: Duration,
-) -> anyhow::Result<tokio_postgres::Client> {
+async fn connect_within(config: &PgConfig, limit: Duration) -> anyhow::Result<Client> {
     let (client, connection) = match tokio::time::timeout(limit, config.connect()).await {
         Ok(result) => result.map_err(|e| unreachable_error(config, &e))?,
         Err(_) => anyhow::bail!(
@@ -68,7 +94,7 @@ async fn connect_within(
             tracing::debug!(error = %e, "connection closed");
         }
     });
-    Ok(client)
+    Ok(Session::new(client, config.statements()))
 }
 
 /// Connects, retrying with backoff until `timeout` has passed (`None`: forever,
@@ -77,7 +103,7 @@ async fn connect_within(
 pub async fn connect_with_retry(
     config: &PgConfig,
     timeout: Option<Duration>,
-) -> anyhow::Result<tokio_postgres::Client> {
+) -> anyhow::Result<Client> {
     let started = tokio::time::Instant::now();
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     loop {

@@ -1,17 +1,65 @@
-//! Statements prepared once per connection on the hot path.
+//! How statements are sent: prepared once per connection, or unnamed.
 //!
 //! A projector's loop runs the same few statements many times a second while it
 //! keeps up with a steady flow of writes; sent as text, each would be parsed and
-//! planned by the server every time. Through [`Db`], a pooled connection (or a
-//! transaction on one) prepares each statement once and reuses it; a plain client
-//! (status, tests) prepares per call, as a text query does.
+//! planned by the server every time. So by default ([`Statements::Prepared`]) a
+//! pooled connection (or a transaction on one) prepares each statement once and
+//! reuses it; a dedicated connection prepares per call.
+//!
+//! A transaction-mode pooler (PgBouncer before 1.21, Supavisor) hands each
+//! transaction, and each statement outside one, whichever server connection is
+//! free: a statement prepared on one is missing on the next (`prepared
+//! statement "s9" does not exist`), or clashes with another client's of the same
+//! name (`already exists`). With [`Statements::Unnamed`]
+//! (`database.prepared_statements = false`) no named statement is ever sent: each
+//! one is parsed, bound and executed as the unnamed statement in a single message
+//! batch, which the pooler keeps on one server connection.
+//!
+//! That form needs the parameters' types up front, which the server infers when it
+//! prepares. Rather than make every call site spell them out, they are learned
+//! once per SQL text, process-wide, by preparing the statement at the SQL level
+//! and reading `pg_prepared_statements` in ONE simple-query message (so a pooler
+//! keeps it on one server connection), then `DEALLOCATE`d in the same message.
+//! Types inferred from the Rust values instead would differ from the server's
+//! inference (a `String` bound where SQL expects `xid8` or `name`), and change
+//! what a statement means depending on the mode.
+//!
+//! [`Session`] carries the mode with the connection: [`super::connect`] and
+//! [`super::Pool`] hand out sessions in the mode of the [`super::PgConfig`] they
+//! were opened from. Its `query`, `query_one`, `query_opt` and `execute` go
+//! through [`Db`], so they shadow tokio-postgres's own (which always prepare a
+//! named statement).
+
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Arc, LazyLock, RwLock};
 
 use async_trait::async_trait;
-use tokio_postgres::types::ToSql;
-use tokio_postgres::{Error, Row};
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{Error, GenericClient, Row, SimpleQueryMessage};
 
 /// Bound parameters, as tokio-postgres takes them.
 pub type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// `database.prepared_statements`: `true` is [`Statements::Prepared`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Statements {
+    /// Named statements, prepared once per pooled connection and reused.
+    #[default]
+    Prepared,
+    /// Only the unnamed statement: safe behind a transaction-mode pooler.
+    Unnamed,
+}
+
+impl Statements {
+    pub fn from_setting(prepared_statements: bool) -> Statements {
+        if prepared_statements {
+            Statements::Prepared
+        } else {
+            Statements::Unnamed
+        }
+    }
+}
 
 #[async_trait]
 pub trait Db: Sync {
@@ -37,34 +85,153 @@ pub trait Db: Sync {
     async fn row_count_error(&self) -> Error;
 }
 
-macro_rules! cached {
+/// A connection, or a transaction on one, with the way its statements are sent.
+/// It dereferences to the connection for everything else (`batch_execute`,
+/// `simple_query`, ...).
+pub struct Session<C> {
+    inner: C,
+    statements: Statements,
+}
+
+impl<C> Session<C> {
+    pub fn new(inner: C, statements: Statements) -> Session<C> {
+        Session { inner, statements }
+    }
+
+    pub fn statements(&self) -> Statements {
+        self.statements
+    }
+}
+
+impl<C> Deref for Session<C> {
+    type Target = C;
+
+    fn deref(&self) -> &C {
+        &self.inner
+    }
+}
+
+impl<C> DerefMut for Session<C> {
+    fn deref_mut(&mut self) -> &mut C {
+        &mut self.inner
+    }
+}
+
+impl<C> Session<C>
+where
+    Session<C>: Db,
+{
+    pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, Error> {
+        Db::query(self, sql, params).await
+    }
+
+    pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, Error> {
+        Db::query_one(self, sql, params).await
+    }
+
+    pub async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, Error> {
+        Db::query_opt(self, sql, params).await
+    }
+
+    pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, Error> {
+        Db::execute(self, sql, params).await
+    }
+}
+
+impl Session<deadpool_postgres::Object> {
+    pub async fn transaction(
+        &mut self,
+    ) -> Result<Session<deadpool_postgres::Transaction<'_>>, Error> {
+        let statements = self.statements;
+        Ok(Session::new(self.inner.transaction().await?, statements))
+    }
+}
+
+impl Session<tokio_postgres::Client> {
+    pub async fn transaction(&mut self) -> Result<Session<tokio_postgres::Transaction<'_>>, Error> {
+        let statements = self.statements;
+        Ok(Session::new(self.inner.transaction().await?, statements))
+    }
+}
+
+macro_rules! commit {
     ($t:ty) => {
-        #[async_trait]
-        impl Db for $t {
-            async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, Error> {
-                let statement = self.prepare_cached(sql).await?;
-                tokio_postgres::GenericClient::query(&**self, &statement, params).await
-            }
-            async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, Error> {
-                let statement = self.prepare_cached(sql).await?;
-                tokio_postgres::GenericClient::execute(&**self, &statement, params).await
-            }
-            async fn row_count_error(&self) -> Error {
-                row_count_error(&**self).await
+        impl Session<$t> {
+            pub async fn commit(self) -> Result<(), Error> {
+                self.inner.commit().await
             }
         }
     };
 }
 
-macro_rules! uncached {
+commit!(deadpool_postgres::Transaction<'_>);
+commit!(tokio_postgres::Transaction<'_>);
+
+/// `$inner`: the tokio-postgres client or transaction under the session;
+/// `$cached`: whether prepared statements are kept per connection (deadpool's
+/// cache) rather than prepared per call.
+macro_rules! session {
+    ($t:ty => $inner:ty, cached: $cached:tt) => {
+        impl Session<$t> {
+            fn driver(&self) -> &$inner {
+                &self.inner
+            }
+
+            async fn statement(&self, sql: &str) -> Result<tokio_postgres::Statement, Error> {
+                prepare!(self, sql, $cached)
+            }
+        }
+
+        #[async_trait]
+        impl Db for Session<$t> {
+            async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, Error> {
+                let statement = match self.statements {
+                    Statements::Unnamed => return unnamed_query(self.driver(), sql, params).await,
+                    Statements::Prepared => self.statement(sql).await?,
+                };
+                GenericClient::query(self.driver(), &statement, params).await
+            }
+            async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, Error> {
+                let statement = match self.statements {
+                    Statements::Unnamed => {
+                        return unnamed_execute(self.driver(), sql, params).await
+                    }
+                    Statements::Prepared => self.statement(sql).await?,
+                };
+                GenericClient::execute(self.driver(), &statement, params).await
+            }
+            async fn row_count_error(&self) -> Error {
+                row_count_error(self.driver()).await
+            }
+        }
+    };
+}
+
+macro_rules! prepare {
+    ($self:ident, $sql:ident, true) => {
+        $self.inner.prepare_cached($sql).await
+    };
+    ($self:ident, $sql:ident, false) => {
+        GenericClient::prepare($self.driver(), $sql).await
+    };
+}
+
+session!(deadpool_postgres::Transaction<'_> => tokio_postgres::Transaction<'_>, cached: true);
+session!(deadpool_postgres::Object => tokio_postgres::Client, cached: true);
+session!(tokio_postgres::Client => tokio_postgres::Client, cached: false);
+session!(tokio_postgres::Transaction<'_> => tokio_postgres::Transaction<'_>, cached: false);
+
+// A plain client outside a session (tests, benchmarks, an application's own
+// code): a named statement per call, as tokio-postgres's text queries do.
+macro_rules! plain {
     ($t:ty) => {
         #[async_trait]
         impl Db for $t {
             async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, Error> {
-                tokio_postgres::GenericClient::query(self, sql, params).await
+                GenericClient::query(self, sql, params).await
             }
             async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, Error> {
-                tokio_postgres::GenericClient::execute(self, sql, params).await
+                GenericClient::execute(self, sql, params).await
             }
             async fn row_count_error(&self) -> Error {
                 row_count_error(self).await
@@ -73,14 +240,98 @@ macro_rules! uncached {
     };
 }
 
-cached!(deadpool_postgres::Transaction<'_>);
-cached!(deadpool_postgres::ClientWrapper);
-uncached!(tokio_postgres::Client);
-uncached!(tokio_postgres::Transaction<'_>);
+plain!(tokio_postgres::Client);
+plain!(tokio_postgres::Transaction<'_>);
 
-async fn row_count_error<C: tokio_postgres::GenericClient>(client: &C) -> Error {
-    match client.query_one("SELECT 1 WHERE false", &[]).await {
+async fn row_count_error<C: GenericClient + Sync>(client: &C) -> Error {
+    // Unnamed, so that it is safe in either mode.
+    match client.query_typed_one("SELECT 1 WHERE false", &[]).await {
         Err(e) => e,
         Ok(_) => unreachable!("a query that returns no row cannot return one"),
     }
+}
+
+async fn unnamed_query<C: GenericClient + Sync>(
+    client: &C,
+    sql: &str,
+    params: Params<'_>,
+) -> Result<Vec<Row>, Error> {
+    let types = parameter_types(client, sql, params).await?;
+    client.query_typed(sql, &typed(params, &types)).await
+}
+
+async fn unnamed_execute<C: GenericClient + Sync>(
+    client: &C,
+    sql: &str,
+    params: Params<'_>,
+) -> Result<u64, Error> {
+    let types = parameter_types(client, sql, params).await?;
+    client.execute_typed(sql, &typed(params, &types)).await
+}
+
+fn typed<'a>(params: Params<'a>, types: &[Type]) -> Vec<(&'a (dyn ToSql + Sync), Type)> {
+    params.iter().copied().zip(types.iter().cloned()).collect()
+}
+
+/// Parameter types by SQL text, learned from the server once per process.
+static PARAMETER_TYPES: LazyLock<RwLock<HashMap<String, Arc<[Type]>>>> =
+    LazyLock::new(Default::default);
+
+async fn parameter_types<C: GenericClient + Sync>(
+    client: &C,
+    sql: &str,
+    params: Params<'_>,
+) -> Result<Arc<[Type]>, Error> {
+    if params.is_empty() {
+        // Nothing to learn: a statement without parameters (or one the server
+        // will reject for the missing ones) goes as it is.
+        return Ok(Arc::from([]));
+    }
+    if let Some(types) = PARAMETER_TYPES
+        .read()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(sql)
+    {
+        return Ok(types.clone());
+    }
+    // Random, so that a statement left behind (the message failed between PREPARE
+    // and DEALLOCATE) never collides with another process's on a shared server
+    // connection.
+    let name = format!("pgfold_parameter_types_{:016x}", rand::random::<u64>());
+    let messages = client
+        .client()
+        .simple_query(&format!(
+            // The line break ends a comment the SQL may end with.
+            "PREPARE {name} AS {sql}
+             ;
+             SELECT parameter_types::oid[]::text FROM pg_prepared_statements WHERE name = '{name}';
+             DEALLOCATE {name}"
+        ))
+        .await?;
+    let oids = messages
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_default();
+    let types: Arc<[Type]> = oids
+        .trim_matches(|c| c == '{' || c == '}')
+        .split(',')
+        .filter(|oid| !oid.is_empty())
+        // A type tokio-postgres does not know (an extension's, a projector's own)
+        // could only be looked up by a named statement: such a parameter fails
+        // with tokio-postgres's error naming it (cast it in the SQL instead).
+        .map(|oid| {
+            oid.parse()
+                .ok()
+                .and_then(Type::from_oid)
+                .unwrap_or(Type::UNKNOWN)
+        })
+        .collect();
+    PARAMETER_TYPES
+        .write()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(sql.to_string(), types.clone());
+    Ok(types)
 }

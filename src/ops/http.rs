@@ -14,12 +14,12 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use deadpool_postgres::Pool;
 use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::Metrics;
 use super::Liveness;
+use crate::db::Pool;
 use crate::projector::Registry;
 
 /// Database checks behind an endpoint give up after this long.
@@ -86,7 +86,7 @@ async fn healthz(State(state): State<HttpState>) -> Response {
 async fn readyz(State(state): State<HttpState>) -> Response {
     let check = async {
         let client = state.pool.get().await.map_err(|e| e.to_string())?;
-        match crate::db::migrate::is_current(&**client).await {
+        match crate::db::migrate::is_current(&client).await {
             Ok(true) => Ok(()),
             Ok(false) => Err("database schema is not migrated".to_string()),
             Err(e) => Err(format!("{e:#}")),
@@ -109,7 +109,7 @@ async fn metrics(State(state): State<HttpState>) -> Response {
     // The in-process metrics are served even when the database is down.
     let refresh = async {
         let client = state.pool.get().await.map_err(|e| anyhow::anyhow!(e))?;
-        crate::status::collect(&**client, &state.registry, state.stall_after).await
+        crate::status::collect(&client, &state.registry, state.stall_after).await
     };
     match tokio::time::timeout(DB_TIMEOUT, refresh).await {
         Ok(Ok(status)) => state.metrics.observe(&status),
@@ -189,18 +189,18 @@ async fn wait(State(state): State<HttpState>, Query(query): Query<WaitQuery>) ->
     loop {
         let look = async {
             let client = state.pool.get().await.map_err(|e| Some(e.to_string()))?;
-            crate::db::Db::query_one(
-                &**client,
-                "SELECT pgfold.applied($1, $2, $3)",
-                &[&request.projector, &request.stream_id, &request.sequence],
-            )
-            .await
-            .map(|row| row.get::<_, bool>(0))
-            // pgfold.applied raises 22023 for an unknown projector and nothing else.
-            .map_err(|e| {
-                (e.code() != Some(&SqlState::INVALID_PARAMETER_VALUE))
-                    .then(|| crate::db::error_text(&e))
-            })
+            client
+                .query_one(
+                    "SELECT pgfold.applied($1, $2, $3)",
+                    &[&request.projector, &request.stream_id, &request.sequence],
+                )
+                .await
+                .map(|row| row.get::<_, bool>(0))
+                // pgfold.applied raises 22023 for an unknown projector and nothing else.
+                .map_err(|e| {
+                    (e.code() != Some(&SqlState::INVALID_PARAMETER_VALUE))
+                        .then(|| crate::db::error_text(&e))
+                })
         };
         match tokio::time::timeout(DB_TIMEOUT, look).await {
             Ok(Ok(true)) => return applied(StatusCode::OK, true),

@@ -31,12 +31,17 @@ use tokio_postgres::Transaction;
 use crate::feed::{in_range, Position};
 
 /// The transaction a batch is applied in: a pooled connection's, which derefs to
-/// [`tokio_postgres::Transaction`]. Statements sent through [`crate::db::Db`]
-/// (`Db::query(tx, …)`) are prepared once per connection and reused, which
-/// spares the server parsing a projector's statement every batch (and planning
-/// it, on live batches, for a projector that allows generic plans:
-/// [`Projector::generic_plans`]).
-pub type BatchTransaction<'a> = deadpool_postgres::Transaction<'a>;
+/// [`tokio_postgres::Transaction`]. Its `query`, `query_one`, `query_opt` and
+/// `execute` (and [`crate::db::Db`]'s) send statements as
+/// `database.prepared_statements` says: by default prepared once per connection
+/// and reused, which spares the server parsing a projector's statement every
+/// batch (and planning it, on live batches, for a projector that allows generic
+/// plans: [`Projector::generic_plans`]); with `false`, unnamed, which a
+/// transaction-mode pooler passes through. Other tokio-postgres methods reached
+/// through the deref (`prepare`, `query_raw`, ...) always prepare a named
+/// statement: behind such a pooler, avoid them. Statements are kept by their
+/// text, so put values in parameters, never in the SQL.
+pub type BatchTransaction<'a> = crate::db::Session<deadpool_postgres::Transaction<'a>>;
 
 /// One event of the log, as a projector receives it.
 #[derive(Debug, Clone)]
@@ -209,7 +214,8 @@ pub trait Projector: Send + Sync + 'static {
     /// force_generic_plan`, and check that `EXPLAIN EXECUTE` reads the range
     /// through the position index (`pgfold_events_position`) rather than
     /// scanning the log. Large batches (catch-up, replay) are always planned for
-    /// their values.
+    /// their values, and so is every batch with `database.prepared_statements =
+    /// false`: an unnamed statement is planned anew each time anyway.
     fn generic_plans(&self) -> bool {
         false
     }

@@ -13,6 +13,7 @@ mod ops;
 mod plan_robustness;
 mod plans;
 mod poison;
+mod pooler;
 mod privilege;
 mod projections;
 mod read_your_writes;

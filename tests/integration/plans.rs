@@ -1,5 +1,6 @@
 //! Issue 4: live set batches reuse generic plans, for the projectors that allow
-//! it, and large batches are planned for their values.
+//! it, and large batches are planned for their values (as every batch is without
+//! prepared statements, issue 15).
 
 use pgfold::daemon::RunOptions;
 use pgfold::projector::{BatchTransaction, EventRange, Feed, Projector, ProjectorError, Registry};
@@ -73,9 +74,16 @@ async fn append_many(client: &Client, n: i64) {
 
 /// Runs the probe once to the newest event; returns its batches since `after`
 /// (by row number): events, plan_cache_mode, jit.
-async fn run_probe(db: &TestDb, generic_plans: bool, after: i64) -> Vec<(i64, String, String)> {
+/// `prepared`: `database.prepared_statements`.
+async fn run_probe(
+    db: &TestDb,
+    generic_plans: bool,
+    prepared: bool,
+    after: i64,
+) -> Vec<(i64, String, String)> {
     let mut settings = db.settings();
     settings.projectors.clear();
+    settings.database.prepared_statements = prepared;
     let registry = Registry::new().register(PlanProbe { generic_plans });
     let outcome = run_once_with(&settings, &registry, RunOptions::default()).await;
     assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
@@ -113,7 +121,7 @@ async fn small_batches_reuse_generic_plans_and_large_ones_are_planned() {
 
     // A large first batch: well over the live size, planned for its values.
     append_many(&client, 6_000).await;
-    let batches = run_probe(&db, true, 0).await;
+    let batches = run_probe(&db, true, true, 0).await;
     assert_eq!(batches.len(), 1, "{batches:?}");
     assert_eq!(batches[0].0, 6_000);
     assert_eq!(
@@ -123,23 +131,35 @@ async fn small_batches_reuse_generic_plans_and_large_ones_are_planned() {
 
     // A live-sized batch: generic plan, no JIT.
     append_many(&client, 3).await;
-    let batches = run_probe(&db, true, 1).await;
+    let batches = run_probe(&db, true, true, 1).await;
     assert_eq!(
         batches,
         vec![(3, "force_generic_plan".to_string(), "off".to_string())]
     );
 }
 
-#[tokio::test]
-async fn a_projector_that_does_not_allow_generic_plans_is_always_planned() {
+/// A live batch of 3 events runs under the server's own `plan_cache_mode`.
+async fn assert_live_batch_planned_for_its_values(generic_plans: bool, prepared: bool) {
     let db = TestDb::new().await;
     let client = db.client().await;
     let server_default = plan_cache_mode(&client).await;
     append_many(&client, 3).await;
-    let batches = run_probe(&db, false, 0).await;
+    let batches = run_probe(&db, generic_plans, prepared, 0).await;
     assert_eq!(batches.len(), 1, "{batches:?}");
     assert_eq!(
         (batches[0].0, batches[0].1.as_str()),
         (3, server_default.as_str())
     );
+}
+
+#[tokio::test]
+async fn a_projector_that_does_not_allow_generic_plans_is_always_planned() {
+    assert_live_batch_planned_for_its_values(false, true).await;
+}
+
+/// Unnamed statements are planned again on every batch: a generic plan would
+/// save nothing, so live batches are planned for their values.
+#[tokio::test]
+async fn without_prepared_statements_live_batches_are_planned_for_their_values() {
+    assert_live_batch_planned_for_its_values(true, false).await;
 }

@@ -812,7 +812,7 @@ async fn header(env: &mut Env) -> Result<()> {
         a.db,
         a.live_cost_sizes
             .iter()
-            .map(|n| thousands(*n))
+            .map(u64::to_string)
             .collect::<Vec<_>>()
             .join(","),
         if a.reuse { " (reused, not fresh)" } else { "" }
@@ -1896,7 +1896,7 @@ async fn write_side(env: &mut Env) -> Result<()> {
                 if round == a.runs && a.write_projectors.is_empty() {
                     wait_caught_up(&b_client, &mut daemon, &[], Duration::from_secs(600)).await?;
                     for p in ["daily_revenue", "order_snapshots"] {
-                        checks.push(check(&b_client, p, "B: pgfold run, after the rounds").await?);
+                        checks.push(check(&b_client, p, "in B (pgfold run)").await?);
                     }
                 }
                 peak_rss = peak_rss.max(stop_daemon(daemon).await?);
@@ -1916,7 +1916,7 @@ async fn write_side(env: &mut Env) -> Result<()> {
     }
     let t_client = connect(&configs["T"].url).await?;
     for p in ["daily_revenue", "order_snapshots"] {
-        checks.push(check(&t_client, p, "T: inline triggers, after the rounds").await?);
+        checks.push(check(&t_client, p, "in T (inline triggers)").await?);
     }
     drop((t_client, b_client));
     for c in configs.into_values() {

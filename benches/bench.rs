@@ -450,6 +450,29 @@ fn items(rng: &mut Rng) -> Value {
     serde_json::from_str(&text).expect("items JSON")
 }
 
+fn order_created(stream: &str, items: &Value, rng: &mut Rng) -> NewEvent {
+    NewEvent::new(
+        stream,
+        "order",
+        "OrderCreated",
+        serde_json::json!({
+            "orderId": stream,
+            "customerId": format!("customer-{}", rng.below(50_000)),
+            "items": items,
+        }),
+    )
+}
+
+/// `OrderPaid` carries the order's items: `daily_revenue` sums them.
+fn order_paid(stream: &str, items: &Value) -> NewEvent {
+    NewEvent::new(
+        stream,
+        "order",
+        "OrderPaid",
+        serde_json::json!({"orderId": stream, "items": items}),
+    )
+}
+
 // ---------------------------------------------------------------------------
 // The daemon as a child process
 
@@ -1217,23 +1240,9 @@ async fn live_writer(
         let event = match step {
             0 => {
                 order_items = items(&mut rng);
-                NewEvent::new(
-                    &stream,
-                    "order",
-                    "OrderCreated",
-                    serde_json::json!({
-                        "orderId": stream,
-                        "customerId": format!("customer-{}", rng.below(50_000)),
-                        "items": order_items,
-                    }),
-                )
+                order_created(&stream, &order_items, &mut rng)
             }
-            1 => NewEvent::new(
-                &stream,
-                "order",
-                "OrderPaid",
-                serde_json::json!({"orderId": stream, "items": order_items}),
-            ),
+            1 => order_paid(&stream, &order_items),
             _ => NewEvent::new(
                 &stream,
                 "order",
@@ -1668,22 +1677,8 @@ async fn order_round(
                 let stream = format!("w-{}-{tag}-{w}-{order}", run_nonce());
                 order += 1;
                 let order_items = items(&mut rng);
-                let created = NewEvent::new(
-                    &stream,
-                    "order",
-                    "OrderCreated",
-                    serde_json::json!({
-                        "orderId": stream,
-                        "customerId": format!("customer-{}", rng.below(50_000)),
-                        "items": order_items,
-                    }),
-                );
-                let paid = NewEvent::new(
-                    &stream,
-                    "order",
-                    "OrderPaid",
-                    serde_json::json!({"orderId": stream, "items": order_items}),
-                );
+                let created = order_created(&stream, &order_items, &mut rng);
+                let paid = order_paid(&stream, &order_items);
                 for (sequence, event) in [(1, &created), (2, &paid)] {
                     let tx = client.transaction().await?;
                     store::append(&tx, event, sequence).await?;

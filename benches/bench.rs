@@ -1,5 +1,6 @@
-//! The benchmark of issue 4: rebuild speed, live latency and the write-side cost of
-//! waking up, in one run on one fresh database.
+//! The benchmark of issues 4, 11 and 16: rebuild speed, live latency (and commit to
+//! `wait_for`), what keeping the read models current costs the writers with pgfold
+//! and with inline triggers, and the daemon's CPU per live event by size of the log.
 //!
 //! ```sh
 //! cargo bench --bench bench -- [--events N] [--rate R] [--writers W] [--seconds T]
@@ -37,14 +38,15 @@ const SCRATCH_TABLE: &str = "bench_sql_daily_revenue";
 const USAGE: &str = "\
 usage: cargo bench --bench bench -- [options]
   --events N          events to load (default 1000000; 10M, 500k accepted)
-  --rate R            live phase: total append rate, events/s (default 2000)
-  --writers W         live phase: concurrent writers (default 8)
-  --seconds T         live phase: duration in seconds (default 20)
+  --rate R            live and live-cost phases: total append rate, events/s (default 2000)
+  --writers W         live and live-cost phases: concurrent writers (default 8)
+  --seconds T         live and live-cost phases: duration in seconds (default 20)
   --write-seconds S   write-side phase: seconds per round (default 10)
   --write-writers K   write-side phase: concurrent writers (default 8)
   --runs K            replay runs and write-side rounds (default 3)
   --db NAME           benchmark database, dropped and recreated (default pgfold_bench);
-                      the bare-table database is NAME_bare
+                      the write side's are NAME_wa/_wm/_wb/_wt (dropped at the end),
+                      the live cost's NAME_lc<size> (kept)
   --only LIST         run only these phases: replay,live,write,livecost
                       (--only load: just create and load the database; write and
                       livecost alone do not load it: they use databases of their own)

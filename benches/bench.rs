@@ -1,5 +1,6 @@
-//! The benchmark of issue 4: rebuild speed, live latency and the write-side cost of
-//! waking up, in one run on one fresh database.
+//! The benchmark of issues 4, 11 and 16: rebuild speed, live latency (and commit to
+//! `wait_for`), what keeping the read models current costs the writers with pgfold
+//! and with inline triggers, and the daemon's CPU per live event by size of the log.
 //!
 //! ```sh
 //! cargo bench --bench bench -- [--events N] [--rate R] [--writers W] [--seconds T]
@@ -37,21 +38,26 @@ const SCRATCH_TABLE: &str = "bench_sql_daily_revenue";
 const USAGE: &str = "\
 usage: cargo bench --bench bench -- [options]
   --events N          events to load (default 1000000; 10M, 500k accepted)
-  --rate R            live phase: total append rate, events/s (default 2000)
-  --writers W         live phase: concurrent writers (default 8)
-  --seconds T         live phase: duration in seconds (default 20)
+  --rate R            live and live-cost phases: total append rate, events/s (default 2000)
+  --writers W         live and live-cost phases: concurrent writers (default 8)
+  --seconds T         live and live-cost phases: duration in seconds (default 20)
   --write-seconds S   write-side phase: seconds per round (default 10)
   --write-writers K   write-side phase: concurrent writers (default 8)
   --runs K            replay runs and write-side rounds (default 3)
   --db NAME           benchmark database, dropped and recreated (default pgfold_bench);
-                      the bare-table database is NAME_bare
-  --only LIST         run only these phases after loading: replay,live,write
-                      (--only load: just create and load the database)
+                      the write side's are NAME_wa/_wm/_wb/_wt (dropped at the end),
+                      the live cost's NAME_lc<size> (kept)
+  --only LIST         run only these phases: replay,live,write,livecost
+                      (--only load: just create and load the database; write and
+                      livecost alone do not load it: they use databases of their own)
   --reuse             keep an already loaded NAME (skip drop/create/load; for profiling,
                       not for reported figures)
   --write-projectors LIST
                       write-side B rounds: run only these projectors (default: all), to
                       see what each one costs the writers
+  --live-cost-sizes LIST
+                      live-cost phase: log sizes to measure at (default 100k,10M); each
+                      is loaded once into NAME_lc<size> and kept for later runs
 environment: PGFOLD_BENCH_ADMIN_URL (default \"host=127.0.0.1 user=postgres dbname=postgres\")";
 
 #[derive(Debug, Clone)]
@@ -67,11 +73,17 @@ struct Args {
     only: Vec<String>,
     reuse: bool,
     write_projectors: Vec<String>,
+    live_cost_sizes: Vec<u64>,
 }
 
 impl Args {
     fn wants(&self, phase: &str) -> bool {
         self.only.is_empty() || self.only.iter().any(|p| p == phase)
+    }
+
+    /// The 1 M-event benchmark database is loaded only for the phases that use it.
+    fn wants_main_db(&self) -> bool {
+        ["load", "replay", "live"].iter().any(|p| self.wants(p))
     }
 }
 
@@ -104,6 +116,7 @@ fn parse_args() -> Result<Args> {
         only: Vec::new(),
         reuse: false,
         write_projectors: Vec::new(),
+        live_cost_sizes: vec![100_000, 10_000_000],
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -145,6 +158,14 @@ fn parse_args() -> Result<Args> {
                     .filter(|s| !s.is_empty())
                     .collect()
             }
+            "--live-cost-sizes" => {
+                args.live_cost_sizes = value()?
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(parse_count)
+                    .collect::<Result<_>>()?
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -166,9 +187,12 @@ fn parse_args() -> Result<Args> {
     {
         bail!("--db must be lowercase letters, digits and _");
     }
+    if args.live_cost_sizes.is_empty() || args.live_cost_sizes.contains(&0) {
+        bail!("--live-cost-sizes must be positive counts, e.g. 100k,10M");
+    }
     for p in &args.only {
-        if !["load", "replay", "live", "write"].contains(&p.as_str()) {
-            bail!("--only takes load, replay, live, write; not {p:?}");
+        if !["load", "replay", "live", "write", "livecost"].contains(&p.as_str()) {
+            bail!("--only takes load, replay, live, write, livecost; not {p:?}");
         }
     }
     Ok(args)
@@ -428,6 +452,29 @@ fn items(rng: &mut Rng) -> Value {
     serde_json::from_str(&text).expect("items JSON")
 }
 
+fn order_created(stream: &str, items: &Value, rng: &mut Rng) -> NewEvent {
+    NewEvent::new(
+        stream,
+        "order",
+        "OrderCreated",
+        serde_json::json!({
+            "orderId": stream,
+            "customerId": format!("customer-{}", rng.below(50_000)),
+            "items": items,
+        }),
+    )
+}
+
+/// `OrderPaid` carries the order's items: `daily_revenue` sums them.
+fn order_paid(stream: &str, items: &Value) -> NewEvent {
+    NewEvent::new(
+        stream,
+        "order",
+        "OrderPaid",
+        serde_json::json!({"orderId": stream, "items": items}),
+    )
+}
+
 // ---------------------------------------------------------------------------
 // The daemon as a child process
 
@@ -666,7 +713,9 @@ async fn run(args: Args) -> Result<()> {
         );
     }
     header(&mut env).await?;
-    load(&mut env).await?;
+    if env.args.wants_main_db() {
+        load(&mut env).await?;
+    }
     if env.args.wants("replay") {
         replay(&mut env).await?;
     }
@@ -675,6 +724,9 @@ async fn run(args: Args) -> Result<()> {
     }
     if env.args.wants("write") {
         write_side(&mut env).await?;
+    }
+    if env.args.wants("livecost") {
+        live_cost(&mut env).await?;
     }
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     writeln!(
@@ -773,7 +825,8 @@ async fn header(env: &mut Env) -> Result<()> {
     )?;
     writeln!(
         r,
-        "options: events={} rate={}/s writers={} seconds={} write-seconds={} write-writers={} runs={} db={}{}",
+        "options: events={} rate={}/s writers={} seconds={} write-seconds={} write-writers={} runs={} db={} \
+         live-cost-sizes={}{}",
         a.events,
         a.rate,
         a.writers,
@@ -782,6 +835,11 @@ async fn header(env: &mut Env) -> Result<()> {
         a.write_writers,
         a.runs,
         a.db,
+        a.live_cost_sizes
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
         if a.reuse { " (reused, not fresh)" } else { "" }
     )?;
     Ok(())
@@ -828,35 +886,13 @@ async fn load(env: &mut Env) -> Result<()> {
     let migrate_secs = t.elapsed().as_secs_f64();
 
     let client = connect(&env.url).await?;
-    let orders = ((a.events as f64) / workload::EVENTS_PER_ORDER)
-        .round()
-        .max(1.0) as i64;
-    log(format!(
-        "loading {orders} orders (~{} events) with pgfold::workload::load_orders",
-        a.events
-    ));
-    let t = Instant::now();
-    let mut first = 1i64;
-    let mut written = 0u64;
-    while first <= orders {
-        let n = LOAD_CHUNK_ORDERS.min(orders - first + 1);
-        written += workload::load_orders(&client, first, n)
-            .await
-            .context("load_orders")?;
-        first += n;
-        log(format!(
-            "  {written} events after {:.1} s",
-            t.elapsed().as_secs_f64()
-        ));
-    }
-    let load_secs = t.elapsed().as_secs_f64();
-    let t = Instant::now();
-    client.batch_execute("VACUUM (ANALYZE) events").await?;
-    let vacuum_secs = t.elapsed().as_secs_f64();
-    // Start the timed phases with no checkpoint owed for the load's WAL.
-    let t = Instant::now();
-    client.batch_execute("CHECKPOINT").await?;
-    let checkpoint_secs = t.elapsed().as_secs_f64();
+    let Loaded {
+        orders,
+        written,
+        load_secs,
+        vacuum_secs,
+        checkpoint_secs,
+    } = load_orders(&client, a.events).await?;
     let heap = scalar_i64(&client, "SELECT pg_relation_size('events')").await?;
     let total = scalar_i64(&client, "SELECT pg_total_relation_size('events')").await?;
     let paid = scalar_i64(
@@ -888,6 +924,54 @@ async fn load(env: &mut Env) -> Result<()> {
         mib(total as u64 / 1024)
     )?;
     Ok(())
+}
+
+struct Loaded {
+    orders: i64,
+    written: u64,
+    load_secs: f64,
+    vacuum_secs: f64,
+    checkpoint_secs: f64,
+}
+
+/// Appends about `events` events with `pgfold::workload::load_orders` to a migrated
+/// database, then VACUUM (ANALYZE) and CHECKPOINT.
+async fn load_orders(client: &Client, events: u64) -> Result<Loaded> {
+    let orders = ((events as f64) / workload::EVENTS_PER_ORDER)
+        .round()
+        .max(1.0) as i64;
+    log(format!(
+        "loading {orders} orders (~{events} events) with pgfold::workload::load_orders"
+    ));
+    let t = Instant::now();
+    let mut first = 1i64;
+    let mut written = 0u64;
+    while first <= orders {
+        let n = LOAD_CHUNK_ORDERS.min(orders - first + 1);
+        written += workload::load_orders(client, first, n)
+            .await
+            .context("load_orders")?;
+        first += n;
+        log(format!(
+            "  {written} events after {:.1} s",
+            t.elapsed().as_secs_f64()
+        ));
+    }
+    let load_secs = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    client.batch_execute("VACUUM (ANALYZE) events").await?;
+    let vacuum_secs = t.elapsed().as_secs_f64();
+    // Start the timed phases with no checkpoint owed for the load's WAL.
+    let t = Instant::now();
+    client.batch_execute("CHECKPOINT").await?;
+    let checkpoint_secs = t.elapsed().as_secs_f64();
+    Ok(Loaded {
+        orders,
+        written,
+        load_secs,
+        vacuum_secs,
+        checkpoint_secs,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -1037,12 +1121,19 @@ async fn replay(env: &mut Env) -> Result<()> {
         thousands(paid),
         thousands((paid as f64 / median(&times(&dr))) as u64)
     )?;
+    correctness(env, &checks)
+}
+
+/// Prints the checks made by [`check`]; any difference prints the report so far
+/// and fails the run.
+fn correctness(env: &mut Env, checks: &[(String, i64, f64)]) -> Result<()> {
+    let r = &mut env.report;
     writeln!(
         r,
         "   correctness (pgfold::workload::differences, rows differing both ways; must be 0):"
     )?;
     let mut failed = Vec::new();
-    for (what, n, secs) in &checks {
+    for (what, n, secs) in checks {
         writeln!(r, "     {what:<52} {n} (check took {secs:.1} s)")?;
         if *n != 0 {
             failed.push(what.clone());
@@ -1050,7 +1141,7 @@ async fn replay(env: &mut Env) -> Result<()> {
     }
     if !failed.is_empty() {
         println!("\n{}", env.report);
-        bail!("pgfold's projections differ from the SQL folds: {failed:?}");
+        bail!("the projections differ from the SQL folds: {failed:?}");
     }
     Ok(())
 }
@@ -1094,18 +1185,35 @@ struct LiveWriter {
     conflicts: u64,
     /// BEGIN to COMMIT returned, per event (retries included).
     durations: Vec<Duration>,
+    /// COMMIT returned -> `pgfold::store::wait_for` returned true, per sampled event.
+    waits: Vec<Duration>,
+    /// Sampled events whose `wait_for` returned false (timed out).
+    wait_timeouts: u64,
 }
+
+/// One live writer in this many also waits for its events with `wait_for`.
+const WAIT_SAMPLE_EVERY: usize = 8;
+const WAIT_TIMEOUT: Duration = Duration::from_secs(5);
 
 async fn live_writer(
     url: String,
     writer: usize,
-    writers: usize,
-    rate: u64,
+    a: Args,
     start: tokio::time::Instant,
-    duration: Duration,
     tag: String,
+    sample_waits: bool,
 ) -> Result<LiveWriter> {
+    let (writers, rate) = (a.writers, a.rate);
+    let duration = Duration::from_secs(a.seconds);
     let mut client = connect(&url).await?;
+    // The application's read-your-writes call, on a connection of its own. One wait
+    // at a time: an event committed while the previous wait still runs is not
+    // sampled, so that the writer keeps its pace.
+    let waiter = match sample_waits {
+        true => Some(Arc::new(tokio::sync::Mutex::new(connect(&url).await?))),
+        false => None,
+    };
+    let mut pending = Vec::new();
     let period = Duration::from_secs_f64(writers as f64 / rate as f64);
     let offset = period.mul_f64(writer as f64 / writers as f64);
     let mut tick = tokio::time::interval_at(start + offset, period);
@@ -1118,6 +1226,8 @@ async fn live_writer(
         ),
         conflicts: 0,
         durations: Vec::new(),
+        waits: Vec::new(),
+        wait_timeouts: 0,
     };
     let mut order = 0u64;
     let mut step = 0u8;
@@ -1132,23 +1242,9 @@ async fn live_writer(
         let event = match step {
             0 => {
                 order_items = items(&mut rng);
-                NewEvent::new(
-                    &stream,
-                    "order",
-                    "OrderCreated",
-                    serde_json::json!({
-                        "orderId": stream,
-                        "customerId": format!("customer-{}", rng.below(50_000)),
-                        "items": order_items,
-                    }),
-                )
+                order_created(&stream, &order_items, &mut rng)
             }
-            1 => NewEvent::new(
-                &stream,
-                "order",
-                "OrderPaid",
-                serde_json::json!({"orderId": stream, "items": order_items}),
-            ),
+            1 => order_paid(&stream, &order_items),
             _ => NewEvent::new(
                 &stream,
                 "order",
@@ -1175,6 +1271,23 @@ async fn live_writer(
                         at,
                         paid: event.event_type == "OrderPaid",
                     });
+                    if let Some(conn) = waiter
+                        .as_ref()
+                        .and_then(|w| w.clone().try_lock_owned().ok())
+                    {
+                        let (stream, sequence) = (stream.clone(), expected);
+                        pending.push(tokio::spawn(async move {
+                            let applied = store::wait_for(
+                                &*conn,
+                                "order_snapshots",
+                                &stream,
+                                sequence,
+                                WAIT_TIMEOUT,
+                            )
+                            .await?;
+                            anyhow::Ok(applied.then(|| at.elapsed()))
+                        }));
+                    }
                     break;
                 }
                 Err(AppendError::Conflict { .. }) => {
@@ -1193,7 +1306,48 @@ async fn live_writer(
             expected = 1;
         }
     }
+    for wait in pending {
+        match wait.await?? {
+            Some(d) => out.waits.push(d),
+            None => out.wait_timeouts += 1,
+        }
+    }
     Ok(out)
+}
+
+/// Runs the paced live writers (`--writers`, `--rate`, `--seconds`) to the end and
+/// merges what they saw; also returns the seconds from their start to their end.
+/// With `sample_waits`, one writer in [`WAIT_SAMPLE_EVERY`] also calls `wait_for`.
+async fn live_writers(url: &str, a: &Args, sample_waits: bool) -> Result<(LiveWriter, f64)> {
+    let tag = run_nonce().to_string();
+    let start = tokio::time::Instant::now() + Duration::from_millis(200);
+    let mut tasks = Vec::new();
+    for w in 0..a.writers {
+        tasks.push(tokio::spawn(live_writer(
+            url.to_string(),
+            w,
+            a.clone(),
+            start,
+            tag.clone(),
+            sample_waits && w % WAIT_SAMPLE_EVERY == 0,
+        )));
+    }
+    let mut all = LiveWriter {
+        committed: Vec::new(),
+        conflicts: 0,
+        durations: Vec::new(),
+        waits: Vec::new(),
+        wait_timeouts: 0,
+    };
+    for t in tasks {
+        let w = t.await??;
+        all.conflicts += w.conflicts;
+        all.committed.extend(w.committed);
+        all.durations.extend(w.durations);
+        all.waits.extend(w.waits);
+        all.wait_timeouts += w.wait_timeouts;
+    }
+    Ok((all, start.elapsed().as_secs_f64()))
 }
 
 /// First time (when the answer arrived) each projector was seen at each position.
@@ -1267,9 +1421,7 @@ async fn live(env: &mut Env) -> Result<()> {
     let a = env.args.clone();
     let client = connect(&env.url).await?;
     log("live: starting `pgfold run` and waiting until it has caught up");
-    let url = env.url.clone();
-    let mut daemon = tokio::task::spawn_blocking(move || Daemon::spawn(&url, &["run"])).await??;
-    wait_caught_up(&client, &mut daemon, &[], Duration::from_secs(900)).await?;
+    let daemon = running_daemon(&client, &env.url, vec!["run".to_string()], &[]).await?;
     // Let the workers go idle and arm the wake-up flag, as in production.
     tokio::time::sleep(Duration::from_millis(500)).await;
     let cpu0 = daemon.cpu_ticks();
@@ -1277,36 +1429,22 @@ async fn live(env: &mut Env) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let poller = tokio::spawn(poll_positions(env.url.clone(), stop.clone()));
     let (_listener, notifications) = notification_counter(&env.url).await?;
-    let tag = run_nonce().to_string();
-    let duration = Duration::from_secs(a.seconds);
-    let start = tokio::time::Instant::now() + Duration::from_millis(200);
     log(format!(
         "live: {} writers appending {} events/s in total for {} s",
         a.writers, a.rate, a.seconds
     ));
-    let mut tasks = Vec::new();
-    for w in 0..a.writers {
-        tasks.push(tokio::spawn(live_writer(
-            env.url.clone(),
-            w,
-            a.writers,
-            a.rate,
-            start,
-            duration,
-            tag.clone(),
-        )));
-    }
-    let mut committed = Vec::new();
-    let mut conflicts = 0;
-    let mut durations = Vec::new();
-    for t in tasks {
-        let w = t.await??;
-        conflicts += w.conflicts;
-        committed.extend(w.committed);
-        durations.extend(w.durations);
-    }
+    let (
+        LiveWriter {
+            committed,
+            conflicts,
+            mut durations,
+            mut waits,
+            wait_timeouts,
+        },
+        written_in,
+    ) = live_writers(&env.url, &a, true).await?;
     durations.sort();
-    let written_in = start.elapsed().as_secs_f64();
+    waits.sort();
     let cpu1 = daemon.cpu_ticks();
     let notified = notifications.load(Ordering::Relaxed);
     // Let the last events through before stopping the poller.
@@ -1421,8 +1559,27 @@ async fn live(env: &mut Env) -> Result<()> {
     }
     writeln!(
         r,
+        "   {:<16} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "wait_for (os)",
+        waits.len() as u64 + wait_timeouts,
+        waits.len(),
+        ms(percentile(&waits, 50.0)),
+        ms(percentile(&waits, 95.0)),
+        ms(percentile(&waits, 99.0)),
+        ms(waits.last().copied().unwrap_or_default())
+    )?;
+    writeln!(
+        r,
         "   (daily_revenue counts only OrderPaid, the events it consumes; order_snapshots all of them. \
          {negatives} observations\n   arrived before the writer saw its own COMMIT return and count as 0 ms.)"
+    )?;
+    writeln!(
+        r,
+        "   wait_for (os) = issue 16's read-your-writes: one writer in {WAIT_SAMPLE_EVERY} calls \
+         pgfold::store::wait_for('order_snapshots', stream, sequence, {} s)\n   on a second connection \
+         right after its COMMIT returns, one wait at a time (events committed meanwhile are not sampled);\n   \
+         commit returned -> wait_for returned true. {wait_timeouts} of the sampled waits timed out.",
+        WAIT_TIMEOUT.as_secs()
     )?;
     Ok(())
 }
@@ -1430,9 +1587,80 @@ async fn live(env: &mut Env) -> Result<()> {
 // ---------------------------------------------------------------------------
 // 4. Write-side cost
 
-/// Each client appends a new stream at sequence 1, one event per transaction,
-/// until the deadline. Returns (commits, seconds).
-async fn append_round(
+/// The write-side configurations, in the order each round runs them.
+const WRITE_CONFIGS: [&str; 4] = ["A", "M", "B", "T"];
+
+/// Configuration T: both read models kept inline by row triggers on `events`, as a
+/// team without pgfold would write them. They must produce exactly the rows of
+/// pgfold's built-ins (checked against `pgfold::workload`'s SQL folds after the
+/// rounds), or the comparison would flatter one side.
+const INLINE_TRIGGERS: &str = r#"
+CREATE TABLE daily_revenue (
+  day DATE NOT NULL,
+  category TEXT NOT NULL,
+  total NUMERIC NOT NULL,
+  PRIMARY KEY (day, category)
+);
+CREATE TABLE order_snapshots (
+  stream_id TEXT PRIMARY KEY,
+  sequence BIGINT NOT NULL,
+  state JSONB NOT NULL,
+  projected_at TIMESTAMPTZ NOT NULL DEFAULT NOW()
+);
+
+CREATE FUNCTION inline_daily_revenue() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  -- Sorted so that concurrent payers lock the shared (day, category) rows in one
+  -- order: otherwise two of them deadlock.
+  INSERT INTO daily_revenue AS d (day, category, total)
+  SELECT (NEW.occurred_at AT TIME ZONE 'UTC')::date, i->>'category',
+         sum((i->>'price')::numeric * (i->>'qty')::numeric)
+    FROM jsonb_array_elements(NEW.payload->'items') AS i
+   GROUP BY 1, 2
+   ORDER BY 2
+  ON CONFLICT (day, category) DO UPDATE SET total = d.total + EXCLUDED.total;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER inline_daily_revenue AFTER INSERT ON events
+  FOR EACH ROW WHEN (NEW.event_type = 'OrderPaid') EXECUTE FUNCTION inline_daily_revenue();
+
+CREATE FUNCTION inline_order_snapshots() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+  stamp text := to_char(NEW.occurred_at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"');
+BEGIN
+  IF NEW.event_type = 'OrderCreated' THEN
+    INSERT INTO order_snapshots AS o (stream_id, sequence, state)
+    VALUES (NEW.stream_id, NEW.sequence, jsonb_build_object(
+              'orderId', coalesce(NEW.payload->'orderId', 'null'),
+              'customerId', coalesce(NEW.payload->'customerId', 'null'),
+              'items', coalesce(NEW.payload->'items', 'null'),
+              'status', 'pending'))
+    ON CONFLICT (stream_id) DO UPDATE
+      SET sequence = EXCLUDED.sequence, state = EXCLUDED.state, projected_at = now();
+  ELSE
+    UPDATE order_snapshots
+       SET sequence = NEW.sequence, projected_at = now(),
+           state = state || CASE NEW.event_type
+             WHEN 'OrderPaid' THEN jsonb_build_object('status', 'paid', 'paidAt', stamp)
+             WHEN 'OrderShipped' THEN jsonb_build_object('status', 'shipped', 'shippedAt', stamp)
+               || CASE WHEN NEW.payload->'address' IS NULL OR NEW.payload->'address' = 'null' THEN '{}'
+                       ELSE jsonb_build_object('shippingAddress', NEW.payload->'address') END
+             ELSE jsonb_build_object('status', 'cancelled') END
+     WHERE stream_id = NEW.stream_id;
+  END IF;
+  RETURN NULL;
+END $$;
+CREATE TRIGGER inline_order_snapshots AFTER INSERT ON events
+  FOR EACH ROW WHEN (NEW.stream_type = 'order'
+                     AND NEW.event_type IN ('OrderCreated', 'OrderPaid', 'OrderShipped', 'OrderCancelled'))
+  EXECUTE FUNCTION inline_order_snapshots();
+"#;
+
+/// Each client places new orders until the deadline: `OrderCreated` at sequence 1
+/// and `OrderPaid` at sequence 2, each in a transaction of its own, as the article's
+/// `appendEvent` does. Returns the clients, events committed, seconds and the
+/// machine's CPU busy % over the round.
+async fn order_round(
     clients: Vec<Client>,
     seconds: f64,
     tag: &str,
@@ -1445,23 +1673,20 @@ async fn append_round(
         let tag = tag.to_string();
         tasks.push(tokio::spawn(async move {
             let mut rng = Rng(0xD1B5_4A32_D192_ED03 ^ ((w as u64 + 7) * 0x9E37_79B9));
-            let mut event = NewEvent::new(
-                "",
-                "order",
-                "OrderCreated",
-                serde_json::json!({
-                    "orderId": "",
-                    "customerId": format!("customer-{}", rng.below(50_000)),
-                    "items": items(&mut rng),
-                }),
-            );
             let mut n = 0u64;
+            let mut order = 0u64;
             while Instant::now() < deadline {
-                event.stream_id = format!("w-{}-{tag}-{w}-{n}", run_nonce());
-                let tx = client.transaction().await?;
-                store::append(&tx, &event, 1).await?;
-                tx.commit().await?;
-                n += 1;
+                let stream = format!("w-{}-{tag}-{w}-{order}", run_nonce());
+                order += 1;
+                let order_items = items(&mut rng);
+                let created = order_created(&stream, &order_items, &mut rng);
+                let paid = order_paid(&stream, &order_items);
+                for (sequence, event) in [(1, &created), (2, &paid)] {
+                    let tx = client.transaction().await?;
+                    store::append(&tx, event, sequence).await?;
+                    tx.commit().await?;
+                    n += 1;
+                }
             }
             anyhow::Ok((client, n))
         }));
@@ -1518,155 +1743,207 @@ fn ticks_of(pids: &[u32]) -> HashMap<u32, u64> {
         .collect()
 }
 
-async fn set_armed(client: &Client, armed: bool) -> Result<()> {
-    client
-        .execute(
-            "UPDATE pgfold.wakeup SET armed = $1 WHERE id = 1",
-            &[&armed],
-        )
+/// CPU seconds used so far by a daemon process and by its PostgreSQL backends.
+struct DaemonCpu {
+    daemon: Option<u64>,
+    backends: HashMap<u32, u64>,
+}
+
+impl DaemonCpu {
+    async fn sample(client: &Client, daemon: &Daemon) -> Result<DaemonCpu> {
+        Ok(DaemonCpu {
+            daemon: daemon.cpu_ticks(),
+            backends: ticks_of(&daemon_backends(client).await?),
+        })
+    }
+
+    /// (daemon, backends) CPU seconds from `self` to `later`. A backend that is gone
+    /// by `later` is not counted; one that appeared counts from its start.
+    fn until(&self, later: &DaemonCpu) -> (Option<f64>, f64) {
+        let ticks = clock_ticks_per_second();
+        let daemon = match (self.daemon, later.daemon) {
+            (Some(t0), Some(t1)) => Some(t1.saturating_sub(t0) as f64 / ticks),
+            _ => None,
+        };
+        let backends: u64 = later
+            .backends
+            .iter()
+            .map(|(pid, t1)| t1.saturating_sub(self.backends.get(pid).copied().unwrap_or(0)))
+            .sum();
+        (daemon, backends as f64 / ticks)
+    }
+}
+
+/// Drops and creates database `name`; returns its URL.
+async fn fresh_database(env: &Env, admin: &Client, name: &str) -> Result<String> {
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
         .await?;
-    Ok(())
+    admin
+        .batch_execute(&format!("CREATE DATABASE {name}"))
+        .await?;
+    Ok(with_dbname(&env.admin, name))
+}
+
+async fn migrate(url: &str) -> Result<()> {
+    let pg = pgfold::db::pg_config(Some(url))?;
+    pgfold::daemon::migrate(&pg, &pgfold::projectors::builtin()).await
+}
+
+/// A `pgfold run` on `url`, once it has caught up (the projectors in `only`, or all).
+async fn running_daemon(
+    client: &Client,
+    url: &str,
+    args: Vec<String>,
+    only: &[String],
+) -> Result<Daemon> {
+    let url = url.to_string();
+    let mut daemon = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Daemon::spawn(&url, &args)
+    })
+    .await??;
+    wait_caught_up(client, &mut daemon, only, Duration::from_secs(3600)).await?;
+    Ok(daemon)
+}
+
+async fn stop_daemon(daemon: Daemon) -> Result<u64> {
+    let (status, peak, dlog) = tokio::task::spawn_blocking(move || daemon.stop()).await??;
+    if !status.success() {
+        log(format!(
+            "pgfold run exited with {status} on SIGTERM:\n{}",
+            tail(&dlog, 20)
+        ));
+    }
+    Ok(peak)
+}
+
+struct WriteConfig {
+    db: String,
+    url: String,
+    clients: Vec<Client>,
 }
 
 async fn write_side(env: &mut Env) -> Result<()> {
     let a = env.args.clone();
-    let bare_db = format!("{}_bare", a.db);
-    let bare_url = with_dbname(&env.admin, &bare_db);
     let admin = connect(&env.admin).await?;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {bare_db} WITH (FORCE)"))
-        .await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {bare_db}"))
-        .await?;
-    connect(&bare_url).await?.batch_execute(BARE_SCHEMA).await?;
-    let bench = connect(&env.url).await?;
-    set_armed(&bench, false).await?;
-
-    let mut bare_clients = Vec::new();
-    let mut bench_clients = Vec::new();
-    for _ in 0..a.write_writers {
-        bare_clients.push(connect(&bare_url).await?);
-        bench_clients.push(connect(&env.url).await?);
+    let mut configs: HashMap<&str, WriteConfig> = HashMap::new();
+    for k in WRITE_CONFIGS {
+        let db = format!("{}_w{}", a.db, k.to_lowercase());
+        let url = fresh_database(env, &admin, &db).await?;
+        match k {
+            "A" => connect(&url).await?.batch_execute(BARE_SCHEMA).await?,
+            "T" => {
+                connect(&url)
+                    .await?
+                    .batch_execute(&format!("{BARE_SCHEMA}\n{INLINE_TRIGGERS}"))
+                    .await?
+            }
+            _ => migrate(&url).await?,
+        }
+        let mut clients = Vec::new();
+        for _ in 0..a.write_writers {
+            clients.push(connect(&url).await?);
+        }
+        configs.insert(k, WriteConfig { db, url, clients });
     }
+    let b_client = connect(&configs["B"].url).await?;
     let secs = a.write_seconds as f64;
     let mut run_args = vec!["run".to_string()];
     for p in &a.write_projectors {
         run_args.extend(["--projector".to_string(), p.clone()]);
     }
     log("write side: 1 s warm-up on each database");
-    let (c, _, _, _) = append_round(bare_clients, 1.0, "warm").await?;
-    bare_clients = c;
-    let (c, _, _, _) = append_round(bench_clients, 1.0, "warm").await?;
-    bench_clients = c;
+    for k in WRITE_CONFIGS {
+        let c = configs.get_mut(k).expect("configured");
+        c.clients = order_round(std::mem::take(&mut c.clients), 1.0, "warm")
+            .await?
+            .0;
+    }
 
-    // Per configuration: tps and machine-wide CPU busy % of each round.
-    let names = ["A", "B", "C", "M"];
-    let mut tps: HashMap<&str, Vec<f64>> = HashMap::new();
+    // Per configuration: events/s and machine-wide CPU busy % of each round.
+    let mut eps: HashMap<&str, Vec<f64>> = HashMap::new();
     let mut busy: HashMap<&str, Vec<f64>> = HashMap::new();
     let mut daemon_cpu = Vec::new();
     let mut backend_cpu = Vec::new();
     let mut notify_share = Vec::new();
     let mut peak_rss = 0;
-    let ticks = clock_ticks_per_second();
-    let mut record = |k: &'static str, round: usize, n: u64, s: f64, b: f64| {
-        log(format!(
-            "write side round {round}/{}: {k} {:.0} tps (machine CPU busy {b:.0} %)",
-            a.runs,
-            n as f64 / s
-        ));
-        tps.entry(k).or_default().push(n as f64 / s);
-        busy.entry(k).or_default().push(b);
-    };
+    let mut checks = Vec::new();
     for round in 1..=a.runs {
-        // A: the bare table.
-        let (c, n, s, b) = append_round(bare_clients, secs, &format!("a{round}")).await?;
-        bare_clients = c;
-        record("A", round, n, s, b);
-
-        // B: migrated, daemon running (caught up first).
-        let url = env.url.clone();
-        let run_args = run_args.clone();
-        let mut daemon = tokio::task::spawn_blocking(move || {
-            let run_args: Vec<&str> = run_args.iter().map(String::as_str).collect();
-            Daemon::spawn(&url, &run_args)
-        })
-        .await??;
-        wait_caught_up(
-            &bench,
-            &mut daemon,
-            &a.write_projectors,
-            Duration::from_secs(600),
-        )
-        .await?;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let (listener, notifications) = notification_counter(&env.url).await?;
-        let backends0 = ticks_of(&daemon_backends(&bench).await?);
-        let cpu0 = daemon.cpu_ticks();
-        let (c, n, s, b) = append_round(bench_clients, secs, &format!("b{round}")).await?;
-        bench_clients = c;
-        let cpu1 = daemon.cpu_ticks();
-        let backends1 = ticks_of(&daemon_backends(&bench).await?);
-        let notified = notifications.load(Ordering::Relaxed);
-        drop(listener);
-        notify_share.push(100.0 * notified as f64 / n.max(1) as f64);
-        let backend_ticks: u64 = backends1
-            .iter()
-            .map(|(pid, t1)| t1.saturating_sub(backends0.get(pid).copied().unwrap_or(0)))
-            .sum();
-        backend_cpu.push(100.0 * backend_ticks as f64 / ticks / s);
-        daemon.alive()?;
-        let (status, peak, dlog) = tokio::task::spawn_blocking(move || daemon.stop()).await??;
-        if !status.success() {
+        for k in WRITE_CONFIGS {
+            let c = configs.get_mut(k).expect("configured");
+            let tag = format!("{}{round}", k.to_lowercase());
+            let clients = std::mem::take(&mut c.clients);
+            let (clients, n, s, b) = if k == "B" {
+                let mut daemon =
+                    running_daemon(&b_client, &c.url, run_args.clone(), &a.write_projectors)
+                        .await?;
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                let (listener, notifications) = notification_counter(&c.url).await?;
+                let cpu0 = DaemonCpu::sample(&b_client, &daemon).await?;
+                let out = order_round(clients, secs, &tag).await?;
+                let (d, be) = cpu0.until(&DaemonCpu::sample(&b_client, &daemon).await?);
+                notify_share.push(
+                    100.0 * notifications.load(Ordering::Relaxed) as f64 / out.1.max(1) as f64,
+                );
+                drop(listener);
+                daemon_cpu.extend(d.map(|d| 100.0 * d / out.2));
+                backend_cpu.push(100.0 * be / out.2);
+                daemon.alive()?;
+                if round == a.runs && a.write_projectors.is_empty() {
+                    wait_caught_up(&b_client, &mut daemon, &[], Duration::from_secs(600)).await?;
+                    for p in ["daily_revenue", "order_snapshots"] {
+                        checks.push(check(&b_client, p, "in B (pgfold run)").await?);
+                    }
+                }
+                peak_rss = peak_rss.max(stop_daemon(daemon).await?);
+                out
+            } else {
+                order_round(clients, secs, &tag).await?
+            };
+            c.clients = clients;
             log(format!(
-                "pgfold run exited with {status} on SIGTERM:\n{}",
-                tail(&dlog, 20)
+                "write side round {round}/{}: {k} {:.0} events/s (machine CPU busy {b:.0} %)",
+                a.runs,
+                n as f64 / s
             ));
+            eps.entry(k).or_default().push(n as f64 / s);
+            busy.entry(k).or_default().push(b);
         }
-        peak_rss = peak_rss.max(peak);
-        if let (Some(c0), Some(c1)) = (cpu0, cpu1) {
-            daemon_cpu.push(100.0 * (c1 - c0) as f64 / ticks / s);
-        }
-        record("B", round, n, s, b);
-
-        // C: migrated, daemon stopped, flag forced on: every INSERT notifies.
-        set_armed(&bench, true).await?;
-        let (c, n, s, b) = append_round(bench_clients, secs, &format!("c{round}")).await?;
-        bench_clients = c;
-        set_armed(&bench, false).await?;
-        record("C", round, n, s, b);
-
-        // M: migrated, daemon stopped, flag off: the schema's own cost.
-        let (c, n, s, b) = append_round(bench_clients, secs, &format!("m{round}")).await?;
-        bench_clients = c;
-        record("M", round, n, s, b);
     }
-    drop(bare_clients);
-    drop(bench_clients);
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {bare_db} WITH (FORCE)"))
-        .await?;
+    let t_client = connect(&configs["T"].url).await?;
+    for p in ["daily_revenue", "order_snapshots"] {
+        checks.push(check(&t_client, p, "in T (inline triggers)").await?);
+    }
+    drop((t_client, b_client));
+    for c in configs.into_values() {
+        drop(c.clients);
+        admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", c.db))
+            .await?;
+    }
 
-    let med = |k: &str| median(&tps[k]);
-    let per_round = |k: &str| -> f64 {
-        let ratios: Vec<f64> = tps[k].iter().zip(&tps["A"]).map(|(x, a)| x / a).collect();
+    let med = |k: &str| median(&eps[k]);
+    let per_round = |k: &str, base: &str| -> f64 {
+        let ratios: Vec<f64> = eps[k].iter().zip(&eps[base]).map(|(x, b)| x / b).collect();
         median(&ratios)
     };
     let r = &mut env.report;
     writeln!(
         r,
-        "\n4. Write-side cost: {} writers (own connections), each transaction = BEGIN; \
-         pgfold::store::append (new stream, sequence 1); COMMIT.\n   {} s per round, rounds \
-         interleaved A B C M x {}, medians (after 1 s warm-up per database).",
-        a.write_writers, a.write_seconds, a.runs
+        "\n4. Write-side cost: {} writers (own connections) placing new orders as the article's appendEvent \
+         does:\n   OrderCreated (sequence 1), then OrderPaid (sequence 2), each BEGIN; INSERT at the expected \
+         sequence\n   (pgfold::store::append); COMMIT; 1-5 items in 20 categories, occurred_at = now(). {} s per \
+         round,\n   rounds interleaved A M B T x {}, medians; each configuration on a fresh database of its own \
+         ({}_wa ...),\n   empty at the start but for a 1 s warm-up.",
+        a.write_writers, a.write_seconds, a.runs, a.db
     )?;
     writeln!(
         r,
-        "   A = separate database, bare events table (migrations/V1__events.sql: table + 3 indexes, no \
-         pgfold)\n   B = benchmark database, pgfold-migrated, `pgfold run` running (caught up before \
-         each round)\n   C = as B but daemon stopped and pgfold.wakeup.armed forced true: every INSERT \
-         notifies\n   M = as B but daemon stopped, flag off: the migrations' cost alone (tx_id column, \
-         position index, trigger)"
+        "   A = bare events table (migrations/V1__events.sql: table + 3 indexes), no read models\n   \
+         M = pgfold-migrated (tx_id column, position index, wake-up trigger), no daemon\n   \
+         B = pgfold-migrated, `pgfold run` keeping the built-ins current (caught up before each round)\n   \
+         T = bare table + both read models kept inline by AFTER INSERT FOR EACH ROW triggers (plpgsql), no pgfold"
     )?;
     if !a.write_projectors.is_empty() {
         writeln!(
@@ -1679,10 +1956,10 @@ async fn write_side(env: &mut Env) -> Result<()> {
     writeln!(
         r,
         "   {:<4} {:>30} {:>10} {:>12} {:>20} {:>16}",
-        "", "tps per round", "median", "median/A", "median of round/A", "machine CPU busy"
+        "", "events/s per round", "median", "median/A", "median of round/A", "machine CPU busy"
     )?;
-    for k in names {
-        let rounds = tps[k]
+    for k in WRITE_CONFIGS {
+        let rounds = eps[k]
             .iter()
             .map(|t| format!("{t:.0}"))
             .collect::<Vec<_>>()
@@ -1694,7 +1971,7 @@ async fn write_side(env: &mut Env) -> Result<()> {
             rounds,
             med(k),
             med(k) / med("A"),
-            per_round(k),
+            per_round(k, "A"),
             median(&busy[k])
         )?;
     }
@@ -1720,10 +1997,150 @@ async fn write_side(env: &mut Env) -> Result<()> {
     )?;
     writeln!(
         r,
-        "   B/A = {:.2}x   C/A = {:.2}x   (M/A = {:.2}x)",
+        "   ratios (median events/s; in brackets the median of per-round ratios):\n   \
+         B/A = {:.2}x ({:.2}x)   B/T = {:.2}x ({:.2}x)   T/A = {:.2}x ({:.2}x)   M/A = {:.2}x ({:.2}x)\n   \
+         issue 11's targets: B/T >= 1.2 (stretch 1.3), B/A >= 0.78",
         med("B") / med("A"),
-        med("C") / med("A"),
+        per_round("B", "A"),
+        med("B") / med("T"),
+        per_round("B", "T"),
+        med("T") / med("A"),
+        per_round("T", "A"),
         med("M") / med("A"),
+        per_round("M", "A"),
     )?;
+    correctness(env, &checks)
+}
+
+// ---------------------------------------------------------------------------
+// 5. Live cost
+
+/// The live-cost database for a log of `size` events: reused when it already
+/// holds within 10 % of that many (loading 10 M events takes minutes), otherwise
+/// created, migrated and loaded. Returns its URL and whether it was reused.
+async fn live_cost_database(env: &Env, admin: &Client, size: u64) -> Result<(String, bool)> {
+    let db = format!("{}_lc{size}", env.args.db);
+    let url = with_dbname(&env.admin, &db);
+    let exists: bool = admin
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_database WHERE datname = $1)",
+            &[&db],
+        )
+        .await?
+        .get(0);
+    if exists {
+        let client = connect(&url).await?;
+        let ready: bool = client
+            .query_one(
+                "SELECT to_regclass('events') IS NOT NULL AND to_regclass('pgfold.projectors') IS NOT NULL",
+                &[],
+            )
+            .await?
+            .get(0);
+        if ready {
+            let n = scalar_i64(&client, "SELECT count(*) FROM events").await? as u64;
+            if n.abs_diff(size) * 10 <= size {
+                log(format!("live cost: reusing {db} with {n} events"));
+                return Ok((url, true));
+            }
+            log(format!(
+                "live cost: {db} holds {n} events, not ~{size}: loading it again"
+            ));
+        }
+    }
+    let url = fresh_database(env, admin, &db).await?;
+    migrate(&url).await?;
+    load_orders(&connect(&url).await?, size).await?;
+    Ok((url, false))
+}
+
+struct LiveCost {
+    size: u64,
+    in_log: u64,
+    reused: bool,
+    events: u64,
+    rate: f64,
+    daemon_secs: f64,
+    backend_secs: f64,
+}
+
+async fn live_cost(env: &mut Env) -> Result<()> {
+    let a = env.args.clone();
+    let admin = connect(&env.admin).await?;
+    let mut results = Vec::new();
+    for &size in &a.live_cost_sizes {
+        let (url, reused) = live_cost_database(env, &admin, size).await?;
+        let client = connect(&url).await?;
+        let in_log = scalar_i64(&client, "SELECT count(*) FROM events").await? as u64;
+        log(format!(
+            "live cost at {in_log} events: starting `pgfold run` and waiting until it has caught up"
+        ));
+        let mut daemon = running_daemon(&client, &url, vec!["run".to_string()], &[]).await?;
+        // Let the workers go idle and arm the wake-up flag, as in production.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let cpu0 = DaemonCpu::sample(&client, &daemon).await?;
+        log(format!(
+            "live cost at {in_log} events: {} writers appending {} events/s in total for {} s",
+            a.writers, a.rate, a.seconds
+        ));
+        let (writers, secs) = live_writers(&url, &a, false).await?;
+        // The cost of the live events includes projecting the last of them.
+        wait_caught_up(&client, &mut daemon, &[], Duration::from_secs(60)).await?;
+        let (daemon_secs, backend_secs) = cpu0.until(&DaemonCpu::sample(&client, &daemon).await?);
+        stop_daemon(daemon).await?;
+        let events = writers.committed.len() as u64;
+        results.push(LiveCost {
+            size,
+            in_log,
+            reused,
+            events,
+            rate: events as f64 / secs,
+            daemon_secs: daemon_secs.unwrap_or(f64::NAN),
+            backend_secs,
+        });
+    }
+
+    let per_1000 = |secs: f64, events: u64| 1_000_000.0 * secs / events.max(1) as f64;
+    let total = |c: &LiveCost| per_1000(c.daemon_secs + c.backend_secs, c.events);
+    let r = &mut env.report;
+    writeln!(
+        r,
+        "\n5. Live cost: CPU the daemon spends per 1,000 live events, by the size of the log. For each size a \
+         database\n   {}_lc<size> loaded with pgfold::workload::load_orders (kept for later runs), `pgfold run` \
+         caught up,\n   then the live phase's writers ({} writers, {} events/s for {} s); CPU from the writers' \
+         start until the\n   daemon has caught up with their last event: the daemon process (/proc/<pid>/stat) \
+         and its PostgreSQL backends.",
+        a.db, a.writers, a.rate, a.seconds
+    )?;
+    writeln!(r)?;
+    writeln!(
+        r,
+        "   {:>12} {:>13} {:>10} {:>22} {:>22} {:>16}",
+        "log", "live events", "rate", "daemon ms/1k events", "backends ms/1k events", "total ms/1k"
+    )?;
+    for c in &results {
+        writeln!(
+            r,
+            "   {:>12} {:>13} {:>8.0}/s {:>22.1} {:>22.1} {:>16.1}{}",
+            thousands(c.in_log),
+            thousands(c.events),
+            c.rate,
+            per_1000(c.daemon_secs, c.events),
+            per_1000(c.backend_secs, c.events),
+            total(c),
+            if c.reused { "  (reused database)" } else { "" }
+        )?;
+    }
+    if let (Some(first), Some(last)) = (results.first(), results.last()) {
+        if results.len() > 1 {
+            writeln!(
+                r,
+                "   cost per event at {} / at {}: {:.2}x (issue 11's target: within 1.1x)",
+                thousands(last.size),
+                thousands(first.size),
+                total(last) / total(first)
+            )?;
+        }
+    }
     Ok(())
 }

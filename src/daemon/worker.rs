@@ -119,6 +119,11 @@ pub struct Worker {
     /// While isolating: the end of the batch that failed. The full size comes back
     /// once the checkpoint has passed it.
     isolating_until: Option<Position>,
+    /// `daemon.batch_bytes`, for decoded-events batches.
+    batch_bytes: i64,
+    /// The last event found larger than `batch_bytes`: it is read again on every
+    /// retry, and is worth one warning, not one per attempt.
+    warned_oversized: Option<i64>,
 }
 
 impl Worker {
@@ -139,6 +144,8 @@ impl Worker {
             full_limit,
             limit: full_limit,
             isolating_until: None,
+            batch_bytes: i64::try_from(daemon.batch_bytes).unwrap_or(i64::MAX),
+            warned_oversized: None,
         }
     }
 
@@ -196,15 +203,26 @@ impl Worker {
         // A batch is a few thousand rows at most: starting parallel workers for it
         // costs more than it saves.
         Db::execute(&tx, "SET LOCAL max_parallel_workers_per_gather = 0", &[]).await?;
-        let rows = feed::read_events(&tx, ck.position, horizon, &filter, self.limit).await?;
-        if rows.is_empty() {
+        let read = feed::read_events(
+            &tx,
+            ck.position,
+            horizon,
+            &filter,
+            self.limit,
+            self.batch_bytes,
+        )
+        .await?;
+        if read.rows.is_empty() {
             return Ok(Step::Idle {
                 horizon,
                 position: ck.position,
             });
         }
-        let read = rows.len();
-        let batch = feed::order_batch(&tx, rows, &ck.ahead, &filter).await?;
+        self.warn_if_oversized(&read.rows[0]);
+        let cut = read.cut_by_bytes;
+        let batch = feed::order_batch(&tx, read, &ck.ahead, &filter, self.batch_bytes).await?;
+        let read = batch.rows;
+        let full = cut || read >= self.limit as usize;
         Db::execute(&tx, "SAVEPOINT apply", &[]).await?;
         let result = if batch.events.is_empty() {
             Ok(())
@@ -227,7 +245,7 @@ impl Worker {
                 Ok(Step::Applied {
                     events: batch.events.len() as u64,
                     upto: batch.upto,
-                    full: read >= self.limit as usize,
+                    full,
                 })
             }
             Err(e) => {
@@ -356,6 +374,24 @@ impl Worker {
                     .await
             }
         }
+    }
+
+    /// Warns, once per event, that `row` alone exceeds the byte budget: it is
+    /// applied by itself, and memory peaks with its size rather than the budget's.
+    fn warn_if_oversized(&mut self, row: &feed::ReadRow) {
+        if row.bytes <= self.batch_bytes || self.warned_oversized == Some(row.event.id) {
+            return;
+        }
+        self.warned_oversized = Some(row.event.id);
+        tracing::warn!(
+            projector = self.projector.name(),
+            event_id = row.event.id,
+            stream_id = %row.event.stream_id,
+            event_type = %row.event.event_type,
+            bytes = row.bytes,
+            batch_bytes = self.batch_bytes,
+            "event larger than daemon.batch_bytes; applying it in a batch of its own"
+        );
     }
 
     /// Logs who holds the horizon back, once it has done so for `for_how_long`.

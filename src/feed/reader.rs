@@ -1,6 +1,9 @@
 //! The queries that read the log, all in position order over the
 //! `pgfold_events_position` index.
 
+use deadpool_postgres::Transaction;
+use futures_util::TryStreamExt;
+use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use crate::db::Db;
@@ -8,9 +11,22 @@ use crate::db::Db;
 use super::{Horizon, Position, POSITION_TX};
 use crate::projector::{Event, EventFilter};
 
+/// The columns of an event, in [`read_row`]'s order.
 const COLUMNS: &str =
-    "e.id, COALESCE(e.tx_id, '0'::xid8)::text, e.stream_id, e.stream_type, e.event_type, \
-     e.event_version, e.payload, e.metadata, e.occurred_at, e.sequence";
+    "x.id, COALESCE(x.tx_id, '0'::xid8)::text, x.stream_id, x.stream_type, x.event_type, \
+     x.event_version, x.payload, x.metadata, x.occurred_at, x.sequence";
+
+/// What the byte budget counts for event `e`: the size of its payload and metadata
+/// as the daemon receives them. For a value stored compressed, the length of its
+/// JSON text, exactly what crosses the wire (jsonb's binary format is that text
+/// behind a version byte); `pg_column_size` would give the compressed size, which
+/// can be a hundredth of that. For the others, stored as they are (every small
+/// event), `pg_column_size`, the size of the stored jsonb: within a few percent of
+/// the text's for a document of any size, and it costs no rendering.
+const BYTES: &str = "(CASE WHEN pg_column_compression(e.payload) IS NULL
+                           THEN pg_column_size(e.payload) ELSE octet_length(e.payload::text) END::bigint
+                    + CASE WHEN pg_column_compression(e.metadata) IS NULL
+                           THEN pg_column_size(e.metadata) ELSE octet_length(e.metadata::text) END)";
 
 /// An event read in position order, and whether its stream's previous event (by
 /// `sequence`) has a *later* position: the case where transaction ids disagree with
@@ -19,7 +35,60 @@ const COLUMNS: &str =
 pub struct ReadRow {
     pub event: Event,
     pub predecessor_later: bool,
+    /// The size of the payload and metadata as received: what the batch budget
+    /// counts (see `BYTES`).
+    pub bytes: i64,
 }
+
+/// Rows read for a batch: in position order, within the count and byte limits.
+#[derive(Debug, Default)]
+pub struct ReadBatch {
+    pub rows: Vec<ReadRow>,
+    /// The byte budget ended the batch before the count did: more events are waiting.
+    pub cut_by_bytes: bool,
+}
+
+/// `read` (rows of `id`, `tx`, `sequence`, `bytes` ([`BYTES`]) and
+/// `predecessor_later`, in the order `order`, written over `r.`) cut at a byte
+/// budget bound at `$budget`: a row fits while the running total of `bytes` up to
+/// and including it stays within the budget; with `first_always`, the first row
+/// fits whatever it weighs (an event larger than the budget makes a batch of its
+/// own). Only a row that fits is fetched whole; from the first that does not on,
+/// the events' columns come back NULL, so no payload beyond the budget crosses the
+/// wire. The reader stops at that row.
+///
+/// The window sees no payload on purpose: its tuplestore would spill large values
+/// to disk, and a spilled window reads its whole input before returning a row,
+/// which would render every payload up to the count limit on every batch.
+fn within_budget(read: &str, order: &str, budget: u8, first_always: bool) -> String {
+    let first = if first_always {
+        "OR row_number() OVER w = 1"
+    } else {
+        ""
+    };
+    format!(
+        "SELECT {COLUMNS}, r.predecessor_later, r.bytes, r.fits
+           FROM (
+             SELECT r.*, sum(r.bytes) OVER w <= ${budget}::bigint {first} AS fits
+               FROM ({read}) r
+             WINDOW w AS (ORDER BY {order} ROWS UNBOUNDED PRECEDING)
+           ) r
+           LEFT JOIN LATERAL (
+             SELECT * FROM events x WHERE r.fits AND x.id = r.id LIMIT 1
+           ) x ON true
+          ORDER BY {order}"
+    )
+}
+
+/// Index of the `fits` column of [`within_budget`]'s rows.
+const FITS: usize = 12;
+
+/// Rows fetched from the read's portal at first; each further fetch takes four
+/// times as many. Small first fetches keep the server from reading (and
+/// decompressing, to size them) many large rows that the budget then leaves out; live batches of a few events and full
+/// batches of small ones still take one to five round trips.
+const FIRST_FETCH: i32 = 16;
+const LARGEST_FETCH: i32 = 4096;
 
 /// A `LATERAL` subquery giving `p`, the nearest earlier event of `e`'s stream that
 /// passes the filter bound at `$f1` / `$f2`. Earlier
@@ -64,17 +133,20 @@ pub(crate) fn in_range(alias: &str) -> String {
     )
 }
 
-/// Up to `limit` events after `after` and below the horizon that pass `filter`.
-pub async fn read_events<C: Db>(
-    client: &C,
+/// Up to `limit` events after `after` and below the horizon that pass `filter`,
+/// holding at most `budget` bytes (see [`within_budget`]). Rows are decoded as they
+/// arrive and dropped, so each payload is held once, as the decoded event.
+pub async fn read_events(
+    tx: &Transaction<'_>,
     after: Position,
     horizon: Horizon,
     filter: &EventFilter,
     limit: u32,
-) -> Result<Vec<ReadRow>, tokio_postgres::Error> {
-    let sql = format!(
-        "SELECT {COLUMNS},
-                p.id IS NOT NULL AND (p.tx, p.id) > ({POSITION_TX}, e.id)
+    budget: i64,
+) -> Result<ReadBatch, tokio_postgres::Error> {
+    let read = format!(
+        "SELECT e.id, {POSITION_TX} AS tx, e.sequence, {BYTES} AS bytes,
+                p.id IS NOT NULL AND (p.tx, p.id) > ({POSITION_TX}, e.id) AS predecessor_later
            FROM events e
            LEFT JOIN {probe} ON true
           WHERE ({POSITION_TX}, e.id) > ($1::text::xid8, $2)
@@ -85,9 +157,12 @@ pub async fn read_events<C: Db>(
         probe = nearest_consumed_predecessor(4, 5),
         passes = passes(4, 5),
     );
-    let rows = client
-        .query(
-            &sql,
+    let statement = tx
+        .prepare_cached(&within_budget(&read, "r.tx, r.id", 7, true))
+        .await?;
+    let portal = tx
+        .bind(
+            &statement,
             &[
                 &after.tx_text(),
                 &after.id,
@@ -95,16 +170,29 @@ pub async fn read_events<C: Db>(
                 &filter.event_types,
                 &filter.stream_types,
                 &i64::from(limit),
+                &budget,
             ],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| ReadRow {
-            event: decode(r),
-            predecessor_later: r.get(10),
-        })
-        .collect())
+    let mut batch = ReadBatch::default();
+    let mut fetch = FIRST_FETCH;
+    loop {
+        let rows = tx.query_portal_raw(&portal, fetch).await?;
+        futures_util::pin_mut!(rows);
+        let mut fetched = 0;
+        while let Some(row) = rows.try_next().await? {
+            fetched += 1;
+            if !row.get::<_, bool>(FITS) {
+                batch.cut_by_bytes = true;
+                return Ok(batch);
+            }
+            batch.rows.push(read_row(&row));
+        }
+        if fetched < fetch {
+            return Ok(batch);
+        }
+        fetch = fetch.saturating_mul(4).min(LARGEST_FETCH);
+    }
 }
 
 /// For a [`crate::projector::Feed::StreamSet`] batch `(after, upto]`: the events
@@ -180,35 +268,52 @@ pub async fn ahead_of_range<C: Db>(
 }
 
 /// The events of `event`'s stream before it in `sequence` whose position is after
-/// it, in `sequence` order.
-pub(super) async fn later_predecessors<C: Db>(
-    client: &C,
+/// it, in `sequence` order, and whether they fit in `budget` bytes. When they do
+/// not, the events are left out: the caller decides whether the row that needs
+/// them waits for a batch of its own.
+pub(super) async fn later_predecessors(
+    tx: &Transaction<'_>,
     event: &Event,
     filter: &EventFilter,
-) -> Result<Vec<Event>, tokio_postgres::Error> {
-    let sql = format!(
-        "SELECT {COLUMNS}
+    budget: i64,
+) -> Result<(Vec<ReadRow>, bool), tokio_postgres::Error> {
+    let read = format!(
+        "SELECT e.id, {POSITION_TX} AS tx, e.sequence, {BYTES} AS bytes,
+                false AS predecessor_later
            FROM events e
           WHERE e.stream_id = $1 AND e.sequence < $2
             AND ({POSITION_TX}, e.id) > ($3::text::xid8, $4)
-            AND {passes}
-          ORDER BY e.sequence",
+            AND {passes}",
         passes = passes(5, 6),
     );
-    let rows = client
-        .query(
-            &sql,
-            &[
-                &event.stream_id,
+    let statement = tx
+        .prepare_cached(&within_budget(&read, "r.sequence", 7, false))
+        .await?;
+    let rows = tx
+        .query_raw(
+            &statement,
+            [
+                &event.stream_id as &(dyn ToSql + Sync),
                 &event.sequence,
                 &event.position.tx_text(),
                 &event.position.id,
                 &filter.event_types,
                 &filter.stream_types,
+                &budget,
             ],
         )
         .await?;
-    Ok(rows.iter().map(decode).collect())
+    futures_util::pin_mut!(rows);
+    let mut events = Vec::new();
+    while let Some(row) = rows.try_next().await? {
+        // A row beyond the budget is the whole answer: the budget is a running
+        // total, so every row after it is beyond it too.
+        if !row.get::<_, bool>(FITS) {
+            return Ok((Vec::new(), false));
+        }
+        events.push(read_row(&row));
+    }
+    Ok((events, true))
 }
 
 /// The end of a set-based batch of about `limit` events after `after`, below the
@@ -296,17 +401,22 @@ fn position(row: &Row, tx: usize, id: usize) -> Position {
     )
 }
 
-fn decode(row: &Row) -> Event {
-    Event {
-        id: row.get(0),
-        position: position(row, 1, 0),
-        stream_id: row.get(2),
-        stream_type: row.get(3),
-        event_type: row.get(4),
-        event_version: row.get(5),
-        payload: row.get(6),
-        metadata: row.get(7),
-        occurred_at: row.get(8),
-        sequence: row.get(9),
+/// A row of [`within_budget`] that fits.
+fn read_row(row: &Row) -> ReadRow {
+    ReadRow {
+        event: Event {
+            id: row.get(0),
+            position: position(row, 1, 0),
+            stream_id: row.get(2),
+            stream_type: row.get(3),
+            event_type: row.get(4),
+            event_version: row.get(5),
+            payload: row.get(6),
+            metadata: row.get(7),
+            occurred_at: row.get(8),
+            sequence: row.get(9),
+        },
+        predecessor_later: row.get(10),
+        bytes: row.get(11),
     }
 }

@@ -6,6 +6,7 @@ mod cli;
 mod crash;
 mod gap;
 mod helpers;
+mod memory;
 mod migration;
 mod ops;
 mod plans;

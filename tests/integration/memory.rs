@@ -70,17 +70,15 @@ async fn spend_differences(client: &Client) -> i64 {
     .await
 }
 
-/// The child's log lines that warn of an event larger than the budget.
-fn oversized_warnings(daemon: &Daemon) -> Vec<Value> {
+const OVERSIZED: &str = "larger than daemon.batch_bytes";
+
+/// The child's log lines whose message contains `text`.
+fn logged(daemon: &Daemon, text: &str) -> Vec<Value> {
     daemon
         .lines()
         .iter()
         .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| {
-            l["message"]
-                .as_str()
-                .is_some_and(|m| m.contains("larger than daemon.batch_bytes"))
-        })
+        .filter(|l| l["message"].as_str().is_some_and(|m| m.contains(text)))
         .collect()
 }
 
@@ -163,7 +161,18 @@ async fn a_log_of_large_events_is_folded_within_the_byte_budget() {
     )
     .await;
     daemon.kill();
-    assert_eq!(oversized_warnings(&daemon), Vec::<Value>::new());
+    assert_eq!(logged(&daemon, OVERSIZED), Vec::<Value>::new());
+    // Why the batches are small is said once, naming the largest event.
+    let cut = logged(&daemon, "batches are cut at daemon.batch_bytes");
+    assert_eq!(cut.len(), 1, "one warning: {cut:?}");
+    assert_eq!(cut[0]["level"], "WARN", "{}", cut[0]);
+    assert!(
+        cut[0]["largest_bytes"]
+            .as_u64()
+            .is_some_and(|b| b >= 2_500_000),
+        "{}",
+        cut[0]
+    );
 }
 
 #[tokio::test]
@@ -184,7 +193,7 @@ async fn an_event_larger_than_the_budget_is_applied_alone_with_one_warning() {
     let (mut daemon, peak) = catch_up(&db).await;
     assert_peak_within(peak, 20_000_000);
     daemon.kill();
-    let warnings = oversized_warnings(&daemon);
+    let warnings = logged(&daemon, OVERSIZED);
     assert_eq!(warnings.len(), 1, "one warning: {warnings:?}");
     let w = &warnings[0];
     assert_eq!(w["level"], "WARN", "{w}");

@@ -221,7 +221,9 @@ impl Worker {
                 position: ck.position,
             });
         }
-        self.warn_if_oversized(&read.rows[0]);
+        if !ck.ahead.contains(&read.rows[0].event.id) {
+            self.warn_if_oversized(&read.rows[0]);
+        }
         if read.cut_by_bytes {
             self.warn_cut_by_bytes(&read.rows);
         }

@@ -215,7 +215,8 @@ impl Projector for DeliveryLog {
     async fn setup(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS delivery_log (
-               n BIGSERIAL PRIMARY KEY, stream_id TEXT NOT NULL, sequence BIGINT NOT NULL)",
+               n BIGSERIAL PRIMARY KEY, stream_id TEXT NOT NULL, sequence BIGINT NOT NULL,
+               batch xid8 NOT NULL DEFAULT pg_current_xact_id())",
         )
         .await?;
         Ok(())
@@ -375,4 +376,53 @@ async fn skipping_a_bad_event_delivered_ahead_dead_letters_its_whole_unit() {
         0,
         "the checkpoint has passed the event delivered ahead"
     );
+}
+
+/// Events delivered ahead count against `daemon.batch_bytes`: positions run
+/// order-2 created (small), order-1 paid (small), order-1 created (large, and
+/// needed before paid). The first two fit the budget as read; with order-1's
+/// created delivered ahead they do not, so order-2 goes alone and order-1's two
+/// events follow in a batch of their own.
+#[tokio::test]
+async fn events_delivered_ahead_count_against_the_byte_budget() {
+    let db = with_scratch().await;
+    let other = early_writer(&db).await;
+    let paid_writer = early_writer(&db).await;
+    let mut first = db.client().await;
+    let mut large = created("order-1", "books", json!("12.50"), 2);
+    large.payload["notes"] = json!("n".repeat(200_000));
+    append_all(&mut first, &[large]).await;
+    append_in_open(
+        &paid_writer,
+        &paid("order-1", "books", json!("12.50"), 2),
+        2,
+    )
+    .await;
+    append_in_open(&other, &created("order-2", "toys", json!("3.00"), 1), 1).await;
+    let mut settings = db.settings();
+    settings.daemon.batch_bytes = 100_000;
+    settings.projectors.clear();
+    let registry = Registry::new().register(DeliveryLog);
+
+    let outcome = run_once_with(&settings, &registry, RunOptions::default()).await;
+
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    let log: Vec<(String, i64, String)> = first
+        .query(
+            "SELECT stream_id, sequence, batch::text FROM delivery_log ORDER BY n",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    let order: Vec<(&str, i64)> = log.iter().map(|(s, q, _)| (s.as_str(), *q)).collect();
+    assert_eq!(
+        order,
+        [("order-2", 1), ("order-1", 1), ("order-1", 2)],
+        "{log:?}"
+    );
+    assert_ne!(log[0].2, log[1].2, "order-2 went alone: {log:?}");
+    assert_eq!(log[1].2, log[2].2, "order-1's events together: {log:?}");
 }

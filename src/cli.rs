@@ -106,6 +106,12 @@ pub fn main(registry: Registry) -> ExitCode {
 async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref())?;
     telemetry::init(&settings.log);
+    if !settings.ignored_env.is_empty() {
+        tracing::debug!(
+            variables = %settings.ignored_env.join(" "),
+            "PGFOLD_ variables without a double underscore are not configuration: ignored"
+        );
+    }
     match cli.command {
         Command::Migrate => {
             let pg = db::pg_config(settings.database.url.as_deref())?;

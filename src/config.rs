@@ -1,9 +1,16 @@
 //! Layered configuration: compiled-in defaults (`config/default.toml`), then the
-//! file given with `--config`, then `PGFOLD_`-prefixed environment variables, then
-//! `DATABASE_URL`. Every struct denies unknown keys, so a typo is an error instead
-//! of a silently ignored setting.
+//! file given with `--config`, then `PGFOLD_<SECTION>__<KEY>` environment
+//! variables, then `DATABASE_URL`. Every struct denies unknown keys, so a typo is an
+//! error instead of a silently ignored setting.
+//!
+//! Only variables with the double underscore are configuration. Others that merely
+//! start with `PGFOLD_` are not ours to judge: Kubernetes creates
+//! `PGFOLD_SERVICE_HOST`, `PGFOLD_PORT_9187_TCP` and friends in every container of
+//! a namespace with a Service named `pgfold`, and teams use the prefix for their own
+//! scripts. They are left out and named in [`Settings::ignored_env`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::OsString;
 use std::path::Path;
 use std::time::Duration;
 
@@ -23,6 +30,10 @@ pub struct Settings {
     pub http: HttpSettings,
     #[serde(default)]
     pub projectors: BTreeMap<String, ProjectorSettings>,
+    /// `PGFOLD_*` environment variables that were not read as configuration (no
+    /// `__`), for a debug line once logging is up.
+    #[serde(skip)]
+    pub ignored_env: Vec<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -61,7 +72,7 @@ impl DaemonSettings {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
-    /// Address for `/healthz`, `/readyz` and `/metrics`; `None`: no HTTP server.
+    /// Address for `/healthz`, `/readyz`, `/metrics` and `/wait`; `None`: no HTTP server.
     pub listen: Option<String>,
 }
 
@@ -110,6 +121,16 @@ pub enum OnError {
 impl Settings {
     /// Loads the layers. `file` is the `--config` argument, if any.
     pub fn load(file: Option<&Path>) -> anyhow::Result<Settings> {
+        Settings::load_with_env(file, std::env::vars_os())
+    }
+
+    /// [`Settings::load`] with the process environment given as `vars` (the
+    /// `PGFOLD_*` part of it; `DATABASE_URL` is always read from the process).
+    pub fn load_with_env(
+        file: Option<&Path>,
+        vars: impl IntoIterator<Item = (OsString, OsString)>,
+    ) -> anyhow::Result<Settings> {
+        let (env, ignored_env) = split_environment(vars)?;
         let mut builder = config::Config::builder()
             .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
         if let Some(path) = file {
@@ -126,7 +147,8 @@ impl Settings {
             config::Environment::with_prefix("PGFOLD")
                 .prefix_separator("_")
                 .separator("__")
-                .try_parsing(true),
+                .try_parsing(true)
+                .source(Some(env)),
         );
         if let Ok(url) = std::env::var("DATABASE_URL") {
             if !url.is_empty() {
@@ -137,13 +159,14 @@ impl Settings {
             Some(path) => format!("configuration ({})", path.display()),
             None => "configuration".to_string(),
         };
-        let settings: Settings = builder
+        let mut settings: Settings = builder
             .build()
             .and_then(|c| c.try_deserialize())
             .map_err(|e| anyhow::anyhow!("invalid {source}: {}", one_line(&e.to_string())))?;
         settings
             .validate()
             .with_context(|| format!("invalid {source}"))?;
+        settings.ignored_env = ignored_env;
         Ok(settings)
     }
 
@@ -174,7 +197,86 @@ impl Settings {
     }
 }
 
+/// The `PGFOLD_<SECTION>__<KEY>` variables (the prefix matched in any case, as the
+/// `config` crate does), and the names of the other `PGFOLD_*` ones, sorted.
+fn split_environment(
+    vars: impl IntoIterator<Item = (OsString, OsString)>,
+) -> anyhow::Result<(HashMap<String, String>, Vec<String>)> {
+    const PREFIX: &str = "pgfold_";
+    let mut config = HashMap::new();
+    let mut ignored = Vec::new();
+    for (name, value) in vars {
+        // A name that is not Unicode cannot spell a key.
+        let Ok(name) = name.into_string() else {
+            continue;
+        };
+        let Some(rest) = name
+            .get(..PREFIX.len())
+            .filter(|p| p.eq_ignore_ascii_case(PREFIX))
+            .map(|_| &name[PREFIX.len()..])
+        else {
+            continue;
+        };
+        if !rest.contains("__") {
+            ignored.push(name);
+            continue;
+        }
+        let value = value
+            .into_string()
+            .map_err(|_| anyhow::anyhow!("environment variable {name} is not valid UTF-8"))?;
+        config.insert(name, value);
+    }
+    ignored.sort();
+    Ok((config, ignored))
+}
+
 /// Error messages from parsers sometimes span lines; the CLI promises one.
 pub(crate) fn one_line(s: &str) -> String {
     s.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> anyhow::Result<Settings> {
+        Settings::load_with_env(
+            None,
+            vars.iter()
+                .map(|(k, v)| (OsString::from(k), OsString::from(v))),
+        )
+    }
+
+    #[test]
+    fn variables_without_the_double_underscore_are_not_configuration() {
+        // Kubernetes' service links, and a team's own variable (the real binary
+        // with the full set: tests/integration/deploy.rs).
+        let settings = load(&[
+            ("PGFOLD_SERVICE_PORT_METRICS", "9187"),
+            ("PGFOLD_PORT", "tcp://10.96.12.34:9187"),
+            ("PGFOLD_DAEMON__POLL_INTERVAL_MS", "250"),
+            ("PGFOLD_TEST_ADMIN_URL", "postgres://elsewhere"),
+        ])
+        .unwrap();
+        assert_eq!(settings.daemon.poll_interval_ms, 250);
+        assert_eq!(
+            settings.ignored_env,
+            [
+                "PGFOLD_PORT",
+                "PGFOLD_SERVICE_PORT_METRICS",
+                "PGFOLD_TEST_ADMIN_URL"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_misspelled_key_or_section_is_still_an_error() {
+        let err = load(&[("PGFOLD_DAEMON__POLL_INTERVL_MS", "250")]).unwrap_err();
+        assert!(err.to_string().contains("poll_intervl_ms"), "{err}");
+        let err = load(&[("PGFOLD_DEAMON__POLL_INTERVAL_MS", "250")]).unwrap_err();
+        assert!(err.to_string().contains("deamon"), "{err}");
+        // The prefix in any case, as before.
+        let settings = load(&[("pgfold_log__level", "debug")]).unwrap();
+        assert_eq!(settings.log.level, "debug");
+    }
 }

@@ -1,14 +1,16 @@
 //! pgfold keeps read models of a PostgreSQL event store current.
 //!
 //! # Layout
-//! - [`store`]: the application side: appending events with optimistic concurrency.
+//! - [`store`]: the application side: appending events with optimistic concurrency,
+//!   and waiting until a projector has applied them (`pgfold.wait_for`).
 //! - [`feed`]: reading the log gap-free, in an order that respects each stream.
 //! - [`projector`]: the `Projector` trait and the registry of projectors by name.
 //! - [`projectors`]: the built-in projectors, `daily_revenue` and `order_snapshots`.
 //! - [`daemon`]: the long-running worker: batches, checkpoints, coordination,
 //!   wake-ups, retries and shutdown.
 //! - [`status`]: what `pgfold status` reports.
-//! - [`ops`]: metrics, the HTTP health and metrics endpoints, systemd notifications.
+//! - [`ops`]: metrics, the HTTP endpoints (health, metrics, `/wait`), systemd
+//!   notifications.
 //! - [`db`]: connections, migrations, and which database errors are transient.
 //! - [`config`], [`cli`], [`telemetry`]: settings, the command line, logging.
 //! - [`demo`]: `pgfold demo`, a live first look on a throwaway database.

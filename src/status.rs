@@ -50,6 +50,10 @@ impl Status {
 
 /// Gathers the status. A transaction holding the horizon is reported once it has
 /// been open for `stall_after`: a short one is just a write in flight.
+///
+/// The lag of each projector is counted through the position index (a fenced
+/// read, see `src/feed/reader.rs`), so that a scrape costs what the lag holds,
+/// not what the log holds.
 pub async fn collect<C: Db>(
     client: &C,
     registry: &Registry,
@@ -72,9 +76,11 @@ pub async fn collect<C: Db>(
                             coalesce(extract(epoch FROM now() - lag.oldest)::float8, 0)
                        FROM pgfold.projectors p
                        CROSS JOIN LATERAL (
-                         SELECT count(*) AS events, min(e.occurred_at) AS oldest FROM events e
-                          WHERE ({POSITION_TX}, e.id) > (p.position_tx, p.position_id)
-                            AND ($2::text[] IS NULL OR e.event_type = ANY($2))
+                         SELECT count(*) AS events, min(e.occurred_at) AS oldest
+                           FROM (SELECT e.occurred_at, e.event_type, e.stream_type FROM events e
+                                  WHERE ({POSITION_TX}, e.id) > (p.position_tx, p.position_id)
+                                 OFFSET 0) e
+                          WHERE ($2::text[] IS NULL OR e.event_type = ANY($2))
                             AND ($3::text[] IS NULL OR e.stream_type = ANY($3))) lag
                       WHERE p.name = $1"
                 ),

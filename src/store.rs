@@ -1,6 +1,9 @@
 //! The application side of the event store: appending with optimistic concurrency,
-//! as the application would. pgfold's own tests, examples and benchmark write
+//! as the application would, and waiting until a projector has applied what was
+//! appended (read your own writes). pgfold's own tests, examples and benchmark write
 //! through this, so the daemon is always exercised against real application writes.
+
+use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -56,8 +59,17 @@ pub enum AppendError {
     Database(#[from] tokio_postgres::Error),
 }
 
-/// Appends `event` at `sequence`, which the caller expects to be the stream's next.
-/// Runs in whatever transaction `client` is in.
+/// An appended event: `stream_id` and `sequence` are what [`wait_for`] needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub id: i64,
+    pub stream_id: String,
+    pub sequence: i64,
+}
+
+/// Appends `event` at `sequence`, which the caller expects to be the stream's next,
+/// and returns the event's id (the caller already holds its stream and sequence for
+/// [`wait_for`]). Runs in whatever transaction `client` is in.
 pub async fn append<C: GenericClient>(
     client: &C,
     event: &NewEvent,
@@ -115,23 +127,48 @@ pub async fn last_sequence<C: GenericClient>(
 pub const MAX_APPEND_ATTEMPTS: u32 = 20;
 
 /// The usual application write: append `event` as the next event of its stream, in
-/// a transaction of its own, retrying on conflict.
+/// a transaction of its own, retrying on conflict. Once it returns, the event is
+/// committed: pass it to [`wait_for`] to read a projection that includes it.
 pub async fn append_next(
     client: &mut tokio_postgres::Client,
     event: &NewEvent,
-) -> Result<i64, AppendError> {
+) -> Result<Appended, AppendError> {
     let mut tries = 0;
     loop {
         tries += 1;
         let tx = client.transaction().await?;
         let sequence = last_sequence(&tx, &event.stream_id).await? + 1;
         match append(&tx, event, sequence).await {
-            Ok(_) => {
+            Ok(id) => {
                 tx.commit().await?;
-                return Ok(sequence);
+                return Ok(Appended {
+                    id,
+                    stream_id: event.stream_id.clone(),
+                    sequence,
+                });
             }
             Err(AppendError::Conflict { .. }) if tries < MAX_APPEND_ATTEMPTS => continue,
             Err(e) => return Err(e),
         }
     }
+}
+
+/// `pgfold.wait_for`: waits until `projector` has applied the event at
+/// (`stream_id`, `sequence`) and everything before it in that stream that it
+/// consumes; false if `timeout` passes first. Call it after the append has
+/// committed, outside any REPEATABLE READ or SERIALIZABLE transaction.
+pub async fn wait_for<C: GenericClient>(
+    client: &C,
+    projector: &str,
+    stream_id: &str,
+    sequence: i64,
+    timeout: Duration,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT pgfold.wait_for($1, $2, $3, make_interval(secs => $4))",
+            &[&projector, &stream_id, &sequence, &timeout.as_secs_f64()],
+        )
+        .await?;
+    Ok(row.get(0))
 }

@@ -1,5 +1,11 @@
 //! Logging: readable on a terminal, one JSON object per line for journald and
 //! container logs. `RUST_LOG` overrides the configured level.
+//!
+//! Text logs are coloured only on a terminal, and not even there when `NO_COLOR`
+//! is set (no-color.org): journald, `docker logs` and `kubectl logs` would show the
+//! escape codes as they are.
+
+use std::io::IsTerminal;
 
 use tracing_subscriber::EnvFilter;
 
@@ -9,12 +15,19 @@ pub fn init(settings: &LogSettings) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
+    let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
     // A second call (tests, embedding) keeps the first subscriber.
     let _ = match settings.format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder
+            .with_ansi(false)
+            .json()
+            .flatten_event(true)
+            .try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal() && !no_color)
+            .try_init(),
     };
 }

@@ -14,6 +14,7 @@ use std::collections::HashSet;
 use crate::db::Db;
 
 use crate::feed::Position;
+use crate::projector::{Feed, Projector};
 
 /// A projector's state column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -79,6 +80,32 @@ pub async fn register<C: Db>(client: &C, name: &str) -> Result<bool, tokio_postg
         )
         .await?;
     Ok(n == 1)
+}
+
+/// Records which events the projector consumes and whether it applies each stream
+/// in `sequence` order, for `pgfold.applied` (migration V6) to judge by.
+pub async fn record_filter<C: Db>(
+    client: &C,
+    p: &dyn Projector,
+) -> Result<(), tokio_postgres::Error> {
+    let filter = p.filter();
+    let in_stream_order = p.feed() != Feed::Set;
+    client
+        .execute(
+            "UPDATE pgfold.projectors
+                SET event_types = $2, stream_types = $3, in_stream_order = $4
+              WHERE name = $1
+                AND (event_types, stream_types, in_stream_order)
+                    IS DISTINCT FROM ($2::text[], $3::text[], $4::boolean)",
+            &[
+                &p.name(),
+                &filter.event_types,
+                &filter.stream_types,
+                &in_stream_order,
+            ],
+        )
+        .await?;
+    Ok(())
 }
 
 pub async fn exists<C: Db>(client: &C, name: &str) -> Result<bool, tokio_postgres::Error> {

@@ -121,6 +121,7 @@ async fn setup(client: &mut tokio_postgres::Client, p: &dyn Projector) -> anyhow
         .await
         .with_context(|| format!("failed to create the tables of projector {}", p.name()))?;
     checkpoint::register(&tx, p.name()).await?;
+    checkpoint::record_filter(&tx, p).await?;
     tx.commit().await?;
     Ok(())
 }
@@ -172,6 +173,7 @@ pub async fn run_with(
         if !checkpoint::exists(&client, p.name()).await? {
             setup(&mut client, p.as_ref()).await?;
         }
+        checkpoint::record_filter(&client, p.as_ref()).await?;
         if checkpoint::unpark(&client, p.name()).await? {
             tracing::info!(projector = p.name(), "retrying a parked projector");
         }

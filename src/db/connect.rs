@@ -6,8 +6,8 @@
 //! PGDATABASE, PGAPPNAME and PGCONNECT_TIMEOUT, falling back to the local socket,
 //! the OS user and a database named after it.
 //!
-//! TLS (`sslmode`, `sslrootcert`, or PGSSLMODE and PGSSLROOTCERT without a URL)
-//! is resolved here too, into the [`PgConfig`] every connection is opened from:
+//! TLS (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`, or PGSSLMODE,
+//! PGSSLROOTCERT, PGSSLCERT and PGSSLKEY without a URL) is resolved here too, into the [`PgConfig`] every connection is opened from:
 //! see [`super::tls`].
 
 use std::ops::{Deref, DerefMut};
@@ -163,6 +163,8 @@ fn from_env() -> anyhow::Result<(tokio_postgres::Config, TlsOptions)> {
     let tls = TlsOptions {
         sslmode: var("PGSSLMODE"),
         sslrootcert: var("PGSSLROOTCERT"),
+        sslcert: var("PGSSLCERT"),
+        sslkey: var("PGSSLKEY"),
     };
     if let Some(mode) = &tls.sslmode {
         mode.parse::<tls::SslMode>()

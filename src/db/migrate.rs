@@ -53,6 +53,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "bad_event_stable",
         sql: include_str!("../../migrations/V5__bad_event_stable.sql"),
     },
+    Migration {
+        version: 6,
+        name: "read_your_writes",
+        sql: include_str!("../../migrations/V6__read_your_writes.sql"),
+    },
 ];
 
 /// Each DDL attempt waits at most this long for a lock before backing off.

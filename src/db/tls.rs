@@ -1,4 +1,5 @@
-//! TLS to PostgreSQL through rustls, with libpq's `sslmode` and `sslrootcert`.
+//! TLS to PostgreSQL through rustls, with libpq's `sslmode`, `sslrootcert`,
+//! `sslcert` and `sslkey`.
 //!
 //! tokio-postgres itself knows only `sslmode=disable|prefer|require` and leaves
 //! certificate checks to the TLS connector. So the TLS parameters are taken out of
@@ -18,8 +19,16 @@
 //! `~/.postgresql/root.crt` when it exists, else (for `verify-*`) the system's
 //! trust store; `sslrootcert=system` names the system's store explicitly and, as
 //! in libpq, requires `verify-full`. TLS is never used over Unix sockets.
+//!
+//! A client certificate (PEM, with its chain) is `sslcert`, else
+//! `~/.postgresql/postgresql.crt` when it exists; its key is `sslkey`, else
+//! `~/.postgresql/postgresql.key`. As in libpq, the key file must not be readable by
+//! others: 0600 or stricter when the current user owns it, 0640 or stricter when
+//! root does. Unlike libpq, an `sslcert` that names a missing file is an error
+//! rather than a connection without a certificate.
 
 use std::fmt;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
@@ -28,7 +37,7 @@ use anyhow::{anyhow, bail};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::ParsedCertificate;
 use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres::tls::MakeTlsConnect;
@@ -103,9 +112,26 @@ impl fmt::Display for SslMode {
 pub struct TlsOptions {
     pub sslmode: Option<String>,
     pub sslrootcert: Option<String>,
+    pub sslcert: Option<String>,
+    pub sslkey: Option<String>,
 }
 
-/// Takes `sslmode` and `sslrootcert` out of a connection string (URL or
+impl TlsOptions {
+    /// Stores `value` if `key` is one of ours; false if it is not.
+    fn take(&mut self, key: &str, value: String) -> bool {
+        let slot = match key {
+            "sslmode" => &mut self.sslmode,
+            "sslrootcert" => &mut self.sslrootcert,
+            "sslcert" => &mut self.sslcert,
+            "sslkey" => &mut self.sslkey,
+            _ => return false,
+        };
+        *slot = Some(value);
+        true
+    }
+}
+
+/// Takes the TLS parameters out of a connection string (URL or
 /// key=value), returning the rest for tokio-postgres to parse. A string this
 /// cannot read is returned whole, for tokio-postgres to report.
 pub fn split_options(conn: &str) -> (String, TlsOptions) {
@@ -132,17 +158,7 @@ fn split_url(url: &str, after_scheme: usize) -> Option<(String, TlsOptions)> {
     let mut kept = Vec::new();
     for param in url[q + 1..].split('&') {
         let taken = match param.split_once('=') {
-            Some((key, value)) => match percent_decode(key)?.as_str() {
-                "sslmode" => {
-                    options.sslmode = Some(percent_decode(value)?);
-                    true
-                }
-                "sslrootcert" => {
-                    options.sslrootcert = Some(percent_decode(value)?);
-                    true
-                }
-                _ => false,
-            },
+            Some((key, value)) => options.take(&percent_decode(key)?, percent_decode(value)?),
             None => false,
         };
         if !taken {
@@ -225,13 +241,11 @@ fn split_key_values(conn: &str) -> Option<(String, TlsOptions)> {
                 return None;
             }
         }
-        match key.as_str() {
-            "sslmode" => options.sslmode = Some(value),
-            "sslrootcert" => options.sslrootcert = Some(value),
-            _ => kept.push(format!(
+        if !options.take(&key, value.clone()) {
+            kept.push(format!(
                 "{key}='{}'",
                 value.replace('\\', "\\\\").replace('\'', "\\'")
-            )),
+            ));
         }
     }
     Some((kept.join(" "), options))
@@ -256,12 +270,20 @@ pub enum Verification {
     Full(Roots),
 }
 
+/// The client certificate and key files a connection presents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// The TLS side of a connection configuration: the mode and a rustls connector
 /// that verifies what the mode asks for.
 #[derive(Clone)]
 pub struct Tls {
     mode: SslMode,
     verification: Verification,
+    client_certificate: Option<ClientCertificate>,
     connector: MakeRustlsConnect,
 }
 
@@ -270,6 +292,7 @@ impl fmt::Debug for Tls {
         f.debug_struct("Tls")
             .field("mode", &self.mode)
             .field("verification", &self.verification)
+            .field("client_certificate", &self.client_certificate)
             .finish()
     }
 }
@@ -311,10 +334,17 @@ impl Tls {
                 _ => Verification::None,
             }
         };
-        let connector = MakeRustlsConnect::new(client_config(&verification)?);
+        let client_certificate = if mode == SslMode::Disable || !tcp {
+            None
+        } else {
+            client_certificate(options)
+        };
+        let identity = client_certificate.as_ref().map(load_identity).transpose()?;
+        let connector = MakeRustlsConnect::new(client_config(&verification, identity)?);
         Ok(Tls {
             mode,
             verification,
+            client_certificate,
             connector,
         })
     }
@@ -325,6 +355,10 @@ impl Tls {
 
     pub fn verification(&self) -> &Verification {
         &self.verification
+    }
+
+    pub fn client_certificate(&self) -> Option<&ClientCertificate> {
+        self.client_certificate.as_ref()
     }
 
     /// The `SslMode` for tokio-postgres.
@@ -340,36 +374,101 @@ impl Tls {
 
 /// libpq's default root certificate file, when it exists.
 fn default_root_file() -> Option<PathBuf> {
+    default_file("root.crt").filter(|p| p.is_file())
+}
+
+/// A file in `~/.postgresql`, whether or not it exists.
+fn default_file(name: &str) -> Option<PathBuf> {
     let home = std::env::var_os("HOME").filter(|h| !h.is_empty())?;
-    let path = Path::new(&home).join(".postgresql").join("root.crt");
-    path.is_file().then_some(path)
+    Some(Path::new(&home).join(".postgresql").join(name))
+}
+
+/// The certificate to present: `sslcert`, else libpq's default when that file
+/// exists; with `sslkey`, else the default key file.
+fn client_certificate(options: &TlsOptions) -> Option<ClientCertificate> {
+    let named = |o: &Option<String>| o.as_deref().filter(|p| !p.is_empty()).map(PathBuf::from);
+    let cert = named(&options.sslcert)
+        .or_else(|| default_file("postgresql.crt").filter(|p| p.is_file()))?;
+    let key = named(&options.sslkey).or_else(|| default_file("postgresql.key"))?;
+    Some(ClientCertificate { cert, key })
+}
+
+/// Reads the certificate chain and the key; errors are one line and name the file.
+fn load_identity(
+    files: &ClientCertificate,
+) -> anyhow::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let shown = files.cert.display();
+    let pem =
+        std::fs::read(&files.cert).map_err(|e| anyhow!("cannot read sslcert file {shown}: {e}"))?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("sslcert file {shown} is not valid PEM: {e}"))?;
+    if chain.is_empty() {
+        bail!("sslcert file {shown} holds no PEM certificate");
+    }
+    check_key_permissions(&files.key)?;
+    let shown = files.key.display();
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| anyhow!("sslkey file {shown} holds no unencrypted PEM private key ({e})"))?;
+    Ok((chain, key))
+}
+
+/// libpq's rule: a key the current user owns must not be accessible to group or
+/// others (0600 or stricter); one root owns may be readable by its group (0640).
+fn check_key_permissions(path: &Path) -> anyhow::Result<()> {
+    let shown = path.display();
+    let meta =
+        std::fs::metadata(path).map_err(|e| anyhow!("cannot read sslkey file {shown}: {e}"))?;
+    if !meta.is_file() {
+        bail!("sslkey file {shown} is not a regular file");
+    }
+    let mode = meta.mode();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let too_open =
+        (meta.uid() == euid && mode & 0o077 != 0) || (meta.uid() == 0 && mode & 0o037 != 0);
+    if too_open {
+        bail!(
+            "sslkey file {shown} has group or world access (mode {:04o}); it must be 0600 or \
+             stricter when owned by the current user, 0640 or stricter when owned by root",
+            mode & 0o7777
+        );
+    }
+    Ok(())
 }
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn client_config(verification: &Verification) -> anyhow::Result<ClientConfig> {
+fn client_config(
+    verification: &Verification,
+    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> anyhow::Result<ClientConfig> {
     let provider = provider();
     let algorithms = provider.signature_verification_algorithms;
     let builder = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| anyhow!("cannot set up TLS: {e}"))?;
-    let mut config = match verification {
-        Verification::Full(roots) => builder
-            .with_root_certificates(load_roots(roots)?)
-            .with_no_client_auth(),
-        Verification::Chain(roots) => builder
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(ChainOnly {
-                roots: Arc::new(load_roots(roots)?),
-                algorithms,
-            }))
-            .with_no_client_auth(),
+    let builder = match verification {
+        Verification::Full(roots) => builder.with_root_certificates(load_roots(roots)?),
+        Verification::Chain(roots) => {
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(ChainOnly {
+                    roots: Arc::new(load_roots(roots)?),
+                    algorithms,
+                }))
+        }
         Verification::None => builder
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(NoVerification { algorithms }))
-            .with_no_client_auth(),
+            .with_custom_certificate_verifier(Arc::new(NoVerification { algorithms })),
+    };
+    let mut config = match identity {
+        Some((chain, key)) => builder
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| anyhow!("cannot use the client certificate (sslcert, sslkey): {e}"))?,
+        None => builder.with_no_client_auth(),
     };
     // What libpq 17 sends; required by servers that accept direct TLS.
     config.alpn_protocols = vec![b"postgresql".to_vec()];
@@ -512,6 +611,7 @@ mod tests {
         TlsOptions {
             sslmode: sslmode.map(str::to_string),
             sslrootcert: sslrootcert.map(str::to_string),
+            ..TlsOptions::default()
         }
     }
 
@@ -598,6 +698,81 @@ mod tests {
             let text = format!("{err:#}");
             assert!(text.contains(path.to_str().unwrap()), "{text}");
             assert!(!text.contains('\n'), "{text}");
+        }
+    }
+
+    #[test]
+    fn client_certificate_parameters_are_taken_out_of_urls_and_key_values() {
+        let (rest, o) = split_options(
+            "postgres://app@db/shop?sslcert=%2Fetc%2Fc.pem&application_name=x&sslkey=%2Fetc%2Fk.pem",
+        );
+        assert_eq!(rest, "postgres://app@db/shop?application_name=x");
+        assert_eq!(o.sslcert.as_deref(), Some("/etc/c.pem"));
+        assert_eq!(o.sslkey.as_deref(), Some("/etc/k.pem"));
+
+        let (rest, o) = split_options("host=db sslcert='/a b/c.pem' sslkey=/k.pem dbname=shop");
+        assert_eq!(o.sslcert.as_deref(), Some("/a b/c.pem"));
+        assert_eq!(o.sslkey.as_deref(), Some("/k.pem"));
+        let config: tokio_postgres::Config = rest.parse().unwrap();
+        assert_eq!(config.get_dbname(), Some("shop"));
+    }
+
+    #[test]
+    fn a_key_others_may_read_is_refused_as_libpq_does() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("client.key");
+        std::fs::write(&key, "not checked before the permissions\n").unwrap();
+        // Owned by the current user (the test's): 0600 or stricter.
+        for (mode, allowed) in [(0o600, true), (0o400, true), (0o640, false), (0o604, false)] {
+            std::fs::set_permissions(&key, std::fs::Permissions::from_mode(mode)).unwrap();
+            let result = check_key_permissions(&key);
+            assert_eq!(result.is_ok(), allowed, "{mode:o}: {result:?}");
+            if let Err(e) = result {
+                let text = e.to_string();
+                assert!(text.contains(key.to_str().unwrap()), "{text}");
+                assert!(!text.contains('\n'), "{text}");
+            }
+        }
+        let err = check_key_permissions(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("not a regular file"), "{err}");
+    }
+
+    #[test]
+    fn client_certificate_files_are_read_only_where_tls_may_be_used() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key_pair = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["pgfold".to_string()])
+            .unwrap()
+            .self_signed(&key_pair)
+            .unwrap();
+        let (cert_file, key_file) = (dir.path().join("c.crt"), dir.path().join("c.key"));
+        std::fs::write(&cert_file, cert.pem()).unwrap();
+        std::fs::write(&key_file, key_pair.serialize_pem()).unwrap();
+        std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let with = |mode: &str, cert: &Path| TlsOptions {
+            sslmode: Some(mode.to_string()),
+            sslcert: cert.to_str().map(str::to_string),
+            sslkey: key_file.to_str().map(str::to_string),
+            ..TlsOptions::default()
+        };
+
+        let tls = Tls::new(&with("require", &cert_file), true).unwrap();
+        let expected = ClientCertificate {
+            cert: cert_file.clone(),
+            key: key_file.clone(),
+        };
+        assert_eq!(tls.client_certificate(), Some(&expected));
+
+        // A named certificate that is not there is an error naming it...
+        let missing = dir.path().join("missing.crt");
+        let err = Tls::new(&with("prefer", &missing), true).unwrap_err();
+        assert!(err.to_string().contains(missing.to_str().unwrap()), "{err}");
+        // ...except where no TLS would be used.
+        for (mode, tcp) in [("disable", true), ("require", false)] {
+            let tls = Tls::new(&with(mode, &missing), tcp).unwrap();
+            assert_eq!(tls.client_certificate(), None, "{mode}");
         }
     }
 }

@@ -35,7 +35,7 @@
 
 use std::collections::HashSet;
 
-use deadpool_postgres::Transaction;
+use crate::db::Db;
 
 use super::reader::{later_predecessors, ReadBatch};
 use super::Position;
@@ -62,8 +62,8 @@ pub struct OrderedBatch {
 /// against `budget` like the rows read: a row whose stream's earlier events do not
 /// fit beside the rows read ends the batch before it, unless it is the first row,
 /// which goes with them whatever they weigh (and alone, when they exceed the budget).
-pub async fn order_batch(
-    tx: &Transaction<'_>,
+pub async fn order_batch<C: Db>(
+    tx: &C,
     read: ReadBatch,
     already_ahead: &HashSet<i64>,
     filter: &EventFilter,

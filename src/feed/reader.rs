@@ -1,9 +1,18 @@
 //! The queries that read the log, all in position order over the
 //! `pgfold_events_position` index.
+//!
+//! That index must be the one that reads a range of the log whatever the table's
+//! statistics, or the cost of every live batch grows with the log. So every range
+//! is read in a subquery fenced with `OFFSET 0`: the filters around it (a
+//! projector's event types, the application's stream types) stay above the scan and
+//! cannot pull another of the application's indexes into it. Without the fence, a
+//! BitmapAnd with `idx_events_event_type` read every `OrderPaid` of the log to find
+//! the two of a live batch (`tests/integration/plan_robustness.rs`).
+//!
+//! Per-stream probes go through the application's `(stream_id, sequence)` index,
+//! by key: they fence the stream's key alone and test positions above the fence, so
+//! that no estimate of a range can turn a probe into a range scan per event.
 
-use deadpool_postgres::Transaction;
-use futures_util::TryStreamExt;
-use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use crate::db::Db;
@@ -83,29 +92,26 @@ fn within_budget(read: &str, order: &str, budget: u8, first_always: bool) -> Str
 /// Index of the `fits` column of [`within_budget`]'s rows.
 const FITS: usize = 12;
 
-/// Rows fetched from the read's portal at first; each further fetch takes four
-/// times as many. Small first fetches keep the server from reading (and
-/// decompressing, to size them) many large rows that the budget then leaves out; live batches of a few events and full
-/// batches of small ones still take one to five round trips.
-const FIRST_FETCH: i32 = 16;
-const LARGEST_FETCH: i32 = 4096;
-
 /// A `LATERAL` subquery giving `p`, the nearest earlier event of `e`'s stream that
-/// passes the filter bound at `$f1` / `$f2`. Earlier
-/// events the projector does not consume are stepped over: an inversion hidden
-/// behind one of them would otherwise go unnoticed. `LIMIT 1` keeps it a single
-/// backward probe of `(stream_id, sequence)` per event and keeps the planner from
-/// flattening it into a join.
+/// passes the filter bound at `$f1` / `$f2`. Earlier events the projector does not
+/// consume are stepped over: an inversion hidden behind one of them would otherwise
+/// go unnoticed. The stream's earlier events are read, newest first, by key in a
+/// fenced subquery, and filtered above it; `LIMIT 1` stops at the first that passes
+/// and keeps the planner from flattening the probe into a join.
 fn nearest_consumed_predecessor(f1: u8, f2: u8) -> String {
     format!(
         "LATERAL (
-           SELECT p.id, COALESCE(p.tx_id, '0'::xid8) AS tx FROM events p
-            WHERE p.stream_id = e.stream_id AND p.sequence < e.sequence
-              AND (${f1}::text[] IS NULL OR p.event_type = ANY(${f1}))
-              AND (${f2}::text[] IS NULL OR p.stream_type = ANY(${f2}))
+           SELECT p.id, p.tx FROM (
+             SELECT p.id, COALESCE(p.tx_id, '0'::xid8) AS tx, p.sequence, p.event_type, p.stream_type
+               FROM events p
+              WHERE p.stream_id = e.stream_id AND p.sequence < e.sequence
+              ORDER BY p.sequence DESC
+             OFFSET 0) p
+            WHERE {passes}
             ORDER BY p.sequence DESC
             LIMIT 1
-         ) p"
+         ) p",
+        passes = passes_as("p", f1, f2),
     )
 }
 
@@ -133,36 +139,53 @@ pub(crate) fn in_range(alias: &str) -> String {
     )
 }
 
+/// `events` in `(after, upto]` (bound at `$1`–`$4`, see [`in_range`]) as a fenced
+/// subquery to alias: the table's columns plus `pos_tx`, the position's transaction.
+/// See the module documentation for the fence.
+pub(crate) fn fenced_range(alias: &str) -> String {
+    format!(
+        "(SELECT COALESCE({alias}.tx_id, '0'::xid8) AS pos_tx, {alias}.*
+            FROM events {alias}
+           WHERE {range}
+          OFFSET 0)",
+        range = in_range(alias)
+    )
+}
+
 /// Up to `limit` events after `after` and below the horizon that pass `filter`,
 /// holding at most `budget` bytes (see [`within_budget`]). Rows are decoded as they
 /// arrive and dropped, so each payload is held once, as the decoded event.
-pub async fn read_events(
-    tx: &Transaction<'_>,
+pub async fn read_events<C: Db>(
+    client: &C,
     after: Position,
     horizon: Horizon,
     filter: &EventFilter,
     limit: u32,
     budget: i64,
 ) -> Result<ReadBatch, tokio_postgres::Error> {
+    // The range is read in position order inside the fence; `pos_tx` carries that
+    // order out of it, so the LIMIT stops the index scan early instead of sorting
+    // everything after the checkpoint.
     let read = format!(
-        "SELECT e.id, {POSITION_TX} AS tx, e.sequence, {BYTES} AS bytes,
-                p.id IS NOT NULL AND (p.tx, p.id) > ({POSITION_TX}, e.id) AS predecessor_later
-           FROM events e
+        "SELECT e.id, e.pos_tx AS tx, e.sequence, {BYTES} AS bytes,
+                p.id IS NOT NULL AND (p.tx, p.id) > (e.pos_tx, e.id) AS predecessor_later
+           FROM (SELECT COALESCE(e.tx_id, '0'::xid8) AS pos_tx, e.*
+                   FROM events e
+                  WHERE ({POSITION_TX}, e.id) > ($1::text::xid8, $2)
+                    AND {POSITION_TX} < $3::text::xid8
+                  ORDER BY 1, e.id
+                 OFFSET 0) e
            LEFT JOIN {probe} ON true
-          WHERE ({POSITION_TX}, e.id) > ($1::text::xid8, $2)
-            AND {POSITION_TX} < $3::text::xid8
-            AND {passes}
-          ORDER BY {POSITION_TX}, e.id
+          WHERE {passes}
+          ORDER BY e.pos_tx, e.id
           LIMIT $6",
         probe = nearest_consumed_predecessor(4, 5),
         passes = passes(4, 5),
     );
-    let statement = tx
-        .prepare_cached(&within_budget(&read, "r.tx, r.id", 7, true))
-        .await?;
-    let portal = tx
-        .bind(
-            &statement,
+    let mut batch = ReadBatch::default();
+    client
+        .for_each_row(
+            &within_budget(&read, "r.tx, r.id", 7, true),
             &[
                 &after.tx_text(),
                 &after.id,
@@ -172,27 +195,17 @@ pub async fn read_events(
                 &i64::from(limit),
                 &budget,
             ],
+            &mut |row| {
+                if !row.get::<_, bool>(FITS) {
+                    batch.cut_by_bytes = true;
+                    return false;
+                }
+                batch.rows.push(read_row(&row));
+                true
+            },
         )
         .await?;
-    let mut batch = ReadBatch::default();
-    let mut fetch = FIRST_FETCH;
-    loop {
-        let rows = tx.query_portal_raw(&portal, fetch).await?;
-        futures_util::pin_mut!(rows);
-        let mut fetched = 0;
-        while let Some(row) = rows.try_next().await? {
-            fetched += 1;
-            if !row.get::<_, bool>(FITS) {
-                batch.cut_by_bytes = true;
-                return Ok(batch);
-            }
-            batch.rows.push(read_row(&row));
-        }
-        if fetched < fetch {
-            return Ok(batch);
-        }
-        fetch = fetch.saturating_mul(4).min(LARGEST_FETCH);
-    }
+    Ok(batch)
 }
 
 /// For a [`crate::projector::Feed::StreamSet`] batch `(after, upto]`: the events
@@ -215,23 +228,28 @@ pub async fn ahead_of_range<C: Db>(
     skip: &[i64],
     filter: &EventFilter,
 ) -> Result<Vec<(i64, Position)>, tokio_postgres::Error> {
-    let range = in_range("e");
-    let beyond = format!("({POSITION_TX}, e.id) > ($3::text::xid8, $4)");
     let passes = passes(5, 6);
     let sql = if to_newest {
         // The upper bound changes no result (every visible event's transaction is
         // below the snapshot's xmax) but gives the planner a closed range: with
         // only a lower bound, a generic plan (see `daemon::worker`) takes the tail
-        // for a third of the log and scans all of it.
+        // for a third of the log and scans all of it. Each event of the tail looks
+        // for a later event of its stream in the range by key, in a fenced
+        // subquery, which also keeps the probe a per-row look-up.
         format!(
-            "SELECT e.id, {POSITION_TX}::text
-               FROM events e
-              WHERE {beyond} AND {passes} AND e.id <> ALL($7::bigint[])
-                AND {POSITION_TX} BETWEEN $3::text::xid8 AND pg_snapshot_xmax(pg_current_snapshot())
+            "SELECT e.id, e.pos_tx::text
+               FROM (SELECT COALESCE(e.tx_id, '0'::xid8) AS pos_tx, e.*
+                       FROM events e
+                      WHERE ({POSITION_TX}, e.id) > ($3::text::xid8, $4)
+                        AND {POSITION_TX} BETWEEN $3::text::xid8 AND pg_snapshot_xmax(pg_current_snapshot())
+                     OFFSET 0) e
+              WHERE {passes} AND e.id <> ALL($7::bigint[])
                 AND EXISTS (
-                  SELECT 1 FROM events s
-                   WHERE s.stream_id = e.stream_id AND s.sequence > e.sequence
-                     AND {range_s} AND {passes_s})",
+                  SELECT 1 FROM (
+                    SELECT s.* FROM events s
+                     WHERE s.stream_id = e.stream_id AND s.sequence > e.sequence
+                    OFFSET 0) s
+                   WHERE {range_s} AND {passes_s})",
             range_s = in_range("s"),
             passes_s = passes_as("s", 5, 6),
         )
@@ -239,14 +257,20 @@ pub async fn ahead_of_range<C: Db>(
         format!(
             "WITH flagged AS (
                SELECT e.stream_id, e.sequence
-                 FROM events e
+                 FROM {range} e
                  JOIN {probe} ON (p.tx, p.id) > ($3::text::xid8, $4)
-                WHERE {range} AND {passes}
+                WHERE {passes}
              )
-             SELECT DISTINCT e.id, {POSITION_TX}::text
+             SELECT DISTINCT e.id, e.pos_tx::text
                FROM flagged f
-               JOIN events e ON e.stream_id = f.stream_id AND e.sequence < f.sequence
-              WHERE {beyond} AND {passes} AND e.id <> ALL($7::bigint[])",
+               JOIN LATERAL (
+                 SELECT COALESCE(e.tx_id, '0'::xid8) AS pos_tx, e.*
+                   FROM events e
+                  WHERE e.stream_id = f.stream_id AND e.sequence < f.sequence
+                 OFFSET 0) e ON true
+              WHERE (e.pos_tx, e.id) > ($3::text::xid8, $4)
+                AND {passes} AND e.id <> ALL($7::bigint[])",
+            range = fenced_range("e"),
             probe = nearest_consumed_predecessor(5, 6),
         )
     };
@@ -271,29 +295,29 @@ pub async fn ahead_of_range<C: Db>(
 /// it, in `sequence` order, and whether they fit in `budget` bytes. When they do
 /// not, the events are left out: the caller decides whether the row that needs
 /// them waits for a batch of its own.
-pub(super) async fn later_predecessors(
-    tx: &Transaction<'_>,
+pub(super) async fn later_predecessors<C: Db>(
+    client: &C,
     event: &Event,
     filter: &EventFilter,
     budget: i64,
 ) -> Result<(Vec<ReadRow>, bool), tokio_postgres::Error> {
     let read = format!(
-        "SELECT e.id, {POSITION_TX} AS tx, e.sequence, {BYTES} AS bytes,
+        "SELECT e.id, e.pos_tx AS tx, e.sequence, {BYTES} AS bytes,
                 false AS predecessor_later
-           FROM events e
-          WHERE e.stream_id = $1 AND e.sequence < $2
-            AND ({POSITION_TX}, e.id) > ($3::text::xid8, $4)
-            AND {passes}",
+           FROM (SELECT COALESCE(e.tx_id, '0'::xid8) AS pos_tx, e.*
+                   FROM events e
+                  WHERE e.stream_id = $1 AND e.sequence < $2
+                 OFFSET 0) e
+          WHERE (e.pos_tx, e.id) > ($3::text::xid8, $4) AND {passes}",
         passes = passes(5, 6),
     );
-    let statement = tx
-        .prepare_cached(&within_budget(&read, "r.sequence", 7, false))
-        .await?;
-    let rows = tx
-        .query_raw(
-            &statement,
-            [
-                &event.stream_id as &(dyn ToSql + Sync),
+    let mut events = Vec::new();
+    let mut fit = true;
+    client
+        .for_each_row(
+            &within_budget(&read, "r.sequence", 7, false),
+            &[
+                &event.stream_id,
                 &event.sequence,
                 &event.position.tx_text(),
                 &event.position.id,
@@ -301,19 +325,21 @@ pub(super) async fn later_predecessors(
                 &filter.stream_types,
                 &budget,
             ],
+            &mut |row| {
+                // The budget is a running total: every row after one beyond it
+                // is beyond it too.
+                fit = row.get::<_, bool>(FITS);
+                if fit {
+                    events.push(read_row(&row));
+                }
+                fit
+            },
         )
         .await?;
-    futures_util::pin_mut!(rows);
-    let mut events = Vec::new();
-    while let Some(row) = rows.try_next().await? {
-        // A row beyond the budget is the whole answer: the budget is a running
-        // total, so every row after it is beyond it too.
-        if !row.get::<_, bool>(FITS) {
-            return Ok((Vec::new(), false));
-        }
-        events.push(read_row(&row));
+    if !fit {
+        events.clear();
     }
-    Ok((events, true))
+    Ok((events, fit))
 }
 
 /// The end of a set-based batch of about `limit` events after `after`, below the

@@ -1,19 +1,21 @@
-//! `/healthz`, `/readyz` and `/metrics` on `http.listen`.
+//! `/healthz`, `/readyz`, `/metrics` and `/wait` on `http.listen`.
 //!
 //! - `/healthz`: the projector tasks are coming round their loops (liveness: a
 //!   wedged daemon should be restarted).
 //! - `/readyz`: the database answers and its schema is migrated (readiness).
 //! - `/metrics`: Prometheus text format.
+//! - `/wait`: `pgfold.wait_for` for clients not connected to PostgreSQL.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use deadpool_postgres::Pool;
+use tokio_postgres::error::SqlState;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics::Metrics;
@@ -22,6 +24,15 @@ use crate::projector::Registry;
 
 /// Database checks behind an endpoint give up after this long.
 const DB_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `/wait`: the timeout when `timeout_ms` is not given (as `pgfold.wait_for`'s
+/// default), and the longest a client may ask for.
+const WAIT_DEFAULT: Duration = Duration::from_secs(5);
+const WAIT_MAX: Duration = Duration::from_secs(60);
+/// `/wait` polls `pgfold.applied`, starting this soon and backing off to
+/// `WAIT_POLL_MAX`.
+const WAIT_POLL_FIRST: Duration = Duration::from_millis(1);
+const WAIT_POLL_MAX: Duration = Duration::from_millis(10);
 
 #[derive(Clone)]
 pub struct HttpState {
@@ -42,11 +53,12 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (http.listen): {e}"))?;
-    tracing::info!(address = %listener.local_addr()?, "serving /healthz, /readyz and /metrics");
+    tracing::info!(address = %listener.local_addr()?, "serving /healthz, /readyz, /metrics and /wait");
     let app = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/wait", get(wait))
         .with_state(state);
     Ok(tokio::spawn(async move {
         let result = axum::serve(listener, app)
@@ -112,6 +124,116 @@ async fn metrics(State(state): State<HttpState>) -> Response {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         state.metrics.render(),
+    )
+        .into_response()
+}
+
+/// `/wait`'s query string, checked by hand so that each problem gets its own line.
+#[derive(Debug, serde::Deserialize)]
+struct WaitQuery {
+    projector: Option<String>,
+    stream_id: Option<String>,
+    sequence: Option<String>,
+    timeout_ms: Option<String>,
+}
+
+struct WaitRequest {
+    projector: String,
+    stream_id: String,
+    sequence: i64,
+    timeout: Duration,
+}
+
+impl WaitQuery {
+    fn parse(self) -> Result<WaitRequest, String> {
+        let projector = self.projector.ok_or("missing parameter projector")?;
+        let stream_id = self.stream_id.ok_or("missing parameter stream_id")?;
+        let sequence = self.sequence.ok_or("missing parameter sequence")?;
+        let sequence = sequence
+            .parse::<i64>()
+            .map_err(|_| format!("sequence must be an integer, not {sequence:?}"))?;
+        let timeout = match self.timeout_ms {
+            None => WAIT_DEFAULT,
+            Some(ms) => ms
+                .parse::<u64>()
+                .ok()
+                .map(Duration::from_millis)
+                .filter(|t| *t <= WAIT_MAX)
+                .ok_or_else(|| {
+                    format!(
+                        "timeout_ms must be an integer from 0 to {}, not {ms:?}",
+                        WAIT_MAX.as_millis()
+                    )
+                })?,
+        };
+        Ok(WaitRequest {
+            projector,
+            stream_id,
+            sequence,
+            timeout,
+        })
+    }
+}
+
+/// 200 `{"applied": true}` once the projector has applied the event, 408
+/// `{"applied": false}` at the timeout, 400 for bad parameters, 404 for an unknown
+/// projector. The pool is shared with the projector workers, so a connection is
+/// checked out for one `pgfold.applied` at a time, never for the whole wait.
+async fn wait(State(state): State<HttpState>, Query(query): Query<WaitQuery>) -> Response {
+    let request = match query.parse() {
+        Ok(r) => r,
+        Err(problem) => return (StatusCode::BAD_REQUEST, format!("{problem}\n")).into_response(),
+    };
+    let deadline = tokio::time::Instant::now() + request.timeout;
+    let mut pause = WAIT_POLL_FIRST;
+    loop {
+        let look = async {
+            let client = state.pool.get().await.map_err(|e| Some(e.to_string()))?;
+            crate::db::Db::query_one(
+                &**client,
+                "SELECT pgfold.applied($1, $2, $3)",
+                &[&request.projector, &request.stream_id, &request.sequence],
+            )
+            .await
+            .map(|row| row.get::<_, bool>(0))
+            // pgfold.applied raises 22023 for an unknown projector and nothing else.
+            .map_err(|e| {
+                (e.code() != Some(&SqlState::INVALID_PARAMETER_VALUE))
+                    .then(|| crate::db::error_text(&e))
+            })
+        };
+        match tokio::time::timeout(DB_TIMEOUT, look).await {
+            Ok(Ok(true)) => return applied(StatusCode::OK, true),
+            Ok(Ok(false)) => {}
+            Ok(Err(None)) => {
+                return (
+                    StatusCode::NOT_FOUND,
+                    format!("unknown projector {:?}\n", request.projector),
+                )
+                    .into_response()
+            }
+            Ok(Err(Some(e))) => {
+                return (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
+            }
+            Err(_) => {
+                return (StatusCode::SERVICE_UNAVAILABLE, "database did not answer\n")
+                    .into_response()
+            }
+        }
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            return applied(StatusCode::REQUEST_TIMEOUT, false);
+        }
+        tokio::time::sleep(pause.min(deadline - now)).await;
+        pause = (pause * 2).min(WAIT_POLL_MAX);
+    }
+}
+
+fn applied(status: StatusCode, applied: bool) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        format!("{{\"applied\": {applied}}}\n"),
     )
         .into_response()
 }

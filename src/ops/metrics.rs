@@ -143,6 +143,12 @@ impl Metrics {
     pub fn observe(&self, status: &Status) {
         for p in &status.projectors {
             let l = label(&p.name);
+            // Counters are exported at 0 before their first increment, so that
+            // rate() and increase() (dashboards, alerts) count a projector's first
+            // error instead of starting from it.
+            self.events_applied.get_or_create(&l).inc_by(0);
+            self.batches.get_or_create(&l).inc_by(0);
+            self.errors.get_or_create(&l).inc_by(0);
             self.lag_events.get_or_create(&l).set(p.lag_events);
             self.lag_seconds.get_or_create(&l).set(p.lag_seconds);
             self.dead_letters.get_or_create(&l).set(p.dead_letters);

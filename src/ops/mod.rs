@@ -1,5 +1,6 @@
 //! What operators see of a running daemon: Prometheus metrics, the HTTP health and
-//! metrics endpoints, and systemd's readiness and watchdog notifications.
+//! metrics endpoints (and `/wait`, for applications), and systemd's readiness and
+//! watchdog notifications.
 
 pub mod http;
 pub mod metrics;

@@ -40,6 +40,113 @@ fn timestamp(micros: &str) -> String {
     )
 }
 
+impl OrderSnapshots {
+    /// The statement each batch runs: [`EventRange::params`] bound at `$1`–`$6`,
+    /// then the stream type at `$7` and the event types at `$8`. Public so that
+    /// its plans can be checked (`tests/integration/plan_robustness.rs`).
+    pub fn statement() -> String {
+        format!(
+            r#"
+WITH ev AS (
+  -- Only what the fold needs, computed before grouping: the payload travels
+  -- only for OrderCreated, the address only for OrderShipped.
+  SELECT e.stream_id, e.sequence, e.id,
+     CASE e.event_type WHEN 'OrderCreated' THEN 1 WHEN 'OrderPaid' THEN 2
+                       WHEN 'OrderShipped' THEN 3 ELSE 4 END AS kind,
+     {MICROS} AS micros,
+     CASE WHEN e.event_type = 'OrderCreated' THEN e.payload END AS created_payload,
+     CASE WHEN e.event_type = 'OrderShipped' AND e.payload->'address' <> 'null'
+          THEN e.payload->'address' END AS address
+FROM {source} e
+   WHERE e.stream_type = $7 AND e.event_type = ANY($8)
+  OFFSET 0
+),
+agg AS (
+  SELECT stream_id,
+     count(*) AS events,
+     max(sequence) AS sequence,
+     min(sequence) AS first_seq,
+     min(sequence) FILTER (WHERE kind = 1) AS first_created_seq,
+     max(ARRAY[sequence, id]) FILTER (WHERE kind = 1) AS created,
+     array_agg(created_payload) FILTER (WHERE kind = 1) AS created_payloads,
+     max(ARRAY[sequence, kind]) AS last,
+     max(ARRAY[sequence, micros]) FILTER (WHERE kind = 2) AS paid,
+     max(ARRAY[sequence, micros]) FILTER (WHERE kind = 3) AS shipped,
+     max(ARRAY[sequence, id]) FILTER (WHERE address IS NOT NULL) AS addressed,
+     array_agg(address) FILTER (WHERE address IS NOT NULL) AS addresses
+FROM ev
+   GROUP BY stream_id
+),
+-- The payload of the last OrderCreated and the last address: the only ones in
+-- the batch, but for the rare stream with two.
+picked AS (
+  SELECT a.*,
+     CASE WHEN cardinality(a.created_payloads) = 1 THEN a.created_payloads[1]
+          ELSE (SELECT c.payload FROM events c WHERE c.id = a.created[2]) END AS c,
+     CASE WHEN a.addressed[1] > coalesce(a.created[1], 0) THEN
+       CASE WHEN cardinality(a.addresses) = 1 THEN a.addresses[1]
+            ELSE (SELECT d.payload->'address' FROM events d WHERE d.id = a.addressed[2]) END
+     END AS address
+FROM agg a
+),
+folded AS (
+  SELECT a.stream_id, a.events, a.sequence, a.first_seq, a.first_created_seq,
+     a.created IS NOT NULL AS is_full,
+     CASE WHEN a.created IS NULL THEN '{{}}'::jsonb
+          WHEN jsonb_typeof(a.c) <> 'object' THEN
+            pgfold.bad_event(a.created[2], 'payload is '
+              || CASE jsonb_typeof(a.c) WHEN 'null' THEN 'null'
+                   WHEN 'array' THEN 'an array' ELSE 'a ' || jsonb_typeof(a.c) END
+              || ', expected an object')
+          WHEN a.c ?& '{{orderId,customerId,items}}'
+           AND a.c - '{{orderId,customerId,items}}'::text[] = '{{}}' THEN a.c
+          ELSE jsonb_build_object('orderId', coalesce(a.c->'orderId', 'null'),
+                                  'customerId', coalesce(a.c->'customerId', 'null'),
+                                  'items', coalesce(a.c->'items', 'null'))
+     END
+     || (jsonb_build_object(
+           'status', CASE a.last[2] WHEN 1 THEN 'pending' WHEN 2 THEN 'paid'
+                                    WHEN 3 THEN 'shipped' ELSE 'cancelled' END,
+           'paidAt', {paid_at},
+           'shippedAt', {shipped_at},
+           'shippingAddress', a.address)
+         - array_remove(ARRAY[
+             CASE WHEN a.paid[1] > coalesce(a.created[1], 0) THEN NULL ELSE 'paidAt' END,
+             CASE WHEN a.shipped[1] > coalesce(a.created[1], 0) THEN NULL ELSE 'shippedAt' END,
+             CASE WHEN a.address IS NOT NULL THEN NULL ELSE 'shippingAddress' END], NULL))
+       AS state
+FROM picked a
+),
+upserted AS (
+  INSERT INTO order_snapshots AS o (stream_id, sequence, state, projected_at)
+  SELECT stream_id, sequence, state, now() FROM folded WHERE is_full
+  ON CONFLICT (stream_id) DO UPDATE
+ SET sequence = EXCLUDED.sequence, state = EXCLUDED.state, projected_at = EXCLUDED.projected_at
+),
+patched AS (
+  UPDATE order_snapshots AS o
+ SET state = o.state || f.state, sequence = f.sequence, projected_at = now()
+FROM folded f
+   WHERE NOT f.is_full AND o.stream_id = f.stream_id
+)
+SELECT coalesce(sum(events), 0)::bigint,
+   (SELECT pgfold.bad_event(e.id, format('%s on stream %s before its OrderCreated',
+                                         e.event_type, e.stream_id))::text
+      FROM folded f
+      JOIN events e ON e.stream_id = f.stream_id AND e.sequence = f.first_seq
+     WHERE (f.first_created_seq IS NULL OR f.first_seq < f.first_created_seq)
+       AND NOT EXISTS (SELECT 1 FROM order_snapshots o WHERE o.stream_id = f.stream_id)
+     ORDER BY e.id
+     LIMIT 1)
+  FROM folded
+"#,
+            paid_at = timestamp("a.paid[2]"),
+            shipped_at = timestamp("a.shipped[2]"),
+            source = EventRange::source()
+        )
+    }
+}
+
 #[async_trait]
 impl Projector for OrderSnapshots {
     fn name(&self) -> &str {
@@ -92,105 +199,7 @@ impl Projector for OrderSnapshots {
         // here is not an OrderCreated merges its keys into the stored state, which
         // must exist: every part of the statement sees the table as it was before
         // it, so the check at the end sees what the batch started from.
-        let sql = format!(
-            r#"
-WITH ev AS (
-  -- Only what the fold needs, computed before grouping: the payload travels
-  -- only for OrderCreated, the address only for OrderShipped.
-  SELECT e.stream_id, e.sequence, e.id,
-         CASE e.event_type WHEN 'OrderCreated' THEN 1 WHEN 'OrderPaid' THEN 2
-                           WHEN 'OrderShipped' THEN 3 ELSE 4 END AS kind,
-         {MICROS} AS micros,
-         CASE WHEN e.event_type = 'OrderCreated' THEN e.payload END AS created_payload,
-         CASE WHEN e.event_type = 'OrderShipped' AND e.payload->'address' <> 'null'
-              THEN e.payload->'address' END AS address
-    FROM {source} e
-   WHERE e.stream_type = $7 AND e.event_type = ANY($8)
-  OFFSET 0
-),
-agg AS (
-  SELECT stream_id,
-         count(*) AS events,
-         max(sequence) AS sequence,
-         min(sequence) AS first_seq,
-         min(sequence) FILTER (WHERE kind = 1) AS first_created_seq,
-         max(ARRAY[sequence, id]) FILTER (WHERE kind = 1) AS created,
-         array_agg(created_payload) FILTER (WHERE kind = 1) AS created_payloads,
-         max(ARRAY[sequence, kind]) AS last,
-         max(ARRAY[sequence, micros]) FILTER (WHERE kind = 2) AS paid,
-         max(ARRAY[sequence, micros]) FILTER (WHERE kind = 3) AS shipped,
-         max(ARRAY[sequence, id]) FILTER (WHERE address IS NOT NULL) AS addressed,
-         array_agg(address) FILTER (WHERE address IS NOT NULL) AS addresses
-    FROM ev
-   GROUP BY stream_id
-),
--- The payload of the last OrderCreated and the last address: the only ones in
--- the batch, but for the rare stream with two.
-picked AS (
-  SELECT a.*,
-         CASE WHEN cardinality(a.created_payloads) = 1 THEN a.created_payloads[1]
-              ELSE (SELECT c.payload FROM events c WHERE c.id = a.created[2]) END AS c,
-         CASE WHEN a.addressed[1] > coalesce(a.created[1], 0) THEN
-           CASE WHEN cardinality(a.addresses) = 1 THEN a.addresses[1]
-                ELSE (SELECT d.payload->'address' FROM events d WHERE d.id = a.addressed[2]) END
-         END AS address
-    FROM agg a
-),
-folded AS (
-  SELECT a.stream_id, a.events, a.sequence, a.first_seq, a.first_created_seq,
-         a.created IS NOT NULL AS is_full,
-         CASE WHEN a.created IS NULL THEN '{{}}'::jsonb
-              WHEN jsonb_typeof(a.c) <> 'object' THEN
-                pgfold.bad_event(a.created[2], 'payload is '
-                  || CASE jsonb_typeof(a.c) WHEN 'null' THEN 'null'
-                       WHEN 'array' THEN 'an array' ELSE 'a ' || jsonb_typeof(a.c) END
-                  || ', expected an object')
-              WHEN a.c ?& '{{orderId,customerId,items}}'
-               AND a.c - '{{orderId,customerId,items}}'::text[] = '{{}}' THEN a.c
-              ELSE jsonb_build_object('orderId', coalesce(a.c->'orderId', 'null'),
-                                      'customerId', coalesce(a.c->'customerId', 'null'),
-                                      'items', coalesce(a.c->'items', 'null'))
-         END
-         || (jsonb_build_object(
-               'status', CASE a.last[2] WHEN 1 THEN 'pending' WHEN 2 THEN 'paid'
-                                        WHEN 3 THEN 'shipped' ELSE 'cancelled' END,
-               'paidAt', {paid_at},
-               'shippedAt', {shipped_at},
-               'shippingAddress', a.address)
-             - array_remove(ARRAY[
-                 CASE WHEN a.paid[1] > coalesce(a.created[1], 0) THEN NULL ELSE 'paidAt' END,
-                 CASE WHEN a.shipped[1] > coalesce(a.created[1], 0) THEN NULL ELSE 'shippedAt' END,
-                 CASE WHEN a.address IS NOT NULL THEN NULL ELSE 'shippingAddress' END], NULL))
-           AS state
-    FROM picked a
-),
-upserted AS (
-  INSERT INTO order_snapshots AS o (stream_id, sequence, state, projected_at)
-  SELECT stream_id, sequence, state, now() FROM folded WHERE is_full
-  ON CONFLICT (stream_id) DO UPDATE
-     SET sequence = EXCLUDED.sequence, state = EXCLUDED.state, projected_at = EXCLUDED.projected_at
-),
-patched AS (
-  UPDATE order_snapshots AS o
-     SET state = o.state || f.state, sequence = f.sequence, projected_at = now()
-    FROM folded f
-   WHERE NOT f.is_full AND o.stream_id = f.stream_id
-)
-SELECT coalesce(sum(events), 0)::bigint,
-       (SELECT pgfold.bad_event(e.id, format('%s on stream %s before its OrderCreated',
-                                             e.event_type, e.stream_id))::text
-          FROM folded f
-          JOIN events e ON e.stream_id = f.stream_id AND e.sequence = f.first_seq
-         WHERE (f.first_created_seq IS NULL OR f.first_seq < f.first_created_seq)
-           AND NOT EXISTS (SELECT 1 FROM order_snapshots o WHERE o.stream_id = f.stream_id)
-         ORDER BY e.id
-         LIMIT 1)
-  FROM folded
-"#,
-            paid_at = timestamp("a.paid[2]"),
-            shipped_at = timestamp("a.shipped[2]"),
-            source = EventRange::source()
-        );
+        let sql = Self::statement();
         let [p1, p2, p3, p4, p5, p6] = range.params();
         let types: Vec<&str> = EVENT_TYPES.to_vec();
         let row = Db::query_one(tx, &sql, &[p1, p2, p3, p4, p5, p6, &STREAM_TYPE, &types]).await?;

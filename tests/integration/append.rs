@@ -30,11 +30,14 @@ async fn append_next_rereads_the_stream_after_a_conflict() {
         .await
         .unwrap();
 
-    let sequence = store::append_next(&mut a, &paid("order-1", "books", json!("1.00"), 1))
+    let appended = store::append_next(&mut a, &paid("order-1", "books", json!("1.00"), 1))
         .await
         .unwrap();
 
-    assert_eq!(sequence, 2);
+    assert_eq!(
+        (appended.stream_id.as_str(), appended.sequence),
+        ("order-1", 2)
+    );
     assert_eq!(
         scalar_i64(
             &a,

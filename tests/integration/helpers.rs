@@ -436,6 +436,44 @@ pub async fn snapshot_exists(client: &Client, stream: &str) -> bool {
         .is_some()
 }
 
+// ---------------------------------------------------------------------------
+// HTTP (health, readiness, metrics).
+
+/// A plain HTTP/1.1 GET: (status code, body).
+pub async fn get(address: &str, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(address)
+        .await
+        .expect("connect");
+    stream
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// `examples/custom_projector` (a decoded-events projector on the full command
 /// line), which `cargo test` builds next to the pgfold binary.
 pub fn custom_projector_binary() -> std::path::PathBuf {

@@ -5,43 +5,8 @@ use std::time::Duration;
 
 use pgfold::daemon::RunOptions;
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::helpers::*;
-
-/// A plain HTTP/1.1 GET: (status code, body).
-async fn get(address: &str, path: &str) -> (u16, String) {
-    let mut stream = tokio::net::TcpStream::connect(address)
-        .await
-        .expect("connect");
-    stream
-        .write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("not an HTTP response: {response:?}"));
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_readiness_and_metrics_are_served_over_http() {
@@ -84,6 +49,7 @@ async fn health_readiness_and_metrics_are_served_over_http() {
         "pgfold_lag_seconds{projector=\"daily_revenue\"} 0",
         "pgfold_projector_state{projector=\"order_snapshots\",state=\"running\"} 1",
         "pgfold_dead_letters{projector=\"daily_revenue\"} 0",
+        "pgfold_errors_total{projector=\"daily_revenue\"} 0",
         "pgfold_batch_duration_seconds_bucket{",
         "pgfold_horizon_stall_seconds ",
     ] {

@@ -17,7 +17,7 @@ use tokio_postgres::{Client, Transaction};
 use crate::helpers::*;
 
 /// A connection that has taken its transaction id by writing to `scratch`.
-async fn early_writer(db: &TestDb) -> Client {
+pub(crate) async fn early_writer(db: &TestDb) -> Client {
     let client = db.client().await;
     client
         .batch_execute("BEGIN; INSERT INTO scratch VALUES (1)")
@@ -42,7 +42,7 @@ async fn events_applied(client: &Client, projector: &str) -> i64 {
         .get(0)
 }
 
-async fn with_scratch() -> TestDb {
+pub(crate) async fn with_scratch() -> TestDb {
     let db = TestDb::new().await;
     db.client()
         .await

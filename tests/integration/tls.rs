@@ -1,6 +1,7 @@
 //! TLS to PostgreSQL: a throwaway cluster of the test's own (initdb, pg_ctl) that
 //! serves TLS with a certificate for `localhost` signed by a CA the test makes,
-//! and refuses every connection that is not TLS.
+//! and refuses every connection that is not TLS. The role `pgfold_client` must
+//! also present a client certificate signed by that CA (`cert` authentication).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -15,6 +16,9 @@ use crate::helpers::*;
 /// the test panics).
 struct TlsServer {
     dir: tempfile::TempDir,
+    /// client.crt and client.key for `pgfold_client`, owned by the test's user
+    /// (the server's directory is the server's).
+    client: tempfile::TempDir,
     bindir: PathBuf,
     as_postgres: bool,
     port: u16,
@@ -36,11 +40,23 @@ impl TlsServer {
     }
 
     fn url(&self, host: &str, params: &str) -> String {
+        self.url_as("postgres", host, params)
+    }
+
+    fn url_as(&self, user: &str, host: &str, params: &str) -> String {
         let query = if params.is_empty() { "" } else { "?" };
         format!(
-            "postgres://postgres@{host}:{}/postgres{query}{params}",
+            "postgres://{user}@{host}:{}/postgres{query}{params}",
             self.port
         )
+    }
+
+    fn client_cert(&self) -> PathBuf {
+        self.client.path().join("client.crt")
+    }
+
+    fn client_key(&self) -> PathBuf {
+        self.client.path().join("client.key")
     }
 
     /// A PostgreSQL program, as the `postgres` user when we are root (the server
@@ -70,12 +86,16 @@ impl TlsServer {
             .port();
         let server = TlsServer {
             dir,
+            client: tempfile::Builder::new()
+                .prefix("pgfold-tls-client-")
+                .tempdir()
+                .unwrap(),
             bindir,
             as_postgres,
             port,
         };
         let root = server.dir.path();
-        write_certificates(root);
+        write_certificates(root, server.client.path());
         if as_postgres {
             run(Command::new("chown").args(["-R", "postgres:"]).arg(root));
         }
@@ -90,6 +110,7 @@ impl TlsServer {
                 "listen_addresses = '127.0.0.1'\nport = {port}\n\
                  unix_socket_directories = '{root}'\n\
                  ssl = on\nssl_cert_file = '{root}/server.crt'\nssl_key_file = '{root}/server.key'\n\
+                 ssl_ca_file = '{root}/ca.pem'\n\
                  fsync = off\n",
                 root = root.display()
             ),
@@ -97,6 +118,7 @@ impl TlsServer {
         std::fs::write(
             data.join("pg_hba.conf"),
             "local all all trust\n\
+             hostssl all pgfold_client 127.0.0.1/32 cert\n\
              hostssl all all 127.0.0.1/32 trust\n\
              host all all 127.0.0.1/32 reject\n",
         )
@@ -117,6 +139,12 @@ impl TlsServer {
             String::from_utf8_lossy(&out.stderr),
             std::fs::read_to_string(&log).unwrap_or_default()
         );
+        run(server
+            .command("psql")
+            .arg("-h")
+            .arg(root)
+            .args(["-p", &port.to_string(), "-U", "postgres", "-d", "postgres"])
+            .args(["-c", "CREATE ROLE pgfold_client LOGIN SUPERUSER"]));
         server
     }
 }
@@ -177,8 +205,9 @@ fn append(path: &Path, text: &str) {
 }
 
 /// ca.pem, server.crt and server.key (for `localhost` only, signed by ca.pem), and
-/// other-ca.pem.
-fn write_certificates(dir: &Path) {
+/// other-ca.pem in `dir`; client.crt and client.key (for `pgfold_client`, signed by
+/// ca.pem) in `client_dir`.
+fn write_certificates(dir: &Path, client_dir: &Path) {
     fn ca(name: &str) -> (CertificateParams, KeyPair) {
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, name);
@@ -194,16 +223,27 @@ fn write_certificates(dir: &Path) {
         .push(DnType::CommonName, "localhost");
     let server_key = KeyPair::generate().unwrap();
     let server_cert = server.signed_by(&server_key, &issuer).unwrap();
+    let mut client = CertificateParams::new(Vec::<String>::new()).unwrap();
+    client
+        .distinguished_name
+        .push(DnType::CommonName, "pgfold_client");
+    let client_key = KeyPair::generate().unwrap();
+    let client_cert = client.signed_by(&client_key, &issuer).unwrap();
     let (other_params, other_key) = ca("some other CA");
     let other_cert = other_params.self_signed(&other_key).unwrap();
 
     std::fs::write(dir.join("ca.pem"), ca_cert.pem()).unwrap();
     std::fs::write(dir.join("other-ca.pem"), other_cert.pem()).unwrap();
     std::fs::write(dir.join("server.crt"), server_cert.pem()).unwrap();
-    let key = dir.join("server.key");
-    std::fs::write(&key, server_key.serialize_pem()).unwrap();
+    std::fs::write(client_dir.join("client.crt"), client_cert.pem()).unwrap();
+    write_key(&dir.join("server.key"), &server_key);
+    write_key(&client_dir.join("client.key"), &client_key);
+}
+
+fn write_key(path: &Path, key: &KeyPair) {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::fs::write(path, key.serialize_pem()).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
 /// Whether the connection of `url` (made by pgfold::db) is encrypted, as the
@@ -370,4 +410,94 @@ async fn connections_follow_sslmode_and_sslrootcert() {
     );
     let line = one_line_error(&out);
     assert!(line.contains(&missing), "{line}");
+}
+
+#[tokio::test]
+async fn a_client_certificate_is_presented_where_the_server_requires_one() {
+    let server = TlsServer::start();
+    let ca = server.ca().display().to_string();
+    let cert = server.client_cert().display().to_string();
+    let key = server.client_key().display().to_string();
+    let home = server.dir.path().display().to_string();
+    let port = server.port.to_string();
+    let verify = format!("sslmode=verify-full&sslrootcert={ca}");
+
+    // Without a certificate the server refuses the role, in one line that says why.
+    let bare = server.url_as("pgfold_client", "localhost", &verify);
+    let out = pgfold(&["status"], &[("DATABASE_URL", &bare), ("HOME", &home)]);
+    let line = one_line_error(&out);
+    assert!(
+        line.starts_with("pgfold: cannot connect to PostgreSQL at host=localhost")
+            && line.ends_with("connection requires a valid client certificate"),
+        "{line}"
+    );
+
+    // In the URL: the real binary migrates and runs; the server saw the certificate.
+    let with_cert = format!("{bare}&sslcert={cert}&sslkey={key}");
+    let env = [("DATABASE_URL", with_cert.as_str()), ("HOME", &home)];
+    succeeded(&pgfold(&["migrate"], &env));
+    succeeded(&pgfold(&["run", "--once"], &env));
+    let client = pgfold::db::connect(&pgfold::db::pg_config(Some(&with_cert)).unwrap())
+        .await
+        .unwrap();
+    let (user, dn): (String, Option<String>) = client
+        .query_one(
+            "SELECT current_user::text, client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .map(|r| (r.get(0), r.get(1)))
+        .unwrap();
+    assert_eq!(user, "pgfold_client");
+    assert_eq!(dn.as_deref(), Some("/CN=pgfold_client"));
+
+    // In a key=value string.
+    let key_values = format!(
+        "host=localhost port={port} user=pgfold_client dbname=postgres sslmode=verify-full \
+         sslrootcert='{ca}' sslcert='{cert}' sslkey='{key}'"
+    );
+    succeeded(&pgfold(
+        &["status"],
+        &[("DATABASE_URL", &key_values), ("HOME", &home)],
+    ));
+
+    // From PGSSLCERT and PGSSLKEY, with no URL.
+    let libpq_env = |extra: &[(&'static str, &str)], home: &str| {
+        let mut env = vec![
+            ("PGHOST", "localhost".to_string()),
+            ("PGPORT", port.clone()),
+            ("PGUSER", "pgfold_client".to_string()),
+            ("PGDATABASE", "postgres".to_string()),
+            ("PGSSLMODE", "verify-full".to_string()),
+            ("PGSSLROOTCERT", ca.clone()),
+            ("HOME", home.to_string()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
+        pgfold(
+            &["status"],
+            &env.iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect::<Vec<_>>(),
+        )
+    };
+    succeeded(&libpq_env(
+        &[("PGSSLCERT", &cert), ("PGSSLKEY", &key)],
+        &home,
+    ));
+
+    // libpq's defaults, ~/.postgresql/postgresql.crt and postgresql.key.
+    let own_home = tempfile::tempdir().unwrap();
+    let dot = own_home.path().join(".postgresql");
+    std::fs::create_dir(&dot).unwrap();
+    std::fs::copy(server.client_cert(), dot.join("postgresql.crt")).unwrap();
+    std::fs::copy(server.client_key(), dot.join("postgresql.key")).unwrap();
+    succeeded(&libpq_env(&[], own_home.path().to_str().unwrap()));
+
+    // A key others may read is refused before connecting, naming the file.
+    use std::os::unix::fs::PermissionsExt;
+    let key_file = dot.join("postgresql.key");
+    std::fs::set_permissions(&key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let line = one_line_error(&libpq_env(&[], own_home.path().to_str().unwrap()));
+    assert!(line.contains(key_file.to_str().unwrap()), "{line}");
+    assert!(line.contains("0600"), "{line}");
 }

@@ -12,7 +12,7 @@ use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 
 pub use connect::{describe, pg_config, PgConfig};
-pub use sql::{Db, Params};
+pub use sql::{Db, EachRow, Params};
 
 /// The shared pool. `Fast` recycling: a checked-out connection is only tested for
 /// being closed; our transactions always end in COMMIT or ROLLBACK.

@@ -14,6 +14,9 @@ use tokio_postgres::{Error, Row};
 /// Bound parameters, as tokio-postgres takes them.
 pub type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 
+/// What [`Db::for_each_row`] hands each row to: false stops the read.
+pub type EachRow<'a> = &'a mut (dyn FnMut(Row) -> bool + Send);
+
 #[async_trait]
 pub trait Db: Sync {
     async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, Error>;
@@ -43,7 +46,7 @@ pub trait Db: Sync {
         &self,
         sql: &str,
         params: Params<'_>,
-        each: &mut (dyn FnMut(Row) -> bool + Send),
+        each: EachRow<'_>,
     ) -> Result<(), Error> {
         for row in self.query(sql, params).await? {
             if !each(row) {
@@ -73,7 +76,7 @@ macro_rules! cached {
                 &self,
                 sql: &str,
                 params: Params<'_>,
-                each: &mut (dyn FnMut(Row) -> bool + Send),
+                each: EachRow<'_>,
             ) -> Result<(), Error> {
                 $for_each_row(self, sql, params, each).await
             }
@@ -124,7 +127,7 @@ async fn portal_rows(
     tx: &deadpool_postgres::Transaction<'_>,
     sql: &str,
     params: Params<'_>,
-    each: &mut (dyn FnMut(Row) -> bool + Send),
+    each: EachRow<'_>,
 ) -> Result<(), Error> {
     let statement = tx.prepare_cached(sql).await?;
     let portal = tx.bind(&statement, params).await?;
@@ -150,7 +153,7 @@ async fn streamed_rows(
     client: &deadpool_postgres::ClientWrapper,
     sql: &str,
     params: Params<'_>,
-    each: &mut (dyn FnMut(Row) -> bool + Send),
+    each: EachRow<'_>,
 ) -> Result<(), Error> {
     let statement = client.prepare_cached(sql).await?;
     let rows = client.query_raw(&statement, params.iter().copied()).await?;

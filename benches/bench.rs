@@ -1552,18 +1552,27 @@ async fn set_armed(client: &Client, armed: bool) -> Result<()> {
     Ok(())
 }
 
+/// Database `db`, dropped and created again with the application's bare table:
+/// the admin connection and the database's URL.
+async fn bare_database(admin_url: &str, db: &str) -> Result<(Client, String)> {
+    let admin = connect(admin_url).await?;
+    // Two calls: in one string, both would run in one transaction, which DROP
+    // DATABASE refuses.
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await?;
+    let url = with_dbname(admin_url, db);
+    connect(&url).await?.batch_execute(BARE_SCHEMA).await?;
+    Ok((admin, url))
+}
+
 async fn write_side(env: &mut Env) -> Result<()> {
     let a = env.args.clone();
     let bare_db = format!("{}_bare", a.db);
-    let bare_url = with_dbname(&env.admin, &bare_db);
-    let admin = connect(&env.admin).await?;
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {bare_db} WITH (FORCE)"))
-        .await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {bare_db}"))
-        .await?;
-    connect(&bare_url).await?.batch_execute(BARE_SCHEMA).await?;
+    let (admin, bare_url) = bare_database(&env.admin, &bare_db).await?;
     let bench = connect(&env.url).await?;
     set_armed(&bench, false).await?;
 
@@ -1817,18 +1826,8 @@ impl pgfold::projector::Projector for NotesLength {
 /// database of their own (NAME_large), at the default `daemon.batch_bytes`.
 async fn large_payloads(env: &mut Env) -> Result<()> {
     let db = format!("{}_large", env.args.db);
-    let admin = connect(&env.admin).await?;
-    // Two calls: one string would run both in one transaction, which DROP
-    // DATABASE refuses.
-    admin
-        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
-        .await?;
-    admin
-        .batch_execute(&format!("CREATE DATABASE {db}"))
-        .await?;
-    let url = with_dbname(&env.admin, &db);
+    let (admin, url) = bare_database(&env.admin, &db).await?;
     let client = connect(&url).await?;
-    client.batch_execute(BARE_SCHEMA).await?;
     log(format!(
         "large: appending {LARGE_EVENTS} events of {} MB",
         LARGE_NOTES_BYTES / 1_000_000

@@ -46,10 +46,11 @@ usage: cargo bench --bench bench -- [options]
   --runs K            replay runs and write-side rounds (default 3)
   --db NAME           benchmark database, dropped and recreated (default pgfold_bench);
                       the write side's are NAME_wa/_wm/_wb/_wt (dropped at the end),
-                      the live cost's NAME_lc<size> (kept)
-  --only LIST         run only these phases: replay,live,write,livecost
-                      (--only load: just create and load the database; write and
-                      livecost alone do not load it: they use databases of their own)
+                      the live cost's NAME_lc<size> (kept), large payloads' NAME_large
+  --only LIST         run only these phases: replay,live,write,livecost,large
+                      (--only load: just create and load the database; write,
+                      livecost and large alone do not load it: they use databases
+                      of their own)
   --reuse             keep an already loaded NAME (skip drop/create/load; for profiling,
                       not for reported figures)
   --write-projectors LIST
@@ -191,14 +192,21 @@ fn parse_args() -> Result<Args> {
         bail!("--live-cost-sizes must be positive counts, e.g. 100k,10M");
     }
     for p in &args.only {
-        if !["load", "replay", "live", "write", "livecost"].contains(&p.as_str()) {
-            bail!("--only takes load, replay, live, write, livecost; not {p:?}");
+        if !["load", "replay", "live", "write", "livecost", "large"].contains(&p.as_str()) {
+            bail!("--only takes load, replay, live, write, livecost, large; not {p:?}");
         }
     }
     Ok(args)
 }
 
+/// The allocator of pgfold's binary, for the child run as pgfold (see `AS_PGFOLD`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
+    if std::env::var_os(AS_PGFOLD).is_some() {
+        return pgfold::cli::main(pgfold::projectors::builtin().register(NotesLength));
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {
@@ -490,8 +498,13 @@ struct Daemon {
 
 impl Daemon {
     fn spawn(url: &str, args: &[&str]) -> Result<Daemon> {
+        Daemon::spawn_program(Command::new(PGFOLD), url, args)
+    }
+
+    fn spawn_program(mut program: Command, url: &str, args: &[&str]) -> Result<Daemon> {
         let log = tempfile::tempfile().context("temp file for the daemon's log")?;
-        let child = Command::new(PGFOLD)
+        let name = program.get_program().to_string_lossy().into_owned();
+        let child = program
             .args(args)
             .env("DATABASE_URL", url)
             .env("RUST_LOG", "warn")
@@ -499,7 +512,7 @@ impl Daemon {
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log.try_clone()?))
             .spawn()
-            .with_context(|| format!("cannot start {PGFOLD}"))?;
+            .with_context(|| format!("cannot start {name}"))?;
         let pid = child.id();
         let peak_kib = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -596,10 +609,19 @@ impl Drop for Daemon {
 
 /// One `pgfold run --once ...`: wall time from spawn to exit, and peak RSS.
 async fn pgfold_once(url: &str, args: &'static [&'static str]) -> Result<(f64, u64)> {
+    once_of(|| Command::new(PGFOLD), url, args).await
+}
+
+/// The same with another program built on pgfold's command line.
+async fn once_of(
+    program: impl FnOnce() -> Command + Send + 'static,
+    url: &str,
+    args: &'static [&'static str],
+) -> Result<(f64, u64)> {
     let url = url.to_string();
     tokio::task::spawn_blocking(move || -> Result<(f64, u64)> {
         let start = Instant::now();
-        let daemon = Daemon::spawn(&url, args)?;
+        let daemon = Daemon::spawn_program(program(), &url, args)?;
         let (status, peak, output) = daemon.wait()?;
         let secs = start.elapsed().as_secs_f64();
         if !status.success() {
@@ -727,6 +749,9 @@ async fn run(args: Args) -> Result<()> {
     }
     if env.args.wants("livecost") {
         live_cost(&mut env).await?;
+    }
+    if env.args.wants("large") {
+        large_payloads(&mut env).await?;
     }
     let loadavg = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     writeln!(
@@ -1824,6 +1849,23 @@ struct WriteConfig {
     clients: Vec<Client>,
 }
 
+/// Database `db`, dropped and created again with the application's bare table:
+/// the admin connection and the database's URL.
+async fn bare_database(admin_url: &str, db: &str) -> Result<(Client, String)> {
+    let admin = connect(admin_url).await?;
+    // Two calls: in one string, both would run in one transaction, which DROP
+    // DATABASE refuses.
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {db}"))
+        .await?;
+    let url = with_dbname(admin_url, db);
+    connect(&url).await?.batch_execute(BARE_SCHEMA).await?;
+    Ok((admin, url))
+}
+
 async fn write_side(env: &mut Env) -> Result<()> {
     let a = env.args.clone();
     let admin = connect(&env.admin).await?;
@@ -2142,5 +2184,138 @@ async fn live_cost(env: &mut Env) -> Result<()> {
             )?;
         }
     }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 5. Large payloads: peak RSS of a decoded-events replay (issue 17)
+
+/// Set in the environment of this benchmark's own binary run as a pgfold whose only
+/// projector is [`NotesLength`]: the built-in projectors are set-based and never
+/// decode a payload.
+const AS_PGFOLD: &str = "PGFOLD_BENCH_AS_PGFOLD";
+const LARGE_EVENTS: i32 = 200;
+const LARGE_NOTES_BYTES: i32 = 2_000_000;
+
+/// A decoded-events projector that reads every payload: the length of each order's
+/// `notes`.
+struct NotesLength;
+
+#[async_trait::async_trait]
+impl pgfold::projector::Projector for NotesLength {
+    fn name(&self) -> &str {
+        "notes_length"
+    }
+
+    fn filter(&self) -> pgfold::projector::EventFilter {
+        pgfold::projector::EventFilter::event_types(&["OrderNoted"])
+    }
+
+    async fn setup(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+    ) -> Result<(), pgfold::projector::ProjectorError> {
+        tx.batch_execute(
+            "CREATE TABLE IF NOT EXISTS notes_length (stream_id TEXT PRIMARY KEY, chars BIGINT NOT NULL)",
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn reset(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+    ) -> Result<(), pgfold::projector::ProjectorError> {
+        tx.batch_execute("TRUNCATE notes_length").await?;
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        tx: &pgfold::projector::BatchTransaction<'_>,
+        events: &[pgfold::projector::Event],
+    ) -> Result<(), pgfold::projector::ProjectorError> {
+        for e in events {
+            let chars = e.payload["notes"].as_str().map_or(0, |n| n.chars().count()) as i64;
+            tx.execute(
+                "INSERT INTO notes_length VALUES ($1, $2)
+                 ON CONFLICT (stream_id) DO UPDATE SET chars = EXCLUDED.chars",
+                &[&e.stream_id, &chars],
+            )
+            .await?;
+        }
+        Ok(())
+    }
+}
+
+/// `pgfold run --once --replay` of [`NotesLength`] over events of 2 MB each, in a
+/// database of their own (NAME_large), at the default `daemon.batch_bytes`.
+async fn large_payloads(env: &mut Env) -> Result<()> {
+    let db = format!("{}_large", env.args.db);
+    let (admin, url) = bare_database(&env.admin, &db).await?;
+    let client = connect(&url).await?;
+    log(format!(
+        "large: appending {LARGE_EVENTS} events of {} MB",
+        LARGE_NOTES_BYTES / 1_000_000
+    ));
+    client
+        .execute(
+            "INSERT INTO events (stream_id, stream_type, event_type, payload, sequence)
+             SELECT 'order-' || i, 'order', 'OrderNoted',
+                    jsonb_build_object('notes', repeat(md5(i::text), $2 / 32)), 1
+               FROM generate_series(1, $1) i",
+            &[&LARGE_EVENTS, &LARGE_NOTES_BYTES],
+        )
+        .await?;
+    const REPLAY: &[&str] = &["run", "--once", "--replay", "notes_length"];
+    let this = std::env::current_exe()?;
+    let mut runs = Vec::new();
+    for run in 1..=env.args.runs {
+        let this = this.clone();
+        let program = move || {
+            let mut c = Command::new(this);
+            c.env(AS_PGFOLD, "1");
+            c
+        };
+        let r = once_of(program, &url, REPLAY).await?;
+        log(format!(
+            "large run {run}/{}: {:.2} s, peak RSS {}",
+            env.args.runs,
+            r.0,
+            mib(r.1)
+        ));
+        runs.push(r);
+    }
+    let wrong = scalar_i64(
+        &client,
+        &format!(
+            "SELECT count(*) FROM events e LEFT JOIN notes_length n USING (stream_id)
+              WHERE n.chars IS DISTINCT FROM {LARGE_NOTES_BYTES} / 32 * 32"
+        ),
+    )
+    .await?;
+    drop(client);
+    admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+        .await?;
+    if wrong != 0 {
+        bail!("notes_length is wrong for {wrong} events");
+    }
+    let times: Vec<f64> = runs.iter().map(|r| r.0).collect();
+    let r = &mut env.report;
+    writeln!(
+        r,
+        "\n5. Large payloads: `run --once --replay` of a decoded-events projector over {LARGE_EVENTS} \
+         events of {} MB ({} MB of JSON)\n   at the default daemon.batch_bytes; {} runs",
+        LARGE_NOTES_BYTES / 1_000_000,
+        i64::from(LARGE_EVENTS) * i64::from(LARGE_NOTES_BYTES) / 1_000_000,
+        env.args.runs
+    )?;
+    writeln!(
+        r,
+        "   median {:.2} s, peak RSS {} (max VmHWM, polled every 10 ms)",
+        median(&times),
+        mib(runs.iter().map(|x| x.1).max().unwrap_or(0))
+    )?;
     Ok(())
 }

@@ -15,6 +15,11 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 use tokio_postgres::Transaction;
 
+/// The allocator pgfold's own binary uses (see src/main.rs): with it, memory
+/// taken by a batch of large events goes back to the system once it is applied.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct CustomerSpend;
 
 /// A JSON number or numeric string, exactly as written: pgfold decodes payloads

@@ -68,6 +68,7 @@ pub struct RunArgs {
 /// The whole program, for `pgfold` itself and for an application's own binary
 /// that registers more projectors.
 pub fn main(registry: Registry) -> ExitCode {
+    return_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
@@ -183,4 +184,21 @@ fn shutdown_signal() -> anyhow::Result<impl std::future::Future<Output = ()> + S
             });
         }
     })
+}
+
+/// mimalloc's `purge_delay` option (its index in `mi_option_t`, the same in
+/// mimalloc 2 and 3; libmimalloc-sys names only the older options).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// With mimalloc as the allocator (pgfold's binary, and the examples): give freed
+/// memory back to the system at once. By default mimalloc 3 purges freed pages
+/// after 1 s, arenas after 10 s, and only when the thread that owns them allocates
+/// again; the worker thread that decoded a batch of large events then idles, and
+/// the batch's memory stayed resident (measured: 64 MiB an idle minute after a
+/// replay of 1.9 MB events, against 27 MiB before it; 36 MiB with this). Harmless
+/// when another allocator is the global one: mimalloc then holds nothing.
+fn return_freed_memory() {
+    // SAFETY: sets one integer option; called first thing, before any thread
+    // that could read it concurrently is started.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) }
 }

@@ -56,6 +56,9 @@ pub struct DaemonSettings {
     pub poll_interval_ms: u64,
     pub batch_size: u32,
     pub set_batch_size: u32,
+    /// Bytes of event payload and metadata (as JSON text) in one decoded-events
+    /// batch; an event larger than this is applied alone.
+    pub batch_bytes: u64,
     pub connect_timeout_ms: u64,
     pub stall_warn_after_ms: u64,
 }
@@ -179,6 +182,9 @@ impl Settings {
         }
         if self.daemon.batch_size == 0 || self.daemon.set_batch_size == 0 {
             bail!("daemon.batch_size and daemon.set_batch_size must be at least 1");
+        }
+        if self.daemon.batch_bytes == 0 {
+            bail!("daemon.batch_bytes must be at least 1");
         }
         if self.daemon.poll_interval_ms == 0 {
             bail!("daemon.poll_interval_ms must be at least 1");

@@ -125,6 +125,13 @@ pub struct Worker {
     /// Lost with the process, which then reads those events again: harmless,
     /// since they are not consumed.
     unrecorded: Option<(Position, Position)>,
+    /// `daemon.batch_bytes`, for decoded-events batches.
+    batch_bytes: i64,
+    /// The last event found larger than `batch_bytes`: it is read again on every
+    /// retry, and is worth one warning, not one per attempt.
+    warned_oversized: Option<i64>,
+    /// Whether the byte budget has cut a batch yet: said once, not every batch.
+    warned_cut: bool,
 }
 
 impl Worker {
@@ -146,6 +153,9 @@ impl Worker {
             limit: full_limit,
             isolating_until: None,
             unrecorded: None,
+            batch_bytes: i64::try_from(daemon.batch_bytes).unwrap_or(i64::MAX),
+            warned_oversized: None,
+            warned_cut: false,
         }
     }
 
@@ -215,15 +225,31 @@ impl Worker {
         horizon: Horizon,
     ) -> Result<Step, Transient> {
         let filter = self.projector.filter();
-        let rows = feed::read_events(&tx, ck.position, horizon, &filter, self.limit).await?;
-        if rows.is_empty() {
+        let read = feed::read_events(
+            &tx,
+            ck.position,
+            horizon,
+            &filter,
+            self.limit,
+            self.batch_bytes,
+        )
+        .await?;
+        if read.rows.is_empty() {
             return Ok(Step::Idle {
                 horizon,
                 position: ck.position,
             });
         }
-        let read = rows.len();
-        let batch = feed::order_batch(&tx, rows, &ck.ahead, &filter).await?;
+        if !ck.ahead.contains(&read.rows[0].event.id) {
+            self.warn_if_oversized(&read.rows[0]);
+        }
+        if read.cut_by_bytes {
+            self.warn_cut_by_bytes(&read.rows);
+        }
+        let cut = read.cut_by_bytes;
+        let batch = feed::order_batch(&tx, read, &ck.ahead, &filter, self.batch_bytes).await?;
+        let read = batch.rows;
+        let full = cut || read >= self.limit as usize;
         Db::execute(&tx, "SAVEPOINT apply", &[]).await?;
         let result = if batch.events.is_empty() {
             Ok(())
@@ -246,7 +272,7 @@ impl Worker {
                 Ok(Step::Applied {
                     events: batch.events.len() as u64,
                     upto: batch.upto,
-                    full: read >= self.limit as usize,
+                    full,
                 })
             }
             Err(e) => {
@@ -401,6 +427,47 @@ impl Worker {
                     .await
             }
         }
+    }
+
+    /// Warns, once per event, that `row` alone exceeds the byte budget: it is
+    /// applied by itself, and memory peaks with its size rather than the budget's.
+    fn warn_if_oversized(&mut self, row: &feed::ReadRow) {
+        if row.bytes <= self.batch_bytes || self.warned_oversized == Some(row.event.id) {
+            return;
+        }
+        self.warned_oversized = Some(row.event.id);
+        tracing::warn!(
+            projector = self.projector.name(),
+            event_id = row.event.id,
+            stream_id = %row.event.stream_id,
+            event_type = %row.event.event_type,
+            bytes = row.bytes,
+            batch_bytes = self.batch_bytes,
+            "event larger than daemon.batch_bytes; applying it in a batch of its own"
+        );
+    }
+
+    /// Warns, the first time it happens, that events are large enough for the byte
+    /// budget to cut batches short of `batch_size`: why a catch-up runs at fewer
+    /// events per batch, and which event to look at.
+    fn warn_cut_by_bytes(&mut self, rows: &[feed::ReadRow]) {
+        if self.warned_cut {
+            return;
+        }
+        self.warned_cut = true;
+        let Some(largest) = rows.iter().max_by_key(|r| r.bytes) else {
+            return;
+        };
+        tracing::warn!(
+            projector = self.projector.name(),
+            events = rows.len(),
+            bytes = rows.iter().map(|r| r.bytes).sum::<i64>(),
+            batch_bytes = self.batch_bytes,
+            largest_event_id = largest.event.id,
+            largest_stream_id = %largest.event.stream_id,
+            largest_bytes = largest.bytes,
+            "large events: batches are cut at daemon.batch_bytes, short of daemon.batch_size (logged once)"
+        );
     }
 
     /// Logs who holds the horizon back, once it has done so for `for_how_long`.
@@ -597,9 +664,40 @@ fn message_of(e: &ProjectorError) -> Result<String, Transient> {
     // SQL raised through pgfold.bad_event already names the event.
     let problem = bad_event_parts(&text).map(|(_, problem)| problem.to_owned());
     let text = problem.unwrap_or(text);
-    Ok(crate::config::one_line(&text))
+    Ok(at_most(crate::config::one_line(&text), MAX_ERROR_BYTES))
+}
+
+/// The longest error text stored (`last_error`, dead letters) and shown by
+/// `status`. A projector's message, or PostgreSQL's, can quote the value that
+/// failed, and that value can be a payload of megabytes.
+const MAX_ERROR_BYTES: usize = 2048;
+
+fn at_most(mut text: String, bytes: usize) -> String {
+    if text.len() > bytes {
+        let mut end = bytes;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+        text.push('…');
+    }
+    text
 }
 
 fn retry_delay(attempts: u32) -> Duration {
     Duration::from_millis(100u64 << attempts.saturating_sub(1).min(6)).min(Duration::from_secs(5))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_text_is_cut_at_a_char_boundary() {
+        assert_eq!(at_most("short".into(), 2048), "short");
+        let long = "é".repeat(2000);
+        let cut = at_most(long, MAX_ERROR_BYTES);
+        assert!(cut.len() <= MAX_ERROR_BYTES + '…'.len_utf8());
+        assert!(cut.ends_with("é…"), "{cut}");
+    }
 }

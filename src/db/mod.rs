@@ -14,7 +14,7 @@ use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime};
 
 pub use connect::{configs, describe, pg_config, Configs, PgConfig};
-pub use sql::{Db, Params, Session, Statements};
+pub use sql::{Db, EachRow, Params, Session, Statements};
 
 /// A dedicated connection, in the statement mode of its configuration.
 pub type Client = Session<tokio_postgres::Client>;

@@ -35,11 +35,15 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, LazyLock, RwLock};
 
 use async_trait::async_trait;
+use futures_util::TryStreamExt;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Error, GenericClient, Row, SimpleQueryMessage};
 
 /// Bound parameters, as tokio-postgres takes them.
 pub type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+
+/// What [`Db::for_each_row`] hands each row to: false stops the read.
+pub type EachRow<'a> = &'a mut (dyn FnMut(Row) -> bool + Send);
 
 /// `database.prepared_statements`: `true` is [`Statements::Prepared`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -80,6 +84,26 @@ pub trait Db: Sync {
     }
 
     async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, Error>;
+
+    /// Hands the rows of `sql` to `each` as they arrive, until it returns false:
+    /// for results too large to hold twice (rows and what they decode to). A
+    /// pooled transaction with prepared statements reads through a portal in
+    /// growing chunks, so that the server computes little beyond the row where
+    /// `each` stops; other sessions stream the rows; anything else collects them
+    /// first.
+    async fn for_each_row(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+        each: EachRow<'_>,
+    ) -> Result<(), Error> {
+        for row in self.query(sql, params).await? {
+            if !each(row) {
+                break;
+            }
+        }
+        Ok(())
+    }
 
     #[doc(hidden)]
     async fn row_count_error(&self) -> Error;
@@ -171,7 +195,7 @@ commit!(tokio_postgres::Transaction<'_>);
 /// `$cached`: whether prepared statements are kept per connection (deadpool's
 /// cache) rather than prepared per call.
 macro_rules! session {
-    ($t:ty => $inner:ty, cached: $cached:tt) => {
+    ($t:ty => $inner:ty, cached: $cached:tt, rows: $rows:ident) => {
         impl Session<$t> {
             fn driver(&self) -> &$inner {
                 &self.inner
@@ -200,6 +224,17 @@ macro_rules! session {
                 };
                 GenericClient::execute(self.driver(), &statement, params).await
             }
+            async fn for_each_row(
+                &self,
+                sql: &str,
+                params: Params<'_>,
+                each: EachRow<'_>,
+            ) -> Result<(), Error> {
+                match self.statements {
+                    Statements::Unnamed => unnamed_rows(self.driver(), sql, params, each).await,
+                    Statements::Prepared => $rows(&self.inner, sql, params, each).await,
+                }
+            }
             async fn row_count_error(&self) -> Error {
                 row_count_error(self.driver()).await
             }
@@ -216,10 +251,10 @@ macro_rules! prepare {
     };
 }
 
-session!(deadpool_postgres::Transaction<'_> => tokio_postgres::Transaction<'_>, cached: true);
-session!(deadpool_postgres::Object => tokio_postgres::Client, cached: true);
-session!(tokio_postgres::Client => tokio_postgres::Client, cached: false);
-session!(tokio_postgres::Transaction<'_> => tokio_postgres::Transaction<'_>, cached: false);
+session!(deadpool_postgres::Transaction<'_> => tokio_postgres::Transaction<'_>, cached: true, rows: portal_rows);
+session!(deadpool_postgres::Object => tokio_postgres::Client, cached: true, rows: streamed_rows);
+session!(tokio_postgres::Client => tokio_postgres::Client, cached: false, rows: collected_rows);
+session!(tokio_postgres::Transaction<'_> => tokio_postgres::Transaction<'_>, cached: false, rows: collected_rows);
 
 // A plain client outside a session (tests, benchmarks, an application's own
 // code): a named statement per call, as tokio-postgres's text queries do.
@@ -334,4 +369,88 @@ async fn parameter_types<C: GenericClient + Sync>(
         .unwrap_or_else(|e| e.into_inner())
         .insert(sql.to_string(), types.clone());
     Ok(types)
+}
+
+/// Rows fetched from a portal at first; each further fetch takes four times as
+/// many. Small first fetches keep the server from reading (and decompressing)
+/// many large rows beyond where the reader stops; a live batch of a few events or
+/// a full one of 2,000 small events still takes one to five round trips.
+const FIRST_FETCH: i32 = 16;
+const LARGEST_FETCH: i32 = 4096;
+
+async fn portal_rows(
+    tx: &deadpool_postgres::Transaction<'_>,
+    sql: &str,
+    params: Params<'_>,
+    each: EachRow<'_>,
+) -> Result<(), Error> {
+    let statement = tx.prepare_cached(sql).await?;
+    let portal = tx.bind(&statement, params).await?;
+    let mut fetch = FIRST_FETCH;
+    loop {
+        let rows = tx.query_portal_raw(&portal, fetch).await?;
+        futures_util::pin_mut!(rows);
+        let mut fetched = 0;
+        while let Some(row) = rows.try_next().await? {
+            fetched += 1;
+            if !each(row) {
+                return Ok(());
+            }
+        }
+        if fetched < fetch {
+            return Ok(());
+        }
+        fetch = fetch.saturating_mul(4).min(LARGEST_FETCH);
+    }
+}
+
+async fn streamed_rows(
+    client: &deadpool_postgres::Object,
+    sql: &str,
+    params: Params<'_>,
+    each: EachRow<'_>,
+) -> Result<(), Error> {
+    let statement = client.prepare_cached(sql).await?;
+    let rows = client.query_raw(&statement, params.iter().copied()).await?;
+    futures_util::pin_mut!(rows);
+    while let Some(row) = rows.try_next().await? {
+        if !each(row) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// A dedicated connection, prepared per call: rows collected, then handed on.
+async fn collected_rows<C: GenericClient + Sync>(
+    client: &C,
+    sql: &str,
+    params: Params<'_>,
+    each: EachRow<'_>,
+) -> Result<(), Error> {
+    for row in GenericClient::query(client, sql, params).await? {
+        if !each(row) {
+            break;
+        }
+    }
+    Ok(())
+}
+
+/// Unnamed statements have no portal to fetch from in chunks: the rows stream,
+/// and those after the one where `each` stops are read and dropped.
+async fn unnamed_rows<C: GenericClient + Sync>(
+    client: &C,
+    sql: &str,
+    params: Params<'_>,
+    each: EachRow<'_>,
+) -> Result<(), Error> {
+    let types = parameter_types(client, sql, params).await?;
+    let rows = client.query_typed_raw(sql, typed(params, &types)).await?;
+    futures_util::pin_mut!(rows);
+    while let Some(row) = rows.try_next().await? {
+        if !each(row) {
+            break;
+        }
+    }
+    Ok(())
 }

@@ -10,4 +10,4 @@ pub use horizon::{blocker, horizon, Blocker, Horizon};
 pub use order::{order_batch, OrderedBatch};
 pub use position::{Position, POSITION_TX};
 pub(crate) use reader::in_range;
-pub use reader::{ahead_of_range, newest, read_events, set_batch_end, ReadRow};
+pub use reader::{ahead_of_range, newest, read_events, set_batch_end, ReadBatch, ReadRow};

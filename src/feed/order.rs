@@ -37,7 +37,7 @@ use std::collections::HashSet;
 
 use crate::db::Db;
 
-use super::reader::{later_predecessors, ReadRow};
+use super::reader::{later_predecessors, ReadBatch};
 use super::Position;
 use crate::projector::{Event, EventFilter};
 
@@ -48,45 +48,74 @@ pub struct OrderedBatch {
     pub events: Vec<Event>,
     /// For each delivered event, the index of the read row that brought it.
     pub origin: Vec<usize>,
-    /// The checkpoint once the batch commits: the last row read.
+    /// How many of the rows read the batch holds: fewer than were read when the
+    /// events to deliver ahead would have taken it over its byte budget.
+    pub rows: usize,
+    /// The checkpoint once the batch commits: the last row it holds.
     pub upto: Position,
     /// Delivered events beyond `upto`, to record in `pgfold.delivered_ahead`.
     pub ahead: Vec<(i64, Position)>,
 }
 
-/// Orders `rows` (as read, in position order) for delivery. `already_ahead` holds
-/// the events delivered ahead by earlier batches.
+/// Orders `read` (rows in position order) for delivery. `already_ahead` holds
+/// the events delivered ahead by earlier batches. Events delivered ahead count
+/// against `budget` like the rows read: a row whose stream's earlier events do not
+/// fit beside the rows read ends the batch before it, unless it is the first row,
+/// which goes with them whatever they weigh (and alone, when they exceed the budget).
 pub async fn order_batch<C: Db>(
-    client: &C,
-    rows: Vec<ReadRow>,
+    tx: &C,
+    read: ReadBatch,
     already_ahead: &HashSet<i64>,
     filter: &EventFilter,
+    budget: i64,
 ) -> Result<OrderedBatch, tokio_postgres::Error> {
-    let mut batch = OrderedBatch {
-        upto: rows.last().map(|r| r.event.position).unwrap_or_default(),
-        ..OrderedBatch::default()
-    };
+    let mut batch = OrderedBatch::default();
+    // Every row read is held until the batch is applied, so all of them count.
+    let mut used: i64 = read.rows.iter().map(|r| r.bytes).sum();
     let mut delivered: HashSet<i64> = HashSet::new();
-    for (index, row) in rows.into_iter().enumerate() {
+    for (index, row) in read.rows.into_iter().enumerate() {
         let id = row.event.id;
         if already_ahead.contains(&id) || delivered.contains(&id) {
+            batch.rows = index + 1;
+            batch.upto = row.event.position;
             continue;
         }
+        let mut last = false;
         if row.predecessor_later {
-            for earlier in later_predecessors(client, &row.event, filter).await? {
-                if already_ahead.contains(&earlier.id) || !delivered.insert(earlier.id) {
+            let (mut earlier, fit) =
+                later_predecessors(tx, &row.event, filter, budget - used).await?;
+            if !fit {
+                if index > 0 {
+                    break;
+                }
+                earlier = later_predecessors(tx, &row.event, filter, i64::MAX)
+                    .await?
+                    .0;
+                last = true;
+            }
+            for earlier in earlier {
+                if already_ahead.contains(&earlier.event.id) || !delivered.insert(earlier.event.id)
+                {
                     continue;
                 }
-                if earlier.position > batch.upto {
-                    batch.ahead.push((earlier.id, earlier.position));
-                }
+                used += earlier.bytes;
+                let earlier = earlier.event;
+                batch.ahead.push((earlier.id, earlier.position));
                 batch.events.push(earlier);
                 batch.origin.push(index);
             }
         }
         delivered.insert(id);
+        batch.rows = index + 1;
+        batch.upto = row.event.position;
         batch.events.push(row.event);
         batch.origin.push(index);
+        if last {
+            break;
+        }
     }
+    // Only those beyond the batch's end are delivered ahead of their place.
+    let upto = batch.upto;
+    batch.ahead.retain(|(_, position)| *position > upto);
     Ok(batch)
 }

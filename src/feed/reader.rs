@@ -20,9 +20,22 @@ use crate::db::Db;
 use super::{Horizon, Position, POSITION_TX};
 use crate::projector::{Event, EventFilter};
 
-/// Selected from a fenced subquery `e` that carries `pos_tx`.
-const COLUMNS: &str = "e.id, e.pos_tx::text, e.stream_id, e.stream_type, e.event_type, \
-     e.event_version, e.payload, e.metadata, e.occurred_at, e.sequence";
+/// The columns of an event, in [`read_row`]'s order.
+const COLUMNS: &str =
+    "x.id, COALESCE(x.tx_id, '0'::xid8)::text, x.stream_id, x.stream_type, x.event_type, \
+     x.event_version, x.payload, x.metadata, x.occurred_at, x.sequence";
+
+/// What the byte budget counts for event `e`: the size of its payload and metadata
+/// as the daemon receives them. For a value stored compressed, the length of its
+/// JSON text, exactly what crosses the wire (jsonb's binary format is that text
+/// behind a version byte); `pg_column_size` would give the compressed size, which
+/// can be a hundredth of that. For the others, stored as they are (every small
+/// event), `pg_column_size`, the size of the stored jsonb: within a few percent of
+/// the text's for a document of any size, and it costs no rendering.
+const BYTES: &str = "(CASE WHEN pg_column_compression(e.payload) IS NULL
+                           THEN pg_column_size(e.payload) ELSE octet_length(e.payload::text) END::bigint
+                    + CASE WHEN pg_column_compression(e.metadata) IS NULL
+                           THEN pg_column_size(e.metadata) ELSE octet_length(e.metadata::text) END)";
 
 /// An event read in position order, and whether its stream's previous event (by
 /// `sequence`) has a *later* position: the case where transaction ids disagree with
@@ -31,7 +44,53 @@ const COLUMNS: &str = "e.id, e.pos_tx::text, e.stream_id, e.stream_type, e.event
 pub struct ReadRow {
     pub event: Event,
     pub predecessor_later: bool,
+    /// The size of the payload and metadata as received: what the batch budget
+    /// counts (see `BYTES`).
+    pub bytes: i64,
 }
+
+/// Rows read for a batch: in position order, within the count and byte limits.
+#[derive(Debug, Default)]
+pub struct ReadBatch {
+    pub rows: Vec<ReadRow>,
+    /// The byte budget ended the batch before the count did: more events are waiting.
+    pub cut_by_bytes: bool,
+}
+
+/// `read` (rows of `id`, `tx`, `sequence`, `bytes` ([`BYTES`]) and
+/// `predecessor_later`, in the order `order`, written over `r.`) cut at a byte
+/// budget bound at `$budget`: a row fits while the running total of `bytes` up to
+/// and including it stays within the budget; with `first_always`, the first row
+/// fits whatever it weighs (an event larger than the budget makes a batch of its
+/// own). Only a row that fits is fetched whole; from the first that does not on,
+/// the events' columns come back NULL, so no payload beyond the budget crosses the
+/// wire. The reader stops at that row.
+///
+/// The window sees no payload on purpose: its tuplestore would spill large values
+/// to disk, and a spilled window reads its whole input before returning a row,
+/// which would render every payload up to the count limit on every batch.
+fn within_budget(read: &str, order: &str, budget: u8, first_always: bool) -> String {
+    let first = if first_always {
+        "OR row_number() OVER w = 1"
+    } else {
+        ""
+    };
+    format!(
+        "SELECT {COLUMNS}, r.predecessor_later, r.bytes, r.fits
+           FROM (
+             SELECT r.*, sum(r.bytes) OVER w <= ${budget}::bigint {first} AS fits
+               FROM ({read}) r
+             WINDOW w AS (ORDER BY {order} ROWS UNBOUNDED PRECEDING)
+           ) r
+           LEFT JOIN LATERAL (
+             SELECT * FROM events x WHERE r.fits AND x.id = r.id LIMIT 1
+           ) x ON true
+          ORDER BY {order}"
+    )
+}
+
+/// Index of the `fits` column of [`within_budget`]'s rows.
+const FITS: usize = 12;
 
 /// A `LATERAL` subquery giving `p`, the nearest earlier event of `e`'s stream that
 /// passes the filter bound at `$f1` / `$f2`. Earlier events the projector does not
@@ -93,20 +152,23 @@ pub(crate) fn fenced_range(alias: &str) -> String {
     )
 }
 
-/// Up to `limit` events after `after` and below the horizon that pass `filter`.
+/// Up to `limit` events after `after` and below the horizon that pass `filter`,
+/// holding at most `budget` bytes (see [`within_budget`]). Rows are decoded as they
+/// arrive and dropped, so each payload is held once, as the decoded event.
 pub async fn read_events<C: Db>(
     client: &C,
     after: Position,
     horizon: Horizon,
     filter: &EventFilter,
     limit: u32,
-) -> Result<Vec<ReadRow>, tokio_postgres::Error> {
+    budget: i64,
+) -> Result<ReadBatch, tokio_postgres::Error> {
     // The range is read in position order inside the fence; `pos_tx` carries that
     // order out of it, so the LIMIT stops the index scan early instead of sorting
     // everything after the checkpoint.
-    let sql = format!(
-        "SELECT {COLUMNS},
-                p.id IS NOT NULL AND (p.tx, p.id) > (e.pos_tx, e.id)
+    let read = format!(
+        "SELECT e.id, e.pos_tx AS tx, e.sequence, {BYTES} AS bytes,
+                p.id IS NOT NULL AND (p.tx, p.id) > (e.pos_tx, e.id) AS predecessor_later
            FROM (SELECT COALESCE(e.tx_id, '0'::xid8) AS pos_tx, e.*
                    FROM events e
                   WHERE ({POSITION_TX}, e.id) > ($1::text::xid8, $2)
@@ -120,9 +182,10 @@ pub async fn read_events<C: Db>(
         probe = nearest_consumed_predecessor(4, 5),
         passes = passes(4, 5),
     );
-    let rows = client
-        .query(
-            &sql,
+    let mut batch = ReadBatch::default();
+    client
+        .for_each_row(
+            &within_budget(&read, "r.tx, r.id", 7, true),
             &[
                 &after.tx_text(),
                 &after.id,
@@ -130,16 +193,19 @@ pub async fn read_events<C: Db>(
                 &filter.event_types,
                 &filter.stream_types,
                 &i64::from(limit),
+                &budget,
             ],
+            &mut |row| {
+                if !row.get::<_, bool>(FITS) {
+                    batch.cut_by_bytes = true;
+                    return false;
+                }
+                batch.rows.push(read_row(&row));
+                true
+            },
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| ReadRow {
-            event: decode(r),
-            predecessor_later: r.get(10),
-        })
-        .collect())
+    Ok(batch)
 }
 
 /// For a [`crate::projector::Feed::StreamSet`] batch `(after, upto]`: the events
@@ -226,25 +292,30 @@ pub async fn ahead_of_range<C: Db>(
 }
 
 /// The events of `event`'s stream before it in `sequence` whose position is after
-/// it, in `sequence` order.
+/// it, in `sequence` order, and whether they fit in `budget` bytes. When they do
+/// not, the events are left out: the caller decides whether the row that needs
+/// them waits for a batch of its own.
 pub(super) async fn later_predecessors<C: Db>(
     client: &C,
     event: &Event,
     filter: &EventFilter,
-) -> Result<Vec<Event>, tokio_postgres::Error> {
-    let sql = format!(
-        "SELECT {COLUMNS}
+    budget: i64,
+) -> Result<(Vec<ReadRow>, bool), tokio_postgres::Error> {
+    let read = format!(
+        "SELECT e.id, e.pos_tx AS tx, e.sequence, {BYTES} AS bytes,
+                false AS predecessor_later
            FROM (SELECT COALESCE(e.tx_id, '0'::xid8) AS pos_tx, e.*
                    FROM events e
                   WHERE e.stream_id = $1 AND e.sequence < $2
                  OFFSET 0) e
-          WHERE (e.pos_tx, e.id) > ($3::text::xid8, $4) AND {passes}
-          ORDER BY e.sequence",
+          WHERE (e.pos_tx, e.id) > ($3::text::xid8, $4) AND {passes}",
         passes = passes(5, 6),
     );
-    let rows = client
-        .query(
-            &sql,
+    let mut events = Vec::new();
+    let mut fit = true;
+    client
+        .for_each_row(
+            &within_budget(&read, "r.sequence", 7, false),
             &[
                 &event.stream_id,
                 &event.sequence,
@@ -252,10 +323,23 @@ pub(super) async fn later_predecessors<C: Db>(
                 &event.position.id,
                 &filter.event_types,
                 &filter.stream_types,
+                &budget,
             ],
+            &mut |row| {
+                // The budget is a running total: every row after one beyond it
+                // is beyond it too.
+                fit = row.get::<_, bool>(FITS);
+                if fit {
+                    events.push(read_row(&row));
+                }
+                fit
+            },
         )
         .await?;
-    Ok(rows.iter().map(decode).collect())
+    if !fit {
+        events.clear();
+    }
+    Ok((events, fit))
 }
 
 /// The end of a set-based batch of about `limit` events after `after`, below the
@@ -343,17 +427,22 @@ fn position(row: &Row, tx: usize, id: usize) -> Position {
     )
 }
 
-fn decode(row: &Row) -> Event {
-    Event {
-        id: row.get(0),
-        position: position(row, 1, 0),
-        stream_id: row.get(2),
-        stream_type: row.get(3),
-        event_type: row.get(4),
-        event_version: row.get(5),
-        payload: row.get(6),
-        metadata: row.get(7),
-        occurred_at: row.get(8),
-        sequence: row.get(9),
+/// A row of [`within_budget`] that fits.
+fn read_row(row: &Row) -> ReadRow {
+    ReadRow {
+        event: Event {
+            id: row.get(0),
+            position: position(row, 1, 0),
+            stream_id: row.get(2),
+            stream_type: row.get(3),
+            event_type: row.get(4),
+            event_version: row.get(5),
+            payload: row.get(6),
+            metadata: row.get(7),
+            occurred_at: row.get(8),
+            sequence: row.get(9),
+        },
+        predecessor_later: row.get(10),
+        bytes: row.get(11),
     }
 }

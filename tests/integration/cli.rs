@@ -66,6 +66,11 @@ async fn a_malformed_config_file_is_named() {
             "[projectors.daily_revenue]\non_error = \"ignore\"\n",
             "ignore",
         ),
+        (
+            "[daemon]\nbatch_bytes = 0\n",
+            "daemon.batch_bytes must be at least 1",
+        ),
+        ("[daemon]\nbatch_bytes = -5\n", "batch_bytes"),
     ];
     for (contents, expected) in cases {
         let file = config_file(contents);

@@ -275,8 +275,17 @@ pub struct Daemon {
 impl Daemon {
     /// Starts `pgfold ARGS` with `env` (RUST_LOG=warn unless `env` sets it).
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Daemon {
+        Daemon::spawn_program(
+            std::path::Path::new(env!("CARGO_BIN_EXE_pgfold")),
+            args,
+            env,
+        )
+    }
+
+    /// The same with another binary built on pgfold's command line (an example).
+    pub fn spawn_program(program: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
         use std::io::BufRead;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgfold"));
+        let mut cmd = Command::new(program);
         cmd.args(args)
             .env_remove("DATABASE_URL")
             .env("RUST_LOG", "warn")
@@ -286,7 +295,9 @@ impl Daemon {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn pgfold");
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
         let stderr = child.stderr.take().expect("piped stderr");
         let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let sink = lines.clone();
@@ -308,6 +319,10 @@ impl Daemon {
     /// Everything it has written to stderr so far.
     pub fn lines(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// Whether it is still running (it has not exited on its own).
@@ -457,4 +472,19 @@ pub fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
+}
+
+/// `examples/custom_projector` (a decoded-events projector on the full command
+/// line), which `cargo test` builds next to the pgfold binary.
+pub fn custom_projector_binary() -> std::path::PathBuf {
+    let path = std::path::Path::new(env!("CARGO_BIN_EXE_pgfold"))
+        .parent()
+        .expect("the pgfold binary lies in a directory")
+        .join("examples/custom_projector");
+    assert!(
+        path.is_file(),
+        "{} is missing: run the whole `cargo test` (it builds the examples) or `cargo build --examples` first",
+        path.display()
+    );
+    path
 }

@@ -8,6 +8,7 @@ mod deploy;
 mod gap;
 mod helpers;
 mod live_cost;
+mod memory;
 mod migration;
 mod ops;
 mod plan_robustness;

@@ -224,7 +224,7 @@ async fn explain_batches(x: &Explaining<'_>, after: Position, upto: Position) {
     ];
     for (name, filter) in &filters {
         x.label(&format!("read_events [{name}]"));
-        feed::read_events(x, after, limited, filter, 2000)
+        feed::read_events(x, after, limited, filter, 2000, 16 << 20)
             .await
             .unwrap();
         x.label(&format!("ahead_of_range to the newest [{name}]"));

@@ -215,7 +215,8 @@ impl Projector for DeliveryLog {
     async fn setup(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS delivery_log (
-               n BIGSERIAL PRIMARY KEY, stream_id TEXT NOT NULL, sequence BIGINT NOT NULL)",
+               n BIGSERIAL PRIMARY KEY, stream_id TEXT NOT NULL, sequence BIGINT NOT NULL,
+               batch xid8 NOT NULL DEFAULT pg_current_xact_id())",
         )
         .await?;
         Ok(())
@@ -374,5 +375,56 @@ async fn skipping_a_bad_event_delivered_ahead_dead_letters_its_whole_unit() {
         scalar_i64(&first, "SELECT count(*) FROM pgfold.delivered_ahead").await,
         0,
         "the checkpoint has passed the event delivered ahead"
+    );
+}
+
+/// Events delivered ahead count against `daemon.batch_bytes`: positions run
+/// order-2 created (small), order-1 paid (small), order-1 created (large, and
+/// needed before paid). The first two fit the budget as read; with order-1's
+/// created delivered ahead they do not, so order-2 goes alone and order-1's two
+/// events follow in a batch of their own.
+#[tokio::test]
+async fn events_delivered_ahead_count_against_the_byte_budget() {
+    let db = with_scratch().await;
+    let other = early_writer(&db).await;
+    let paid_writer = early_writer(&db).await;
+    let mut first = db.client().await;
+    let mut large = created("order-1", "books", json!("12.50"), 2);
+    large.payload["notes"] = json!("n".repeat(200_000));
+    append_all(&mut first, &[large]).await;
+    append_in_open(
+        &paid_writer,
+        &paid("order-1", "books", json!("12.50"), 2),
+        2,
+    )
+    .await;
+    append_in_open(&other, &created("order-2", "toys", json!("3.00"), 1), 1).await;
+    let mut settings = db.settings();
+    settings.daemon.batch_bytes = 100_000;
+    settings.projectors.clear();
+    let registry = Registry::new().register(DeliveryLog);
+
+    let outcome = run_once_with(&settings, &registry, RunOptions::default()).await;
+
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    let order: String = first
+        .query_one(
+            "SELECT string_agg(stream_id || '/' || sequence, ' ' ORDER BY n) FROM delivery_log",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(order, "order-2/1 order-1/1 order-1/2");
+    let batches = |sql| scalar_i64(&first, sql);
+    assert_eq!(
+        batches("SELECT count(DISTINCT batch) FROM delivery_log").await,
+        2,
+        "order-2 went alone"
+    );
+    assert_eq!(
+        batches("SELECT count(DISTINCT batch) FROM delivery_log WHERE stream_id = 'order-1'").await,
+        1,
+        "order-1's events together"
     );
 }

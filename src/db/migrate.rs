@@ -53,6 +53,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "bad_event_stable",
         sql: include_str!("../../migrations/V5__bad_event_stable.sql"),
     },
+    Migration {
+        version: 8,
+        name: "replay_progress",
+        sql: include_str!("../../migrations/V8__replay_progress.sql"),
+    },
 ];
 
 /// Each DDL attempt waits at most this long for a lock before backing off.

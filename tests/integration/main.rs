@@ -11,6 +11,7 @@ mod ops;
 mod plans;
 mod poison;
 mod privilege;
+mod progress;
 mod projections;
 mod reconnect;
 mod replay;

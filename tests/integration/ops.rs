@@ -10,7 +10,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::helpers::*;
 
 /// A plain HTTP/1.1 GET: (status code, body).
-async fn get(address: &str, path: &str) -> (u16, String) {
+pub(crate) async fn get(address: &str, path: &str) -> (u16, String) {
     let mut stream = tokio::net::TcpStream::connect(address)
         .await
         .expect("connect");
@@ -35,7 +35,7 @@ async fn get(address: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -159,11 +159,13 @@ async fn status_json_has_the_documented_shape() {
             "last_error",
             "name",
             "position",
+            "replay",
             "state"
         ]
     );
     assert_eq!(revenue["name"], "daily_revenue");
     assert_eq!(revenue["state"], "running");
+    assert!(revenue["replay"].is_null(), "not replaying: {revenue}");
     assert_eq!(
         revenue["lag_events"], 1,
         "the OrderPaid appended after the run"

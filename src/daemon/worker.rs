@@ -110,16 +110,24 @@ async fn plan_generically<C: Db>(tx: &C) -> Result<(), tokio_postgres::Error> {
 }
 
 /// For the rest of this batch transaction: plan each statement for this batch's
-/// range, and without JIT. A catch-up runs the same statements over ranges of
-/// about a second each (see `daemon::pace`); after five of them PostgreSQL may
-/// settle on a generic plan, costed for a range of a few rows, and keep it for
-/// ranges of a hundred thousand (measured: the `daily_revenue` replay took
-/// twice as long). JIT compiles each statement again, every range: up to a
-/// second each, measured, where the range itself is meant to take one.
+/// range, without JIT and without bitmap scans. A catch-up runs the same
+/// statements over ranges of about a second each (see `daemon::pace`):
+/// - after five of them PostgreSQL may settle on a generic plan, costed for a
+///   range of a few rows, and keep it for ranges of a hundred thousand
+///   (measured: the `daily_revenue` replay took twice as long);
+/// - JIT compiles each statement again, every range: up to a second each,
+///   measured, where the range itself is meant to take one;
+/// - a bitmap scan ANDs the range with another index of `events` (event type,
+///   stream type) and so reads that whole index for every range: 100 ms a range
+///   at 1 M events, more with every event. Before `events` has been analyzed
+///   (right after a bulk load) the same happens in the per-event predecessor probe
+///   of a `Feed::StreamSet` range, once per event: minutes for one range. A range
+///   is a slice of the position index, read best through that index.
 async fn plan_for_values<C: Db>(tx: &C) -> Result<(), tokio_postgres::Error> {
     tx.execute(
         "SELECT set_config('plan_cache_mode', 'force_custom_plan', true),
-                set_config('jit', 'off', true)",
+                set_config('jit', 'off', true),
+                set_config('enable_bitmapscan', 'off', true)",
         &[],
     )
     .await?;

@@ -31,6 +31,38 @@ pub struct ProjectorStatus {
     pub failing_event: Option<FailingEvent>,
     pub last_error: Option<String>,
     pub dead_letters: i64,
+    /// A replay in progress (state `replaying`), else `null`.
+    pub replay: Option<ReplayProgress>,
+}
+
+/// How far a replay has come. Measured in event ids, as the daemon's progress is.
+#[derive(Debug, Serialize)]
+pub struct ReplayProgress {
+    /// Id of the last event consumed.
+    pub position: i64,
+    /// Id of the newest event when the replay began: where it ends.
+    pub target: i64,
+    /// Events applied since the replay began, per second of it; `null` until
+    /// something is known.
+    pub events_per_second: Option<f64>,
+    /// Seconds left at the rate so far; `null` until the first batch has committed.
+    pub eta_seconds: Option<f64>,
+}
+
+impl ReplayProgress {
+    /// From the checkpoint, the events applied since the replay began, and how
+    /// long ago it began (unknown for a replay begun before this was recorded).
+    fn estimate(position: i64, target: i64, applied: i64, elapsed: Option<f64>) -> ReplayProgress {
+        let elapsed = elapsed.filter(|s| *s > 0.0);
+        ReplayProgress {
+            position,
+            target,
+            events_per_second: elapsed.map(|s| (applied as f64 / s).round()),
+            eta_seconds: elapsed
+                .filter(|_| position > 0)
+                .map(|s| (s * (target - position).max(0) as f64 / position as f64).ceil()),
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -73,7 +105,9 @@ pub async fn collect<C: Db>(
                             p.failing_event_id, p.failing_event_type, p.attempts, p.last_error,
                             (SELECT count(*) FROM pgfold.dead_letters d WHERE d.projector = p.name),
                             lag.events,
-                            coalesce(extract(epoch FROM now() - lag.oldest)::float8, 0)
+                            coalesce(extract(epoch FROM now() - lag.oldest)::float8, 0),
+                            coalesce(p.replay_target_id, 0),
+                            extract(epoch FROM now() - p.replay_started_at)::float8
                        FROM pgfold.projectors p
                        CROSS JOIN LATERAL (
                          SELECT count(*) AS events, min(e.occurred_at) AS oldest
@@ -99,8 +133,11 @@ pub async fn collect<C: Db>(
                 failing_event: None,
                 last_error: None,
                 dead_letters: 0,
+                replay: None,
             },
             Some(r) => ProjectorStatus {
+                replay: (r.get::<_, String>(0) == State::Replaying.as_str())
+                    .then(|| ReplayProgress::estimate(r.get(1), r.get(11), r.get(2), r.get(12))),
                 name: p.name().to_string(),
                 state: r.get(0),
                 position: r.get(1),
@@ -182,6 +219,20 @@ pub fn render(status: &Status) -> String {
             .collect();
         out.push_str(cells.join("  ").trim_end());
         out.push('\n');
+    }
+    for p in &status.projectors {
+        if let Some(r) = &p.replay {
+            let percent =
+                (r.position.min(r.target) as f64 * 100.0 / r.target.max(1) as f64).floor();
+            out.push_str(&format!(
+                "\n{} is replaying: {percent}% ({} of {} ids), {} events/s, eta {}\n",
+                p.name,
+                r.position,
+                r.target,
+                r.events_per_second.map_or("?".into(), |v| v.to_string()),
+                r.eta_seconds.map_or("?".into(), |v| format!("{v}s")),
+            ));
+        }
     }
     if let Some(b) = &status.horizon_blocked_by {
         out.push_str(&format!(

@@ -1,5 +1,6 @@
 //! Logging: readable on a terminal, one JSON object per line for journald and
-//! container logs. `RUST_LOG` overrides the configured level.
+//! container logs. `RUST_LOG` overrides the configured level. On a terminal, log
+//! lines are printed above the progress bars (see `ops::progress`).
 //!
 //! Text logs are coloured only on a terminal, and not even there when `NO_COLOR`
 //! is set (no-color.org): journald, `docker logs` and `kubectl logs` would show the
@@ -7,18 +8,25 @@
 
 use std::io::IsTerminal;
 
+use tracing_subscriber::fmt::writer::BoxMakeWriter;
 use tracing_subscriber::EnvFilter;
 
 use crate::config::{LogFormat, LogSettings};
+use crate::ops::progress;
 
 pub fn init(settings: &LogSettings) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
+    let writer = if progress::bars_wanted(settings.format == LogFormat::Text) {
+        BoxMakeWriter::new(progress::AboveBars)
+    } else {
+        BoxMakeWriter::new(std::io::stderr)
+    };
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     // A second call (tests, embedding) keeps the first subscriber.
     let _ = match settings.format {
         LogFormat::Json => builder

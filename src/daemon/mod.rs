@@ -7,6 +7,7 @@
 //! committed when it started.
 
 pub mod checkpoint;
+mod pace;
 mod wakeup;
 mod worker;
 

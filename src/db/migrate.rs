@@ -57,6 +57,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "read_your_writes",
         sql: include_str!("../../migrations/V6__read_your_writes.sql"),
     },
+    Migration {
+        version: 7,
+        name: "replay_progress",
+        sql: include_str!("../../migrations/V7__replay_progress.sql"),
+    },
 ];
 
 /// Each DDL attempt waits at most this long for a lock before backing off.

@@ -37,6 +37,80 @@ pub struct Metrics {
     dead_letters: Family<ProjectorLabel, Gauge>,
     state: Family<StateLabels, Gauge>,
     horizon_stall_seconds: Gauge<f64, AtomicU64>,
+    replay: ReplayGauges,
+}
+
+/// A replay in progress, per projector; absent when none is.
+#[derive(Default)]
+struct ReplayGauges {
+    position: Family<ProjectorLabel, Gauge>,
+    target: Family<ProjectorLabel, Gauge>,
+    events: Family<ProjectorLabel, Gauge>,
+    events_per_second: Family<ProjectorLabel, Gauge<f64, AtomicU64>>,
+    eta_seconds: Family<ProjectorLabel, Gauge<f64, AtomicU64>>,
+}
+
+/// A value not known yet is left out rather than shown as 0.
+fn set_or_remove(
+    family: &Family<ProjectorLabel, Gauge<f64, AtomicU64>>,
+    l: &ProjectorLabel,
+    v: Option<f64>,
+) {
+    match v {
+        Some(v) => {
+            family.get_or_create(l).set(v);
+        }
+        None => {
+            family.remove(l);
+        }
+    }
+}
+
+impl ReplayGauges {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "replay_position",
+            "A replaying projector's position (event id)",
+            self.position.clone(),
+        );
+        registry.register(
+            "replay_target",
+            "The event id a replaying projector rebuilds up to",
+            self.target.clone(),
+        );
+        registry.register(
+            "replay_events",
+            "Events applied since the replay began",
+            self.events.clone(),
+        );
+        registry.register(
+            "replay_events_per_second",
+            "Events applied per second since the replay began",
+            self.events_per_second.clone(),
+        );
+        registry.register(
+            "replay_eta_seconds",
+            "Seconds left in the replay at its rate so far",
+            self.eta_seconds.clone(),
+        );
+    }
+
+    fn observe(&self, p: &crate::status::ProjectorStatus) {
+        let l = label(&p.name);
+        let Some(r) = &p.replay else {
+            self.position.remove(&l);
+            self.target.remove(&l);
+            self.events.remove(&l);
+            self.events_per_second.remove(&l);
+            self.eta_seconds.remove(&l);
+            return;
+        };
+        self.position.get_or_create(&l).set(r.position);
+        self.target.get_or_create(&l).set(r.target);
+        self.events.get_or_create(&l).set(p.events_applied);
+        set_or_remove(&self.events_per_second, &l, r.events_per_second);
+        set_or_remove(&self.eta_seconds, &l, r.eta_seconds);
+    }
 }
 
 fn label(projector: &str) -> ProjectorLabel {
@@ -110,6 +184,8 @@ impl Metrics {
             "How long an open transaction has kept new events from being read",
             horizon_stall_seconds.clone(),
         );
+        let replay = ReplayGauges::default();
+        replay.register(&mut registry);
         Metrics {
             registry,
             events_applied,
@@ -121,6 +197,7 @@ impl Metrics {
             dead_letters,
             state,
             horizon_stall_seconds,
+            replay,
         }
     }
 
@@ -152,6 +229,7 @@ impl Metrics {
             self.lag_events.get_or_create(&l).set(p.lag_events);
             self.lag_seconds.get_or_create(&l).set(p.lag_seconds);
             self.dead_letters.get_or_create(&l).set(p.dead_letters);
+            self.replay.observe(p);
             for state in ["running", "replaying", "failed", "new"] {
                 let labels = StateLabels {
                     projector: p.name.clone(),

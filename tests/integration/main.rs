@@ -16,6 +16,7 @@ mod plans;
 mod poison;
 mod pooler;
 mod privilege;
+mod progress;
 mod projections;
 mod read_your_writes;
 mod reconnect;

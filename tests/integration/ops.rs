@@ -125,11 +125,13 @@ async fn status_json_has_the_documented_shape() {
             "last_error",
             "name",
             "position",
+            "replay",
             "state"
         ]
     );
     assert_eq!(revenue["name"], "daily_revenue");
     assert_eq!(revenue["state"], "running");
+    assert!(revenue["replay"].is_null(), "not replaying: {revenue}");
     assert_eq!(
         revenue["lag_events"], 1,
         "the OrderPaid appended after the run"

@@ -140,13 +140,6 @@ pub struct Worker {
     /// While isolating: the end of the batch that failed. The full size comes back
     /// once the checkpoint has passed it.
     isolating_until: Option<Position>,
-    /// A set batch that consumed nothing and wrote nothing commits no checkpoint
-    /// (it would cost a WAL flush for nothing): `(checkpoint, read up to)`, so that
-    /// the next batch reads on from where it stopped, as long as the checkpoint
-    /// is still the one it extends (no other instance has moved it meanwhile).
-    /// Lost with the process, which then reads those events again: harmless,
-    /// since they are not consumed.
-    unrecorded: Option<(Position, Position)>,
     /// `daemon.batch_bytes`, for decoded-events batches.
     batch_bytes: i64,
     /// The last event found larger than `batch_bytes`: it is read again on every
@@ -183,7 +176,6 @@ impl Worker {
             pace,
             limit: full_limit,
             isolating_until: None,
-            unrecorded: None,
             batch_bytes: i64::try_from(daemon.batch_bytes).unwrap_or(i64::MAX),
             warned_oversized: None,
             warned_cut: false,
@@ -234,19 +226,15 @@ impl Worker {
                 error: row.get(2),
             });
         }
-        let from = match self.unrecorded.take() {
-            Some((checkpoint, read)) if checkpoint == ck.position => read,
-            _ => ck.position,
-        };
         if let Some(until) = self.isolating_until {
-            if from >= until {
+            if ck.position >= until {
                 self.isolating_until = None;
                 self.limit = self.full_limit;
             }
         }
         match self.projector.feed() {
             Feed::Events => self.events_batch(tx, ck, horizon).await,
-            Feed::Set | Feed::StreamSet => self.set_batch(tx, ck, from, horizon, started).await,
+            Feed::Set | Feed::StreamSet => self.set_batch(tx, ck, horizon, started).await,
         }
     }
 
@@ -352,13 +340,12 @@ impl Worker {
         &mut self,
         tx: Transaction<'_>,
         ck: Checkpoint,
-        from: Position,
         horizon: Horizon,
         started: Instant,
     ) -> Result<Step, Transient> {
         let Some((upto, full)) = feed::set_batch_end(
             &tx,
-            from,
+            ck.position,
             horizon,
             self.limit,
             // Counting a small batch through the index is cheap, and keeps it at
@@ -367,15 +354,12 @@ impl Worker {
         )
         .await?
         else {
-            if from != ck.position {
-                self.unrecorded = Some((ck.position, from));
-            }
             return Ok(Step::Idle {
                 horizon,
-                position: from,
+                position: ck.position,
             });
         };
-        let span = upto.id - from.id;
+        let span = upto.id - ck.position.id;
         if self.pace.is_some() && span >= GENERIC_PLANS_BELOW {
             plan_for_values(&tx).await?;
         }
@@ -399,30 +383,21 @@ impl Worker {
         let probe = async {
             match self.projector.feed() {
                 Feed::StreamSet => {
-                    feed::ahead_of_range(&tx, from, upto, !full, &skip, &filter).await
+                    feed::ahead_of_range(&tx, ck.position, upto, !full, &skip, &filter).await
                 }
                 _ => Ok(Vec::new()),
             }
         };
         let ((), ahead, _) =
             tokio::try_join!(plan, probe, Db::execute(&tx, "SAVEPOINT apply", &[]))?;
-        let range = EventRange::new(from, upto, skip, ahead.iter().map(|(id, _)| *id).collect());
+        let range = EventRange::new(
+            ck.position,
+            upto,
+            skip,
+            ahead.iter().map(|(id, _)| *id).collect(),
+        );
         match self.projector.apply_range(&tx, &range).await {
             Ok(applied) => {
-                let nothing_to_record = applied == 0
-                    && ahead.is_empty()
-                    && ck.ahead.is_empty()
-                    && ck.failing_event_id.is_none()
-                    && ck.state == State::Running;
-                if nothing_to_record && !wrote(&tx).await? {
-                    self.unrecorded = Some((ck.position, upto));
-                    // Dropped: rolled back, and it had written nothing.
-                    return Ok(Step::Applied {
-                        events: 0,
-                        upto,
-                        full,
-                    });
-                }
                 let name = self.projector.name();
                 checkpoint::record_ahead(&tx, name, &ahead).await?;
                 checkpoint::advance(&tx, name, upto, applied, !ck.ahead.is_empty()).await?;
@@ -430,7 +405,7 @@ impl Worker {
                 // Only a range cut at its size measures the size; one that ran to
                 // the newest event (live) says nothing about it.
                 if let (Some(pace), true, None) = (&mut self.pace, full, self.isolating_until) {
-                    pace.measured(upto.id - from.id, started.elapsed());
+                    pace.measured(upto.id - ck.position.id, started.elapsed());
                     self.full_limit = pace.limit();
                     self.limit = self.full_limit;
                 }
@@ -638,14 +613,6 @@ impl Worker {
             }
         }
     }
-}
-
-/// Whether this transaction has written anything: writing takes a transaction id.
-async fn wrote<C: Db>(tx: &C) -> Result<bool, tokio_postgres::Error> {
-    Ok(tx
-        .query_one("SELECT pg_current_xact_id_if_assigned() IS NOT NULL", &[])
-        .await?
-        .get(0))
 }
 
 /// The event a projector named: directly, or in SQL through `pgfold.bad_event`.

@@ -7,7 +7,6 @@ mod crash;
 mod deploy;
 mod gap;
 mod helpers;
-mod live_cost;
 mod memory;
 mod migration;
 mod ops;

@@ -411,7 +411,16 @@ async fn streamed_rows(
     each: EachRow<'_>,
 ) -> Result<(), Error> {
     let statement = client.prepare_cached(sql).await?;
-    let rows = client.query_raw(&statement, params.iter().copied()).await?;
+    hand_on(
+        client.query_raw(&statement, params.iter().copied()).await?,
+        each,
+    )
+    .await
+}
+
+/// Hands streamed rows to `each` until it returns false; the rest are read and
+/// dropped by the connection.
+async fn hand_on(rows: tokio_postgres::RowStream, each: EachRow<'_>) -> Result<(), Error> {
     futures_util::pin_mut!(rows);
     while let Some(row) = rows.try_next().await? {
         if !each(row) {
@@ -445,12 +454,9 @@ async fn unnamed_rows<C: GenericClient + Sync>(
     each: EachRow<'_>,
 ) -> Result<(), Error> {
     let types = parameter_types(client, sql, params).await?;
-    let rows = client.query_typed_raw(sql, typed(params, &types)).await?;
-    futures_util::pin_mut!(rows);
-    while let Some(row) = rows.try_next().await? {
-        if !each(row) {
-            break;
-        }
-    }
-    Ok(())
+    hand_on(
+        client.query_typed_raw(sql, typed(params, &types)).await?,
+        each,
+    )
+    .await
 }

@@ -17,7 +17,7 @@ use crate::helpers::*;
 /// Orders to load: about 2.5 events each. Sized so that the replay takes several
 /// seconds on a small CI machine (the work is PostgreSQL's, so the debug build of
 /// the daemon does not change that).
-const ORDERS: i64 = 120_000;
+const ORDERS: i64 = 240_000;
 const ORDERS_PER_SLICE: i64 = 5_000;
 
 const PROJECTORS: [&str; 2] = ["daily_revenue", "order_snapshots"];
@@ -256,7 +256,9 @@ fn assert_moves_and_eta(p: &str, mine: &[&Bar], end: &Bar) {
             .eta_seconds
             .unwrap_or_else(|| panic!("{p}: no ETA at {third:?}"));
         assert!(
-            eta <= 2.0 * actual.max(1.0) && actual <= 2.0 * eta.max(1.0),
+            // The bar shows whole seconds: half a second either way is its
+            // rounding, not the estimate's error.
+            eta <= 2.0 * actual + 0.5 && actual <= 2.0 * (eta + 0.5),
             "{p}: ETA {eta} s at {} %, actually {actual:.1} s (moves at {moves:?}): {mine:?}",
             third.percent
         );

@@ -39,6 +39,7 @@ async fn health_readiness_and_metrics_are_served_over_http() {
             let (status, body) = get(&address, "/metrics").await;
             status == 200
                 && body.contains("pgfold_events_applied_total{projector=\"order_snapshots\"} 2")
+                && body.contains("pgfold_events_applied_total{projector=\"daily_revenue\"} 1")
         },
     )
     .await;

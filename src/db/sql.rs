@@ -253,8 +253,8 @@ macro_rules! prepare {
 
 session!(deadpool_postgres::Transaction<'_> => tokio_postgres::Transaction<'_>, cached: true, rows: portal_rows);
 session!(deadpool_postgres::Object => tokio_postgres::Client, cached: true, rows: streamed_rows);
-session!(tokio_postgres::Client => tokio_postgres::Client, cached: false, rows: collected_rows);
-session!(tokio_postgres::Transaction<'_> => tokio_postgres::Transaction<'_>, cached: false, rows: collected_rows);
+session!(tokio_postgres::Client => tokio_postgres::Client, cached: false, rows: per_call_rows);
+session!(tokio_postgres::Transaction<'_> => tokio_postgres::Transaction<'_>, cached: false, rows: per_call_rows);
 
 // A plain client outside a session (tests, benchmarks, an application's own
 // code): a named statement per call, as tokio-postgres's text queries do.
@@ -430,19 +430,18 @@ async fn hand_on(rows: tokio_postgres::RowStream, each: EachRow<'_>) -> Result<(
     Ok(())
 }
 
-/// A dedicated connection, prepared per call: rows collected, then handed on.
-async fn collected_rows<C: GenericClient + Sync>(
+/// A dedicated connection, its statement prepared per call: the rows stream.
+async fn per_call_rows<C: GenericClient + Sync>(
     client: &C,
     sql: &str,
     params: Params<'_>,
     each: EachRow<'_>,
 ) -> Result<(), Error> {
-    for row in GenericClient::query(client, sql, params).await? {
-        if !each(row) {
-            break;
-        }
-    }
-    Ok(())
+    hand_on(
+        GenericClient::query_raw(client, sql, params.iter().copied()).await?,
+        each,
+    )
+    .await
 }
 
 /// Unnamed statements have no portal to fetch from in chunks: the rows stream,

@@ -60,6 +60,10 @@ pub struct RunArgs {
     /// Rebuild this projection from the first event (repeatable; `all` for every one).
     #[arg(long, value_name = "NAME")]
     pub replay: Vec<String>,
+    /// Rebuild this projection from the first event beside the live one, which
+    /// keeps serving, then swap it in atomically (repeatable; `all` for every one).
+    #[arg(long, value_name = "NAME")]
+    pub rebuild: Vec<String>,
     /// Run only this projector (repeatable).
     #[arg(long, value_name = "NAME")]
     pub projector: Vec<String>,
@@ -152,6 +156,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
             let options = RunOptions {
                 once: args.once,
                 replay: args.replay,
+                rebuild: args.rebuild,
                 projectors: args.projector,
             };
             let outcome = daemon::run(&settings, &registry, &options, shutdown_signal()?).await?;

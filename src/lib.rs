@@ -8,6 +8,8 @@
 //! - [`projectors`]: the built-in projectors, `daily_revenue` and `order_snapshots`.
 //! - [`daemon`]: the long-running worker: batches, checkpoints, coordination,
 //!   wake-ups, retries and shutdown.
+//! - [`rebuild`]: `run --rebuild`: a projection rebuilt beside the live one and
+//!   swapped in atomically; rebuilds when a projector's definition changes.
 //! - [`status`]: what `pgfold status` reports.
 //! - [`ops`]: metrics, the HTTP endpoints (health, metrics, `/wait`), systemd
 //!   notifications.
@@ -26,6 +28,7 @@ pub mod feed;
 pub mod ops;
 pub mod projector;
 pub mod projectors;
+pub mod rebuild;
 pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -33,6 +33,33 @@ pub struct ProjectorStatus {
     pub dead_letters: i64,
     /// A replay in progress (state `replaying`), else `null`.
     pub replay: Option<ReplayProgress>,
+    /// The definition the live tables were built with (`Projector::fingerprint`);
+    /// `null` before it was first recorded.
+    pub fingerprint: Option<String>,
+    /// The projector's definition differs from the one its live tables were built
+    /// with: `run` rebuilds it (see `rebuild`).
+    pub definition_changed: bool,
+    /// A rebuild beside the live tables in progress, else `null`. The live
+    /// projection keeps serving (and its own fields describe it) until the swap.
+    pub rebuild: Option<RebuildProgress>,
+}
+
+/// How far a rebuild beside the live projection has come.
+#[derive(Debug, Serialize)]
+pub struct RebuildProgress {
+    /// Why it runs: `--rebuild`, or the definition that changed.
+    pub reason: Option<String>,
+    /// The definition it builds.
+    pub fingerprint: Option<String>,
+    /// Id of the last event the build consumed.
+    pub position: i64,
+    /// Committed events it consumes that the build has not applied yet.
+    pub lag_events: i64,
+    pub events_applied: i64,
+    /// Events applied per second since the build began; `null` until known.
+    pub events_per_second: Option<f64>,
+    /// Seconds until it has caught up at that rate; `null` until known.
+    pub eta_seconds: Option<f64>,
 }
 
 /// How far a replay has come. Measured in event ids, as the daemon's progress is.
@@ -97,6 +124,47 @@ pub async fn collect<C: Db>(
     let mut projectors = Vec::new();
     for p in registry.iter() {
         let filter = p.filter();
+        let lag = format!(
+            "CROSS JOIN LATERAL (
+               SELECT count(*) AS events, min(e.occurred_at) AS oldest
+                 FROM (SELECT e.occurred_at, e.event_type, e.stream_type FROM events e
+                        WHERE ({POSITION_TX}, e.id) > (p.position_tx, p.position_id)
+                       OFFSET 0) e
+                WHERE ($2::text[] IS NULL OR e.event_type = ANY($2))
+                  AND ($3::text[] IS NULL OR e.stream_type = ANY($3))) lag"
+        );
+        let rebuild = client
+            .query_opt(
+                &format!(
+                    "SELECT p.position_id, lag.events, p.events_applied,
+                            extract(epoch FROM now() - p.build_started_at)::float8,
+                            p.build_reason, p.fingerprint
+                       FROM pgfold.projectors p {lag}
+                      WHERE p.name = $1"
+                ),
+                &[
+                    &crate::rebuild::key(p.name()),
+                    &filter.event_types,
+                    &filter.stream_types,
+                ],
+            )
+            .await?
+            .map(|r| {
+                let (lag_events, applied): (i64, i64) = (r.get(1), r.get(2));
+                let rate = r
+                    .get::<_, Option<f64>>(3)
+                    .filter(|s| *s > 0.0 && applied > 0)
+                    .map(|s| applied as f64 / s);
+                RebuildProgress {
+                    position: r.get(0),
+                    lag_events,
+                    events_applied: applied,
+                    events_per_second: rate.map(f64::round),
+                    eta_seconds: rate.map(|v| (lag_events as f64 / v).ceil()),
+                    reason: r.get(4),
+                    fingerprint: r.get(5),
+                }
+            });
         let row = client
             .query_opt(
                 &format!(
@@ -107,7 +175,8 @@ pub async fn collect<C: Db>(
                             lag.events,
                             coalesce(extract(epoch FROM now() - lag.oldest)::float8, 0),
                             coalesce(p.replay_target_id, 0),
-                            extract(epoch FROM now() - p.replay_started_at)::float8
+                            extract(epoch FROM now() - p.replay_started_at)::float8,
+                            p.fingerprint
                        FROM pgfold.projectors p
                        CROSS JOIN LATERAL (
                          SELECT count(*) AS events, min(e.occurred_at) AS oldest
@@ -134,6 +203,9 @@ pub async fn collect<C: Db>(
                 last_error: None,
                 dead_letters: 0,
                 replay: None,
+                fingerprint: None,
+                definition_changed: false,
+                rebuild,
             },
             Some(r) => ProjectorStatus {
                 replay: (r.get::<_, String>(0) == State::Replaying.as_str())
@@ -152,6 +224,11 @@ pub async fn collect<C: Db>(
                 dead_letters: r.get(8),
                 lag_events: r.get(9),
                 lag_seconds: r.get::<_, f64>(10).max(0.0),
+                definition_changed: r
+                    .get::<_, Option<String>>(13)
+                    .is_some_and(|f| f != p.fingerprint()),
+                fingerprint: r.get(13),
+                rebuild,
             },
         });
     }
@@ -231,6 +308,25 @@ pub fn render(status: &Status) -> String {
                 r.target,
                 r.events_per_second.map_or("?".into(), |v| v.to_string()),
                 r.eta_seconds.map_or("?".into(), |v| format!("{v}s")),
+            ));
+        }
+    }
+    for p in &status.projectors {
+        if let Some(r) = &p.rebuild {
+            out.push_str(&format!(
+                "\n{} is rebuilding beside its live tables ({}): position {}, lag {} events, {} events/s, eta {}; the live tables serve until the swap\n",
+                p.name,
+                r.reason.as_deref().unwrap_or("rebuild"),
+                r.position,
+                r.lag_events,
+                r.events_per_second.map_or("?".into(), |v| v.to_string()),
+                r.eta_seconds.map_or("?".into(), |v| format!("{v}s")),
+            ));
+        } else if p.definition_changed {
+            out.push_str(&format!(
+                "\n{}: definition changed since its tables were built ({}); the next `pgfold run` rebuilds it beside them\n",
+                p.name,
+                p.fingerprint.as_deref().unwrap_or("?"),
             ));
         }
     }

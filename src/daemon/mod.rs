@@ -9,7 +9,7 @@
 pub mod checkpoint;
 mod pace;
 mod wakeup;
-mod worker;
+pub(crate) mod worker;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -41,6 +41,9 @@ pub struct RunOptions {
     pub once: bool,
     /// Projectors to rebuild from the first event (`all` for every one).
     pub replay: Vec<String>,
+    /// Projectors to rebuild beside the live projection and swap in (`all` for
+    /// every one); see `src/rebuild`.
+    pub rebuild: Vec<String>,
     /// Run only these (empty: every enabled projector).
     pub projectors: Vec<String>,
 }
@@ -87,6 +90,16 @@ pub fn select(
         }
     }
     let replay = registry.resolve(&options.replay)?;
+    let rebuild = registry.resolve(&options.rebuild)?;
+    if let Some(p) = rebuild
+        .iter()
+        .find(|p| replay.iter().any(|r| r.name() == p.name()))
+    {
+        anyhow::bail!(
+            "projector {} cannot be both replayed and rebuilt in one run",
+            p.name()
+        );
+    }
     let mut selected = if options.projectors.is_empty() {
         registry
             .iter()
@@ -96,8 +109,8 @@ pub fn select(
     } else {
         registry.resolve(&options.projectors)?
     };
-    // A replayed projector runs, even if it was not otherwise selected.
-    for p in replay {
+    // A replayed or rebuilt projector runs, even if it was not otherwise selected.
+    for p in replay.into_iter().chain(rebuild) {
         if !selected.iter().any(|q| q.name() == p.name()) {
             selected.push(p);
         }
@@ -121,7 +134,9 @@ async fn setup(client: &mut db::Client, p: &dyn Projector) -> anyhow::Result<()>
     p.setup(&tx)
         .await
         .with_context(|| format!("failed to create the tables of projector {}", p.name()))?;
-    checkpoint::register(&tx, p.name()).await?;
+    if checkpoint::register(&tx, p.name()).await? {
+        crate::rebuild::record_fingerprint(&tx, p).await?;
+    }
     checkpoint::record_filter(&tx, p).await?;
     tx.commit().await?;
     Ok(())
@@ -193,6 +208,9 @@ pub async fn run_with(
     for p in &replay {
         rewind(&mut client, p.as_ref()).await?;
     }
+    let builds =
+        crate::rebuild::prepare(&mut client, &selected, &registry.resolve(&options.rebuild)?)
+            .await?;
     let newest = feed::newest(&client).await?.unwrap_or(Position::START);
     let target = options.once.then_some(newest);
     // A replay, or a --once run, is a catch-up worth showing progress for.
@@ -208,6 +226,13 @@ pub async fn run_with(
                 .get(0);
             progress.begin(p.name(), from, newest.id);
         }
+    }
+    for b in &builds {
+        progress.begin(
+            &crate::rebuild::label(b.projector.name()),
+            b.from,
+            newest.id,
+        );
     }
     drop(client);
 
@@ -252,6 +277,22 @@ pub async fn run_with(
             token.clone(),
             target,
             ops.clone(),
+        ));
+    }
+    for build in builds {
+        let name = build.projector.name().to_string();
+        tasks.spawn(crate::rebuild::drive(
+            build,
+            settings.projector(&name),
+            settings.daemon.clone(),
+            pool.clone(),
+            token.clone(),
+            options.once,
+            crate::rebuild::Reporting {
+                metrics: ops.metrics.clone(),
+                progress: ops.progress.clone(),
+                liveness: ops.liveness.clone(),
+            },
         ));
     }
     tracing::info!(projectors = tasks.len(), "running");
@@ -304,6 +345,7 @@ async fn rewind(client: &mut db::Client, p: &dyn Projector) -> anyhow::Result<()
         .await
         .with_context(|| format!("failed to reset projector {}", p.name()))?;
     checkpoint::rewind(&tx, p.name(), target).await?;
+    crate::rebuild::record_fingerprint(&tx, p).await?;
     tx.commit().await?;
     tracing::info!(projector = p.name(), "replaying from the first event");
     Ok(())

@@ -128,6 +128,12 @@ async fn plan_for_values<C: Db>(tx: &C) -> Result<(), tokio_postgres::Error> {
 
 pub struct Worker {
     projector: Arc<dyn Projector>,
+    /// The checkpoint row (and advisory lock) it works under: the projector's
+    /// name, or a rebuild's own key (see `src/rebuild`).
+    key: String,
+    /// A rebuild's build schema, put first on the `search_path` of every batch
+    /// transaction so that the projector's unqualified names reach its new tables.
+    schema: Option<String>,
     settings: ProjectorSettings,
     pool: Pool,
     /// The batch size for this projector's feed: the configured one, or for a set
@@ -169,6 +175,8 @@ impl Worker {
             Feed::Set | Feed::StreamSet => pace.as_ref().map_or(daemon.set_batch_size, Pace::limit),
         };
         Worker {
+            key: projector.name().to_string(),
+            schema: None,
             projector,
             settings,
             pool,
@@ -186,13 +194,21 @@ impl Worker {
         self.projector.name()
     }
 
+    /// This worker applies batches under the checkpoint `key`, into the tables
+    /// found first in `schema` (a rebuild beside the live projection).
+    pub fn beside(mut self, key: &str, schema: &str) -> Worker {
+        self.key = key.to_string();
+        self.schema = Some(schema.to_string());
+        self
+    }
+
     /// Runs one batch transaction.
     pub async fn step(&mut self) -> Result<Step, Transient> {
         let started = Instant::now();
         let mut conn = self.pool.get().await?;
         // Statements are sent as database.prepared_statements says (db::Session).
         let tx = conn.transaction().await?;
-        let name = self.projector.name().to_string();
+        let name = self.key.clone();
         if !checkpoint::try_lock(&tx, &name).await? {
             return Ok(Step::Busy);
         }
@@ -200,6 +216,12 @@ impl Worker {
         // another. All run after the lock has been granted (a later statement, so
         // the checkpoint's snapshot sees what the lock's last holder committed)
         // and before anything reads events (as the horizon must).
+        let schema = async {
+            match &self.schema {
+                Some(schema) => crate::rebuild::search_path_first(&tx, schema).await,
+                None => Ok(()),
+            }
+        };
         let serial = async {
             match self.projector.feed() {
                 // A decoded batch is a few thousand rows at most: starting parallel
@@ -210,8 +232,12 @@ impl Worker {
                 Feed::Set | Feed::StreamSet => Ok(0),
             }
         };
-        let (ck, horizon, _) =
-            tokio::try_join!(checkpoint::load(&tx, &name), feed::horizon(&tx), serial)?;
+        let (ck, horizon, _, ()) = tokio::try_join!(
+            checkpoint::load(&tx, &name),
+            feed::horizon(&tx),
+            serial,
+            schema
+        )?;
         if ck.state == State::Failed {
             let row = tx
                 .query_one(
@@ -278,7 +304,7 @@ impl Worker {
         };
         match result {
             Ok(()) => {
-                let name = self.projector.name();
+                let name = &self.key;
                 checkpoint::record_ahead(&tx, name, &batch.ahead).await?;
                 checkpoint::advance(
                     &tx,
@@ -398,7 +424,7 @@ impl Worker {
         );
         match self.projector.apply_range(&tx, &range).await {
             Ok(applied) => {
-                let name = self.projector.name();
+                let name = &self.key;
                 checkpoint::record_ahead(&tx, name, &ahead).await?;
                 checkpoint::advance(&tx, name, upto, applied, !ck.ahead.is_empty()).await?;
                 tx.commit().await?;
@@ -543,7 +569,7 @@ impl Worker {
         upto: Position,
         ahead: &[(i64, Position)],
     ) -> Result<Step, Transient> {
-        let name = self.projector.name().to_string();
+        let name = self.key.clone();
         let attempts = failure.attempts as u32;
         if attempts < self.settings.max_attempts {
             tracing::warn!(

@@ -62,6 +62,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "replay_progress",
         sql: include_str!("../../migrations/V7__replay_progress.sql"),
     },
+    Migration {
+        version: 8,
+        name: "rebuild",
+        sql: include_str!("../../migrations/V8__rebuild.sql"),
+    },
 ];
 
 /// Each DDL attempt waits at most this long for a lock before backing off.

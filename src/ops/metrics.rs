@@ -38,6 +38,97 @@ pub struct Metrics {
     state: Family<StateLabels, Gauge>,
     horizon_stall_seconds: Gauge<f64, AtomicU64>,
     replay: ReplayGauges,
+    rebuild: RebuildMetrics,
+}
+
+/// Rebuilds beside the live projection (`pgfold_rebuild_*`): the counters kept by
+/// this instance's build tasks, the gauges read from the database at scrape time
+/// (absent while no build is in progress).
+#[derive(Default)]
+struct RebuildMetrics {
+    events_applied: Family<ProjectorLabel, Counter>,
+    batch_seconds: Family<ProjectorLabel, Counter<f64, AtomicU64>>,
+    swaps: Family<ProjectorLabel, Counter>,
+    swap_retries: Family<ProjectorLabel, Counter>,
+    swap_lock_seconds: Family<ProjectorLabel, Gauge<f64, AtomicU64>>,
+    position: Family<ProjectorLabel, Gauge>,
+    lag_events: Family<ProjectorLabel, Gauge>,
+    events_per_second: Family<ProjectorLabel, Gauge<f64, AtomicU64>>,
+    eta_seconds: Family<ProjectorLabel, Gauge<f64, AtomicU64>>,
+    in_progress: Family<ProjectorLabel, Gauge>,
+}
+
+impl RebuildMetrics {
+    fn register(&self, registry: &mut Registry) {
+        let r = registry.sub_registry_with_prefix("rebuild");
+        r.register(
+            "events_applied",
+            "Events applied into build schemas by this instance",
+            self.events_applied.clone(),
+        );
+        r.register(
+            "batch_seconds",
+            "Time spent in build batches by this instance",
+            self.batch_seconds.clone(),
+        );
+        r.register(
+            "swaps",
+            "Rebuilt projections swapped in by this instance",
+            self.swaps.clone(),
+        );
+        r.register(
+            "swap_retries",
+            "Swap attempts given up (lock taken, reader in the way, error) and retried",
+            self.swap_retries.clone(),
+        );
+        r.register(
+            "swap_lock_seconds",
+            "How long the last swap held its exclusive locks",
+            self.swap_lock_seconds.clone(),
+        );
+        r.register(
+            "in_progress",
+            "1 while a rebuild of the projector is in progress",
+            self.in_progress.clone(),
+        );
+        r.register(
+            "position",
+            "A rebuild's position (event id)",
+            self.position.clone(),
+        );
+        r.register(
+            "lag_events",
+            "Events a rebuild has yet to apply",
+            self.lag_events.clone(),
+        );
+        r.register(
+            "events_per_second",
+            "Events a rebuild has applied per second since it began",
+            self.events_per_second.clone(),
+        );
+        r.register(
+            "eta_seconds",
+            "Seconds left in a rebuild at its rate so far",
+            self.eta_seconds.clone(),
+        );
+    }
+
+    fn observe(&self, p: &crate::status::ProjectorStatus) {
+        let l = label(&p.name);
+        let Some(r) = &p.rebuild else {
+            self.in_progress.get_or_create(&l).set(0);
+            self.position.remove(&l);
+            self.lag_events.remove(&l);
+            self.events_per_second.remove(&l);
+            self.eta_seconds.remove(&l);
+            return;
+        };
+        self.in_progress.get_or_create(&l).set(1);
+        self.position.get_or_create(&l).set(r.position);
+        self.lag_events.get_or_create(&l).set(r.lag_events);
+        set_or_remove(&self.events_per_second, &l, r.events_per_second);
+        set_or_remove(&self.eta_seconds, &l, r.eta_seconds);
+    }
 }
 
 /// A replay in progress, per projector; absent when none is.
@@ -186,6 +277,8 @@ impl Metrics {
         );
         let replay = ReplayGauges::default();
         replay.register(&mut registry);
+        let rebuild = RebuildMetrics::default();
+        rebuild.register(&mut registry);
         Metrics {
             registry,
             events_applied,
@@ -198,7 +291,32 @@ impl Metrics {
             state,
             horizon_stall_seconds,
             replay,
+            rebuild,
         }
+    }
+
+    /// A build batch committed (`src/rebuild`).
+    pub fn rebuild_batch(&self, projector: &str, events: u64, seconds: f64) {
+        let l = label(projector);
+        self.rebuild.events_applied.get_or_create(&l).inc_by(events);
+        self.rebuild.batch_seconds.get_or_create(&l).inc_by(seconds);
+    }
+
+    /// A rebuilt projection was swapped in, holding its exclusive locks `seconds`.
+    pub fn rebuild_swapped(&self, projector: &str, seconds: f64) {
+        let l = label(projector);
+        self.rebuild.swaps.get_or_create(&l).inc();
+        self.rebuild
+            .swap_lock_seconds
+            .get_or_create(&l)
+            .set(seconds);
+    }
+
+    pub fn rebuild_swap_retried(&self, projector: &str) {
+        self.rebuild
+            .swap_retries
+            .get_or_create(&label(projector))
+            .inc();
     }
 
     pub fn batch_applied(&self, projector: &str, events: u64, seconds: f64) {
@@ -230,6 +348,7 @@ impl Metrics {
             self.lag_seconds.get_or_create(&l).set(p.lag_seconds);
             self.dead_letters.get_or_create(&l).set(p.dead_letters);
             self.replay.observe(p);
+            self.rebuild.observe(p);
             for state in ["running", "replaying", "failed", "new"] {
                 let labels = StateLabels {
                     projector: p.name.clone(),

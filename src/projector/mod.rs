@@ -197,6 +197,21 @@ pub trait Projector: Send + Sync + 'static {
     /// Stable name: the checkpoint's key and the name used on the command line.
     fn name(&self) -> &str;
 
+    /// The version of this projector's definition. Bump it when what the
+    /// projection holds changes (a new column, a different fold): `pgfold run`
+    /// then rebuilds it beside the live copy and swaps it in (see `src/rebuild`).
+    fn version(&self) -> u32 {
+        1
+    }
+
+    /// What identifies this projector's definition, stored with its checkpoint:
+    /// when it differs from the one the tables were built with, `run` rebuilds
+    /// them. For a Rust projector its [`Projector::version`]; a projector defined
+    /// by data (a SQL projection) returns a hash of that data.
+    fn fingerprint(&self) -> String {
+        format!("v{}", self.version())
+    }
+
     /// The events it consumes.
     fn filter(&self) -> EventFilter {
         EventFilter::all()

@@ -53,6 +53,8 @@ pub struct RunOptions {
 pub struct Outcome {
     /// Projectors parked on an event they could not apply.
     pub parked: Vec<ParkedProjector>,
+    /// Rebuilds swapped in by this run (`--rebuild`, or a changed definition).
+    pub swaps: Vec<crate::rebuild::Swapped>,
 }
 
 #[derive(Debug, Clone)]
@@ -261,6 +263,7 @@ pub async fn run_with(
     let (waker, wakeups) = Waker::new(session, pool.clone(), settings.daemon.poll_interval());
     let waker_task = tokio::spawn(waker.run(token.clone()));
 
+    let swaps = Arc::new(std::sync::Mutex::new(Vec::new()));
     let mut tasks = tokio::task::JoinSet::new();
     for p in selected {
         let worker = Worker::new(
@@ -292,6 +295,7 @@ pub async fn run_with(
                 metrics: ops.metrics.clone(),
                 progress: ops.progress.clone(),
                 liveness: ops.liveness.clone(),
+                swaps: swaps.clone(),
             },
         ));
     }
@@ -300,6 +304,7 @@ pub async fn run_with(
     ops::systemd::spawn_watchdog(ops.liveness.clone(), token.clone());
 
     let mut outcome = Outcome::default();
+    let swaps_done = swaps;
     let mut failure = None;
     while let Some(joined) = tasks.join_next().await {
         match joined {
@@ -322,6 +327,7 @@ pub async fn run_with(
         let _ = task.await;
     }
     pool.close();
+    outcome.swaps = std::mem::take(&mut *swaps_done.lock().unwrap_or_else(|e| e.into_inner()));
     match failure {
         Some(e) => Err(e),
         None => Ok(outcome),

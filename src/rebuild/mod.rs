@@ -234,6 +234,16 @@ pub struct Reporting {
     pub metrics: Arc<Metrics>,
     pub progress: Arc<Progress>,
     pub liveness: Arc<Liveness>,
+    /// Where a task records its swap, for the run's [`crate::daemon::Outcome`].
+    pub swaps: Arc<std::sync::Mutex<Vec<Swapped>>>,
+}
+
+/// A rebuild swapped in.
+#[derive(Debug, Clone)]
+pub struct Swapped {
+    pub projector: String,
+    /// How long the swap held its exclusive locks on the projection's tables.
+    pub lock_held: Duration,
 }
 
 /// How the build is labelled in progress and liveness.
@@ -290,6 +300,13 @@ pub async fn drive(
                     match swap::attempt(&pool, build.projector.as_ref()).await {
                         Ok(swap::Outcome::Swapped(held)) => {
                             ops.metrics.rebuild_swapped(&name, held.as_secs_f64());
+                            ops.swaps
+                                .lock()
+                                .unwrap_or_else(|e| e.into_inner())
+                                .push(Swapped {
+                                    projector: name.clone(),
+                                    lock_held: held,
+                                });
                             tracing::info!(
                                 projector = %name,
                                 exclusive_lock_ms = held.as_secs_f64() * 1000.0,

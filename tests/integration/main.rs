@@ -18,6 +18,7 @@ mod privilege;
 mod progress;
 mod projections;
 mod read_your_writes;
+mod rebuild;
 mod reconnect;
 mod replay;
 mod stall;

@@ -1,0 +1,384 @@
+//! `run --rebuild`: a projection rebuilt beside the live one and swapped in, so
+//! that readers never see it partial; rebuilt by itself when its definition
+//! changes; resumed after a crash.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use pgfold::daemon::RunOptions;
+use pgfold::projector::{
+    BatchTransaction, Event, EventFilter, EventRange, Feed, Projector, ProjectorError, Registry,
+};
+use pgfold::projectors::{DailyRevenue, OrderSnapshots};
+use rust_decimal::Decimal;
+use tokio_postgres::Transaction;
+
+use crate::helpers::*;
+
+/// What a reader of the two projections sees: daily_revenue's grand total and
+/// order_snapshots' row count.
+async fn observe(client: &tokio_postgres::Client) -> (Decimal, i64) {
+    let row = client
+        .query_one(
+            "SELECT (SELECT coalesce(sum(total), 0) FROM daily_revenue),
+                    (SELECT count(*) FROM order_snapshots)",
+            &[],
+        )
+        .await
+        .expect("read the projections");
+    (row.get(0), row.get(1))
+}
+
+async fn scalar_opt_text(client: &tokio_postgres::Client, sql: &str) -> Option<String> {
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rebuild_all_beside_live_readers_never_see_a_partial_projection() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    pgfold::workload::load_orders(&client, 1, 100_000)
+        .await
+        .unwrap();
+    run_once(&db.settings(), RunOptions::default()).await;
+    client
+        .batch_execute("GRANT SELECT ON daily_revenue, order_snapshots TO PUBLIC")
+        .await
+        .unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+
+    // A reader every few milliseconds: what it sees never goes down, since the
+    // writers only add paid orders and new streams.
+    let reader = {
+        let (stop, client) = (stop.clone(), db.client().await);
+        tokio::spawn(async move {
+            let mut last = observe(&client).await;
+            let (first, mut reads, mut worse) = (last, 0u64, Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let now = observe(&client).await;
+                if now.0 < last.0 || now.1 < last.1 {
+                    worse.push((last, now));
+                }
+                last = now;
+                reads += 1;
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            (first, last, reads, worse)
+        })
+    };
+    // Writers appending meanwhile.
+    let writer = {
+        let (stop, client) = (stop.clone(), db.client().await);
+        tokio::spawn(async move {
+            let mut next = 1_000_000;
+            while !stop.load(Ordering::Relaxed) {
+                pgfold::workload::load_orders(&client, next, 100)
+                    .await
+                    .unwrap();
+                next += 100;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+
+    let outcome = run_once(
+        &db.settings(),
+        RunOptions {
+            rebuild: vec!["all".into()],
+            ..RunOptions::default()
+        },
+    )
+    .await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let (first, last, reads, worse) = reader.await.unwrap();
+
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    let mut swapped: Vec<&str> = outcome.swaps.iter().map(|s| s.projector.as_str()).collect();
+    swapped.sort();
+    assert_eq!(swapped, ["daily_revenue", "order_snapshots"]);
+    for s in &outcome.swaps {
+        eprintln!("{}: exclusive locks held {:?}", s.projector, s.lock_held);
+        assert!(
+            s.lock_held < Duration::from_millis(100),
+            "{} held its exclusive locks {:?}",
+            s.projector,
+            s.lock_held
+        );
+    }
+    assert!(reads > 20, "the reader read only {reads} times");
+    assert!(
+        worse.is_empty(),
+        "a reader saw the projections go back ({} times), first {:?}",
+        worse.len(),
+        worse.first()
+    );
+    assert!(
+        last.0 > first.0 && last.1 > first.1,
+        "{first:?} -> {last:?}"
+    );
+
+    // The rebuilt tables are the live ones; the tail the writers appended after
+    // the swap is applied by the next run as any other.
+    run_once(&db.settings(), RunOptions::default()).await;
+    assert_projections_exact(&client).await;
+    for table in ["daily_revenue", "order_snapshots"] {
+        assert_eq!(
+            scalar_i64(
+                &client,
+                &format!(
+                    "SELECT count(*) FROM pg_class c, aclexplode(c.relacl) a
+                      WHERE c.oid = '{table}'::regclass AND a.grantee = 0
+                        AND a.privilege_type = 'SELECT'"
+                ),
+            )
+            .await,
+            1,
+            "the grant on {table} survived the swap"
+        );
+        assert!(
+            scalar_opt_text(
+                &client,
+                &format!("SELECT to_regclass('pgfold_retired_{table}.{table}')::text")
+            )
+            .await
+            .is_some(),
+            "the previous {table} is kept in the retired schema"
+        );
+    }
+    assert_eq!(
+        scalar_i64(
+            &client,
+            "SELECT (SELECT count(*) FROM pgfold.projectors WHERE name LIKE '%.build')
+                  + (SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'pgfold_build_%')"
+        )
+        .await,
+        0,
+        "no build is left behind"
+    );
+}
+
+#[tokio::test]
+async fn a_view_on_the_projection_refuses_the_swap_in_one_line() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    pgfold::workload::load_orders(&client, 1, 2_000)
+        .await
+        .unwrap();
+    run_once(&db.settings(), RunOptions::default()).await;
+    client
+        .batch_execute(
+            "CREATE VIEW shipped_orders AS
+               SELECT stream_id FROM order_snapshots WHERE state ? 'shippingAddress'",
+        )
+        .await
+        .unwrap();
+    let before: i64 = scalar_i64(&client, "SELECT count(*) FROM shipped_orders").await;
+
+    let env = [("DATABASE_URL", db.url.as_str())];
+    let out = pgfold(&["run", "--once", "--rebuild", "order_snapshots"], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    assert!(
+        lines[0].starts_with("pgfold: cannot swap in the rebuilt order_snapshots")
+            && lines[0].contains("public.shipped_orders"),
+        "{stderr}"
+    );
+    // The live projection and the view are untouched.
+    assert_projections_exact(&client).await;
+    assert_eq!(
+        scalar_i64(&client, "SELECT count(*) FROM shipped_orders").await,
+        before
+    );
+
+    // Without the view, the next run resumes the build and swaps it in.
+    client
+        .batch_execute("DROP VIEW shipped_orders")
+        .await
+        .unwrap();
+    let out = pgfold(&["run", "--once"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_projections_exact(&client).await;
+    assert!(scalar_opt_text(
+        &client,
+        "SELECT to_regclass('pgfold_retired_order_snapshots.order_snapshots')::text"
+    )
+    .await
+    .is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_the_build_then_run_once_resumes_and_swaps() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    pgfold::workload::load_orders(&client, 1, 40_000)
+        .await
+        .unwrap();
+    run_once(&db.settings(), RunOptions::default()).await;
+    // Small batches, so the kill lands among many build commits.
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("PGFOLD_DAEMON__BATCH_SIZE", "200"),
+        ("PGFOLD_DAEMON__SET_BATCH_SIZE", "300"),
+    ];
+    let mut daemon = Daemon::spawn(&["run", "--rebuild", "order_snapshots"], &env);
+    wait_for(
+        "the build to commit some batches",
+        Duration::from_secs(60),
+        || async {
+            scalar_i64(
+                &client,
+                "SELECT coalesce(max(events_applied), 0) FROM pgfold.projectors
+                  WHERE name = 'order_snapshots.build'",
+            )
+            .await
+                > 3_000
+        },
+    )
+    .await;
+    // status shows the build while the live projection keeps serving.
+    let (_, status) = status_json(&db.url, &[]);
+    let snapshots = projector_status(&status, "order_snapshots");
+    assert_eq!(snapshots["state"], "running", "{status}");
+    assert!(
+        snapshots["rebuild"]["position"].as_i64().unwrap() > 0,
+        "{status}"
+    );
+    assert!(
+        snapshots["rebuild"]["lag_events"].as_i64().unwrap() > 0,
+        "{status}"
+    );
+    daemon.kill(); // SIGKILL
+    assert_projections_exact(&client).await;
+    let left: i64 = scalar_i64(
+        &client,
+        "SELECT count(*) FROM pgfold.projectors WHERE name = 'order_snapshots.build'",
+    )
+    .await;
+    assert_eq!(left, 1, "killed before the swap: the build is still there");
+
+    let out = pgfold(&["run", "--once"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_projections_exact(&client).await;
+    assert_eq!(
+        scalar_i64(
+            &client,
+            "SELECT count(*) FROM pgfold.projectors WHERE name LIKE '%.build'"
+        )
+        .await,
+        0
+    );
+    assert!(scalar_opt_text(
+        &client,
+        "SELECT to_regclass('pgfold_retired_order_snapshots.order_snapshots')::text"
+    )
+    .await
+    .is_some());
+}
+
+/// A built-in projector under another version.
+struct Versioned<P>(P, u32);
+
+#[async_trait]
+impl<P: Projector> Projector for Versioned<P> {
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn version(&self) -> u32 {
+        self.1
+    }
+    fn filter(&self) -> EventFilter {
+        self.0.filter()
+    }
+    fn feed(&self) -> Feed {
+        self.0.feed()
+    }
+    fn generic_plans(&self) -> bool {
+        self.0.generic_plans()
+    }
+    async fn setup(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+        self.0.setup(tx).await
+    }
+    async fn reset(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+        self.0.reset(tx).await
+    }
+    async fn apply(
+        &self,
+        tx: &BatchTransaction<'_>,
+        events: &[Event],
+    ) -> Result<(), ProjectorError> {
+        self.0.apply(tx, events).await
+    }
+    async fn apply_range(
+        &self,
+        tx: &BatchTransaction<'_>,
+        range: &EventRange,
+    ) -> Result<u64, ProjectorError> {
+        self.0.apply_range(tx, range).await
+    }
+}
+
+#[tokio::test]
+async fn a_bumped_version_is_rebuilt_by_itself_and_a_missing_fingerprint_adopted() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    pgfold::workload::load_orders(&client, 1, 3_000)
+        .await
+        .unwrap();
+    run_once(&db.settings(), RunOptions::default()).await;
+    let fingerprints =
+        "SELECT string_agg(name || '=' || coalesce(fingerprint, 'NULL'), ' ' ORDER BY name)
+                          FROM pgfold.projectors";
+    assert_eq!(
+        scalar_opt_text(&client, fingerprints).await.as_deref(),
+        Some("daily_revenue=v1 order_snapshots=v1")
+    );
+
+    let bumped = Registry::new()
+        .register(Versioned(DailyRevenue, 2))
+        .register(OrderSnapshots);
+    let outcome = run_once_with(&db.settings(), &bumped, RunOptions::default()).await;
+    let swapped: Vec<&str> = outcome.swaps.iter().map(|s| s.projector.as_str()).collect();
+    assert_eq!(swapped, ["daily_revenue"]);
+    assert_eq!(
+        scalar_opt_text(&client, fingerprints).await.as_deref(),
+        Some("daily_revenue=v2 order_snapshots=v1")
+    );
+    assert_projections_exact(&client).await;
+    // The stock binary's daily_revenue is v1 again: status says it will rebuild.
+    let (_, status) = status_json(&db.url, &[]);
+    assert_eq!(
+        projector_status(&status, "daily_revenue")["definition_changed"],
+        true,
+        "{status}"
+    );
+
+    // A row from before fingerprints were kept is adopted, not rebuilt.
+    client
+        .batch_execute(
+            "UPDATE pgfold.projectors SET fingerprint = NULL WHERE name = 'order_snapshots'",
+        )
+        .await
+        .unwrap();
+    let again = Registry::new()
+        .register(Versioned(DailyRevenue, 2))
+        .register(Versioned(OrderSnapshots, 3));
+    let outcome = run_once_with(&db.settings(), &again, RunOptions::default()).await;
+    assert!(outcome.swaps.is_empty(), "{:?}", outcome.swaps);
+    assert_eq!(
+        scalar_opt_text(&client, fingerprints).await.as_deref(),
+        Some("daily_revenue=v2 order_snapshots=v3")
+    );
+}

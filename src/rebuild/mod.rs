@@ -242,7 +242,10 @@ pub struct Reporting {
 #[derive(Debug, Clone)]
 pub struct Swapped {
     pub projector: String,
-    /// How long the swap held its exclusive locks on the projection's tables.
+    /// How long the swap queued for the exclusive locks on the live tables
+    /// (behind readers holding them; at most `swap::LOCK_TIMEOUT`).
+    pub lock_wait: Duration,
+    /// How long it then held them, until its commit.
     pub lock_held: Duration,
 }
 
@@ -298,17 +301,19 @@ pub async fn drive(
                     daemon.poll_interval()
                 } else {
                     match swap::attempt(&pool, build.projector.as_ref()).await {
-                        Ok(swap::Outcome::Swapped(held)) => {
+                        Ok(swap::Outcome::Swapped { wait, held }) => {
                             ops.metrics.rebuild_swapped(&name, held.as_secs_f64());
                             ops.swaps
                                 .lock()
                                 .unwrap_or_else(|e| e.into_inner())
                                 .push(Swapped {
                                     projector: name.clone(),
+                                    lock_wait: wait,
                                     lock_held: held,
                                 });
                             tracing::info!(
                                 projector = %name,
+                                lock_wait_ms = wait.as_secs_f64() * 1000.0,
                                 exclusive_lock_ms = held.as_secs_f64() * 1000.0,
                                 retired = %retired_schema(&name),
                                 "rebuilt projection swapped in; the previous tables are kept in the retired schema"

@@ -12,10 +12,12 @@
 //! 3. With `lock_timeout` at [`LOCK_TIMEOUT`]: move each live table into
 //!    `pgfold_retired_<name>` and the build's into the live table's schema
 //!    (`ALTER TABLE … SET SCHEMA`: a catalog update, whatever the table's size),
-//!    drop the empty build schema, commit. A reader in the way makes the attempt
-//!    fail after [`LOCK_TIMEOUT`], rather than queue every later reader behind a
-//!    long wait; the caller retries with backoff. The exclusive locks are held
-//!    from the first `ALTER` to the commit: that span is measured and returned.
+//!    drop the empty build schema, commit. The live tables' exclusive locks are
+//!    taken first (`LOCK TABLE`), so the span they are held is measured apart
+//!    from the wait for them: a reader in the way makes the attempt fail after
+//!    [`LOCK_TIMEOUT`], rather than queue every later reader behind a long wait,
+//!    and the caller retries with backoff. Readers arriving meanwhile wait at most
+//!    the wait plus the hold.
 //!
 //! A view (or materialized view) on a live table would keep pointing at the
 //! retired copy, so the swap is refused with one line naming them. Every
@@ -37,8 +39,9 @@ pub const LOCK_TIMEOUT: &str = "50ms";
 
 #[derive(Debug)]
 pub enum Outcome {
-    /// Swapped; the exclusive locks were held this long (first `ALTER` to commit).
-    Swapped(Duration),
+    /// Swapped: it queued `wait` for the live tables' exclusive locks (behind
+    /// readers), then held them `held`, until the commit.
+    Swapped { wait: Duration, held: Duration },
     /// The build has events left to apply below the horizon.
     Pending,
     /// A batch of the live projector or of the build holds its lock.
@@ -115,7 +118,10 @@ pub async fn attempt(pool: &Pool, p: &dyn Projector) -> anyhow::Result<Outcome> 
                format('SET LOCAL lock_timeout = %L; DROP SCHEMA IF EXISTS %I CASCADE; CREATE SCHEMA %I',
                       $3::text, $2::text, $2::text),
                format('DROP SCHEMA %I CASCADE', $1::text),
-               (SELECT count(*) FROM t WHERE live_schema IS NULL)",
+               (SELECT count(*) FROM t WHERE live_schema IS NULL),
+               (SELECT format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE',
+                              string_agg(format('%I.%I', live_schema, relname), ', '))
+                  FROM t WHERE live_oid IS NOT NULL)",
             &[&build, &retired, &LOCK_TIMEOUT],
         )
         .await?;
@@ -129,6 +135,7 @@ pub async fn attempt(pool: &Pool, p: &dyn Projector) -> anyhow::Result<Outcome> 
     };
     let prepare_retired: String = plan.get(4);
     let drop_build: String = plan.get(5);
+    let lock: Option<String> = plan.get(7);
     if plan.get::<_, i64>(6) > 0 {
         return Ok(Outcome::Refused(format!(
             "cannot swap in the rebuilt {name}: no schema on the search_path to put its new tables in"
@@ -151,6 +158,15 @@ pub async fn attempt(pool: &Pool, p: &dyn Projector) -> anyhow::Result<Outcome> 
     if let Err(e) = prepared.await {
         return classify(name, e);
     }
+    // Queue for the live tables' exclusive locks (at most LOCK_TIMEOUT, behind
+    // the readers that hold them), then hold them only for the moves and commit.
+    let waited = Instant::now();
+    if let Some(lock) = &lock {
+        if let Err(e) = tx.batch_execute(lock).await {
+            return classify(name, e);
+        }
+    }
+    let wait = waited.elapsed();
     let held = Instant::now();
     let swapped = async {
         let mut moves = retire.map(|r| r + "; ").unwrap_or_default();
@@ -161,7 +177,10 @@ pub async fn attempt(pool: &Pool, p: &dyn Projector) -> anyhow::Result<Outcome> 
         tx.commit().await
     };
     match swapped.await {
-        Ok(()) => Ok(Outcome::Swapped(held.elapsed())),
+        Ok(()) => Ok(Outcome::Swapped {
+            wait,
+            held: held.elapsed(),
+        }),
         Err(e) => classify(name, e),
     }
 }

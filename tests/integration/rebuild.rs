@@ -100,12 +100,22 @@ async fn rebuild_all_beside_live_readers_never_see_a_partial_projection() {
     swapped.sort();
     assert_eq!(swapped, ["daily_revenue", "order_snapshots"]);
     for s in &outcome.swaps {
-        eprintln!("{}: exclusive locks held {:?}", s.projector, s.lock_held);
+        eprintln!(
+            "{}: waited {:?} for the exclusive locks, held them {:?}",
+            s.projector, s.lock_wait, s.lock_held
+        );
         assert!(
             s.lock_held < Duration::from_millis(100),
             "{} held its exclusive locks {:?}",
             s.projector,
             s.lock_held
+        );
+        // Bounded by the swap's lock_timeout (50 ms), give or take a round trip.
+        assert!(
+            s.lock_wait < Duration::from_millis(100),
+            "{} queued {:?} for its locks",
+            s.projector,
+            s.lock_wait
         );
     }
     assert!(reads > 20, "the reader read only {reads} times");

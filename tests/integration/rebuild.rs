@@ -275,11 +275,14 @@ async fn sigkill_during_the_build_then_run_once_resumes_and_swaps() {
     .await;
     assert_eq!(left, 1, "killed before the swap: the build is still there");
 
-    let out = pgfold(&["run", "--once"], &env);
+    let mut resumed_env = env.to_vec();
+    resumed_env.push(("RUST_LOG", "info"));
+    let out = pgfold(&["run", "--once"], &resumed_env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
     assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        stderr.contains("resuming the rebuild beside the live tables"),
+        "the build resumed from its checkpoint: {stderr}"
     );
     assert_projections_exact(&client).await;
     assert_eq!(

@@ -36,6 +36,7 @@ mod tx;
 
 pub use registry::Registry;
 pub use set_batch::SetBatch;
+pub(crate) use set_batch::with_first;
 pub use tx::Tx;
 
 pub use crate::feed::{Event, EventFilter};
@@ -64,6 +65,13 @@ pub trait Projector: Send + Sync + 'static {
         1
     }
 
+    /// What its tables were built from: when it differs from the fingerprint
+    /// recorded with the checkpoint, pgfold rebuilds the projection. By default
+    /// the [`Projector::version`]; a SQL projection hashes its file.
+    fn fingerprint(&self) -> String {
+        format!("v{}", self.version())
+    }
+
     /// How it folds a batch; see the module documentation. Typically
     /// `Fold::Set(self)` for a type that implements [`SetFold`].
     fn fold(&self) -> Fold<'_>;
@@ -75,6 +83,15 @@ pub trait Projector: Send + Sync + 'static {
 
     /// Empties its tables, ahead of a replay from the first event.
     async fn reset(&self, tx: &Tx<'_>) -> Result<(), ProjectorError>;
+
+    /// Checks, before anything runs, that its statements fit the database: the
+    /// daemon calls it after [`Projector::setup`] in a transaction it rolls back,
+    /// and refuses to start on an error. A projector whose SQL comes from outside
+    /// the binary (a SQL projection's file) parses and plans it here.
+    async fn validate(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
+        let _ = tx;
+        Ok(())
+    }
 }
 
 /// How a projector folds its batches: the variant names the way the batch arrives,

@@ -23,7 +23,7 @@ use crate::config::{DaemonSettings, Settings};
 use crate::db::{self, Backoff};
 use crate::feed::{self, Position};
 use crate::ops::{self, metrics::Metrics, progress::Progress, Liveness};
-use crate::projector::{Projector, Registry};
+use crate::projector::{Projector, Registry, Tx};
 use wakeup::{Waker, Wakeups};
 use worker::{Step, Worker};
 
@@ -133,7 +133,7 @@ pub async fn migrate(pg: &db::PgConfig, registry: &Registry) -> anyhow::Result<(
 
 async fn setup(client: &mut db::Client, p: &dyn Projector) -> anyhow::Result<()> {
     let tx = client.transaction().await?;
-    p.setup(&tx)
+    p.setup(&Tx::new(&tx))
         .await
         .with_context(|| format!("failed to create the tables of projector {}", p.name()))?;
     if checkpoint::register(&tx, p.name()).await? {
@@ -347,7 +347,7 @@ async fn rewind(client: &mut db::Client, p: &dyn Projector) -> anyhow::Result<()
     let tx = client.transaction().await?;
     checkpoint::lock(&tx, p.name()).await?;
     let target = feed::newest(&tx).await?;
-    p.reset(&tx)
+    p.reset(&Tx::new(&tx))
         .await
         .with_context(|| format!("failed to reset projector {}", p.name()))?;
     checkpoint::rewind(&tx, p.name(), target).await?;

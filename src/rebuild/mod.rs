@@ -195,7 +195,7 @@ async fn begin(
     tx.execute("DELETE FROM pgfold.projectors WHERE name = $1", &[&key])
         .await?;
     search_path_first(&tx, &schema).await?;
-    p.setup(&tx)
+    p.setup(&crate::projector::Tx::new(&tx))
         .await
         .with_context(|| format!("failed to create the tables of projector {name} in {schema}"))?;
     let tables: i64 = tx

@@ -31,7 +31,7 @@ use super::{build_schema, key, retired_schema};
 use crate::daemon::checkpoint::{self, State};
 use crate::db::{Db, Pool};
 use crate::feed;
-use crate::projector::{Feed, Projector};
+use crate::projector::{Fold, Projector};
 
 /// How long an `ALTER TABLE` of the swap waits for readers before the attempt is
 /// given up and retried.
@@ -67,14 +67,16 @@ pub async fn attempt(pool: &Pool, p: &dyn Projector) -> anyhow::Result<Outcome> 
         return Ok(Outcome::Pending);
     }
     let horizon = feed::horizon(&tx).await?;
-    let pending = match p.feed() {
-        Feed::Events => !feed::read_events(&tx, ck.position, horizon, &p.filter(), 1, i64::MAX)
+    let pending = match p.fold() {
+        Fold::Events(_) => !feed::read_events(&tx, ck.position, horizon, &p.filter(), 1, i64::MAX)
             .await?
             .rows
             .is_empty(),
-        Feed::Set | Feed::StreamSet => feed::set_batch_end(&tx, ck.position, horizon, 1, true)
-            .await?
-            .is_some(),
+        Fold::Set(_) | Fold::StreamSet(_) => {
+            feed::set_batch_end(&tx, ck.position, horizon, 1, true)
+                .await?
+                .is_some()
+        }
     };
     if pending {
         return Ok(Outcome::Pending);

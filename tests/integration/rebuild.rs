@@ -8,12 +8,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use pgfold::daemon::RunOptions;
-use pgfold::projector::{
-    BatchTransaction, Event, EventFilter, EventRange, Feed, Projector, ProjectorError, Registry,
-};
+use pgfold::projector::{EventFilter, Fold, Projector, ProjectorError, Registry, Tx};
 use pgfold::projectors::{DailyRevenue, OrderSnapshots};
 use rust_decimal::Decimal;
-use tokio_postgres::Transaction;
 
 use crate::helpers::*;
 
@@ -315,31 +312,14 @@ impl<P: Projector> Projector for Versioned<P> {
     fn filter(&self) -> EventFilter {
         self.0.filter()
     }
-    fn feed(&self) -> Feed {
-        self.0.feed()
+    fn fold(&self) -> Fold<'_> {
+        self.0.fold()
     }
-    fn generic_plans(&self) -> bool {
-        self.0.generic_plans()
-    }
-    async fn setup(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+    async fn setup(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
         self.0.setup(tx).await
     }
-    async fn reset(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+    async fn reset(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
         self.0.reset(tx).await
-    }
-    async fn apply(
-        &self,
-        tx: &BatchTransaction<'_>,
-        events: &[Event],
-    ) -> Result<(), ProjectorError> {
-        self.0.apply(tx, events).await
-    }
-    async fn apply_range(
-        &self,
-        tx: &BatchTransaction<'_>,
-        range: &EventRange,
-    ) -> Result<u64, ProjectorError> {
-        self.0.apply_range(tx, range).await
     }
 }
 

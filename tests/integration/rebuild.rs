@@ -236,7 +236,10 @@ async fn sigkill_during_the_build_then_run_once_resumes_and_swaps() {
         ("PGFOLD_DAEMON__BATCH_SIZE", "200"),
         ("PGFOLD_DAEMON__SET_BATCH_SIZE", "300"),
     ];
-    let mut daemon = Daemon::spawn(&["run", "--rebuild", "order_snapshots"], &env);
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut with_http = env.to_vec();
+    with_http.push(("PGFOLD_HTTP__LISTEN", &address));
+    let mut daemon = Daemon::spawn(&["run", "--rebuild", "order_snapshots"], &with_http);
     wait_for(
         "the build to commit some batches",
         Duration::from_secs(60),
@@ -262,6 +265,15 @@ async fn sigkill_during_the_build_then_run_once_resumes_and_swaps() {
     assert!(
         snapshots["rebuild"]["lag_events"].as_i64().unwrap() > 0,
         "{status}"
+    );
+    let (_, metrics) = get(&address, "/metrics").await;
+    assert!(
+        metrics.contains("pgfold_rebuild_in_progress{projector=\"order_snapshots\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("pgfold_rebuild_lag_events{projector=\"order_snapshots\"}"),
+        "{metrics}"
     );
     daemon.kill(); // SIGKILL
     assert_projections_exact(&client).await;
@@ -373,5 +385,60 @@ async fn a_bumped_version_is_rebuilt_by_itself_and_a_missing_fingerprint_adopted
     assert_eq!(
         scalar_opt_text(&client, fingerprints).await.as_deref(),
         Some("daily_revenue=v2 order_snapshots=v3")
+    );
+}
+
+/// A projector defined outside pgfold (examples/custom_projector.rs: two tables,
+/// decoded events, folded in Rust) rebuilds beside its live tables too: it only
+/// has to address them by unqualified name.
+#[tokio::test]
+async fn a_custom_projector_rebuilds_beside_its_live_tables() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    pgfold::workload::load_orders(&client, 1, 2_000)
+        .await
+        .unwrap();
+    let env = [("DATABASE_URL", db.url.as_str())];
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(custom_projector_binary())
+            .args(args)
+            .env_remove("DATABASE_URL")
+            .envs(env)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&["run", "--once", "--projector", "customer_spend"]);
+    let live = "SELECT customer_id, paid FROM customer_spend";
+    client
+        .batch_execute(&format!("CREATE TABLE spend_before AS {live}"))
+        .await
+        .unwrap();
+    // Tamper with the live copy: the rebuild must come from the log, not from it.
+    client
+        .batch_execute("UPDATE customer_spend SET paid = paid + 1")
+        .await
+        .unwrap();
+
+    run(&["run", "--once", "--rebuild", "customer_spend"]);
+
+    let differences =
+        pgfold::workload::differences(&client, live, "SELECT customer_id, paid FROM spend_before")
+            .await
+            .unwrap();
+    assert_eq!(differences, 0, "customer_spend rebuilt from the log");
+    assert_eq!(
+        scalar_i64(
+            &client,
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'pgfold_retired_customer_spend'"
+        )
+        .await,
+        2,
+        "both of its tables were swapped"
     );
 }

@@ -1052,8 +1052,28 @@ async fn replay(env: &mut Env) -> Result<()> {
         "order_snapshots",
     ];
     const ALL: &[&str] = &["run", "--once", "--replay", "all"];
+    // The same rebuilds beside the live projection (issue 14): build, catch up,
+    // swap in; the previous retired copy is dropped by the swap.
+    const RB_DR: &[&str] = &[
+        "run",
+        "--once",
+        "--rebuild",
+        "daily_revenue",
+        "--projector",
+        "daily_revenue",
+    ];
+    const RB_OS: &[&str] = &[
+        "run",
+        "--once",
+        "--rebuild",
+        "order_snapshots",
+        "--projector",
+        "order_snapshots",
+    ];
 
     let mut sql = Vec::new();
+    let mut rb_dr = Vec::new();
+    let mut rb_os = Vec::new();
     let mut dr = Vec::new();
     let mut os = Vec::new();
     let mut all = Vec::new();
@@ -1089,6 +1109,21 @@ async fn replay(env: &mut Env) -> Result<()> {
             mib(r.1)
         ));
         all.push(r);
+        for (args, name, times) in [
+            (RB_DR, "daily_revenue", &mut rb_dr),
+            (RB_OS, "order_snapshots", &mut rb_os),
+        ] {
+            let r = pgfold_once(&env.url, args).await?;
+            log(format!(
+                "replay run {run}/{runs}: pgfold --rebuild {name} {:.2} s, peak RSS {}",
+                r.0,
+                mib(r.1)
+            ));
+            times.push(r);
+            if run == runs {
+                checks.push(check(&client, name, &format!("after --rebuild {name}")).await?);
+            }
+        }
     }
     checks.push(check(&client, "daily_revenue", "after --replay all").await?);
     checks.push(check(&client, "order_snapshots", "after --replay all").await?);
@@ -1139,6 +1174,14 @@ async fn replay(env: &mut Env) -> Result<()> {
     line(r, "pgfold --replay daily_revenue", &times(&dr), peak(&dr))?;
     line(r, "pgfold --replay order_snapshots", &times(&os), peak(&os))?;
     line(r, "pgfold --replay all", &times(&all), peak(&all))?;
+    line(r, "pgfold --rebuild daily_revenue", &times(&rb_dr), peak(&rb_dr))?;
+    line(r, "pgfold --rebuild order_snapshots", &times(&rb_os), peak(&rb_os))?;
+    writeln!(
+        r,
+        "   rebuild beside / replay in place: daily_revenue {:.2}x, order_snapshots {:.2}x (target <= 1.3x)",
+        median(&times(&rb_dr)) / median(&times(&dr)),
+        median(&times(&rb_os)) / median(&times(&os))
+    )?;
     writeln!(r)?;
     writeln!(
         r,

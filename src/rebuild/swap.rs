@@ -203,7 +203,8 @@ fn classify(name: &str, e: tokio_postgres::Error) -> anyhow::Result<Outcome> {
 }
 
 /// The live projector takes the build's checkpoint, delivered-ahead events, dead
-/// letters and fingerprint; the build's row goes.
+/// letters and fingerprint, and keeps the retired tables' checkpoint beside it
+/// (`retired_*`, for swapping back); the build's row goes.
 async fn move_checkpoint<C: Db>(
     tx: &C,
     name: &str,
@@ -211,7 +212,12 @@ async fn move_checkpoint<C: Db>(
 ) -> Result<(), tokio_postgres::Error> {
     tx.execute(
         "UPDATE pgfold.projectors l
-            SET position_tx = b.position_tx, position_id = b.position_id,
+            SET retired_position_tx = l.position_tx, retired_position_id = l.position_id,
+                retired_fingerprint = l.fingerprint,
+                retired_ahead = (SELECT coalesce(jsonb_agg(jsonb_build_object(
+                                   'event_id', a.event_id, 'position_tx', a.position_tx::text)), '[]')
+                                   FROM pgfold.delivered_ahead a WHERE a.projector = l.name),
+                position_tx = b.position_tx, position_id = b.position_id,
                 events_applied = b.events_applied, last_advanced_at = b.last_advanced_at,
                 fingerprint = b.fingerprint, state = 'running',
                 failing_event_id = NULL, failing_event_type = NULL, attempts = 0,

@@ -1174,8 +1174,18 @@ async fn replay(env: &mut Env) -> Result<()> {
     line(r, "pgfold --replay daily_revenue", &times(&dr), peak(&dr))?;
     line(r, "pgfold --replay order_snapshots", &times(&os), peak(&os))?;
     line(r, "pgfold --replay all", &times(&all), peak(&all))?;
-    line(r, "pgfold --rebuild daily_revenue", &times(&rb_dr), peak(&rb_dr))?;
-    line(r, "pgfold --rebuild order_snapshots", &times(&rb_os), peak(&rb_os))?;
+    line(
+        r,
+        "pgfold --rebuild daily_revenue",
+        &times(&rb_dr),
+        peak(&rb_dr),
+    )?;
+    line(
+        r,
+        "pgfold --rebuild order_snapshots",
+        &times(&rb_os),
+        peak(&rb_os),
+    )?;
     writeln!(
         r,
         "   rebuild beside / replay in place: daily_revenue {:.2}x, order_snapshots {:.2}x (target <= 1.3x)",

@@ -165,6 +165,9 @@ async fn begin(
         .await?
         .is_some();
     if building == Some(p.fingerprint().as_str()) && schema_exists {
+        if checkpoint::unpark(&tx, &key).await? {
+            tracing::info!(projector = %name, "retrying a parked rebuild");
+        }
         let from: i64 = tx
             .query_one(
                 "SELECT position_id FROM pgfold.projectors WHERE name = $1",
@@ -336,6 +339,10 @@ pub async fn drive(
                             refused = Some(tokio::time::Instant::now());
                             daemon.poll_interval()
                         }
+                        Err(_) if !build_exists(&pool, &build.key).await => {
+                            tracing::info!(projector = %name, "another instance swapped the rebuild in");
+                            break Ok(None);
+                        }
                         Err(e) => {
                             ops.metrics.rebuild_swap_retried(&name);
                             tracing::warn!(projector = %name, error = %e, "swap failed; retrying");
@@ -358,6 +365,10 @@ pub async fn drive(
                 }))
             }
             Ok(Step::Retry(delay)) => delay,
+            Err(_) if !build_exists(&pool, &build.key).await => {
+                tracing::info!(projector = %name, "another instance swapped the rebuild in");
+                break Ok(None);
+            }
             Err(e) => {
                 let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                 if once && since.elapsed() >= daemon.connect_timeout() {
@@ -380,6 +391,18 @@ pub async fn drive(
     };
     ops.liveness.retire(&label);
     result
+}
+
+/// Whether the build's checkpoint row is still there: another instance's swap
+/// deletes it. When that cannot be told, it is.
+async fn build_exists(pool: &Pool, key: &str) -> bool {
+    let Ok(client) = pool.get().await else {
+        return true;
+    };
+    client
+        .query_opt("SELECT 1 FROM pgfold.projectors WHERE name = $1", &[&key])
+        .await
+        .map_or(true, |row| row.is_some())
 }
 
 /// How long after a refused swap (a view in the way) it is tried again.

@@ -467,3 +467,50 @@ async fn a_custom_projector_rebuilds_beside_its_live_tables() {
         "both of its tables were swapped"
     );
 }
+
+/// Two instances asked to rebuild the same projection: one swaps, the other sees
+/// its build gone and carries on serving, and the projection is exact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_rebuild_once_and_both_carry_on() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    pgfold::workload::load_orders(&client, 1, 20_000)
+        .await
+        .unwrap();
+    run_once(&db.settings(), RunOptions::default()).await;
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("RUST_LOG", "info"),
+        ("PGFOLD_DAEMON__SET_BATCH_SIZE", "2000"),
+    ];
+    let args = ["run", "--rebuild", "daily_revenue"];
+    let mut a = Daemon::spawn(&args, &env);
+    let mut b = Daemon::spawn(&args, &env);
+    let said = |d: &Daemon, text: &str| d.lines().iter().filter(|l| l.contains(text)).count();
+    wait_for("a swap", Duration::from_secs(60), || async {
+        said(&a, "rebuilt projection swapped in") + said(&b, "rebuilt projection swapped in") == 1
+            && said(&a, "another instance swapped the rebuild in")
+                + said(&b, "another instance swapped the rebuild in")
+                == 1
+    })
+    .await;
+    assert!(a.is_running() && b.is_running());
+    pgfold::workload::load_orders(&client, 100_000, 500)
+        .await
+        .unwrap();
+    let newest = scalar_i64(&client, "SELECT max(id) FROM events").await;
+    wait_for(
+        "the live projections to catch up",
+        Duration::from_secs(60),
+        || async {
+            scalar_i64(&client, "SELECT min(position_id) FROM pgfold.projectors").await == newest
+        },
+    )
+    .await;
+    a.kill();
+    b.kill();
+    assert_projections_exact(&client).await;
+    for d in [&a, &b] {
+        assert_eq!(said(d, "retrying"), 0, "{:?}", d.lines());
+    }
+}

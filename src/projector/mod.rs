@@ -35,8 +35,8 @@ mod set_batch;
 mod tx;
 
 pub use registry::Registry;
-pub use set_batch::SetBatch;
 pub(crate) use set_batch::with_first;
+pub use set_batch::SetBatch;
 pub use tx::Tx;
 
 pub use crate::feed::{Event, EventFilter};

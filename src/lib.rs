@@ -8,6 +8,7 @@
 //!   and the registry of projectors by name. What an author needs is re-exported
 //!   here at the root.
 //! - [`projectors`]: the built-in projectors, `daily_revenue` and `order_snapshots`.
+//! - [`sql_projections`]: projections defined in files of SQL (`daemon.projections_dir`).
 //! - [`daemon`]: the long-running worker: batches, checkpoints, coordination,
 //!   wake-ups, retries and shutdown.
 //! - [`rebuild`]: `run --rebuild`: a projection rebuilt beside the live one and
@@ -34,6 +35,7 @@ pub mod ops;
 pub mod projector;
 pub mod projectors;
 pub mod rebuild;
+pub mod sql_projections;
 pub mod status;
 pub mod store;
 pub mod telemetry;

@@ -23,7 +23,7 @@ use crate::config::{DaemonSettings, Settings};
 use crate::db::{self, Backoff};
 use crate::feed::{self, Position};
 use crate::ops::{self, metrics::Metrics, progress::Progress, Liveness};
-use crate::projector::{Projector, Registry, Tx};
+use crate::projector::{Projector, ProjectorError, Registry, Tx};
 use wakeup::{Waker, Wakeups};
 use worker::{Step, Worker};
 
@@ -125,9 +125,42 @@ pub fn select(
 pub async fn migrate(pg: &db::PgConfig, registry: &Registry) -> anyhow::Result<()> {
     let mut client = db::connect(pg).await?;
     db::migrate::run(&client).await?;
+    let all: Vec<Arc<dyn Projector>> = registry.iter().cloned().collect();
+    validate(&mut client, &all).await?;
     for p in registry.iter() {
         setup(&mut client, p.as_ref()).await?;
     }
+    Ok(())
+}
+
+/// Checks every projector's statements against the database before anything
+/// runs (see [`Projector::validate`]): in one transaction, rolled back, after
+/// creating the tables of those that have none yet. The first error stops the
+/// command, and nothing has changed.
+async fn validate(
+    client: &mut db::Client,
+    projectors: &[Arc<dyn Projector>],
+) -> anyhow::Result<()> {
+    let tx = client.transaction().await?;
+    for p in projectors {
+        let t = Tx::new(&tx);
+        let outcome = async {
+            if !checkpoint::exists(&tx, p.name()).await? {
+                p.setup(&t).await?;
+            }
+            p.validate(&t).await
+        };
+        outcome.await.map_err(|e| match e {
+            // A SQL projection's errors name its file and statement already.
+            ProjectorError::Other(e) => e,
+            e => anyhow::anyhow!(
+                "projector {}: {}",
+                p.name(),
+                crate::config::one_line(&e.to_string())
+            ),
+        })?;
+    }
+    // Dropped: rolled back.
     Ok(())
 }
 
@@ -197,6 +230,7 @@ pub async fn run_with(
             .await
             .context("the database needs migrating and this role cannot (run `pgfold migrate` with a role that has DDL rights)")?;
     }
+    validate(&mut client, &selected).await?;
     for p in &selected {
         if !checkpoint::exists(&client, p.name()).await? {
             setup(&mut client, p.as_ref()).await?;

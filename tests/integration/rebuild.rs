@@ -514,3 +514,88 @@ async fn two_instances_rebuild_once_and_both_carry_on() {
         assert_eq!(said(d, "retrying"), 0, "{:?}", d.lines());
     }
 }
+
+/// A SQL projection whose file changes is rebuilt beside its live table by
+/// itself, and a reader never sees it partial.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_changed_sql_projection_file_is_rebuilt_by_itself_with_no_partial_reads() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    pgfold::workload::load_orders(&client, 1, 30_000)
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("pgfold_i14_{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let example = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("examples/projections/daily_revenue_sql.toml"),
+    )
+    .unwrap();
+    let file = dir.join("daily_revenue_sql.toml");
+    std::fs::write(&file, &example).unwrap();
+    let load = || pgfold::sql_projections::load(pgfold::projectors::builtin(), Some(&dir)).unwrap();
+    let pg = pgfold::db::pg_config(Some(&db.url)).unwrap();
+    pgfold::daemon::migrate(&pg, &load()).await.unwrap();
+    run_once_with(&db.settings(), &load(), RunOptions::default()).await;
+    let expected = |factor: i32| {
+        format!(
+            "SELECT day, category, total * {factor} FROM ({}) x",
+            pgfold::workload::EXPECTED_DAILY_REVENUE
+        )
+    };
+    let live = "SELECT day, category, total FROM daily_revenue_sql";
+    assert_eq!(
+        pgfold::workload::differences(&client, live, &expected(1))
+            .await
+            .unwrap(),
+        0
+    );
+
+    // The definition of revenue changes: twice the amount.
+    let doubled = example.replace("* (i->>'qty')::numeric)", "* (i->>'qty')::numeric * 2)");
+    assert_ne!(doubled, example);
+    std::fs::write(&file, &doubled).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let reader = {
+        let (stop, client) = (stop.clone(), db.client().await);
+        tokio::spawn(async move {
+            let total = || async {
+                client
+                    .query_one("SELECT coalesce(sum(total), 0) FROM daily_revenue_sql", &[])
+                    .await
+                    .unwrap()
+                    .get::<_, Decimal>(0)
+            };
+            let first = total().await;
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                seen.push(total().await);
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+            (first, seen)
+        })
+    };
+    let outcome = run_once_with(&db.settings(), &load(), RunOptions::default()).await;
+    stop.store(true, Ordering::Relaxed);
+    let (first, seen) = reader.await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let swapped: Vec<&str> = outcome.swaps.iter().map(|s| s.projector.as_str()).collect();
+    assert_eq!(swapped, ["daily_revenue_sql"]);
+    assert_eq!(
+        pgfold::workload::differences(&client, live, &expected(2))
+            .await
+            .unwrap(),
+        0,
+        "the new definition, from the first event"
+    );
+    // Before the swap the old total, after it the doubled one: nothing between.
+    let doubled_total = first * Decimal::from(2);
+    assert!(!seen.is_empty());
+    for t in &seen {
+        assert!(
+            *t == first || *t == doubled_total,
+            "a reader saw {t}, neither {first} nor {doubled_total}"
+        );
+    }
+}

@@ -118,14 +118,17 @@ async fn status_json_has_the_documented_shape() {
         keys(revenue),
         [
             "dead_letters",
+            "definition_changed",
             "events_applied",
             "failing_event",
+            "fingerprint",
             "lag_events",
             "lag_seconds",
             "last_advanced_at",
             "last_error",
             "name",
             "position",
+            "rebuild",
             "replay",
             "state"
         ]
@@ -133,6 +136,9 @@ async fn status_json_has_the_documented_shape() {
     assert_eq!(revenue["name"], "daily_revenue");
     assert_eq!(revenue["state"], "running");
     assert!(revenue["replay"].is_null(), "not replaying: {revenue}");
+    assert!(revenue["rebuild"].is_null(), "not rebuilding: {revenue}");
+    assert_eq!(revenue["fingerprint"], "v1");
+    assert_eq!(revenue["definition_changed"], false);
     assert_eq!(
         revenue["lag_events"], 1,
         "the OrderPaid appended after the run"

@@ -154,7 +154,9 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                 replay: args.replay,
                 projectors: args.projector,
             };
-            let outcome = daemon::run(&settings, &registry, &options, shutdown_signal()?).await?;
+            let outcome = daemon::Daemon::build(settings, registry, options)?
+                .run_until_stopped(shutdown_signal()?)
+                .await?;
             if outcome.parked.is_empty() {
                 Ok(ExitCode::SUCCESS)
             } else {

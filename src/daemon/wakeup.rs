@@ -227,10 +227,18 @@ async fn recv(listener: &mut Option<Listener>) -> Option<()> {
     }
 }
 
-/// The LISTEN connection: the client must live as long as we listen.
+/// The LISTEN connection: the client must live as long as we listen, and the
+/// task that drives the connection ends with it.
 struct Listener {
-    _client: tokio_postgres::Client,
+    client: tokio_postgres::Client,
     rx: mpsc::UnboundedReceiver<()>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
 }
 
 /// Opens the LISTEN connection; its notifications arrive on `rx`, which closes
@@ -246,7 +254,7 @@ async fn listen(pg: &db::PgConfig) -> anyhow::Result<Listener> {
         })?
         .map_err(|e| db::unreachable_error(pg, &e))?;
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         // tokio-postgres drops notifications unless the connection is driven
         // through poll_message.
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -265,12 +273,11 @@ async fn listen(pg: &db::PgConfig) -> anyhow::Result<Listener> {
             }
         }
     });
-    client
+    let listener = Listener { client, rx, driver };
+    listener
+        .client
         .batch_execute(&format!("LISTEN {CHANNEL}"))
         .await
         .map_err(|e| anyhow::anyhow!("LISTEN failed: {}", db::error_text(&e)))?;
-    Ok(Listener {
-        _client: client,
-        rx,
-    })
+    Ok(listener)
 }

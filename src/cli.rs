@@ -97,7 +97,7 @@ pub fn main(registry: Registry) -> ExitCode {
     match runtime.block_on(execute(cli, registry)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("pgfold: {}", crate::config::one_line(&format!("{e:#}")));
+            eprintln!("pgfold: {}", crate::util::one_line(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }

@@ -17,6 +17,8 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
+use crate::util::one_line;
+
 /// The documented defaults; the same file the README points to.
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
@@ -234,11 +236,6 @@ fn split_environment(
     }
     ignored.sort();
     Ok((config, ignored))
-}
-
-/// Error messages from parsers sometimes span lines; the CLI promises one.
-pub(crate) fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]

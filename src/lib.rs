@@ -13,6 +13,7 @@
 //!   notifications.
 //! - [`db`]: connections, migrations, and which database errors are transient.
 //! - [`config`], [`cli`], [`telemetry`]: settings, the command line, logging.
+//! - `util`: small shared utilities (retry backoff, one-line error text).
 //! - [`demo`]: `pgfold demo`, a live first look on a throwaway database.
 //! - [`workload`]: the "orders" workload and independent SQL folds, for tests
 //!   and the benchmark.
@@ -29,4 +30,5 @@ pub mod projectors;
 pub mod status;
 pub mod store;
 pub mod telemetry;
+pub(crate) mod util;
 pub mod workload;

@@ -3,8 +3,8 @@
 use crate::db::Db;
 use serde::Serialize;
 
-use crate::daemon::checkpoint::State;
-use crate::feed::{self, Blocker, POSITION_TX};
+use crate::daemon::checkpoint::{self, State};
+use crate::feed::{self, Blocker};
 use crate::projector::Registry;
 
 /// The `--json` shape. Fields are only ever added, never renamed or removed.
@@ -82,10 +82,7 @@ impl Status {
 
 /// Gathers the status. A transaction holding the horizon is reported once it has
 /// been open for `stall_after`: a short one is just a write in flight.
-///
-/// The lag of each projector is counted through the position index (a fenced
-/// read, see `src/feed/reader.rs`), so that a scrape costs what the lag holds,
-/// not what the log holds.
+/// Each projector's row and lag come from [`checkpoint::report`].
 pub async fn collect<C: Db>(
     client: &C,
     registry: &Registry,
@@ -96,32 +93,8 @@ pub async fn collect<C: Db>(
     }
     let mut projectors = Vec::new();
     for p in registry.iter() {
-        let filter = p.filter();
-        let row = client
-            .query_opt(
-                &format!(
-                    "SELECT p.state, p.position_id, p.events_applied,
-                            to_char(p.last_advanced_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
-                            p.failing_event_id, p.failing_event_type, p.attempts, p.last_error,
-                            (SELECT count(*) FROM pgfold.dead_letters d WHERE d.projector = p.name),
-                            lag.events,
-                            coalesce(extract(epoch FROM now() - lag.oldest)::float8, 0),
-                            coalesce(p.replay_target_id, 0),
-                            extract(epoch FROM now() - p.replay_started_at)::float8
-                       FROM pgfold.projectors p
-                       CROSS JOIN LATERAL (
-                         SELECT count(*) AS events, min(e.occurred_at) AS oldest
-                           FROM (SELECT e.occurred_at, e.event_type, e.stream_type FROM events e
-                                  WHERE ({POSITION_TX}, e.id) > (p.position_tx, p.position_id)
-                                 OFFSET 0) e
-                          WHERE ($2::text[] IS NULL OR e.event_type = ANY($2))
-                            AND ($3::text[] IS NULL OR e.stream_type = ANY($3))) lag
-                      WHERE p.name = $1"
-                ),
-                &[&p.name(), &filter.event_types, &filter.stream_types],
-            )
-            .await?;
-        projectors.push(match row {
+        let report = checkpoint::report(client, p.as_ref()).await?;
+        projectors.push(match report {
             None => ProjectorStatus {
                 name: p.name().to_string(),
                 state: "new".into(),
@@ -136,22 +109,28 @@ pub async fn collect<C: Db>(
                 replay: None,
             },
             Some(r) => ProjectorStatus {
-                replay: (r.get::<_, String>(0) == State::Replaying.as_str())
-                    .then(|| ReplayProgress::estimate(r.get(1), r.get(11), r.get(2), r.get(12))),
-                name: p.name().to_string(),
-                state: r.get(0),
-                position: r.get(1),
-                events_applied: r.get(2),
-                last_advanced_at: r.get(3),
-                failing_event: r.get::<_, Option<i64>>(4).map(|id| FailingEvent {
-                    id,
-                    event_type: r.get(5),
-                    attempts: r.get(6),
+                replay: (r.state == State::Replaying).then(|| {
+                    ReplayProgress::estimate(
+                        r.position_id,
+                        r.replay_target_id,
+                        r.events_applied,
+                        r.replay_seconds,
+                    )
                 }),
-                last_error: r.get(7),
-                dead_letters: r.get(8),
-                lag_events: r.get(9),
-                lag_seconds: r.get::<_, f64>(10).max(0.0),
+                name: p.name().to_string(),
+                state: r.state.as_str().to_string(),
+                position: r.position_id,
+                events_applied: r.events_applied,
+                last_advanced_at: r.last_advanced_at,
+                failing_event: r.failing_event_id.map(|id| FailingEvent {
+                    id,
+                    event_type: r.failing_event_type,
+                    attempts: r.attempts,
+                }),
+                last_error: r.last_error,
+                dead_letters: r.dead_letters,
+                lag_events: r.lag_events,
+                lag_seconds: r.lag_seconds,
             },
         });
     }

@@ -13,7 +13,7 @@ use std::collections::HashSet;
 
 use crate::db::Db;
 
-use crate::feed::Position;
+use crate::feed::{Position, POSITION_TX};
 use crate::projector::{Feed, Projector};
 
 /// A projector's state column.
@@ -113,6 +113,17 @@ pub async fn exists<C: Db>(client: &C, name: &str) -> Result<bool, tokio_postgre
         .query_opt("SELECT 1 FROM pgfold.projectors WHERE name = $1", &[&name])
         .await?
         .is_some())
+}
+
+/// The id of the last event the projector consumed (0: none yet).
+pub async fn position_id<C: Db>(client: &C, name: &str) -> Result<i64, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT position_id FROM pgfold.projectors WHERE name = $1",
+            &[&name],
+        )
+        .await?
+        .get(0))
 }
 
 pub async fn load<C: Db>(tx: &C, name: &str) -> Result<Checkpoint, tokio_postgres::Error> {
@@ -222,6 +233,24 @@ pub async fn record_failure<C: Db>(
     Ok(())
 }
 
+/// The event a parked projector failed on, as recorded when it was parked.
+pub async fn failure<C: Db>(tx: &C, name: &str) -> Result<Failure, tokio_postgres::Error> {
+    let row = tx
+        .query_one(
+            "SELECT failing_event_id, coalesce(failing_event_type, ''), coalesce(last_error, ''),
+                    attempts
+               FROM pgfold.projectors WHERE name = $1",
+            &[&name],
+        )
+        .await?;
+    Ok(Failure {
+        event_id: row.get::<_, Option<i64>>(0).unwrap_or_default(),
+        event_type: row.get(1),
+        error: row.get(2),
+        attempts: row.get(3),
+    })
+}
+
 /// `on_error = "stop"`: parks the projector on the event.
 pub async fn park<C: Db>(tx: &C, name: &str, f: &Failure) -> Result<(), tokio_postgres::Error> {
     record_failure(tx, name, f).await?;
@@ -300,4 +329,79 @@ pub async fn rewind<C: Db>(
     )
     .await?;
     Ok(())
+}
+
+/// A projector's row as `pgfold status` shows it, with its lag.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub state: State,
+    /// Id of the last event consumed (0: none yet).
+    pub position_id: i64,
+    pub events_applied: i64,
+    /// In UTC, as `YYYY-MM-DDTHH:MM:SSZ`.
+    pub last_advanced_at: Option<String>,
+    pub failing_event_id: Option<i64>,
+    pub failing_event_type: Option<String>,
+    pub attempts: i32,
+    pub last_error: Option<String>,
+    pub dead_letters: i64,
+    /// Committed events it consumes that it has not applied yet.
+    pub lag_events: i64,
+    /// Age, by `occurred_at`, of the oldest of those events; 0 when caught up.
+    pub lag_seconds: f64,
+    /// Id of the newest event when the last replay began (0: none).
+    pub replay_target_id: i64,
+    /// Seconds since the last replay began, if one was recorded.
+    pub replay_seconds: Option<f64>,
+}
+
+/// The projector's row and its lag; `None` if it has never run.
+///
+/// The lag is counted through the position index (a fenced read, see
+/// `src/feed/reader.rs`), so that a scrape costs what the lag holds, not what the
+/// log holds.
+pub async fn report<C: Db>(
+    client: &C,
+    p: &dyn Projector,
+) -> Result<Option<Report>, tokio_postgres::Error> {
+    let filter = p.filter();
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT p.state, p.position_id, p.events_applied,
+                        to_char(p.last_advanced_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                        p.failing_event_id, p.failing_event_type, p.attempts, p.last_error,
+                        (SELECT count(*) FROM pgfold.dead_letters d WHERE d.projector = p.name),
+                        lag.events,
+                        coalesce(extract(epoch FROM now() - lag.oldest)::float8, 0),
+                        coalesce(p.replay_target_id, 0),
+                        extract(epoch FROM now() - p.replay_started_at)::float8
+                   FROM pgfold.projectors p
+                   CROSS JOIN LATERAL (
+                     SELECT count(*) AS events, min(e.occurred_at) AS oldest
+                       FROM (SELECT e.occurred_at, e.event_type, e.stream_type FROM events e
+                              WHERE ({POSITION_TX}, e.id) > (p.position_tx, p.position_id)
+                             OFFSET 0) e
+                      WHERE ($2::text[] IS NULL OR e.event_type = ANY($2))
+                        AND ($3::text[] IS NULL OR e.stream_type = ANY($3))) lag
+                  WHERE p.name = $1"
+            ),
+            &[&p.name(), &filter.event_types, &filter.stream_types],
+        )
+        .await?;
+    Ok(row.map(|r| Report {
+        state: State::parse(r.get(0)),
+        position_id: r.get(1),
+        events_applied: r.get(2),
+        last_advanced_at: r.get(3),
+        failing_event_id: r.get(4),
+        failing_event_type: r.get(5),
+        attempts: r.get(6),
+        last_error: r.get(7),
+        dead_letters: r.get(8),
+        lag_events: r.get(9),
+        lag_seconds: r.get::<_, f64>(10).max(0.0),
+        replay_target_id: r.get(11),
+        replay_seconds: r.get(12),
+    }))
 }

@@ -12,9 +12,9 @@ use super::wakeup::Wakeups;
 use super::worker::{Step, Transient, Worker};
 use super::ParkedProjector;
 use crate::config::DaemonSettings;
-use crate::db::Backoff;
 use crate::feed::{Horizon, Position};
 use crate::ops::{metrics::Metrics, progress::Progress, Liveness};
+use crate::util::Backoff;
 
 /// How long after its last batch a projector keeps polling rather than arming
 /// the wake-up flag, and how often it polls meanwhile.

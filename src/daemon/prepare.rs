@@ -95,13 +95,7 @@ pub(super) async fn prepare(
     // A replay, or a --once run, is a catch-up worth showing progress for.
     for p in selected {
         if options.once || replay.iter().any(|r| r.name() == p.name()) {
-            let from: i64 = client
-                .query_one(
-                    "SELECT position_id FROM pgfold.projectors WHERE name = $1",
-                    &[&p.name()],
-                )
-                .await?
-                .get(0);
+            let from = checkpoint::position_id(client, p.name()).await?;
             progress.begin(p.name(), from, newest.id);
         }
     }

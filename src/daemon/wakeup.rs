@@ -25,9 +25,13 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{self, Backoff, Pool};
+use crate::db::{self, Pool};
 use crate::feed;
+use crate::util::Backoff;
 
+/// The channel the wake-up trigger notifies on: spelled here for Rust, and in
+/// migration V4 (`pgfold.notify_if_armed`) for SQL, which cannot change. A test
+/// (`the_trigger_notifies_the_channel_the_daemon_listens_on`) keeps them equal.
 pub const CHANNEL: &str = "pgfold_events";
 
 /// The workers' side: report idleness, wait for a reason to look again.

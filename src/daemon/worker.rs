@@ -60,7 +60,7 @@ pub struct Transient(String);
 
 impl Transient {
     fn from_pg(e: &tokio_postgres::Error) -> Transient {
-        Transient(crate::config::one_line(&db::error_text(e)))
+        Transient(crate::util::one_line(&db::error_text(e)))
     }
 }
 
@@ -76,7 +76,7 @@ impl From<deadpool_postgres::PoolError> for Transient {
             deadpool_postgres::PoolError::Backend(pg) => db::error_text(pg),
             other => other.to_string(),
         };
-        Transient(crate::config::one_line(&text))
+        Transient(crate::util::one_line(&text))
     }
 }
 
@@ -213,17 +213,11 @@ impl Worker {
         let (ck, horizon, _) =
             tokio::try_join!(checkpoint::load(&tx, &name), feed::horizon(&tx), serial)?;
         if ck.state == State::Failed {
-            let row = tx
-                .query_one(
-                    "SELECT failing_event_id, coalesce(failing_event_type, ''), coalesce(last_error, '')
-                       FROM pgfold.projectors WHERE name = $1",
-                    &[&name],
-                )
-                .await?;
+            let failure = checkpoint::failure(&tx, &name).await?;
             return Ok(Step::Parked {
-                event_id: row.get::<_, Option<i64>>(0).unwrap_or_default(),
-                event_type: row.get(1),
-                error: row.get(2),
+                event_id: failure.event_id,
+                event_type: failure.event_type,
+                error: failure.error,
             });
         }
         if let Some(until) = self.isolating_until {
@@ -675,7 +669,7 @@ fn message_of(e: &ProjectorError) -> Result<String, Transient> {
     // SQL raised through pgfold.bad_event already names the event.
     let problem = bad_event_parts(&text).map(|(_, problem)| problem.to_owned());
     let text = problem.unwrap_or(text);
-    Ok(at_most(crate::config::one_line(&text), MAX_ERROR_BYTES))
+    Ok(at_most(crate::util::one_line(&text), MAX_ERROR_BYTES))
 }
 
 /// The longest error text stored (`last_error`, dead letters) and shown by

@@ -2202,19 +2202,20 @@ const LARGE_NOTES_BYTES: i32 = 2_000_000;
 struct NotesLength;
 
 #[async_trait::async_trait]
-impl pgfold::projector::Projector for NotesLength {
+impl pgfold::Projector for NotesLength {
     fn name(&self) -> &str {
         "notes_length"
     }
 
-    fn filter(&self) -> pgfold::projector::EventFilter {
-        pgfold::projector::EventFilter::event_types(&["OrderNoted"])
+    fn filter(&self) -> pgfold::EventFilter {
+        pgfold::EventFilter::event_types(&["OrderNoted"])
     }
 
-    async fn setup(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-    ) -> Result<(), pgfold::projector::ProjectorError> {
+    fn fold(&self) -> pgfold::Fold<'_> {
+        pgfold::Fold::Events(self)
+    }
+
+    async fn setup(&self, tx: &pgfold::Tx<'_>) -> Result<(), pgfold::ProjectorError> {
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS notes_length (stream_id TEXT PRIMARY KEY, chars BIGINT NOT NULL)",
         )
@@ -2222,19 +2223,19 @@ impl pgfold::projector::Projector for NotesLength {
         Ok(())
     }
 
-    async fn reset(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-    ) -> Result<(), pgfold::projector::ProjectorError> {
+    async fn reset(&self, tx: &pgfold::Tx<'_>) -> Result<(), pgfold::ProjectorError> {
         tx.batch_execute("TRUNCATE notes_length").await?;
         Ok(())
     }
+}
 
+#[async_trait::async_trait]
+impl pgfold::EventFold for NotesLength {
     async fn apply(
         &self,
-        tx: &pgfold::projector::BatchTransaction<'_>,
-        events: &[pgfold::projector::Event],
-    ) -> Result<(), pgfold::projector::ProjectorError> {
+        tx: &pgfold::Tx<'_>,
+        events: &[pgfold::Event],
+    ) -> Result<(), pgfold::ProjectorError> {
         for e in events {
             let chars = e.payload["notes"].as_str().map_or(0, |n| n.chars().count()) as i64;
             tx.execute(

@@ -10,10 +10,9 @@ use std::process::ExitCode;
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use pgfold::projector::{BatchTransaction, Event, EventFilter, Projector, ProjectorError};
+use pgfold::{Event, EventFilter, EventFold, Fold, Projector, ProjectorError, Tx};
 use rust_decimal::Decimal;
 use serde_json::Value;
-use tokio_postgres::Transaction;
 
 /// The allocator pgfold's own binary uses (see src/main.rs): with it, memory
 /// taken by a batch of large events goes back to the system once it is applied.
@@ -47,7 +46,12 @@ impl Projector for CustomerSpend {
         EventFilter::event_types(&["OrderCreated", "OrderPaid"]).in_streams_of(&["order"])
     }
 
-    async fn setup(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+    // Decoded events, one stream's in order: the fold below is Rust.
+    fn fold(&self) -> Fold<'_> {
+        Fold::Events(self)
+    }
+
+    async fn setup(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS customer_spend (
                customer_id TEXT PRIMARY KEY,
@@ -62,17 +66,16 @@ impl Projector for CustomerSpend {
         Ok(())
     }
 
-    async fn reset(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+    async fn reset(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
         tx.batch_execute("TRUNCATE customer_spend, customer_spend_orders")
             .await?;
         Ok(())
     }
+}
 
-    async fn apply(
-        &self,
-        tx: &BatchTransaction<'_>,
-        events: &[Event],
-    ) -> Result<(), ProjectorError> {
+#[async_trait]
+impl EventFold for CustomerSpend {
+    async fn apply(&self, tx: &Tx<'_>, events: &[Event]) -> Result<(), ProjectorError> {
         // OrderPaid does not name the customer: remember it from OrderCreated.
         // Within a batch, a stream's OrderCreated always comes before its OrderPaid.
         let mut customers: HashMap<&str, String> = HashMap::new();

@@ -4,7 +4,9 @@
 //! - [`store`]: the application side: appending events with optimistic concurrency,
 //!   and waiting until a projector has applied them (`pgfold.wait_for`).
 //! - [`feed`]: reading the log gap-free, in an order that respects each stream.
-//! - [`projector`]: the `Projector` trait and the registry of projectors by name.
+//! - [`projector`]: the contract a projector implements ([`Projector`], [`Fold`]),
+//!   and the registry of projectors by name. What an author needs is re-exported
+//!   here at the root.
 //! - [`projectors`]: the built-in projectors, `daily_revenue` and `order_snapshots`.
 //! - [`daemon`]: the long-running worker: batches, checkpoints, coordination,
 //!   wake-ups, retries and shutdown.
@@ -17,6 +19,9 @@
 //! - [`demo`]: `pgfold demo`, a live first look on a throwaway database.
 //! - [`workload`]: the "orders" workload and independent SQL folds, for tests
 //!   and the benchmark.
+
+pub use feed::{Event, EventFilter, EventRange, Position};
+pub use projector::{EventFold, Fold, Projector, ProjectorError, Registry, SetBatch, SetFold, Tx};
 
 pub mod cli;
 pub mod config;

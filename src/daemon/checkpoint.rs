@@ -14,7 +14,7 @@ use std::collections::HashSet;
 use crate::db::Db;
 
 use crate::feed::{Position, POSITION_TX};
-use crate::projector::{Feed, Projector};
+use crate::projector::Projector;
 
 /// A projector's state column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -89,7 +89,7 @@ pub async fn record_filter<C: Db>(
     p: &dyn Projector,
 ) -> Result<(), tokio_postgres::Error> {
     let filter = p.filter();
-    let in_stream_order = p.feed() != Feed::Set;
+    let in_stream_order = p.fold().in_stream_order();
     client
         .execute(
             "UPDATE pgfold.projectors

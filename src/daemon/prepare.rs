@@ -14,7 +14,7 @@ use crate::config::Settings;
 use crate::db;
 use crate::feed::{self, Position};
 use crate::ops::progress::Progress;
-use crate::projector::{Projector, Registry};
+use crate::projector::{Projector, Registry, Tx};
 
 /// Selects the projectors to run: `--projector` names, or every enabled one.
 /// Unknown names, in the options or the configuration, are errors.
@@ -105,7 +105,7 @@ pub(super) async fn prepare(
 /// Creates the projector's tables and its row, in one transaction.
 async fn setup(client: &mut db::Client, p: &dyn Projector) -> anyhow::Result<()> {
     let tx = client.transaction().await?;
-    p.setup(&tx)
+    p.setup(&Tx::new(&tx))
         .await
         .with_context(|| format!("failed to create the tables of projector {}", p.name()))?;
     checkpoint::register(&tx, p.name()).await?;
@@ -119,7 +119,7 @@ async fn rewind(client: &mut db::Client, p: &dyn Projector) -> anyhow::Result<()
     let tx = client.transaction().await?;
     checkpoint::lock(&tx, p.name()).await?;
     let target = feed::newest(&tx).await?;
-    p.reset(&tx)
+    p.reset(&Tx::new(&tx))
         .await
         .with_context(|| format!("failed to reset projector {}", p.name()))?;
     checkpoint::rewind(&tx, p.name(), target).await?;

@@ -20,10 +20,11 @@ use super::checkpoint::{self, Checkpoint, Failure, State};
 use super::pace::Pace;
 use crate::config::{DaemonSettings, OnError, ProjectorSettings};
 use crate::db::{self, Db, Pool, Statements};
-use crate::feed::{self, Horizon, Position};
-use crate::projector::{
-    BatchTransaction as Transaction, EventRange, Feed, Projector, ProjectorError,
-};
+use crate::feed::{self, EventRange, Horizon, Position};
+use crate::projector::{EventFold, Fold, Projector, ProjectorError, SetBatch, SetFold, Tx};
+
+/// The pooled transaction a batch runs in.
+type Transaction<'a> = db::Session<deadpool_postgres::Transaction<'a>>;
 
 /// What one call of [`Worker::step`] did.
 #[derive(Debug)]
@@ -160,13 +161,15 @@ impl Worker {
         // set's is not: a stream whose events fall into two ranges has its snapshot
         // written by the first and patched by the second, and the order_snapshots
         // replay took 4x as long in ranges as in one statement (issue 18's note).
-        let pace = match projector.feed() {
-            Feed::Set => Some(Pace::new(daemon.set_batch_size)),
-            Feed::Events | Feed::StreamSet => None,
+        let pace = match projector.fold() {
+            Fold::Set(_) => Some(Pace::new(daemon.set_batch_size)),
+            Fold::Events(_) | Fold::StreamSet(_) => None,
         };
-        let full_limit = match projector.feed() {
-            Feed::Events => daemon.batch_size,
-            Feed::Set | Feed::StreamSet => pace.as_ref().map_or(daemon.set_batch_size, Pace::limit),
+        let full_limit = match projector.fold() {
+            Fold::Events(_) => daemon.batch_size,
+            Fold::Set(_) | Fold::StreamSet(_) => {
+                pace.as_ref().map_or(daemon.set_batch_size, Pace::limit)
+            }
         };
         Worker {
             projector,
@@ -201,13 +204,13 @@ impl Worker {
         // the checkpoint's snapshot sees what the lock's last holder committed)
         // and before anything reads events (as the horizon must).
         let serial = async {
-            match self.projector.feed() {
+            match self.projector.fold() {
                 // A decoded batch is a few thousand rows at most: starting parallel
                 // workers for it costs more than it saves.
-                Feed::Events => {
+                Fold::Events(_) => {
                     Db::execute(&tx, "SET LOCAL max_parallel_workers_per_gather = 0", &[]).await
                 }
-                Feed::Set | Feed::StreamSet => Ok(0),
+                Fold::Set(_) | Fold::StreamSet(_) => Ok(0),
             }
         };
         let (ck, horizon, _) =
@@ -226,9 +229,11 @@ impl Worker {
                 self.limit = self.full_limit;
             }
         }
-        match self.projector.feed() {
-            Feed::Events => self.events_batch(tx, ck, horizon).await,
-            Feed::Set | Feed::StreamSet => self.set_batch(tx, ck, horizon, started).await,
+        let projector = self.projector.clone();
+        match projector.fold() {
+            Fold::Events(fold) => self.events_batch(tx, ck, horizon, fold).await,
+            Fold::Set(fold) => self.set_batch(tx, ck, horizon, started, fold, false).await,
+            Fold::StreamSet(fold) => self.set_batch(tx, ck, horizon, started, fold, true).await,
         }
     }
 
@@ -237,6 +242,7 @@ impl Worker {
         tx: Transaction<'_>,
         ck: Checkpoint,
         horizon: Horizon,
+        fold: &dyn EventFold,
     ) -> Result<Step, Transient> {
         let filter = self.projector.filter();
         let read = feed::read_events(
@@ -268,7 +274,7 @@ impl Worker {
         let result = if batch.events.is_empty() {
             Ok(())
         } else {
-            self.projector.apply(&tx, &batch.events).await
+            fold.apply(&Tx::new(&tx), &batch.events).await
         };
         match result {
             Ok(()) => {
@@ -336,6 +342,8 @@ impl Worker {
         ck: Checkpoint,
         horizon: Horizon,
         started: Instant,
+        fold: &dyn SetFold,
+        stream_ordered: bool,
     ) -> Result<Step, Transient> {
         let Some((upto, full)) = feed::set_batch_end(
             &tx,
@@ -359,7 +367,7 @@ impl Worker {
         }
         // An unnamed statement is parsed and planned again every time, so a
         // generic plan would save nothing there and may be worse than a custom one.
-        let generic = self.projector.generic_plans()
+        let generic = fold.generic_plans()
             && tx.statements() == Statements::Prepared
             && (0..GENERIC_PLANS_BELOW).contains(&span);
         let skip: Vec<i64> = ck.ahead.iter().copied().collect();
@@ -375,11 +383,9 @@ impl Worker {
             }
         };
         let probe = async {
-            match self.projector.feed() {
-                Feed::StreamSet => {
-                    feed::ahead_of_range(&tx, ck.position, upto, !full, &skip, &filter).await
-                }
-                _ => Ok(Vec::new()),
+            match stream_ordered {
+                true => feed::ahead_of_range(&tx, ck.position, upto, !full, &skip, &filter).await,
+                false => Ok(Vec::new()),
             }
         };
         let ((), ahead, _) =
@@ -389,8 +395,9 @@ impl Worker {
             upto,
             skip,
             ahead.iter().map(|(id, _)| *id).collect(),
+            &filter,
         );
-        match self.projector.apply_range(&tx, &range).await {
+        match apply_set(&tx, fold, &range).await {
             Ok(applied) => {
                 let name = self.projector.name();
                 checkpoint::record_ahead(&tx, name, &ahead).await?;
@@ -416,8 +423,7 @@ impl Worker {
                     // Halve what the range really holds, not the configured
                     // maximum: a live batch of three events needs two rounds, not
                     // twenty.
-                    let sql = format!("SELECT count(*) FROM {} e", EventRange::source());
-                    let held: i64 = tx.query_one(&sql, &range.params()).await?.get(0);
+                    let held = count_range(&tx, &range).await? as i64;
                     let keep = (held.clamp(1, i64::from(self.limit)) / 2) as u32;
                     return Ok(self.narrow(e, keep, upto));
                 }
@@ -610,6 +616,33 @@ impl Worker {
 }
 
 /// The event a projector named: directly, or in SQL through `pgfold.bad_event`.
+/// Applies a set batch; how many events it consumed: as the fold counted them,
+/// or counted here in the same round trip.
+async fn apply_set(
+    tx: &Transaction<'_>,
+    fold: &dyn SetFold,
+    range: &EventRange,
+) -> Result<u64, ProjectorError> {
+    let batch = SetBatch::new(range);
+    fold.apply(&Tx::new(tx), &batch).await?;
+    match batch.reported_count() {
+        Some(events) => Ok(events),
+        None => Ok(count_range(tx, range).await?),
+    }
+}
+
+/// How many events a set batch's range holds, for the projector's filter.
+async fn count_range(
+    tx: &Transaction<'_>,
+    range: &EventRange,
+) -> Result<u64, tokio_postgres::Error> {
+    let batch = SetBatch::new(range);
+    let row = batch
+        .query_one(&Tx::new(tx), "SELECT count(*) FROM batch", &[])
+        .await?;
+    Ok(row.get::<_, i64>(0) as u64)
+}
+
 fn named_event(e: &ProjectorError) -> Option<i64> {
     match e {
         ProjectorError::Event { event_id, .. } => Some(*event_id),
@@ -664,7 +697,7 @@ fn message_of(e: &ProjectorError) -> Result<String, Transient> {
     let text = match e {
         ProjectorError::Database(pg) => db::error_text(pg),
         ProjectorError::Event { message, .. } => message.clone(),
-        ProjectorError::Other(message) => message.clone(),
+        ProjectorError::Other(e) => format!("{e:#}"),
     };
     // SQL raised through pgfold.bad_event already names the event.
     let problem = bad_event_parts(&text).map(|(_, problem)| problem.to_owned());

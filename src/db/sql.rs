@@ -105,6 +105,10 @@ pub trait Db: Sync {
         Ok(())
     }
 
+    /// Runs `sql`, one or more statements separated by semicolons, with the
+    /// simple query protocol: no parameters, nothing prepared. For DDL.
+    async fn batch_execute(&self, sql: &str) -> Result<(), Error>;
+
     #[doc(hidden)]
     async fn row_count_error(&self) -> Error;
 }
@@ -235,6 +239,9 @@ macro_rules! session {
                     Statements::Prepared => $rows(&self.inner, sql, params, each).await,
                 }
             }
+            async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
+                GenericClient::batch_execute(self.driver(), sql).await
+            }
             async fn row_count_error(&self) -> Error {
                 row_count_error(self.driver()).await
             }
@@ -267,6 +274,9 @@ macro_rules! plain {
             }
             async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, Error> {
                 GenericClient::execute(self, sql, params).await
+            }
+            async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
+                GenericClient::batch_execute(self, sql).await
             }
             async fn row_count_error(&self) -> Error {
                 row_count_error(self).await

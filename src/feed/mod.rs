@@ -1,13 +1,16 @@
 //! Reading the log: positions, the horizon below which reading is final, the
 //! queries, and the repair that keeps each stream in `sequence` order.
 
+mod event;
 mod horizon;
 mod order;
 mod position;
+mod range;
 mod reader;
 
+pub use event::{Event, EventFilter};
 pub use horizon::{blocker, horizon, Blocker, Horizon};
 pub use order::{order_batch, OrderedBatch};
 pub use position::{Position, POSITION_TX};
-pub(crate) use reader::in_range;
+pub use range::{EventRange, RANGE_PARAMS};
 pub use reader::{ahead_of_range, newest, read_events, set_batch_end, ReadBatch, ReadRow};

@@ -24,13 +24,13 @@
 //! checkpoint reaches them. Exactly-once holds because the record commits
 //! atomically with the projection and the checkpoint.
 //!
-//! [`crate::projector::Feed::StreamSet`] batches get the same repair, set-based:
+//! [`crate::projector::Fold::StreamSet`] batches get the same repair, set-based:
 //! the projector orders each stream by `sequence` itself, so only earlier events
 //! beyond the batch's end matter; [`super::ahead_of_range`] finds them and they
-//! join the batch's range (see [`crate::projector::EventRange`]).
+//! join the batch's range (see [`super::EventRange`]).
 //!
 //! Cost: one probe of the `(stream_id, sequence)` index per event read, paid only by
-//! the projectors that need an order; [`crate::projector::Feed::Set`] projectors
+//! the projectors that need an order; [`crate::projector::Fold::Set`] projectors
 //! fold a set and pay nothing.
 
 use std::collections::HashSet;
@@ -39,7 +39,7 @@ use crate::db::Db;
 
 use super::reader::{later_predecessors, ReadBatch};
 use super::Position;
-use crate::projector::{Event, EventFilter};
+use super::{Event, EventFilter};
 
 /// A batch in delivery order.
 #[derive(Debug, Default)]

@@ -17,8 +17,8 @@ use tokio_postgres::Row;
 
 use crate::db::Db;
 
+use super::{Event, EventFilter};
 use super::{Horizon, Position, POSITION_TX};
-use crate::projector::{Event, EventFilter};
 
 /// The columns of an event, in [`read_row`]'s order.
 const COLUMNS: &str =
@@ -131,11 +131,17 @@ fn passes_as(alias: &str, f1: u8, f2: u8) -> String {
 /// BETWEEN repeats the row comparisons for the planner, which estimates a range on
 /// one column far better than one on a row.
 pub(crate) fn in_range(alias: &str) -> String {
+    in_range_from(alias, 1)
+}
+
+/// [`in_range`] with its four placeholders numbered from `$first`.
+pub(crate) fn in_range_from(alias: &str, first: usize) -> String {
     let tx = format!("COALESCE({alias}.tx_id, '0'::xid8)");
+    let (after_tx, after_id, upto_tx, upto_id) = (first, first + 1, first + 2, first + 3);
     format!(
-        "{tx} BETWEEN $1::text::xid8 AND $3::text::xid8
-         AND ({tx}, {alias}.id) > ($1::text::xid8, $2)
-         AND ({tx}, {alias}.id) <= ($3::text::xid8, $4)"
+        "{tx} BETWEEN ${after_tx}::text::xid8 AND ${upto_tx}::text::xid8
+         AND ({tx}, {alias}.id) > (${after_tx}::text::xid8, ${after_id})
+         AND ({tx}, {alias}.id) <= (${upto_tx}::text::xid8, ${upto_id})"
     )
 }
 
@@ -208,7 +214,7 @@ pub async fn read_events<C: Db>(
     Ok(batch)
 }
 
-/// For a [`crate::projector::Feed::StreamSet`] batch `(after, upto]`: the events
+/// For a [`crate::projector::Fold::StreamSet`] batch `(after, upto]`: the events
 /// that must be delivered ahead with it, that is, earlier events (that pass
 /// `filter`) of a stream with an event in the range whose position lies beyond
 /// `upto`, less those in `skip` (delivered ahead already).

@@ -1,166 +1,148 @@
-//! What a projector is, and the registry the daemon runs them from.
+//! The projector contract, and the registry the daemon runs projectors from.
 //!
 //! A projector is a left fold over the log that keeps its own tables. The daemon
-//! hands it events in batches, inside a transaction, and commits the projector's
-//! writes together with its checkpoint: a batch is applied entirely or not at all,
-//! so after any crash the projection is exactly the fold of the events up to its
-//! checkpoint. A projector therefore never needs its own deduplication.
+//! hands it events in batches, inside a transaction ([`Tx`]), and commits the
+//! projector's writes together with its checkpoint: a batch is applied entirely or
+//! not at all, so after any crash the projection is exactly the fold of the events
+//! up to its checkpoint. A projector therefore never needs its own deduplication.
 //!
-//! There are two ways to receive a batch ([`Feed`]):
-//! - [`Feed::Events`]: decoded [`Event`]s, each stream's events in `sequence` order.
-//!   Right for folds whose result depends on order (a stream's state).
-//! - [`Feed::Set`]: an [`EventRange`] to fold in SQL, inside the database, with no
-//!   round trip per event. The events of the range arrive as a set, so this is only
-//!   for folds that do not depend on order (sums, counts), where it makes a rebuild
-//!   run at the speed of a single `INSERT … SELECT`.
-//! - [`Feed::StreamSet`]: an [`EventRange`] too, with the guarantee that folding
-//!   each stream's events of the range in `sequence` order follows the stream's
-//!   order: every earlier event of a stream is already applied or in the range.
-//!   Right for per-stream state folded in SQL (`ORDER BY stream_id, sequence`),
-//!   which makes a rebuild of stream snapshots set-based too.
+//! A projector says how it folds with [`Projector::fold`], which hands the daemon
+//! the fold itself, so the way a batch arrives and the code that takes it cannot
+//! disagree:
+//! - [`Fold::Events`]: decoded [`Event`]s, each stream's events in `sequence`
+//!   order, to an [`EventFold`]. Right for folds written in Rust, event by event.
+//! - [`Fold::Set`]: a [`SetBatch`], to fold in SQL inside the database
+//!   ([`SetFold`]), with no round trip per event. The events arrive as a set, so
+//!   this is only for folds that do not depend on order (sums, counts), where it
+//!   makes a rebuild run at the speed of a single `INSERT … SELECT`.
+//! - [`Fold::StreamSet`]: a [`SetBatch`] too, with the guarantee that folding each
+//!   stream's events of the batch in `sequence` order follows the stream's order:
+//!   every earlier event of a stream is already applied or in the batch. Right for
+//!   per-stream state folded in SQL (`ORDER BY stream_id, sequence`).
+//!
+//! # Failing on an event
+//! A fold that cannot apply an event returns [`ProjectorError::Event`] naming it;
+//! SQL names it with `pgfold.bad_event(event_id, message)`, a function that raises
+//! an error carrying the event's id and can stand wherever an expression can
+//! (`coalesce(x, pgfold.bad_event(e.id, 'x is missing')::text)`). Any other error
+//! of the batch's SQL is treated the same way once the batch has been narrowed to
+//! one event. The daemon rolls the batch back, applies the events before the
+//! failing one on their own, retries it with backoff up to `max_attempts`, then
+//! parks the projector or dead-letters the event as `on_error` says.
 
 mod registry;
+mod set_batch;
+mod tx;
 
 pub use registry::Registry;
+pub(crate) use set_batch::with_first;
+pub use set_batch::SetBatch;
+pub use tx::Tx;
+
+pub use crate::feed::{Event, EventFilter};
 
 use async_trait::async_trait;
-use chrono::{DateTime, Utc};
-use serde_json::Value;
-use tokio_postgres::Transaction;
 
-use crate::feed::{in_range, Position};
+/// A read model kept current by the daemon. Register it in a [`Registry`] by name.
+///
+/// Every method runs inside a transaction the daemon owns and commits; a projector
+/// must not commit, roll back or change the transaction's settings.
+#[async_trait]
+pub trait Projector: Send + Sync + 'static {
+    /// Stable name: the checkpoint's key and the name used on the command line.
+    /// Lowercase letters, digits and `_`.
+    fn name(&self) -> &str;
 
-/// The transaction a batch is applied in: a pooled connection's, which derefs to
-/// [`tokio_postgres::Transaction`]. Its `query`, `query_one`, `query_opt` and
-/// `execute` (and [`crate::db::Db`]'s) send statements as
-/// `database.prepared_statements` says: by default prepared once per connection
-/// and reused, which spares the server parsing a projector's statement every
-/// batch (and planning it, on live batches, for a projector that allows generic
-/// plans: [`Projector::generic_plans`]); with `false`, unnamed, which a
-/// transaction-mode pooler passes through. Other tokio-postgres methods reached
-/// through the deref (`prepare`, `query_raw`, ...) always prepare a named
-/// statement: behind such a pooler, avoid them. Statements are kept by their
-/// text, so put values in parameters, never in the SQL.
-pub type BatchTransaction<'a> = crate::db::Session<deadpool_postgres::Transaction<'a>>;
-
-/// One event of the log, as a projector receives it.
-#[derive(Debug, Clone)]
-pub struct Event {
-    pub id: i64,
-    pub position: Position,
-    pub stream_id: String,
-    pub stream_type: String,
-    pub event_type: String,
-    pub event_version: i32,
-    /// Numbers keep their exact decimal text (serde_json's `arbitrary_precision`):
-    /// parse money with `rust_decimal`, never through `f64`.
-    pub payload: Value,
-    pub metadata: Value,
-    pub occurred_at: DateTime<Utc>,
-    pub sequence: i64,
-}
-
-/// Which events a projector consumes. Filtering happens in the query, so a
-/// projector is not woken, nor its checkpoint moved, by events it ignores.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct EventFilter {
-    /// `None`: every event type.
-    pub event_types: Option<Vec<String>>,
-    /// `None`: every stream type.
-    pub stream_types: Option<Vec<String>>,
-}
-
-impl EventFilter {
-    pub fn all() -> EventFilter {
-        EventFilter::default()
+    /// The events it consumes. Filtering happens in the daemon's query: a
+    /// projector sees, and is woken by, only these.
+    fn filter(&self) -> EventFilter {
+        EventFilter::all()
     }
 
-    pub fn event_types(types: &[&str]) -> EventFilter {
-        EventFilter {
-            event_types: Some(types.iter().map(|t| t.to_string()).collect()),
-            stream_types: None,
-        }
+    /// The version of its definition. Bump it when the fold or the tables change
+    /// meaning: pgfold then rebuilds the projection from the first event.
+    fn version(&self) -> u32 {
+        1
     }
 
-    pub fn in_streams_of(mut self, types: &[&str]) -> EventFilter {
-        self.stream_types = Some(types.iter().map(|t| t.to_string()).collect());
-        self
+    /// What its tables were built from: when it differs from the fingerprint
+    /// recorded with the checkpoint, pgfold rebuilds the projection. By default
+    /// the [`Projector::version`]; a SQL projection hashes its file.
+    fn fingerprint(&self) -> String {
+        format!("v{}", self.version())
+    }
+
+    /// How it folds a batch; see the module documentation. Typically
+    /// `Fold::Set(self)` for a type that implements [`SetFold`].
+    fn fold(&self) -> Fold<'_>;
+
+    /// Creates its tables if they do not exist (idempotent). Run by `pgfold
+    /// migrate` and at start. Create tables by unqualified name: the daemon picks
+    /// the schema through `search_path`.
+    async fn setup(&self, tx: &Tx<'_>) -> Result<(), ProjectorError>;
+
+    /// Empties its tables, ahead of a replay from the first event.
+    async fn reset(&self, tx: &Tx<'_>) -> Result<(), ProjectorError>;
+
+    /// Checks, before anything runs, that its statements fit the database: the
+    /// daemon calls it after [`Projector::setup`] in a transaction it rolls back,
+    /// and refuses to start on an error. A projector whose SQL comes from outside
+    /// the binary (a SQL projection's file) parses and plans it here.
+    async fn validate(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
+        let _ = tx;
+        Ok(())
     }
 }
 
-/// How a projector receives its batches; see the module documentation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Feed {
-    Events,
-    Set,
-    StreamSet,
+/// How a projector folds its batches: the variant names the way the batch arrives,
+/// and carries the code that takes it.
+#[derive(Clone, Copy)]
+pub enum Fold<'a> {
+    /// Decoded events, each stream's in `sequence` order.
+    Events(&'a dyn EventFold),
+    /// A set of events, in no order.
+    Set(&'a dyn SetFold),
+    /// A set of events in which each stream's, taken in `sequence` order, follow
+    /// everything already applied for that stream.
+    StreamSet(&'a dyn SetFold),
 }
 
-/// The events of one batch of a [`Feed::Set`] or [`Feed::StreamSet`] projector:
-/// the events whose position is in `(after, upto]`, less those delivered ahead by
-/// an earlier batch, plus those this batch delivers ahead (a [`Feed::StreamSet`]
-/// stream's earlier events whose position lies beyond `upto`; see `src/feed/order.rs`).
-/// The projector applies its own filter on top.
-#[derive(Debug, Clone)]
-pub struct EventRange {
-    pub after: Position,
-    pub upto: Position,
-    after_tx: String,
-    upto_tx: String,
-    skip: Vec<i64>,
-    ahead: Vec<i64>,
+impl Fold<'_> {
+    /// Whether batches must respect each stream's order (the daemon then repairs
+    /// transaction-id inversions before handing them on).
+    pub fn in_stream_order(&self) -> bool {
+        !matches!(self, Fold::Set(_))
+    }
 }
 
-impl EventRange {
-    /// The daemon builds the range of each batch; public so that tests can
-    /// explain the statements a projector runs over one.
-    pub fn new(after: Position, upto: Position, skip: Vec<i64>, ahead: Vec<i64>) -> EventRange {
-        EventRange {
-            after,
-            upto,
-            after_tx: after.tx_text(),
-            upto_tx: upto.tx_text(),
-            skip,
-            ahead,
-        }
-    }
+/// A fold that takes decoded events ([`Fold::Events`]).
+#[async_trait]
+pub trait EventFold: Send + Sync {
+    /// Folds `events` into the projection. Each stream's events come in
+    /// `sequence` order, after every earlier event of that stream.
+    async fn apply(&self, tx: &Tx<'_>, events: &[Event]) -> Result<(), ProjectorError>;
+}
 
-    /// The ids of the events delivered ahead with this batch.
-    pub fn ahead(&self) -> &[i64] {
-        &self.ahead
-    }
+/// A fold written in SQL over a batch of events ([`Fold::Set`],
+/// [`Fold::StreamSet`]).
+#[async_trait]
+pub trait SetFold: Send + Sync {
+    /// Folds the batch into the projection, with statements that read it as the
+    /// relation `batch` ([`SetBatch::execute`], [`SetBatch::query`]).
+    async fn apply(&self, tx: &Tx<'_>, batch: &SetBatch<'_>) -> Result<(), ProjectorError>;
 
-    /// The batch's events as a `FROM` item with the columns of `events`, to alias
-    /// (`FROM {source} e`), with placeholders `$1`–`$6`: bind
-    /// [`EventRange::params`] first and number your own parameters from `$7`.
-    ///
-    /// Your filters on it stay outside the reads of the log: each branch is fenced
-    /// with `OFFSET 0`, so the range is read through the position index (and the
-    /// ids delivered ahead through the primary key), whatever the table's
-    /// statistics and whatever other indexes the application keeps on `events`
-    /// (see `src/feed/reader.rs`).
-    pub fn source() -> String {
-        // Two branches rather than one condition with OR: each keeps its own index
-        // (the position index for the range, the primary key for the few ahead).
-        format!(
-            "((SELECT e.* FROM events e
-                WHERE {range} AND e.id <> ALL($5::bigint[])
-               OFFSET 0)
-              UNION ALL
-              (SELECT e.* FROM events e WHERE e.id = ANY($6::bigint[]) OFFSET 0))",
-            range = in_range("e")
-        )
-    }
-
-    pub fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 6] {
-        [
-            &self.after_tx,
-            &self.after.id,
-            &self.upto_tx,
-            &self.upto.id,
-            &self.skip,
-            &self.ahead,
-        ]
+    /// Whether the daemon may run this fold's statements with generic plans
+    /// (`plan_cache_mode = force_generic_plan`, JIT off) on small batches, the
+    /// live ones, instead of planning them on every batch. Opt in once the generic
+    /// plan is known to be good for a batch of a few thousand events: `PREPARE`
+    /// the statement ([`SetBatch::statement`]), `SET plan_cache_mode =
+    /// force_generic_plan`, and check that `EXPLAIN EXECUTE` reads the range
+    /// through the position index (`pgfold_events_position`) rather than
+    /// scanning the log. Large batches (catch-up, replay) are always planned for
+    /// their values, and so is every batch with `database.prepared_statements =
+    /// false`: an unnamed statement is planned anew each time anyway.
+    fn generic_plans(&self) -> bool {
+        false
     }
 }
 
@@ -170,86 +152,27 @@ pub enum ProjectorError {
     /// This event cannot be folded (a malformed payload, an impossible order of
     /// events). Retried, then parked or dead-lettered per `on_error`.
     #[error("event {event_id}: {message}")]
-    Event { event_id: i64, message: String },
+    Event {
+        /// The event's `events.id`.
+        event_id: i64,
+        /// What is wrong with it, in one line.
+        message: String,
+    },
     /// A database error. Data errors are treated like a bad event once the batch has
     /// been narrowed to one; connection errors are retried without limit.
     #[error(transparent)]
     Database(#[from] tokio_postgres::Error),
-    #[error("{0}")]
-    Other(String),
+    /// Anything else, treated like a bad event once the batch has been narrowed.
+    #[error(transparent)]
+    Other(#[from] anyhow::Error),
 }
 
 impl ProjectorError {
+    /// [`ProjectorError::Event`] for `event`.
     pub fn event(event: &Event, message: impl Into<String>) -> ProjectorError {
         ProjectorError::Event {
             event_id: event.id,
             message: message.into(),
         }
-    }
-}
-
-/// A read model kept current by the daemon. Register it in a [`Registry`] by name.
-///
-/// Every method runs inside a transaction the daemon owns and commits; a projector
-/// must not commit or roll back itself.
-#[async_trait]
-pub trait Projector: Send + Sync + 'static {
-    /// Stable name: the checkpoint's key and the name used on the command line.
-    fn name(&self) -> &str;
-
-    /// The events it consumes.
-    fn filter(&self) -> EventFilter {
-        EventFilter::all()
-    }
-
-    fn feed(&self) -> Feed {
-        Feed::Events
-    }
-
-    /// Set feeds: whether the daemon may run this projector's statements with
-    /// generic plans (`plan_cache_mode = force_generic_plan`, JIT off) on small
-    /// batches, the live ones, instead of planning them on every batch. Opt in
-    /// once the generic plan is known to be good for a range of a few thousand
-    /// events: `PREPARE` the statement, `SET plan_cache_mode =
-    /// force_generic_plan`, and check that `EXPLAIN EXECUTE` reads the range
-    /// through the position index (`pgfold_events_position`) rather than
-    /// scanning the log. Large batches (catch-up, replay) are always planned for
-    /// their values, and so is every batch with `database.prepared_statements =
-    /// false`: an unnamed statement is planned anew each time anyway.
-    fn generic_plans(&self) -> bool {
-        false
-    }
-
-    /// Creates its tables if they do not exist. Run by `pgfold migrate`.
-    async fn setup(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError>;
-
-    /// Empties its tables, ahead of a replay from the first event.
-    async fn reset(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError>;
-
-    /// [`Feed::Events`]: folds `events` into the projection.
-    async fn apply(
-        &self,
-        tx: &BatchTransaction<'_>,
-        events: &[Event],
-    ) -> Result<(), ProjectorError> {
-        let _ = (tx, events);
-        Err(ProjectorError::Other(format!(
-            "projector {} declares Feed::Events but does not implement apply",
-            self.name()
-        )))
-    }
-
-    /// [`Feed::Set`] and [`Feed::StreamSet`]: folds the range into the projection in
-    /// SQL and returns how many events it consumed.
-    async fn apply_range(
-        &self,
-        tx: &BatchTransaction<'_>,
-        range: &EventRange,
-    ) -> Result<u64, ProjectorError> {
-        let _ = (tx, range);
-        Err(ProjectorError::Other(format!(
-            "projector {} declares a set feed but does not implement apply_range",
-            self.name()
-        )))
     }
 }

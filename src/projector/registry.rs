@@ -12,12 +12,33 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// An empty registry.
     pub fn new() -> Registry {
         Registry::default()
     }
 
     /// Adds a projector. Names are checkpoint keys, so a duplicate is a programming
     /// error, reported at start-up rather than left to corrupt a checkpoint.
+    /// [`Registry::register`] for a projector defined at run time (a SQL
+    /// projection's file): a name that clashes with another is an error naming
+    /// the other.
+    pub fn try_register(mut self, projector: impl Projector) -> Result<Registry, String> {
+        if self.get(projector.name()).is_some() {
+            return Err(format!(
+                "the name {} is taken by another projector (built-in, or another file)",
+                projector.name()
+            ));
+        }
+        if !valid_name(projector.name()) {
+            return Err(format!(
+                "projector name {:?} must be lowercase letters, digits and underscores",
+                projector.name()
+            ));
+        }
+        self.projectors.push(Arc::new(projector));
+        Ok(self)
+    }
+
     pub fn register(mut self, projector: impl Projector) -> Registry {
         assert!(
             self.get(projector.name()).is_none(),
@@ -33,14 +54,17 @@ impl Registry {
         self
     }
 
+    /// The projector named `name`.
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Projector>> {
         self.projectors.iter().find(|p| p.name() == name)
     }
 
+    /// Every projector's name, in registration order.
     pub fn names(&self) -> Vec<&str> {
         self.projectors.iter().map(|p| p.name()).collect()
     }
 
+    /// Every projector, in registration order.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Projector>> {
         self.projectors.iter()
     }

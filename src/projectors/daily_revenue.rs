@@ -8,24 +8,19 @@
 //! than being skipped.
 
 use async_trait::async_trait;
-use tokio_postgres::Transaction;
 
-use crate::db::Db;
-use crate::projector::{
-    BatchTransaction, EventFilter, EventRange, Feed, Projector, ProjectorError,
-};
+use crate::projector::{EventFilter, Fold, Projector, ProjectorError, SetBatch, SetFold, Tx};
 
+/// Revenue per UTC day and item category; see the module documentation.
 pub struct DailyRevenue;
 
 const EVENT_TYPE: &str = "OrderPaid";
 
 impl DailyRevenue {
-    /// The statement each batch runs: [`EventRange::params`] bound at `$1`–`$6`,
-    /// then the event type at `$7`. Public so that its plans can be checked
-    /// (`tests/integration/plan_robustness.rs`).
-    pub fn statement() -> String {
-        format!(
-            r#"
+    /// The statement each batch runs over the relation `batch` ([`SetBatch`]).
+    /// Public so that its plans can be checked
+    /// (`tests/integration/plan_robustness.rs`, with [`SetBatch::statement`]).
+    pub const STATEMENT: &'static str = r#"
 WITH items AS (
   SELECT (e.occurred_at AT TIME ZONE 'UTC')::date AS day,
      i.n,
@@ -37,13 +32,12 @@ WITH items AS (
      * coalesce((i.item->>'qty')::numeric,
               pgfold.bad_event(e.id, format('payload.items[%s].qty is missing', i.n - 1))::text::numeric)
        AS amount
-FROM {source} e
+FROM batch e
 CROSS JOIN LATERAL jsonb_array_elements(
   CASE WHEN jsonb_typeof(e.payload->'items') = 'array' THEN e.payload->'items'
        ELSE pgfold.bad_event(e.id, 'payload.items is '
               || coalesce(jsonb_typeof(e.payload->'items'), 'missing') || ', expected an array')
   END) WITH ORDINALITY AS i(item, n)
-   WHERE e.event_type = $7
 ),
 totals AS (
   SELECT day, category, sum(amount) AS total, count(*) FILTER (WHERE n = 1) AS events
@@ -56,10 +50,7 @@ upsert AS (
   ON CONFLICT (day, category) DO UPDATE SET total = d.total + EXCLUDED.total
 )
 SELECT coalesce(sum(events), 0)::bigint FROM totals
-"#,
-            source = EventRange::source()
-        )
-    }
+"#;
 }
 
 #[async_trait]
@@ -72,17 +63,11 @@ impl Projector for DailyRevenue {
         EventFilter::event_types(&[EVENT_TYPE])
     }
 
-    fn feed(&self) -> Feed {
-        Feed::Set
+    fn fold(&self) -> Fold<'_> {
+        Fold::Set(self)
     }
 
-    // Its generic plan (EXPLAIN under force_generic_plan) reads the range through
-    // the position index and unnests each event's items: the same as a custom one.
-    fn generic_plans(&self) -> bool {
-        true
-    }
-
-    async fn setup(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+    async fn setup(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS daily_revenue (
                day DATE NOT NULL,
@@ -95,19 +80,23 @@ impl Projector for DailyRevenue {
         Ok(())
     }
 
-    async fn reset(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+    async fn reset(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
         tx.batch_execute("TRUNCATE daily_revenue").await?;
         Ok(())
     }
+}
 
-    async fn apply_range(
-        &self,
-        tx: &BatchTransaction<'_>,
-        range: &EventRange,
-    ) -> Result<u64, ProjectorError> {
-        let sql = Self::statement();
-        let [p1, p2, p3, p4, p5, p6] = range.params();
-        let row = Db::query_one(tx, &sql, &[p1, p2, p3, p4, p5, p6, &EVENT_TYPE]).await?;
-        Ok(row.get::<_, i64>(0) as u64)
+#[async_trait]
+impl SetFold for DailyRevenue {
+    async fn apply(&self, tx: &Tx<'_>, batch: &SetBatch<'_>) -> Result<(), ProjectorError> {
+        let row = batch.query_one(tx, Self::STATEMENT, &[]).await?;
+        batch.counted(row.get::<_, i64>(0) as u64);
+        Ok(())
+    }
+
+    // Its generic plan (EXPLAIN under force_generic_plan) reads the range through
+    // the position index and unnests each event's items: the same as a custom one.
+    fn generic_plans(&self) -> bool {
+        true
     }
 }

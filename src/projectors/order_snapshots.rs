@@ -2,7 +2,7 @@
 //! `projectOrder` fold kept incrementally.
 //!
 //! The state depends on the order of the stream's events, so this projector takes
-//! [`Feed::StreamSet`] batches: the daemon guarantees that each stream's events in
+//! [`Fold::StreamSet`] batches: the daemon guarantees that each stream's events in
 //! the batch, taken in `sequence` order, follow everything already applied. The
 //! fold runs in one statement inside the database. Every event either starts a
 //! state (`OrderCreated`) or sets a few keys of it, so a batch reduces each stream
@@ -11,13 +11,10 @@
 //! speed of the equivalent `INSERT … SELECT`.
 
 use async_trait::async_trait;
-use tokio_postgres::Transaction;
 
-use crate::db::Db;
-use crate::projector::{
-    BatchTransaction, EventFilter, EventRange, Feed, Projector, ProjectorError,
-};
+use crate::projector::{EventFilter, Fold, Projector, ProjectorError, SetBatch, SetFold, Tx};
 
+/// Each order stream's current state; see the module documentation.
 pub struct OrderSnapshots;
 
 const STREAM_TYPE: &str = "order";
@@ -41,9 +38,9 @@ fn timestamp(micros: &str) -> String {
 }
 
 impl OrderSnapshots {
-    /// The statement each batch runs: [`EventRange::params`] bound at `$1`–`$6`,
-    /// then the stream type at `$7` and the event types at `$8`. Public so that
-    /// its plans can be checked (`tests/integration/plan_robustness.rs`).
+    /// The statement each batch runs over the relation `batch` ([`SetBatch`]).
+    /// Public so that its plans can be checked
+    /// (`tests/integration/plan_robustness.rs`, with [`SetBatch::statement`]).
     pub fn statement() -> String {
         format!(
             r#"
@@ -57,8 +54,7 @@ WITH ev AS (
      CASE WHEN e.event_type = 'OrderCreated' THEN e.payload END AS created_payload,
      CASE WHEN e.event_type = 'OrderShipped' AND e.payload->'address' <> 'null'
           THEN e.payload->'address' END AS address
-FROM {source} e
-   WHERE e.stream_type = $7 AND e.event_type = ANY($8)
+FROM batch e
   OFFSET 0
 ),
 agg AS (
@@ -142,7 +138,6 @@ SELECT coalesce(sum(events), 0)::bigint,
 "#,
             paid_at = timestamp("a.paid[2]"),
             shipped_at = timestamp("a.shipped[2]"),
-            source = EventRange::source()
         )
     }
 }
@@ -157,17 +152,11 @@ impl Projector for OrderSnapshots {
         EventFilter::event_types(&EVENT_TYPES).in_streams_of(&[STREAM_TYPE])
     }
 
-    fn feed(&self) -> Feed {
-        Feed::StreamSet
+    fn fold(&self) -> Fold<'_> {
+        Fold::StreamSet(self)
     }
 
-    // Its generic plan (EXPLAIN under force_generic_plan) reads the range through
-    // the position index, and reaches stored snapshots and earlier events by key.
-    fn generic_plans(&self) -> bool {
-        true
-    }
-
-    async fn setup(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+    async fn setup(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS order_snapshots (
                stream_id TEXT PRIMARY KEY,
@@ -180,16 +169,15 @@ impl Projector for OrderSnapshots {
         Ok(())
     }
 
-    async fn reset(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+    async fn reset(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
         tx.batch_execute("TRUNCATE order_snapshots").await?;
         Ok(())
     }
+}
 
-    async fn apply_range(
-        &self,
-        tx: &BatchTransaction<'_>,
-        range: &EventRange,
-    ) -> Result<u64, ProjectorError> {
+#[async_trait]
+impl SetFold for OrderSnapshots {
+    async fn apply(&self, tx: &Tx<'_>, batch: &SetBatch<'_>) -> Result<(), ProjectorError> {
         // Per stream, the batch reduces to: the last OrderCreated (the state
         // starts afresh there), the last event (the status), and the last
         // OrderPaid / OrderShipped / shipping address after that OrderCreated.
@@ -199,10 +187,14 @@ impl Projector for OrderSnapshots {
         // here is not an OrderCreated merges its keys into the stored state, which
         // must exist: every part of the statement sees the table as it was before
         // it, so the check at the end sees what the batch started from.
-        let sql = Self::statement();
-        let [p1, p2, p3, p4, p5, p6] = range.params();
-        let types: Vec<&str> = EVENT_TYPES.to_vec();
-        let row = Db::query_one(tx, &sql, &[p1, p2, p3, p4, p5, p6, &STREAM_TYPE, &types]).await?;
-        Ok(row.get::<_, i64>(0) as u64)
+        let row = batch.query_one(tx, &Self::statement(), &[]).await?;
+        batch.counted(row.get::<_, i64>(0) as u64);
+        Ok(())
+    }
+
+    // Its generic plan (EXPLAIN under force_generic_plan) reads the range through
+    // the position index, and reaches stored snapshots and earlier events by key.
+    fn generic_plans(&self) -> bool {
+        true
     }
 }

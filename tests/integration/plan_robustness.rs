@@ -17,8 +17,8 @@ use std::sync::Mutex;
 use async_trait::async_trait;
 use pgfold::db::{Db, Params};
 use pgfold::feed::{self, Horizon, Position};
-use pgfold::projector::{EventFilter, EventRange};
 use pgfold::projectors::{DailyRevenue, OrderSnapshots};
+use pgfold::{EventFilter, EventRange, SetBatch};
 use serde_json::Value;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{Error, Row, Transaction};
@@ -188,6 +188,10 @@ impl Db for Explaining<'_> {
         self.tx.execute(sql, params).await
     }
 
+    async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
+        self.tx.batch_execute(sql).await
+    }
+
     async fn row_count_error(&self) -> Error {
         self.tx
             .query_one("SELECT 1 WHERE false", &[])
@@ -245,35 +249,24 @@ async fn explain_batches(x: &Explaining<'_>, after: Position, upto: Position) {
         .await
         .unwrap();
 
-    let range = EventRange::new(after, upto, vec![1, 2], vec![3]);
-    let [p1, p2, p3, p4, p5, p6] = range.params();
-    x.label("custom projector on EventRange::source()");
-    x.explain(
-        &format!(
-            "SELECT count(*) FROM {} e WHERE e.event_type = $7 AND e.stream_type = $8",
-            EventRange::source()
-        ),
-        &[p1, p2, p3, p4, p5, p6, &"OrderPaid", &"order"],
-    )
-    .await;
+    // A set fold's statement over `batch`, as the daemon sends it: its own
+    // parameters first, then the range's, the filter above the fenced reads.
+    let over_batch = |sql: &str, own_params: usize, filter: &EventFilter| {
+        let range = EventRange::new(after, upto, vec![1, 2], vec![3], filter);
+        (SetBatch::statement(sql, own_params), range)
+    };
+    let custom = "SELECT count(*) FROM batch e WHERE e.event_type = $1 AND e.stream_type = $2";
+    let (sql, range) = over_batch(custom, 2, &EventFilter::all());
+    x.label("custom projector on SetBatch (batch)");
+    let mut params: Vec<&(dyn ToSql + Sync)> = vec![&"OrderPaid", &"order"];
+    params.extend(range.params());
+    x.explain(&sql, &params).await;
+    let (sql, range) = over_batch(DailyRevenue::STATEMENT, 0, &filters[1].1);
     x.label("daily_revenue");
-    x.explain(
-        &DailyRevenue::statement(),
-        &[p1, p2, p3, p4, p5, p6, &"OrderPaid"],
-    )
-    .await;
-    let types = vec![
-        "OrderCreated",
-        "OrderPaid",
-        "OrderShipped",
-        "OrderCancelled",
-    ];
+    x.explain(&sql, &range.params()).await;
+    let (sql, range) = over_batch(&OrderSnapshots::statement(), 0, &filters[2].1);
     x.label("order_snapshots");
-    x.explain(
-        &OrderSnapshots::statement(),
-        &[p1, p2, p3, p4, p5, p6, &"order", &types],
-    )
-    .await;
+    x.explain(&sql, &range.params()).await;
 }
 
 /// The statements above that read a range of the log.
@@ -284,7 +277,7 @@ const RANGE_READS: [&str; 9] = [
     "ahead_of_range cut at its size [daily_revenue]",
     "ahead_of_range to the newest [daily_revenue]",
     "set_batch_end exact",
-    "custom projector on EventRange::source()",
+    "custom projector on SetBatch (batch)",
     "daily_revenue",
     "order_snapshots",
 ];

@@ -3,12 +3,12 @@
 //! prepared statements, issue 15).
 
 use pgfold::daemon::RunOptions;
-use pgfold::projector::{BatchTransaction, EventRange, Feed, Projector, ProjectorError, Registry};
-use tokio_postgres::{Client, Transaction};
+use pgfold::{Fold, Projector, ProjectorError, Registry, SetBatch, SetFold, Tx};
+use tokio_postgres::Client;
 
 use crate::helpers::*;
 
-/// A `Feed::Set` projector that records, per batch, the planner settings its
+/// A `Fold::Set` projector that records, per batch, the planner settings its
 /// statement ran under and how many events the range held.
 struct PlanProbe {
     generic_plans: bool,
@@ -20,15 +20,11 @@ impl Projector for PlanProbe {
         "plan_probe"
     }
 
-    fn feed(&self) -> Feed {
-        Feed::Set
+    fn fold(&self) -> Fold<'_> {
+        Fold::Set(self)
     }
 
-    fn generic_plans(&self) -> bool {
-        self.generic_plans
-    }
-
-    async fn setup(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+    async fn setup(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS plan_probe (
                n BIGSERIAL PRIMARY KEY, events BIGINT NOT NULL,
@@ -38,25 +34,29 @@ impl Projector for PlanProbe {
         Ok(())
     }
 
-    async fn reset(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+    async fn reset(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
         tx.batch_execute("TRUNCATE plan_probe").await?;
         Ok(())
     }
+}
 
-    async fn apply_range(
-        &self,
-        tx: &BatchTransaction<'_>,
-        range: &EventRange,
-    ) -> Result<u64, ProjectorError> {
-        let sql = format!(
-            "INSERT INTO plan_probe (events, plan_cache_mode, jit)
-             SELECT count(*), current_setting('plan_cache_mode'), current_setting('jit')
-               FROM {} e
-             RETURNING events",
-            EventRange::source()
-        );
-        let row = tx.query_one(&sql, &range.params()).await?;
-        Ok(row.get::<_, i64>(0) as u64)
+#[async_trait::async_trait]
+impl SetFold for PlanProbe {
+    fn generic_plans(&self) -> bool {
+        self.generic_plans
+    }
+
+    async fn apply(&self, tx: &Tx<'_>, batch: &SetBatch<'_>) -> Result<(), ProjectorError> {
+        batch
+            .execute(
+                tx,
+                "INSERT INTO plan_probe (events, plan_cache_mode, jit)
+                 SELECT count(*), current_setting('plan_cache_mode'), current_setting('jit')
+                   FROM batch",
+                &[],
+            )
+            .await?;
+        Ok(())
     }
 }
 

@@ -7,12 +7,10 @@
 use std::time::Duration;
 
 use pgfold::daemon::RunOptions;
-use pgfold::projector::{
-    BatchTransaction, Event, EventFilter, Projector, ProjectorError, Registry,
-};
 use pgfold::store;
+use pgfold::{Event, EventFilter, EventFold, Fold, Projector, ProjectorError, Registry, Tx};
 use serde_json::json;
-use tokio_postgres::{Client, Transaction};
+use tokio_postgres::Client;
 
 use crate::helpers::*;
 
@@ -198,7 +196,7 @@ async fn a_predecessor_above_the_horizon_is_delivered_ahead_exactly_once_live() 
     assert_eq!(events_applied(&first, "order_snapshots").await, 2);
 }
 
-/// A `Feed::Events` projector that logs the order in which it receives each
+/// A `Fold::Events` projector that logs the order in which it receives each
 /// stream's events, and does not consume `OrderNoted`.
 struct DeliveryLog;
 
@@ -212,7 +210,11 @@ impl Projector for DeliveryLog {
         EventFilter::event_types(&["OrderCreated", "OrderPaid", "OrderShipped"])
     }
 
-    async fn setup(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+    fn fold(&self) -> Fold<'_> {
+        Fold::Events(self)
+    }
+
+    async fn setup(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS delivery_log (
                n BIGSERIAL PRIMARY KEY, stream_id TEXT NOT NULL, sequence BIGINT NOT NULL,
@@ -222,16 +224,15 @@ impl Projector for DeliveryLog {
         Ok(())
     }
 
-    async fn reset(&self, tx: &Transaction<'_>) -> Result<(), ProjectorError> {
+    async fn reset(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
         tx.batch_execute("TRUNCATE delivery_log").await?;
         Ok(())
     }
+}
 
-    async fn apply(
-        &self,
-        tx: &BatchTransaction<'_>,
-        events: &[Event],
-    ) -> Result<(), ProjectorError> {
+#[async_trait::async_trait]
+impl EventFold for DeliveryLog {
+    async fn apply(&self, tx: &Tx<'_>, events: &[Event]) -> Result<(), ProjectorError> {
         for e in events {
             tx.execute(
                 "INSERT INTO delivery_log (stream_id, sequence) VALUES ($1, $2)",

@@ -1,0 +1,104 @@
+//! The events of one set batch, as a relation SQL can read.
+
+use tokio_postgres::types::ToSql;
+
+use super::reader::in_range_from;
+use super::{EventFilter, Position};
+
+/// The events of one set batch: those whose position is in `(after, upto]`, less
+/// those delivered ahead by an earlier batch, plus those this batch delivers ahead
+/// (a stream-ordered batch's earlier events of a stream whose position lies beyond
+/// `upto`; see `src/feed/order.rs`), and of those only what the projector's filter
+/// passes.
+#[derive(Debug, Clone)]
+pub struct EventRange {
+    after: Position,
+    upto: Position,
+    after_tx: String,
+    upto_tx: String,
+    skip: Vec<i64>,
+    ahead: Vec<i64>,
+    event_types: Option<Vec<String>>,
+    stream_types: Option<Vec<String>>,
+}
+
+/// How many parameters [`EventRange::source`] takes.
+pub const RANGE_PARAMS: usize = 8;
+
+impl EventRange {
+    /// The daemon builds the range of each batch; public so that tests can
+    /// explain the statements a projector runs over one.
+    pub fn new(
+        after: Position,
+        upto: Position,
+        skip: Vec<i64>,
+        ahead: Vec<i64>,
+        filter: &EventFilter,
+    ) -> EventRange {
+        EventRange {
+            after,
+            upto,
+            after_tx: after.tx_text(),
+            upto_tx: upto.tx_text(),
+            skip,
+            ahead,
+            event_types: filter.event_types.clone(),
+            stream_types: filter.stream_types.clone(),
+        }
+    }
+
+    /// The position the batch starts after.
+    pub fn after(&self) -> Position {
+        self.after
+    }
+
+    /// The position the batch ends at.
+    pub fn upto(&self) -> Position {
+        self.upto
+    }
+
+    /// The ids of the events delivered ahead with this batch.
+    pub fn ahead(&self) -> &[i64] {
+        &self.ahead
+    }
+
+    /// The batch's events as a `FROM` item with the columns of `events`, with
+    /// [`RANGE_PARAMS`] placeholders numbered from `$first`: bind
+    /// [`EventRange::params`] there.
+    ///
+    /// The filter stays outside the reads of the log: each branch is fenced with
+    /// `OFFSET 0`, so the range is read through the position index (and the ids
+    /// delivered ahead through the primary key), whatever the table's statistics
+    /// and whatever other indexes the application keeps on `events` (see
+    /// `src/feed/reader.rs`).
+    pub fn source(first: usize) -> String {
+        let (skip, ahead, types, streams) = (first + 4, first + 5, first + 6, first + 7);
+        // Two branches rather than one condition with OR: each keeps its own index
+        // (the position index for the range, the primary key for the few ahead).
+        format!(
+            "(SELECT e.* FROM
+               ((SELECT e.* FROM events e
+                  WHERE {range} AND e.id <> ALL(${skip}::bigint[])
+                 OFFSET 0)
+                UNION ALL
+                (SELECT e.* FROM events e WHERE e.id = ANY(${ahead}::bigint[]) OFFSET 0)) e
+              WHERE (${types}::text[] IS NULL OR e.event_type = ANY(${types}::text[]))
+                AND (${streams}::text[] IS NULL OR e.stream_type = ANY(${streams}::text[])))",
+            range = in_range_from("e", first)
+        )
+    }
+
+    /// The values for [`EventRange::source`]'s placeholders, in order.
+    pub fn params(&self) -> [&(dyn ToSql + Sync); RANGE_PARAMS] {
+        [
+            &self.after_tx,
+            &self.after.id,
+            &self.upto_tx,
+            &self.upto.id,
+            &self.skip,
+            &self.ahead,
+            &self.event_types,
+            &self.stream_types,
+        ]
+    }
+}

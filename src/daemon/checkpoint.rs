@@ -208,26 +208,42 @@ pub async fn record_ahead<C: Db>(
     Ok(())
 }
 
-/// The event a projector failed on, without giving up on it yet.
+/// The event a projector failed on: while it is retried, once it is parked
+/// (the daemon's [`Outcome`](super::Outcome) lists those), and in each dead letter.
 #[derive(Debug, Clone)]
 pub struct Failure {
+    pub projector: String,
     pub event_id: i64,
     pub event_type: String,
+    /// One line, at most a couple of kilobytes.
     pub error: String,
     pub attempts: i32,
 }
 
-pub async fn record_failure<C: Db>(
-    tx: &C,
-    name: &str,
-    f: &Failure,
-) -> Result<(), tokio_postgres::Error> {
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "projector {} failed at event {} ({}): {}",
+            self.projector, self.event_id, self.event_type, self.error
+        )
+    }
+}
+
+/// Records the failure on the projector's row, without giving up on the event.
+pub async fn record_failure<C: Db>(tx: &C, f: &Failure) -> Result<(), tokio_postgres::Error> {
     tx.execute(
         "UPDATE pgfold.projectors
             SET failing_event_id = $2, failing_event_type = $3, last_error = $4,
                 attempts = $5, last_error_at = now(), updated_at = now()
           WHERE name = $1",
-        &[&name, &f.event_id, &f.event_type, &f.error, &f.attempts],
+        &[
+            &f.projector,
+            &f.event_id,
+            &f.event_type,
+            &f.error,
+            &f.attempts,
+        ],
     )
     .await?;
     Ok(())
@@ -244,6 +260,7 @@ pub async fn failure<C: Db>(tx: &C, name: &str) -> Result<Failure, tokio_postgre
         )
         .await?;
     Ok(Failure {
+        projector: name.to_string(),
         event_id: row.get::<_, Option<i64>>(0).unwrap_or_default(),
         event_type: row.get(1),
         error: row.get(2),
@@ -252,34 +269,36 @@ pub async fn failure<C: Db>(tx: &C, name: &str) -> Result<Failure, tokio_postgre
 }
 
 /// `on_error = "stop"`: parks the projector on the event.
-pub async fn park<C: Db>(tx: &C, name: &str, f: &Failure) -> Result<(), tokio_postgres::Error> {
-    record_failure(tx, name, f).await?;
+pub async fn park<C: Db>(tx: &C, f: &Failure) -> Result<(), tokio_postgres::Error> {
+    record_failure(tx, f).await?;
     tx.execute(
         "UPDATE pgfold.projectors SET state = 'failed' WHERE name = $1",
-        &[&name],
+        &[&f.projector],
     )
     .await?;
     Ok(())
 }
 
 /// `on_error = "skip"`: records the dead letter; the caller advances past it.
-pub async fn dead_letter<C: Db>(
-    tx: &C,
-    name: &str,
-    f: &Failure,
-) -> Result<(), tokio_postgres::Error> {
+pub async fn dead_letter<C: Db>(tx: &C, f: &Failure) -> Result<(), tokio_postgres::Error> {
     tx.execute(
         "INSERT INTO pgfold.dead_letters (projector, event_id, event_type, error, attempts)
          VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (projector, event_id) DO UPDATE
             SET error = EXCLUDED.error, attempts = EXCLUDED.attempts, recorded_at = now()",
-        &[&name, &f.event_id, &f.event_type, &f.error, &f.attempts],
+        &[
+            &f.projector,
+            &f.event_id,
+            &f.event_type,
+            &f.error,
+            &f.attempts,
+        ],
     )
     .await?;
     tx.execute(
         "UPDATE pgfold.projectors SET last_error = $2, last_error_at = now() WHERE name = $1",
         &[
-            &name,
+            &f.projector,
             &format!("event {} ({}): {}", f.event_id, f.event_type, f.error),
         ],
     )

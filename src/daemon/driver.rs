@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::wakeup::Wakeups;
 use super::worker::{Step, Transient, Worker};
-use super::ParkedProjector;
+use super::Failure;
 use crate::config::DaemonSettings;
 use crate::feed::{Horizon, Position};
 use crate::ops::{metrics::Metrics, progress::Progress, Liveness};
@@ -35,7 +35,7 @@ pub(super) struct Ops {
 /// After a step: go on at once, or stop with what to report.
 enum Next {
     Continue,
-    Stop(Option<ParkedProjector>),
+    Stop(Option<Failure>),
 }
 
 /// A projector's task. With a target (`--once`), database errors that outlast
@@ -87,13 +87,13 @@ impl Driver {
     }
 
     /// Steps until shutdown, parking, or (with a target) caught up.
-    pub async fn run(mut self) -> anyhow::Result<Option<ParkedProjector>> {
+    pub async fn run(mut self) -> anyhow::Result<Option<Failure>> {
         let result = self.drive().await;
         self.ops.liveness.retire(&self.name);
         result
     }
 
-    async fn drive(&mut self) -> anyhow::Result<Option<ParkedProjector>> {
+    async fn drive(&mut self) -> anyhow::Result<Option<Failure>> {
         while !self.token.is_cancelled() {
             self.ops.liveness.beat(&self.name);
             // A wake-up that arrives while we work must not be lost, and one that
@@ -110,16 +110,7 @@ impl Driver {
                 }
                 Ok(Step::Idle { horizon, position }) => self.idle(horizon, position).await,
                 Ok(Step::Busy) => self.busy().await,
-                Ok(Step::Parked {
-                    event_id,
-                    event_type,
-                    error,
-                }) => Next::Stop(Some(ParkedProjector {
-                    projector: self.name.clone(),
-                    event_id,
-                    event_type,
-                    error,
-                })),
+                Ok(Step::Parked(failure)) => Next::Stop(Some(failure)),
                 Ok(Step::Retry(delay)) => self.retry(delay).await,
                 Err(e) => self.failed(e).await?,
             };

@@ -33,6 +33,7 @@ use driver::{Driver, Ops};
 use wakeup::Waker;
 use worker::Worker;
 
+pub use checkpoint::Failure;
 pub use prepare::{migrate, select};
 pub use wakeup::CHANNEL;
 
@@ -51,25 +52,7 @@ pub struct RunOptions {
 #[derive(Debug, Default)]
 pub struct Outcome {
     /// Projectors parked on an event they could not apply.
-    pub parked: Vec<ParkedProjector>,
-}
-
-#[derive(Debug, Clone)]
-pub struct ParkedProjector {
-    pub projector: String,
-    pub event_id: i64,
-    pub event_type: String,
-    pub error: String,
-}
-
-impl std::fmt::Display for ParkedProjector {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "projector {} failed at event {} ({}): {}",
-            self.projector, self.event_id, self.event_type, self.error
-        )
-    }
+    pub parked: Vec<Failure>,
 }
 
 /// A daemon ready to run: its projectors chosen and its connections resolved,
@@ -232,7 +215,7 @@ impl Daemon {
 /// Waits for every projector task; the first failure (an error or a panic)
 /// stops the others and is the result.
 async fn supervise(
-    mut drivers: JoinSet<anyhow::Result<Option<ParkedProjector>>>,
+    mut drivers: JoinSet<anyhow::Result<Option<Failure>>>,
     token: &CancellationToken,
 ) -> anyhow::Result<Outcome> {
     let mut outcome = Outcome::default();

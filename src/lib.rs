@@ -8,9 +8,11 @@
 //!   and the registry of projectors by name. What an author needs is re-exported
 //!   here at the root.
 //! - [`projectors`]: the built-in projectors, `daily_revenue` and `order_snapshots`.
-//! - [`daemon`]: the long-running worker: batches, checkpoints, coordination,
-//!   wake-ups, retries and shutdown.
-//! - [`status`]: what `pgfold status` reports.
+//! - [`daemon`]: the long-running worker, built and run as a `Daemon`: preparing
+//!   the database (`prepare`), one projector's loop (`driver`), one batch
+//!   (`worker`), every statement on `pgfold.projectors` (`checkpoint`), wake-ups
+//!   (`wakeup`), retries and shutdown.
+//! - [`status`]: what `pgfold status` reports, read through `daemon::checkpoint`.
 //! - [`ops`]: metrics, the HTTP endpoints (health, metrics, `/wait`), systemd
 //!   notifications.
 //! - [`db`]: connections, migrations, and which database errors are transient.

@@ -230,6 +230,19 @@ impl std::fmt::Display for Failure {
     }
 }
 
+impl Failure {
+    /// `$1`..`$5`: projector, event id, event type, error, attempts.
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 5] {
+        [
+            &self.projector,
+            &self.event_id,
+            &self.event_type,
+            &self.error,
+            &self.attempts,
+        ]
+    }
+}
+
 /// Records the failure on the projector's row, without giving up on the event.
 pub async fn record_failure<C: Db>(tx: &C, f: &Failure) -> Result<(), tokio_postgres::Error> {
     tx.execute(
@@ -237,13 +250,7 @@ pub async fn record_failure<C: Db>(tx: &C, f: &Failure) -> Result<(), tokio_post
             SET failing_event_id = $2, failing_event_type = $3, last_error = $4,
                 attempts = $5, last_error_at = now(), updated_at = now()
           WHERE name = $1",
-        &[
-            &f.projector,
-            &f.event_id,
-            &f.event_type,
-            &f.error,
-            &f.attempts,
-        ],
+        &f.params(),
     )
     .await?;
     Ok(())
@@ -286,13 +293,7 @@ pub async fn dead_letter<C: Db>(tx: &C, f: &Failure) -> Result<(), tokio_postgre
          VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (projector, event_id) DO UPDATE
             SET error = EXCLUDED.error, attempts = EXCLUDED.attempts, recorded_at = now()",
-        &[
-            &f.projector,
-            &f.event_id,
-            &f.event_type,
-            &f.error,
-            &f.attempts,
-        ],
+        &f.params(),
     )
     .await?;
     tx.execute(

@@ -1,9 +1,9 @@
 //! The long-running worker: one task per projector, one waker, clean shutdown.
 //!
 //! [`Daemon::build`] checks what it was asked to run; [`Daemon::run_until_stopped`]
-//! prepares the database (see [`prepare`]: migrations, projector tables,
+//! prepares the database (see `prepare`: migrations, projector tables,
 //! replays), then runs every selected projector in a task of its own (see
-//! [`driver`]), so that a slow or parked projector never holds the others back,
+//! `driver`), so that a slow or parked projector never holds the others back,
 //! until the shutdown future resolves or, with `once`, until every projector has
 //! caught up with the newest event that was committed when it started.
 //! [`Daemon::spawn`] runs it in the background behind a [`Handle`].

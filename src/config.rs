@@ -63,6 +63,8 @@ pub struct DaemonSettings {
     pub batch_bytes: u64,
     pub connect_timeout_ms: u64,
     pub stall_warn_after_ms: u64,
+    /// A directory of SQL projections, one `*.toml` file each; `None`: none.
+    pub projections_dir: Option<std::path::PathBuf>,
 }
 
 impl DaemonSettings {

@@ -8,6 +8,7 @@
 //!   and the registry of projectors by name. What an author needs is re-exported
 //!   here at the root.
 //! - [`projectors`]: the built-in projectors, `daily_revenue` and `order_snapshots`.
+//! - [`sql_projections`]: projections defined in files of SQL (`daemon.projections_dir`).
 //! - [`daemon`]: the long-running worker, built and run as a `Daemon`: preparing
 //!   the database (`prepare`), one projector's loop (`driver`), one batch
 //!   (`worker`), every statement on `pgfold.projectors` (`checkpoint`), wake-ups
@@ -34,6 +35,7 @@ pub mod feed;
 pub mod ops;
 pub mod projector;
 pub mod projectors;
+pub mod sql_projections;
 pub mod status;
 pub mod store;
 pub mod telemetry;

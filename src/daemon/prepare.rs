@@ -14,7 +14,8 @@ use crate::config::Settings;
 use crate::db;
 use crate::feed::{self, Position};
 use crate::ops::progress::Progress;
-use crate::projector::{Projector, Registry, Tx};
+use crate::projector::{Projector, ProjectorError, Registry, Tx};
+use crate::util::one_line;
 
 /// Selects the projectors to run: `--projector` names, or every enabled one.
 /// Unknown names, in the options or the configuration, are errors.
@@ -56,6 +57,8 @@ pub fn select(
 pub async fn migrate(pg: &db::PgConfig, registry: &Registry) -> anyhow::Result<()> {
     let mut client = db::connect(pg).await?;
     db::migrate::run(&client).await?;
+    let all: Vec<Arc<dyn Projector>> = registry.iter().cloned().collect();
+    validate(&mut client, &all).await?;
     for p in registry.iter() {
         setup(&mut client, p.as_ref()).await?;
     }
@@ -78,6 +81,7 @@ pub(super) async fn prepare(
             .await
             .context("the database needs migrating and this role cannot (run `pgfold migrate` with a role that has DDL rights)")?;
     }
+    validate(client, selected).await?;
     for p in selected {
         if !checkpoint::exists(client, p.name()).await? {
             setup(client, p.as_ref()).await?;
@@ -100,6 +104,33 @@ pub(super) async fn prepare(
         }
     }
     Ok(newest)
+}
+
+/// Checks every projector's statements against the database before anything
+/// runs (see [`Projector::validate`]): in one transaction, rolled back, after
+/// creating the tables of those that have none yet. The first error stops the
+/// command, and nothing has changed.
+async fn validate(
+    client: &mut db::Client,
+    projectors: &[Arc<dyn Projector>],
+) -> anyhow::Result<()> {
+    let tx = client.transaction().await?;
+    for p in projectors {
+        let t = Tx::new(&tx);
+        let outcome = async {
+            if !checkpoint::exists(&tx, p.name()).await? {
+                p.setup(&t).await?;
+            }
+            p.validate(&t).await
+        };
+        outcome.await.map_err(|e| match e {
+            // A SQL projection's errors name its file and statement already.
+            ProjectorError::Other(e) => e,
+            e => anyhow::anyhow!("projector {}: {}", p.name(), one_line(&e.to_string())),
+        })?;
+    }
+    // Dropped: rolled back.
+    Ok(())
 }
 
 /// Creates the projector's tables and its row, in one transaction.

@@ -105,6 +105,14 @@ pub trait Db: Sync {
         Ok(())
     }
 
+    /// Does what `sql` needs before it can go in one message (prepare it, or
+    /// learn its parameter types), so that statements sent together without
+    /// awaiting each other also reach the server in the order they were sent.
+    async fn ready(&self, sql: &str, params: Params<'_>) -> Result<(), Error> {
+        let _ = (sql, params);
+        Ok(())
+    }
+
     /// Runs `sql`, one or more statements separated by semicolons, with the
     /// simple query protocol: no parameters, nothing prepared. For DDL.
     async fn batch_execute(&self, sql: &str) -> Result<(), Error>;
@@ -241,6 +249,14 @@ macro_rules! session {
             }
             async fn batch_execute(&self, sql: &str) -> Result<(), Error> {
                 GenericClient::batch_execute(self.driver(), sql).await
+            }
+            async fn ready(&self, sql: &str, params: Params<'_>) -> Result<(), Error> {
+                match self.statements {
+                    Statements::Unnamed => {
+                        parameter_types(self.driver(), sql, params).await.map(drop)
+                    }
+                    Statements::Prepared => self.statement(sql).await.map(drop),
+                }
             }
             async fn row_count_error(&self) -> Error {
                 row_count_error(self.driver()).await

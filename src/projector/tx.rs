@@ -61,6 +61,17 @@ impl<'a> Tx<'a> {
         self.db.execute(sql, params).await
     }
 
+    /// Readies `sql` (prepares it, or learns its parameter types) so that
+    /// statements sent together, without awaiting each other, run in the order
+    /// they were sent: ready each distinct statement before pipelining them.
+    pub async fn prepare(
+        &self,
+        sql: &str,
+        params: Params<'_>,
+    ) -> Result<(), tokio_postgres::Error> {
+        self.db.ready(sql, params).await
+    }
+
     /// Runs one or more statements without parameters (DDL in `setup`).
     pub async fn batch_execute(&self, sql: &str) -> Result<(), tokio_postgres::Error> {
         self.db.batch_execute(sql).await

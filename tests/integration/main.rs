@@ -20,6 +20,7 @@ mod projections;
 mod read_your_writes;
 mod reconnect;
 mod replay;
+mod sql_projections;
 mod stall;
 mod stream_order;
 mod tls;

@@ -11,6 +11,7 @@ use crate::daemon::{self, RunOptions};
 use crate::projector::Registry;
 use crate::{db, status, telemetry};
 
+/// The parsed command line: global options and the subcommand.
 #[derive(Debug, Parser)]
 #[command(
     name = "pgfold",
@@ -21,10 +22,12 @@ pub struct Cli {
     /// A TOML configuration file (see config/default.toml for every key).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<PathBuf>,
+    /// What to do.
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// The subcommands; each variant's doc comment is its `--help` text.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the projectors until SIGTERM or SIGINT.
@@ -52,6 +55,7 @@ pub enum Command {
     },
 }
 
+/// `pgfold run`'s options.
 #[derive(Debug, Args)]
 pub struct RunArgs {
     /// Catch every selected projector up to the newest committed event, then exit.

@@ -16,7 +16,11 @@ use crate::projector::Registry;
 use crate::store::{self, NewEvent};
 use crate::{db, status};
 
+/// `pgfold demo`'s options.
 pub struct DemoOptions {
+    /// The demo database, created on the configured server unless it exists (then
+    /// reused); lowercase letters, digits and underscores only, since it is
+    /// spliced into `CREATE DATABASE`.
     pub database: String,
     /// Orders per second.
     pub rate: u32,
@@ -24,6 +28,10 @@ pub struct DemoOptions {
     pub duration: Option<Duration>,
 }
 
+/// Runs the demo until `shutdown` resolves or `options.duration` passes: creates
+/// the database, migrates it, and runs the daemon, an order writer and a live
+/// display of daily revenue and lag side by side. `settings.database.url` names the
+/// server; its database is not touched.
 pub async fn run(
     mut settings: Settings,
     registry: Registry,

@@ -16,17 +16,25 @@ pub const STREAM_SEQUENCE_INDEX: &str = "idx_events_stream_sequence";
 /// An event to append.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
+    /// The stream (aggregate) it joins; its sequence is counted per stream.
     pub stream_id: String,
+    /// The kind of stream (`order`, ...); projectors may filter on it.
     pub stream_type: String,
+    /// The kind of fact (`OrderPaid`, ...); projectors may filter on it.
     pub event_type: String,
+    /// The version of the payload's schema; [`NewEvent::new`] sets 1.
     pub event_version: i32,
+    /// The event's data, stored as JSONB.
     pub payload: Value,
+    /// The application's metadata (correlation ids, user, ...); `{}` by default.
     pub metadata: Value,
     /// `None`: the database's `now()`.
     pub occurred_at: Option<DateTime<Utc>>,
 }
 
 impl NewEvent {
+    /// An event of version 1 with empty metadata, occurring at the database's
+    /// `now()` when appended.
     pub fn new(
         stream_id: impl Into<String>,
         stream_type: &str,
@@ -44,17 +52,27 @@ impl NewEvent {
         }
     }
 
+    /// Sets when it happened instead of the append's `now()`: for back-dated
+    /// or imported events (the torture test spreads orders over several days).
     pub fn occurred_at(mut self, at: DateTime<Utc>) -> NewEvent {
         self.occurred_at = Some(at);
         self
     }
 }
 
+/// Why an append failed.
 #[derive(Debug, thiserror::Error)]
 pub enum AppendError {
-    /// Another writer appended this stream's `sequence` first.
+    /// Another writer appended this stream's `sequence` first: re-read the stream
+    /// (its state may have changed) and decide again.
     #[error("concurrency conflict on stream {stream_id} at sequence {sequence}")]
-    Conflict { stream_id: String, sequence: i64 },
+    Conflict {
+        /// The stream both writers appended to.
+        stream_id: String,
+        /// The sequence that was already taken.
+        sequence: i64,
+    },
+    /// Any other database failure, the conflict's unique violation excepted.
     #[error("failed to append to the event store: {0}")]
     Database(#[from] tokio_postgres::Error),
 }
@@ -62,8 +80,11 @@ pub enum AppendError {
 /// An appended event: `stream_id` and `sequence` are what [`wait_for`] needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
+    /// `events.id` of the new row.
     pub id: i64,
+    /// The stream it was appended to.
     pub stream_id: String,
+    /// Its place in the stream (1, 2, 3, ...).
     pub sequence: i64,
 }
 

@@ -14,6 +14,9 @@ use tracing_subscriber::EnvFilter;
 use crate::config::{LogFormat, LogSettings};
 use crate::ops::progress;
 
+/// Installs the process-wide log subscriber: `settings.format` (text or JSON),
+/// `settings.level` unless `RUST_LOG` is set, an unparsable level falling back to
+/// `info`. Only the first call in a process takes effect.
 pub fn init(settings: &LogSettings) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.level))

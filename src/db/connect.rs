@@ -36,6 +36,8 @@ pub struct PgConfig {
 }
 
 impl PgConfig {
+    /// The TLS resolved from `sslmode` and friends: the mode, what is verified,
+    /// and the connector.
     pub fn tls(&self) -> &Tls {
         &self.tls
     }
@@ -45,6 +47,8 @@ impl PgConfig {
         self.statements
     }
 
+    /// The same configuration, its connections sending statements as
+    /// `statements` says (see [`Statements`]).
     pub fn with_statements(mut self, statements: Statements) -> PgConfig {
         self.statements = statements;
         self
@@ -155,6 +159,8 @@ pub struct Configs {
     pub listen_url: PgConfig,
 }
 
+/// Resolves `[database]` into its two connection configurations, both carrying
+/// `prepared_statements`; an empty or absent `listen_url` means `url`.
 pub fn configs(database: &DatabaseSettings) -> anyhow::Result<Configs> {
     let statements = Statements::from_setting(database.prepared_statements);
     let url = pg_config(database.url.as_deref())?.with_statements(statements);

@@ -72,6 +72,8 @@ const LOCK_ATTEMPTS: u32 = 20;
 /// Outcome of [`run`].
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Report {
+    /// The versions this call applied, in order; empty when the schema was
+    /// already current.
     pub applied: Vec<i32>,
 }
 
@@ -96,6 +98,8 @@ pub async fn is_current<C: crate::db::Db>(client: &C) -> anyhow::Result<bool> {
     Ok(row.get::<_, i32>(0) >= latest())
 }
 
+/// The newest migration's version (the `N` of `migrations/V<N>__*.sql`): the
+/// schema is current once `pgfold.schema_migrations` reaches it.
 pub fn latest() -> i32 {
     MIGRATIONS.last().map(|m| m.version).unwrap_or(0)
 }

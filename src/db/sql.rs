@@ -56,6 +56,7 @@ pub enum Statements {
 }
 
 impl Statements {
+    /// The mode `database.prepared_statements` asks for.
     pub fn from_setting(prepared_statements: bool) -> Statements {
         if prepared_statements {
             Statements::Prepared
@@ -65,10 +66,15 @@ impl Statements {
     }
 }
 
+/// Running SQL the way the connection's [`Statements`] mode requires: the
+/// daemon's queries, and a projector's through its transaction, go through it. Implemented by [`Session`]s and, preparing per call, by plain
+/// tokio-postgres clients and transactions (tests, benchmarks, application code).
 #[async_trait]
 pub trait Db: Sync {
+    /// Every row of `sql`, collected.
     async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, Error>;
 
+    /// Exactly one row; tokio-postgres's own error for none or several.
     async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, Error> {
         let mut rows = self.query(sql, params).await?;
         match rows.len() {
@@ -78,11 +84,13 @@ pub trait Db: Sync {
         }
     }
 
+    /// The first row, or `None` when there is none.
     async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, Error> {
         let mut rows = self.query(sql, params).await?;
         Ok((!rows.is_empty()).then(|| rows.remove(0)))
     }
 
+    /// Runs `sql` and returns the number of rows it changed.
     async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, Error>;
 
     /// Hands the rows of `sql` to `each` as they arrive, until it returns false:
@@ -130,10 +138,12 @@ pub struct Session<C> {
 }
 
 impl<C> Session<C> {
+    /// Wraps `inner`, sending its statements as `statements` says.
     pub fn new(inner: C, statements: Statements) -> Session<C> {
         Session { inner, statements }
     }
 
+    /// How this session's statements are sent.
     pub fn statements(&self) -> Statements {
         self.statements
     }
@@ -157,24 +167,30 @@ impl<C> Session<C>
 where
     Session<C>: Db,
 {
+    /// [`Db::query`], in this session's mode.
     pub async fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>, Error> {
         Db::query(self, sql, params).await
     }
 
+    /// [`Db::query_one`], in this session's mode.
     pub async fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Row, Error> {
         Db::query_one(self, sql, params).await
     }
 
+    /// [`Db::query_opt`], in this session's mode.
     pub async fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>, Error> {
         Db::query_opt(self, sql, params).await
     }
 
+    /// [`Db::execute`], in this session's mode.
     pub async fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64, Error> {
         Db::execute(self, sql, params).await
     }
 }
 
 impl Session<deadpool_postgres::Object> {
+    /// Begins a transaction on the pooled connection, in the same mode; in
+    /// [`Statements::Prepared`] it shares the connection's statement cache.
     pub async fn transaction(
         &mut self,
     ) -> Result<Session<deadpool_postgres::Transaction<'_>>, Error> {
@@ -184,6 +200,7 @@ impl Session<deadpool_postgres::Object> {
 }
 
 impl Session<tokio_postgres::Client> {
+    /// Begins a transaction on the dedicated connection, in the same mode.
     pub async fn transaction(&mut self) -> Result<Session<tokio_postgres::Transaction<'_>>, Error> {
         let statements = self.statements;
         Ok(Session::new(self.inner.transaction().await?, statements))
@@ -193,6 +210,7 @@ impl Session<tokio_postgres::Client> {
 macro_rules! commit {
     ($t:ty) => {
         impl Session<$t> {
+            /// Commits the transaction; dropping the session instead rolls it back.
             pub async fn commit(self) -> Result<(), Error> {
                 self.inner.commit().await
             }

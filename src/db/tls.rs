@@ -50,17 +50,24 @@ pub type TlsStream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
 /// libpq's `sslmode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SslMode {
+    /// Never TLS.
     Disable,
     /// Taken as `prefer`: TLS when the server offers it (libpq would try a plain
     /// connection first).
     Allow,
+    /// TLS when the server offers it, its certificate not checked (the default).
     Prefer,
+    /// Always TLS; the certificate not checked, unless a root certificate file is
+    /// given (then as [`SslMode::VerifyCa`]).
     Require,
+    /// Always TLS, the certificate's chain checked against the root certificates.
     VerifyCa,
+    /// Always TLS, the chain and the host name checked.
     VerifyFull,
 }
 
 impl SslMode {
+    /// The name as libpq spells it (`verify-full`), for messages.
     pub fn as_str(self) -> &'static str {
         match self {
             SslMode::Disable => "disable",
@@ -107,12 +114,18 @@ impl fmt::Display for SslMode {
     }
 }
 
-/// The TLS parameters of a connection string, as written.
+/// The TLS parameters of a connection string (or the PGSSL* variables), as
+/// written. `None`: not given; each falls back as in libpq (see the module
+/// documentation).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct TlsOptions {
+    /// `sslmode` / PGSSLMODE, unparsed: [`Tls::new`] checks it.
     pub sslmode: Option<String>,
+    /// `sslrootcert` / PGSSLROOTCERT: a PEM file of root certificates, or `system`.
     pub sslrootcert: Option<String>,
+    /// `sslcert` / PGSSLCERT: the client certificate's PEM file.
     pub sslcert: Option<String>,
+    /// `sslkey` / PGSSLKEY: the client certificate's private key file.
     pub sslkey: Option<String>,
 }
 
@@ -263,6 +276,8 @@ pub enum Roots {
 /// What is checked of the server's certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verification {
+    /// Nothing: no TLS, or a mode that does not check (`prefer`, `require`
+    /// without a root certificate file).
     None,
     /// The chain, to `Roots`; not the host name (`verify-ca`).
     Chain(Roots),
@@ -273,7 +288,10 @@ pub enum Verification {
 /// The client certificate and key files a connection presents.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCertificate {
+    /// The certificate, with its chain (PEM).
     pub cert: PathBuf,
+    /// Its unencrypted private key (PEM), which must not be readable by others
+    /// (see the module documentation).
     pub key: PathBuf,
 }
 
@@ -349,14 +367,20 @@ impl Tls {
         })
     }
 
+    /// The mode the options resolved to. Public for inspection; the unit tests
+    /// check it.
     pub fn mode(&self) -> SslMode {
         self.mode
     }
 
+    /// What the connector checks of the server's certificate (the unit tests
+    /// check it).
     pub fn verification(&self) -> &Verification {
         &self.verification
     }
 
+    /// The files presented to the server, if any: none over Unix sockets or with
+    /// `sslmode=disable` (the unit tests check it).
     pub fn client_certificate(&self) -> Option<&ClientCertificate> {
         self.client_certificate.as_ref()
     }

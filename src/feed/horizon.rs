@@ -71,11 +71,15 @@ pub async fn horizon<C: Db>(client: &C) -> Result<Horizon, tokio_postgres::Error
 /// The session whose transaction holds the horizon, for warnings and `status`.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Blocker {
+    /// The backend's process id: what `pg_terminate_backend` takes.
     pub pid: i32,
     /// `active`, `idle in transaction`, ...; `None` when this role may not see it
     /// (grant pg_read_all_stats to see other roles' sessions).
     pub state: Option<String>,
+    /// Seconds since its transaction began; `None` when not visible to this role.
     pub transaction_age_seconds: Option<f64>,
+    /// The first 120 characters of its current (or last) statement, whitespace
+    /// collapsed; `None` when not visible to this role.
     pub query_start: Option<String>,
 }
 

@@ -8,6 +8,7 @@ use std::fmt;
 pub struct Position {
     /// Full 64-bit transaction id (`xid8`) of the writing transaction.
     pub tx: u64,
+    /// The event's `events.id`; orders the events of one transaction.
     pub id: i64,
 }
 
@@ -15,6 +16,7 @@ impl Position {
     /// Before every event.
     pub const START: Position = Position { tx: 0, id: 0 };
 
+    /// The position of event `id`, written by transaction `tx`.
     pub fn new(tx: u64, id: i64) -> Position {
         Position { tx, id }
     }

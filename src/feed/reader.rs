@@ -39,10 +39,13 @@ const BYTES: &str = "(CASE WHEN pg_column_compression(e.payload) IS NULL
 
 /// An event read in position order, and whether its stream's previous event (by
 /// `sequence`) has a *later* position: the case where transaction ids disagree with
-/// the order the stream was written in (see [`super::order`]).
+/// the order the stream was written in (see `feed::order`).
 #[derive(Debug, Clone)]
 pub struct ReadRow {
+    /// The event, whole.
     pub event: Event,
+    /// The previous event of its stream that the projector consumes has a later
+    /// position, so it must be delivered first (`feed::order` repairs this).
     pub predecessor_later: bool,
     /// The size of the payload and metadata as received: what the batch budget
     /// counts (see `BYTES`).
@@ -52,6 +55,8 @@ pub struct ReadRow {
 /// Rows read for a batch: in position order, within the count and byte limits.
 #[derive(Debug, Default)]
 pub struct ReadBatch {
+    /// The rows that fit, in position order; empty when no event after the
+    /// checkpoint is below the horizon.
     pub rows: Vec<ReadRow>,
     /// The byte budget ended the batch before the count did: more events are waiting.
     pub cut_by_bytes: bool,
@@ -159,7 +164,7 @@ pub(crate) fn fenced_range(alias: &str) -> String {
 }
 
 /// Up to `limit` events after `after` and below the horizon that pass `filter`,
-/// holding at most `budget` bytes (see [`within_budget`]). Rows are decoded as they
+/// holding at most `budget` bytes (see `within_budget`). Rows are decoded as they
 /// arrive and dropped, so each payload is held once, as the decoded event.
 pub async fn read_events<C: Db>(
     client: &C,

@@ -34,12 +34,21 @@ const WAIT_MAX: Duration = Duration::from_secs(60);
 const WAIT_POLL_FIRST: Duration = Duration::from_millis(1);
 const WAIT_POLL_MAX: Duration = Duration::from_millis(10);
 
+/// What the handlers share with the running daemon; cloned into each request.
 #[derive(Clone)]
 pub struct HttpState {
+    /// The daemon's metrics: `/metrics` renders them after refreshing the
+    /// database gauges.
     pub metrics: Arc<Metrics>,
+    /// The projector tasks' heartbeats, which `/healthz` checks.
     pub liveness: Arc<Liveness>,
+    /// The daemon's own pool, shared with the projector workers: each endpoint
+    /// holds a connection only for one query.
     pub pool: Pool,
+    /// The projectors whose lag `/metrics` reports.
     pub registry: Registry,
+    /// How long a transaction may hold the horizon before `/metrics` reports it
+    /// as stalling the feed (`daemon.stall_warn_after_ms`).
     pub stall_after: Duration,
 }
 

@@ -15,17 +15,23 @@ use prometheus_client::registry::Registry;
 
 use crate::status::Status;
 
+/// The label of every per-projector series: `projector="<name>"`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ProjectorLabel {
-    pub projector: String,
+struct ProjectorLabel {
+    projector: String,
 }
 
+/// `pgfold_projector_state`'s labels: one series per projector and state, 1 for
+/// the state it is in and 0 for the others.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StateLabels {
-    pub projector: String,
-    pub state: String,
+struct StateLabels {
+    projector: String,
+    state: String,
 }
 
+/// The daemon's Prometheus registry (names prefixed `pgfold_`), shared by the
+/// projector tasks, which count their batches, and `/metrics`, which refreshes the
+/// database gauges and renders it.
 pub struct Metrics {
     registry: Registry,
     events_applied: Family<ProjectorLabel, Counter>,
@@ -126,6 +132,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Every metric registered, with no series yet: a projector's series appear
+    /// at its first batch or the first scrape that sees it.
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("pgfold");
         let events_applied = Family::<ProjectorLabel, Counter>::default();
@@ -201,6 +209,8 @@ impl Metrics {
         }
     }
 
+    /// A batch of `events` committed for `projector` in `seconds` (read, apply and
+    /// commit); `events` may be 0 when only the checkpoint moved.
     pub fn batch_applied(&self, projector: &str, events: u64, seconds: f64) {
         let l = label(projector);
         self.events_applied.get_or_create(&l).inc_by(events);
@@ -208,10 +218,14 @@ impl Metrics {
         self.batch_seconds.get_or_create(&l).observe(seconds);
     }
 
+    /// A batch attempt for `projector` failed (a database error or a rejected
+    /// event) and will be retried or narrowed.
     pub fn batch_failed(&self, projector: &str) {
         self.errors.get_or_create(&label(projector)).inc();
     }
 
+    /// How long, in seconds, an open transaction has kept newer events from being
+    /// read; 0 once nothing is in the way.
     pub fn horizon_stalled_for(&self, seconds: f64) {
         self.horizon_stall_seconds.set(seconds);
     }

@@ -21,6 +21,8 @@ pub struct Liveness {
 }
 
 impl Liveness {
+    /// No tasks yet: each is watched from its first [`beat`](Liveness::beat), and is
+    /// stale once `stale_after` passes without another.
     pub fn new(stale_after: Duration) -> Liveness {
         Liveness {
             beats: Mutex::new(HashMap::new()),
@@ -28,6 +30,7 @@ impl Liveness {
         }
     }
 
+    /// `task` is alive now; called once per turn of its loop.
     pub fn beat(&self, task: &str) {
         // A poisoned lock only means another task panicked mid-insert; the map is
         // still usable.

@@ -75,6 +75,9 @@ impl Drop for LineAboveBars {
     }
 }
 
+/// The catch-ups in progress, by projector: shared by the projector tasks, each
+/// of which [`begin`](Progress::begin)s, [`advance`](Progress::advance)s and
+/// finishes its own.
 pub struct Progress {
     bars: Option<MultiProgress>,
     tracked: Mutex<HashMap<String, Tracked>>,

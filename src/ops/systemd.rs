@@ -10,10 +10,14 @@ use tokio_util::sync::CancellationToken;
 
 use super::Liveness;
 
+/// Tells systemd the daemon is up (READY=1): connected, migrated and running, so
+/// units ordered after it may start.
 pub fn ready() {
     notify(&[NotifyState::Ready]);
 }
 
+/// Tells systemd the daemon has begun shutting down (STOPPING=1), so that a slow,
+/// orderly drain is not mistaken for a hang.
 pub fn stopping() {
     notify(&[NotifyState::Stopping]);
 }

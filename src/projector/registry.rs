@@ -17,11 +17,9 @@ impl Registry {
         Registry::default()
     }
 
-    /// Adds a projector. Names are checkpoint keys, so a duplicate is a programming
-    /// error, reported at start-up rather than left to corrupt a checkpoint.
     /// [`Registry::register`] for a projector defined at run time (a SQL
-    /// projection's file): a name that clashes with another is an error naming
-    /// the other.
+    /// projection's file): a name that clashes with another, or is not lowercase
+    /// letters, digits and underscores, is an error naming the problem.
     pub fn try_register(mut self, projector: impl Projector) -> Result<Registry, String> {
         if self.get(projector.name()).is_some() {
             return Err(format!(
@@ -39,6 +37,10 @@ impl Registry {
         Ok(self)
     }
 
+    /// Adds a projector compiled into the program. Names are checkpoint keys, so
+    /// a duplicate (or a name other than lowercase letters, digits and
+    /// underscores) is a programming error: it panics at start-up rather than
+    /// being left to corrupt a checkpoint.
     pub fn register(mut self, projector: impl Projector) -> Registry {
         assert!(
             self.get(projector.name()).is_none(),

@@ -8,7 +8,7 @@
 //! order, poison handling, replay, several instances. No event data is ever
 //! spliced into them: the relations `batch` and `event` carry it.
 //!
-//! Checks happen in two places: [`file::read`] rejects what can be told from the
+//! Checks happen in two places: `file::read` rejects what can be told from the
 //! file alone, at load; [`SqlProjection`]'s `validate` parses and plans every
 //! statement against the database before anything runs.
 

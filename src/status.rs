@@ -10,13 +10,16 @@ use crate::projector::Registry;
 /// The `--json` shape. Fields are only ever added, never renamed or removed.
 #[derive(Debug, Serialize)]
 pub struct Status {
+    /// One per registered projector, in the registry's order.
     pub projectors: Vec<ProjectorStatus>,
     /// The open transaction keeping new events out of reach, if any.
     pub horizon_blocked_by: Option<Blocker>,
 }
 
+/// One projector's line of `pgfold status`.
 #[derive(Debug, Serialize)]
 pub struct ProjectorStatus {
+    /// The projector's name.
     pub name: String,
     /// `running`, `replaying`, `failed`, or `new` (never run).
     pub state: String,
@@ -26,10 +29,15 @@ pub struct ProjectorStatus {
     pub lag_events: i64,
     /// Age, by `occurred_at`, of the oldest of those events; 0 when caught up.
     pub lag_seconds: f64,
+    /// Events applied since the projector began (or last replayed).
     pub events_applied: i64,
+    /// When the checkpoint last moved past events, in UTC (`YYYY-MM-DDTHH:MM:SSZ`).
     pub last_advanced_at: Option<String>,
+    /// The event being retried or parked on, if any.
     pub failing_event: Option<FailingEvent>,
+    /// The last error recorded (a failing event's, or a dead letter's).
     pub last_error: Option<String>,
+    /// How many events `on_error = "skip"` gave up on.
     pub dead_letters: i64,
     /// A replay in progress (state `replaying`), else `null`.
     pub replay: Option<ReplayProgress>,
@@ -65,14 +73,19 @@ impl ReplayProgress {
     }
 }
 
+/// The event a projector is failing on.
 #[derive(Debug, Serialize)]
 pub struct FailingEvent {
+    /// Its `events.id`.
     pub id: i64,
+    /// Its type, if known.
     pub event_type: Option<String>,
+    /// How many times it has failed.
     pub attempts: i32,
 }
 
 impl Status {
+    /// Whether a projector is parked (`pgfold status` then exits 3).
     pub fn any_failed(&self) -> bool {
         self.projectors
             .iter()

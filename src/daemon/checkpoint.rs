@@ -20,6 +20,7 @@ use crate::projector::Projector;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
+    /// Applying events as they come.
     Running,
     /// Rebuilding from the first event after `--replay`.
     Replaying,
@@ -36,6 +37,7 @@ impl State {
         }
     }
 
+    /// The column's text, as `pgfold status` shows it.
     pub fn as_str(&self) -> &'static str {
         match self {
             State::Running => "running",
@@ -48,11 +50,15 @@ impl State {
 /// What a batch needs to know about its projector, read under the lock.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
+    /// The last event consumed.
     pub position: Position,
+    /// Running, replaying or parked.
     pub state: State,
     /// Events delivered ahead of their position (see `feed::order`).
     pub ahead: HashSet<i64>,
+    /// The event being retried, if one is failing.
     pub failing_event_id: Option<i64>,
+    /// How many times it has failed so far.
     pub attempts: i32,
 }
 
@@ -108,6 +114,7 @@ pub async fn record_filter<C: Db>(
     Ok(())
 }
 
+/// Whether the projector has its row (and so its tables).
 pub async fn exists<C: Db>(client: &C, name: &str) -> Result<bool, tokio_postgres::Error> {
     Ok(client
         .query_opt("SELECT 1 FROM pgfold.projectors WHERE name = $1", &[&name])
@@ -126,6 +133,8 @@ pub async fn position_id<C: Db>(client: &C, name: &str) -> Result<i64, tokio_pos
         .get(0))
 }
 
+/// Reads the checkpoint, with the events delivered ahead of it; call under the
+/// projector's lock.
 pub async fn load<C: Db>(tx: &C, name: &str) -> Result<Checkpoint, tokio_postgres::Error> {
     let row = tx
         .query_one(
@@ -189,6 +198,8 @@ pub async fn advance<C: Db>(
     Ok(())
 }
 
+/// Records the events this batch delivered ahead of their position, so that
+/// later batches skip them (see `feed::order`).
 pub async fn record_ahead<C: Db>(
     tx: &C,
     name: &str,
@@ -212,11 +223,15 @@ pub async fn record_ahead<C: Db>(
 /// (the daemon's [`Outcome`](super::Outcome) lists those), and in each dead letter.
 #[derive(Debug, Clone)]
 pub struct Failure {
+    /// The projector's name.
     pub projector: String,
+    /// The event's `events.id`.
     pub event_id: i64,
+    /// The event's `event_type` (empty if it could not be read).
     pub event_type: String,
     /// One line, at most a couple of kilobytes.
     pub error: String,
+    /// How many times the event has failed, this time included.
     pub attempts: i32,
 }
 
@@ -354,16 +369,23 @@ pub async fn rewind<C: Db>(
 /// A projector's row as `pgfold status` shows it, with its lag.
 #[derive(Debug, Clone)]
 pub struct Report {
+    /// Running, replaying or parked.
     pub state: State,
     /// Id of the last event consumed (0: none yet).
     pub position_id: i64,
+    /// Events applied since the projector began (or last replayed).
     pub events_applied: i64,
     /// In UTC, as `YYYY-MM-DDTHH:MM:SSZ`.
     pub last_advanced_at: Option<String>,
+    /// The event being retried or parked on, if any.
     pub failing_event_id: Option<i64>,
+    /// Its type, if known.
     pub failing_event_type: Option<String>,
+    /// How many times it has failed.
     pub attempts: i32,
+    /// The last error recorded (a failing event's, or a dead letter's).
     pub last_error: Option<String>,
+    /// How many events `on_error = "skip"` gave up on.
     pub dead_letters: i64,
     /// Committed events it consumes that it has not applied yet.
     pub lag_events: i64,

@@ -29,12 +29,15 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// A connection from the pool, in the pool's statement mode.
     pub async fn get(
         &self,
     ) -> Result<Session<deadpool_postgres::Object>, deadpool_postgres::PoolError> {
         Ok(Session::new(self.pool.get().await?, self.statements))
     }
 
+    /// Closes the pool: every later `get` fails, idle connections close now and
+    /// the others when returned.
     pub fn close(&self) {
         self.pool.close();
     }
@@ -150,6 +153,7 @@ async fn unresolvable_host(config: &PgConfig) -> Option<String> {
     None
 }
 
+/// The one-line error for a connection that failed: where, and why.
 pub fn unreachable_error(
     config: &tokio_postgres::Config,
     e: &tokio_postgres::Error,

@@ -105,7 +105,7 @@ pub fn main(registry: Registry) -> ExitCode {
     match runtime.block_on(execute(cli, registry)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("pgfold: {}", crate::config::one_line(&format!("{e:#}")));
+            eprintln!("pgfold: {}", crate::util::one_line(&format!("{e:#}")));
             ExitCode::FAILURE
         }
     }
@@ -165,7 +165,9 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                 rebuild: args.rebuild,
                 projectors: args.projector,
             };
-            let outcome = daemon::run(&settings, &registry, &options, shutdown_signal()?).await?;
+            let outcome = daemon::Daemon::build(settings, registry, options)?
+                .run_until_stopped(shutdown_signal()?)
+                .await?;
             if outcome.parked.is_empty() {
                 Ok(ExitCode::SUCCESS)
             } else {

@@ -17,17 +17,25 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
+use crate::util::one_line;
+
 /// The documented defaults; the same file the README points to.
 const DEFAULTS: &str = include_str!("../config/default.toml");
 
+/// Everything `config/default.toml` documents, after the layers are applied.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Settings {
+    /// `[database]`: where and how to connect.
     pub database: DatabaseSettings,
+    /// `[daemon]`: batches, polling and timeouts.
     pub daemon: DaemonSettings,
+    /// `[log]`: format and level.
     pub log: LogSettings,
+    /// `[http]`: the operator's endpoints.
     #[serde(default)]
     pub http: HttpSettings,
+    /// `[projectors.<name>]`: per projector; see [`Settings::projector`].
     #[serde(default)]
     pub projectors: BTreeMap<String, ProjectorSettings>,
     /// `PGFOLD_*` environment variables that were not read as configuration (no
@@ -36,6 +44,7 @@ pub struct Settings {
     pub ignored_env: Vec<String>,
 }
 
+/// `[database]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DatabaseSettings {
@@ -44,39 +53,51 @@ pub struct DatabaseSettings {
     /// The connection for LISTEN and migrations, which need a session; `None`:
     /// the same as `url`.
     pub listen_url: Option<String>,
+    /// Connections the daemon may open besides its LISTEN connection.
     pub pool_size: usize,
     /// `false`: no named prepared statement is ever sent, so every connection
     /// survives a transaction-mode pooler.
     pub prepared_statements: bool,
 }
 
+/// `[daemon]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DaemonSettings {
+    /// How often to look for new events when no notification arrives.
     pub poll_interval_ms: u64,
+    /// Most events handed to an event-by-event projector in one transaction.
     pub batch_size: u32,
+    /// Most events a set-based projector covers in one transaction (a paced
+    /// catch-up's ceiling).
     pub set_batch_size: u32,
     /// Bytes of event payload and metadata (as JSON text) in one decoded-events
     /// batch; an event larger than this is applied alone.
     pub batch_bytes: u64,
+    /// `run --once`: how long to keep retrying an unreachable database.
     pub connect_timeout_ms: u64,
+    /// Warn once an open transaction has held new events back this long.
     pub stall_warn_after_ms: u64,
     /// A directory of SQL projections, one `*.toml` file each; `None`: none.
     pub projections_dir: Option<std::path::PathBuf>,
 }
 
 impl DaemonSettings {
+    /// `poll_interval_ms`.
     pub fn poll_interval(&self) -> Duration {
         Duration::from_millis(self.poll_interval_ms)
     }
+    /// `connect_timeout_ms`.
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
+    /// `stall_warn_after_ms`.
     pub fn stall_warn_after(&self) -> Duration {
         Duration::from_millis(self.stall_warn_after_ms)
     }
 }
 
+/// `[http]`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct HttpSettings {
@@ -84,25 +105,35 @@ pub struct HttpSettings {
     pub listen: Option<String>,
 }
 
+/// `[log]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LogSettings {
+    /// Text or JSON lines.
     pub format: LogFormat,
+    /// A tracing filter (`info`, `pgfold::daemon=debug`, …); `RUST_LOG` overrides it.
     pub level: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
+/// `log.format`.
 pub enum LogFormat {
+    /// Readable on a terminal; coloured only when stderr is one and NO_COLOR is unset.
     Text,
+    /// One JSON object per line.
     Json,
 }
 
+/// `[projectors.<name>]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ProjectorSettings {
+    /// A disabled projector is not run (its checkpoint and tables are left alone).
     pub enabled: bool,
+    /// Attempts at a failing event, with backoff between them, before `on_error`.
     pub max_attempts: u32,
+    /// What happens then.
     pub on_error: OnError,
 }
 
@@ -236,11 +267,6 @@ fn split_environment(
     }
     ignored.sort();
     Ok((config, ignored))
-}
-
-/// Error messages from parsers sometimes span lines; the CLI promises one.
-pub(crate) fn one_line(s: &str) -> String {
-    s.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 #[cfg(test)]

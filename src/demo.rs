@@ -61,26 +61,18 @@ pub async fn run(
         options.rate, options.database
     );
 
-    let daemon_task = {
-        let token = token.clone();
-        let registry = registry.clone();
-        let demo = demo.clone();
-        tokio::spawn(async move {
-            daemon::run_with(
-                &settings,
-                &registry,
-                &RunOptions::default(),
-                demo.clone(),
-                demo,
-                async move { token.cancelled().await },
-            )
-            .await
-        })
-    };
+    let daemon = daemon::Daemon::build_with(
+        settings,
+        registry.clone(),
+        RunOptions::default(),
+        demo.clone(),
+        demo.clone(),
+    )?
+    .spawn();
     let writer = tokio::spawn(write_orders(demo.clone(), options.rate, token.clone()));
     show(&demo, &registry, token.clone()).await?;
     writer.await.context("the order writer stopped")??;
-    daemon_task.await.context("the daemon stopped")??;
+    daemon.stop().await.context("the daemon stopped")?;
     Ok(())
 }
 

@@ -9,15 +9,18 @@
 //!   here at the root.
 //! - [`projectors`]: the built-in projectors, `daily_revenue` and `order_snapshots`.
 //! - [`sql_projections`]: projections defined in files of SQL (`daemon.projections_dir`).
-//! - [`daemon`]: the long-running worker: batches, checkpoints, coordination,
-//!   wake-ups, retries and shutdown.
+//! - [`daemon`]: the long-running worker, built and run as a `Daemon`: preparing
+//!   the database (`prepare`), one projector's loop (`driver`), one batch
+//!   (`worker`), every statement on `pgfold.projectors` (`checkpoint`), wake-ups
+//!   (`wakeup`), retries and shutdown.
+//! - [`status`]: what `pgfold status` reports, read through `daemon::checkpoint`.
 //! - [`rebuild`]: `run --rebuild`: a projection rebuilt beside the live one and
 //!   swapped in atomically; rebuilds when a projector's definition changes.
-//! - [`status`]: what `pgfold status` reports.
 //! - [`ops`]: metrics, the HTTP endpoints (health, metrics, `/wait`), systemd
 //!   notifications.
 //! - [`db`]: connections, migrations, and which database errors are transient.
 //! - [`config`], [`cli`], [`telemetry`]: settings, the command line, logging.
+//! - `util`: small shared utilities (retry backoff, one-line error text).
 //! - [`demo`]: `pgfold demo`, a live first look on a throwaway database.
 //! - [`workload`]: the "orders" workload and independent SQL folds, for tests
 //!   and the benchmark.
@@ -39,4 +42,5 @@ pub mod sql_projections;
 pub mod status;
 pub mod store;
 pub mod telemetry;
+pub(crate) mod util;
 pub mod workload;

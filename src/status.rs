@@ -3,20 +3,23 @@
 use crate::db::Db;
 use serde::Serialize;
 
-use crate::daemon::checkpoint::State;
-use crate::feed::{self, Blocker, POSITION_TX};
+use crate::daemon::checkpoint::{self, State};
+use crate::feed::{self, Blocker};
 use crate::projector::Registry;
 
 /// The `--json` shape. Fields are only ever added, never renamed or removed.
 #[derive(Debug, Serialize)]
 pub struct Status {
+    /// One per registered projector, in the registry's order.
     pub projectors: Vec<ProjectorStatus>,
     /// The open transaction keeping new events out of reach, if any.
     pub horizon_blocked_by: Option<Blocker>,
 }
 
+/// One projector's line of `pgfold status`.
 #[derive(Debug, Serialize)]
 pub struct ProjectorStatus {
+    /// The projector's name.
     pub name: String,
     /// `running`, `replaying`, `failed`, or `new` (never run).
     pub state: String,
@@ -26,10 +29,15 @@ pub struct ProjectorStatus {
     pub lag_events: i64,
     /// Age, by `occurred_at`, of the oldest of those events; 0 when caught up.
     pub lag_seconds: f64,
+    /// Events applied since the projector began (or last replayed).
     pub events_applied: i64,
+    /// When the checkpoint last moved past events, in UTC (`YYYY-MM-DDTHH:MM:SSZ`).
     pub last_advanced_at: Option<String>,
+    /// The event being retried or parked on, if any.
     pub failing_event: Option<FailingEvent>,
+    /// The last error recorded (a failing event's, or a dead letter's).
     pub last_error: Option<String>,
+    /// How many events `on_error = "skip"` gave up on.
     pub dead_letters: i64,
     /// A replay in progress (state `replaying`), else `null`.
     pub replay: Option<ReplayProgress>,
@@ -55,6 +63,7 @@ pub struct RebuildProgress {
     pub position: i64,
     /// Committed events it consumes that the build has not applied yet.
     pub lag_events: i64,
+    /// Events the build has applied.
     pub events_applied: i64,
     /// Events applied per second since the build began; `null` until known.
     pub events_per_second: Option<f64>,
@@ -92,14 +101,19 @@ impl ReplayProgress {
     }
 }
 
+/// The event a projector is failing on.
 #[derive(Debug, Serialize)]
 pub struct FailingEvent {
+    /// Its `events.id`.
     pub id: i64,
+    /// Its type, if known.
     pub event_type: Option<String>,
+    /// How many times it has failed.
     pub attempts: i32,
 }
 
 impl Status {
+    /// Whether a projector is parked (`pgfold status` then exits 3).
     pub fn any_failed(&self) -> bool {
         self.projectors
             .iter()
@@ -109,10 +123,7 @@ impl Status {
 
 /// Gathers the status. A transaction holding the horizon is reported once it has
 /// been open for `stall_after`: a short one is just a write in flight.
-///
-/// The lag of each projector is counted through the position index (a fenced
-/// read, see `src/feed/reader.rs`), so that a scrape costs what the lag holds,
-/// not what the log holds.
+/// Each projector's row and lag come from [`checkpoint::report`].
 pub async fn collect<C: Db>(
     client: &C,
     registry: &Registry,
@@ -123,74 +134,11 @@ pub async fn collect<C: Db>(
     }
     let mut projectors = Vec::new();
     for p in registry.iter() {
-        let filter = p.filter();
-        let lag = format!(
-            "CROSS JOIN LATERAL (
-               SELECT count(*) AS events, min(e.occurred_at) AS oldest
-                 FROM (SELECT e.occurred_at, e.event_type, e.stream_type FROM events e
-                        WHERE ({POSITION_TX}, e.id) > (p.position_tx, p.position_id)
-                       OFFSET 0) e
-                WHERE ($2::text[] IS NULL OR e.event_type = ANY($2))
-                  AND ($3::text[] IS NULL OR e.stream_type = ANY($3))) lag"
-        );
-        let rebuild = client
-            .query_opt(
-                &format!(
-                    "SELECT p.position_id, lag.events, p.events_applied,
-                            extract(epoch FROM now() - p.build_started_at)::float8,
-                            p.build_reason, p.fingerprint
-                       FROM pgfold.projectors p {lag}
-                      WHERE p.name = $1"
-                ),
-                &[
-                    &crate::rebuild::key(p.name()),
-                    &filter.event_types,
-                    &filter.stream_types,
-                ],
-            )
-            .await?
-            .map(|r| {
-                let (lag_events, applied): (i64, i64) = (r.get(1), r.get(2));
-                let rate = r
-                    .get::<_, Option<f64>>(3)
-                    .filter(|s| *s > 0.0 && applied > 0)
-                    .map(|s| applied as f64 / s);
-                RebuildProgress {
-                    position: r.get(0),
-                    lag_events,
-                    events_applied: applied,
-                    events_per_second: rate.map(f64::round),
-                    eta_seconds: rate.map(|v| (lag_events as f64 / v).ceil()),
-                    reason: r.get(4),
-                    fingerprint: r.get(5),
-                }
-            });
-        let row = client
-            .query_opt(
-                &format!(
-                    "SELECT p.state, p.position_id, p.events_applied,
-                            to_char(p.last_advanced_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
-                            p.failing_event_id, p.failing_event_type, p.attempts, p.last_error,
-                            (SELECT count(*) FROM pgfold.dead_letters d WHERE d.projector = p.name),
-                            lag.events,
-                            coalesce(extract(epoch FROM now() - lag.oldest)::float8, 0),
-                            coalesce(p.replay_target_id, 0),
-                            extract(epoch FROM now() - p.replay_started_at)::float8,
-                            p.fingerprint
-                       FROM pgfold.projectors p
-                       CROSS JOIN LATERAL (
-                         SELECT count(*) AS events, min(e.occurred_at) AS oldest
-                           FROM (SELECT e.occurred_at, e.event_type, e.stream_type FROM events e
-                                  WHERE ({POSITION_TX}, e.id) > (p.position_tx, p.position_id)
-                                 OFFSET 0) e
-                          WHERE ($2::text[] IS NULL OR e.event_type = ANY($2))
-                            AND ($3::text[] IS NULL OR e.stream_type = ANY($3))) lag
-                      WHERE p.name = $1"
-                ),
-                &[&p.name(), &filter.event_types, &filter.stream_types],
-            )
-            .await?;
-        projectors.push(match row {
+        let report = checkpoint::report(client, p.as_ref()).await?;
+        let rebuild = crate::rebuild::progress(client, p.as_ref()).await?;
+        let fingerprint = crate::rebuild::stored_fingerprint(client, p.name()).await?;
+        let definition_changed = fingerprint.as_ref().is_some_and(|f| *f != p.fingerprint());
+        projectors.push(match report {
             None => ProjectorStatus {
                 name: p.name().to_string(),
                 state: "new".into(),
@@ -203,31 +151,35 @@ pub async fn collect<C: Db>(
                 last_error: None,
                 dead_letters: 0,
                 replay: None,
-                fingerprint: None,
-                definition_changed: false,
+                fingerprint,
+                definition_changed,
                 rebuild,
             },
             Some(r) => ProjectorStatus {
-                replay: (r.get::<_, String>(0) == State::Replaying.as_str())
-                    .then(|| ReplayProgress::estimate(r.get(1), r.get(11), r.get(2), r.get(12))),
-                name: p.name().to_string(),
-                state: r.get(0),
-                position: r.get(1),
-                events_applied: r.get(2),
-                last_advanced_at: r.get(3),
-                failing_event: r.get::<_, Option<i64>>(4).map(|id| FailingEvent {
-                    id,
-                    event_type: r.get(5),
-                    attempts: r.get(6),
+                replay: (r.state == State::Replaying).then(|| {
+                    ReplayProgress::estimate(
+                        r.position_id,
+                        r.replay_target_id,
+                        r.events_applied,
+                        r.replay_seconds,
+                    )
                 }),
-                last_error: r.get(7),
-                dead_letters: r.get(8),
-                lag_events: r.get(9),
-                lag_seconds: r.get::<_, f64>(10).max(0.0),
-                definition_changed: r
-                    .get::<_, Option<String>>(13)
-                    .is_some_and(|f| f != p.fingerprint()),
-                fingerprint: r.get(13),
+                name: p.name().to_string(),
+                state: r.state.as_str().to_string(),
+                position: r.position_id,
+                events_applied: r.events_applied,
+                last_advanced_at: r.last_advanced_at,
+                failing_event: r.failing_event_id.map(|id| FailingEvent {
+                    id,
+                    event_type: r.failing_event_type,
+                    attempts: r.attempts,
+                }),
+                last_error: r.last_error,
+                dead_letters: r.dead_letters,
+                lag_events: r.lag_events,
+                lag_seconds: r.lag_seconds,
+                fingerprint,
+                definition_changed,
                 rebuild,
             },
         });

@@ -13,13 +13,14 @@ use std::collections::HashSet;
 
 use crate::db::Db;
 
-use crate::feed::Position;
+use crate::feed::{Position, POSITION_TX};
 use crate::projector::Projector;
 
 /// A projector's state column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum State {
+    /// Applying events as they come.
     Running,
     /// Rebuilding from the first event after `--replay`.
     Replaying,
@@ -36,6 +37,7 @@ impl State {
         }
     }
 
+    /// The column's text, as `pgfold status` shows it.
     pub fn as_str(&self) -> &'static str {
         match self {
             State::Running => "running",
@@ -48,11 +50,15 @@ impl State {
 /// What a batch needs to know about its projector, read under the lock.
 #[derive(Debug, Clone)]
 pub struct Checkpoint {
+    /// The last event consumed.
     pub position: Position,
+    /// Running, replaying or parked.
     pub state: State,
     /// Events delivered ahead of their position (see `feed::order`).
     pub ahead: HashSet<i64>,
+    /// The event being retried, if one is failing.
     pub failing_event_id: Option<i64>,
+    /// How many times it has failed so far.
     pub attempts: i32,
 }
 
@@ -108,6 +114,7 @@ pub async fn record_filter<C: Db>(
     Ok(())
 }
 
+/// Whether the projector has its row (and so its tables).
 pub async fn exists<C: Db>(client: &C, name: &str) -> Result<bool, tokio_postgres::Error> {
     Ok(client
         .query_opt("SELECT 1 FROM pgfold.projectors WHERE name = $1", &[&name])
@@ -115,6 +122,19 @@ pub async fn exists<C: Db>(client: &C, name: &str) -> Result<bool, tokio_postgre
         .is_some())
 }
 
+/// The id of the last event the projector consumed (0: none yet).
+pub async fn position_id<C: Db>(client: &C, name: &str) -> Result<i64, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT position_id FROM pgfold.projectors WHERE name = $1",
+            &[&name],
+        )
+        .await?
+        .get(0))
+}
+
+/// Reads the checkpoint, with the events delivered ahead of it; call under the
+/// projector's lock.
 pub async fn load<C: Db>(tx: &C, name: &str) -> Result<Checkpoint, tokio_postgres::Error> {
     let row = tx
         .query_one(
@@ -178,6 +198,8 @@ pub async fn advance<C: Db>(
     Ok(())
 }
 
+/// Records the events this batch delivered ahead of their position, so that
+/// later batches skip them (see `feed::order`).
 pub async fn record_ahead<C: Db>(
     tx: &C,
     name: &str,
@@ -197,60 +219,102 @@ pub async fn record_ahead<C: Db>(
     Ok(())
 }
 
-/// The event a projector failed on, without giving up on it yet.
+/// The event a projector failed on: while it is retried, once it is parked
+/// (the daemon's [`Outcome`](super::Outcome) lists those), and in each dead letter.
 #[derive(Debug, Clone)]
 pub struct Failure {
+    /// The projector's name.
+    pub projector: String,
+    /// The event's `events.id`.
     pub event_id: i64,
+    /// The event's `event_type` (empty if it could not be read).
     pub event_type: String,
+    /// One line, at most a couple of kilobytes.
     pub error: String,
+    /// How many times the event has failed, this time included.
     pub attempts: i32,
 }
 
-pub async fn record_failure<C: Db>(
-    tx: &C,
-    name: &str,
-    f: &Failure,
-) -> Result<(), tokio_postgres::Error> {
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "projector {} failed at event {} ({}): {}",
+            self.projector, self.event_id, self.event_type, self.error
+        )
+    }
+}
+
+impl Failure {
+    /// `$1`..`$5`: projector, event id, event type, error, attempts.
+    fn params(&self) -> [&(dyn tokio_postgres::types::ToSql + Sync); 5] {
+        [
+            &self.projector,
+            &self.event_id,
+            &self.event_type,
+            &self.error,
+            &self.attempts,
+        ]
+    }
+}
+
+/// Records the failure on the projector's row, without giving up on the event.
+pub async fn record_failure<C: Db>(tx: &C, f: &Failure) -> Result<(), tokio_postgres::Error> {
     tx.execute(
         "UPDATE pgfold.projectors
             SET failing_event_id = $2, failing_event_type = $3, last_error = $4,
                 attempts = $5, last_error_at = now(), updated_at = now()
           WHERE name = $1",
-        &[&name, &f.event_id, &f.event_type, &f.error, &f.attempts],
+        &f.params(),
     )
     .await?;
     Ok(())
 }
 
+/// The event a parked projector failed on, as recorded when it was parked.
+pub async fn failure<C: Db>(tx: &C, name: &str) -> Result<Failure, tokio_postgres::Error> {
+    let row = tx
+        .query_one(
+            "SELECT failing_event_id, coalesce(failing_event_type, ''), coalesce(last_error, ''),
+                    attempts
+               FROM pgfold.projectors WHERE name = $1",
+            &[&name],
+        )
+        .await?;
+    Ok(Failure {
+        projector: name.to_string(),
+        event_id: row.get::<_, Option<i64>>(0).unwrap_or_default(),
+        event_type: row.get(1),
+        error: row.get(2),
+        attempts: row.get(3),
+    })
+}
+
 /// `on_error = "stop"`: parks the projector on the event.
-pub async fn park<C: Db>(tx: &C, name: &str, f: &Failure) -> Result<(), tokio_postgres::Error> {
-    record_failure(tx, name, f).await?;
+pub async fn park<C: Db>(tx: &C, f: &Failure) -> Result<(), tokio_postgres::Error> {
+    record_failure(tx, f).await?;
     tx.execute(
         "UPDATE pgfold.projectors SET state = 'failed' WHERE name = $1",
-        &[&name],
+        &[&f.projector],
     )
     .await?;
     Ok(())
 }
 
 /// `on_error = "skip"`: records the dead letter; the caller advances past it.
-pub async fn dead_letter<C: Db>(
-    tx: &C,
-    name: &str,
-    f: &Failure,
-) -> Result<(), tokio_postgres::Error> {
+pub async fn dead_letter<C: Db>(tx: &C, f: &Failure) -> Result<(), tokio_postgres::Error> {
     tx.execute(
         "INSERT INTO pgfold.dead_letters (projector, event_id, event_type, error, attempts)
          VALUES ($1, $2, $3, $4, $5)
          ON CONFLICT (projector, event_id) DO UPDATE
             SET error = EXCLUDED.error, attempts = EXCLUDED.attempts, recorded_at = now()",
-        &[&name, &f.event_id, &f.event_type, &f.error, &f.attempts],
+        &f.params(),
     )
     .await?;
     tx.execute(
         "UPDATE pgfold.projectors SET last_error = $2, last_error_at = now() WHERE name = $1",
         &[
-            &name,
+            &f.projector,
             &format!("event {} ({}): {}", f.event_id, f.event_type, f.error),
         ],
     )
@@ -300,4 +364,86 @@ pub async fn rewind<C: Db>(
     )
     .await?;
     Ok(())
+}
+
+/// A projector's row as `pgfold status` shows it, with its lag.
+#[derive(Debug, Clone)]
+pub struct Report {
+    /// Running, replaying or parked.
+    pub state: State,
+    /// Id of the last event consumed (0: none yet).
+    pub position_id: i64,
+    /// Events applied since the projector began (or last replayed).
+    pub events_applied: i64,
+    /// In UTC, as `YYYY-MM-DDTHH:MM:SSZ`.
+    pub last_advanced_at: Option<String>,
+    /// The event being retried or parked on, if any.
+    pub failing_event_id: Option<i64>,
+    /// Its type, if known.
+    pub failing_event_type: Option<String>,
+    /// How many times it has failed.
+    pub attempts: i32,
+    /// The last error recorded (a failing event's, or a dead letter's).
+    pub last_error: Option<String>,
+    /// How many events `on_error = "skip"` gave up on.
+    pub dead_letters: i64,
+    /// Committed events it consumes that it has not applied yet.
+    pub lag_events: i64,
+    /// Age, by `occurred_at`, of the oldest of those events; 0 when caught up.
+    pub lag_seconds: f64,
+    /// Id of the newest event when the last replay began (0: none).
+    pub replay_target_id: i64,
+    /// Seconds since the last replay began, if one was recorded.
+    pub replay_seconds: Option<f64>,
+}
+
+/// The projector's row and its lag; `None` if it has never run.
+///
+/// The lag is counted through the position index (a fenced read, see
+/// `src/feed/reader.rs`), so that a scrape costs what the lag holds, not what the
+/// log holds.
+pub async fn report<C: Db>(
+    client: &C,
+    p: &dyn Projector,
+) -> Result<Option<Report>, tokio_postgres::Error> {
+    let filter = p.filter();
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT p.state, p.position_id, p.events_applied,
+                        to_char(p.last_advanced_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"'),
+                        p.failing_event_id, p.failing_event_type, p.attempts, p.last_error,
+                        (SELECT count(*) FROM pgfold.dead_letters d WHERE d.projector = p.name),
+                        lag.events,
+                        coalesce(extract(epoch FROM now() - lag.oldest)::float8, 0),
+                        coalesce(p.replay_target_id, 0),
+                        extract(epoch FROM now() - p.replay_started_at)::float8
+                   FROM pgfold.projectors p
+                   CROSS JOIN LATERAL (
+                     SELECT count(*) AS events, min(e.occurred_at) AS oldest
+                       FROM (SELECT e.occurred_at, e.event_type, e.stream_type FROM events e
+                              WHERE ({POSITION_TX}, e.id) > (p.position_tx, p.position_id)
+                             OFFSET 0) e
+                      WHERE ($2::text[] IS NULL OR e.event_type = ANY($2))
+                        AND ($3::text[] IS NULL OR e.stream_type = ANY($3))) lag
+                  WHERE p.name = $1"
+            ),
+            &[&p.name(), &filter.event_types, &filter.stream_types],
+        )
+        .await?;
+    Ok(row.map(|r| Report {
+        state: State::parse(r.get(0)),
+        position_id: r.get(1),
+        events_applied: r.get(2),
+        last_advanced_at: r.get(3),
+        failing_event_id: r.get(4),
+        failing_event_type: r.get(5),
+        attempts: r.get(6),
+        last_error: r.get(7),
+        dead_letters: r.get(8),
+        lag_events: r.get(9),
+        lag_seconds: r.get::<_, f64>(10).max(0.0),
+        replay_target_id: r.get(11),
+        replay_seconds: r.get(12),
+    }))
 }

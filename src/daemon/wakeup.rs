@@ -25,9 +25,13 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
-use crate::db::{self, Backoff, Pool};
+use crate::db::{self, Pool};
 use crate::feed;
+use crate::util::Backoff;
 
+/// The channel the wake-up trigger notifies on: spelled here for Rust, and in
+/// migration V4 (`pgfold.notify_if_armed`) for SQL, which cannot change. A test
+/// (`the_trigger_notifies_the_channel_the_daemon_listens_on`) keeps them equal.
 pub const CHANNEL: &str = "pgfold_events";
 
 /// The workers' side: report idleness, wait for a reason to look again.
@@ -227,10 +231,18 @@ async fn recv(listener: &mut Option<Listener>) -> Option<()> {
     }
 }
 
-/// The LISTEN connection: the client must live as long as we listen.
+/// The LISTEN connection: the client must live as long as we listen, and the
+/// task that drives the connection ends with it.
 struct Listener {
-    _client: tokio_postgres::Client,
+    client: tokio_postgres::Client,
     rx: mpsc::UnboundedReceiver<()>,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.driver.abort();
+    }
 }
 
 /// Opens the LISTEN connection; its notifications arrive on `rx`, which closes
@@ -246,7 +258,7 @@ async fn listen(pg: &db::PgConfig) -> anyhow::Result<Listener> {
         })?
         .map_err(|e| db::unreachable_error(pg, &e))?;
     let (tx, rx) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
+    let driver = tokio::spawn(async move {
         // tokio-postgres drops notifications unless the connection is driven
         // through poll_message.
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -265,12 +277,11 @@ async fn listen(pg: &db::PgConfig) -> anyhow::Result<Listener> {
             }
         }
     });
-    client
+    let listener = Listener { client, rx, driver };
+    listener
+        .client
         .batch_execute(&format!("LISTEN {CHANNEL}"))
         .await
         .map_err(|e| anyhow::anyhow!("LISTEN failed: {}", db::error_text(&e)))?;
-    Ok(Listener {
-        _client: client,
-        rx,
-    })
+    Ok(listener)
 }

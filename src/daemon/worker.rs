@@ -22,6 +22,7 @@ use crate::config::{DaemonSettings, OnError, ProjectorSettings};
 use crate::db::{self, Db, Pool, Statements};
 use crate::feed::{self, EventRange, Horizon, Position};
 use crate::projector::{EventFold, Fold, Projector, ProjectorError, SetBatch, SetFold, Tx};
+use crate::util::one_line;
 
 /// The pooled transaction a batch runs in.
 type Transaction<'a> = db::Session<deadpool_postgres::Transaction<'a>>;
@@ -44,41 +45,27 @@ pub enum Step {
     /// Another instance holds the projector.
     Busy,
     /// The projector is parked on a failed event.
-    Parked {
-        event_id: i64,
-        event_type: String,
-        error: String,
-    },
+    Parked(Failure),
     /// An event failed and will be retried after the delay.
     Retry(Duration),
 }
 
 /// An error that is not about the data: retried with backoff, never counted
-/// against an event.
+/// against an event. Shown as one line (logs and `--once`'s error quote it); the
+/// error it came from is its [`source`](std::error::Error::source).
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct Transient(String);
-
-impl Transient {
-    fn from_pg(e: &tokio_postgres::Error) -> Transient {
-        Transient(crate::config::one_line(&db::error_text(e)))
-    }
+pub enum Transient {
+    #[error("{}", one_line(&db::error_text(.0)))]
+    Database(#[from] tokio_postgres::Error),
+    #[error("{}", pool_error_text(.0))]
+    Pool(#[from] deadpool_postgres::PoolError),
 }
 
-impl From<tokio_postgres::Error> for Transient {
-    fn from(e: tokio_postgres::Error) -> Self {
-        Transient::from_pg(&e)
-    }
-}
-
-impl From<deadpool_postgres::PoolError> for Transient {
-    fn from(e: deadpool_postgres::PoolError) -> Self {
-        let text = match &e {
-            deadpool_postgres::PoolError::Backend(pg) => db::error_text(pg),
-            other => other.to_string(),
-        };
-        Transient(crate::config::one_line(&text))
-    }
+fn pool_error_text(e: &deadpool_postgres::PoolError) -> String {
+    one_line(&match e {
+        deadpool_postgres::PoolError::Backend(pg) => db::error_text(pg),
+        other => other.to_string(),
+    })
 }
 
 /// Set batches of at most this many events end exactly at their size.
@@ -242,18 +229,7 @@ impl Worker {
             schema
         )?;
         if ck.state == State::Failed {
-            let row = tx
-                .query_one(
-                    "SELECT failing_event_id, coalesce(failing_event_type, ''), coalesce(last_error, '')
-                       FROM pgfold.projectors WHERE name = $1",
-                    &[&name],
-                )
-                .await?;
-            return Ok(Step::Parked {
-                event_id: row.get::<_, Option<i64>>(0).unwrap_or_default(),
-                event_type: row.get(1),
-                error: row.get(2),
-            });
+            return Ok(Step::Parked(checkpoint::failure(&tx, &name).await?));
         }
         if let Some(until) = self.isolating_until {
             if ck.position >= until {
@@ -308,64 +284,48 @@ impl Worker {
         } else {
             fold.apply(&Tx::new(&tx), &batch.events).await
         };
-        match result {
+        let had_ahead = !ck.ahead.is_empty();
+        let events = batch.events.len() as u64;
+        let e = match result {
             Ok(()) => {
-                let name = &self.key;
-                checkpoint::record_ahead(&tx, name, &batch.ahead).await?;
-                checkpoint::advance(
-                    &tx,
-                    name,
-                    batch.upto,
-                    batch.events.len() as u64,
-                    !ck.ahead.is_empty(),
-                )
-                .await?;
-                tx.commit().await?;
-                Ok(Step::Applied {
-                    events: batch.events.len() as u64,
-                    upto: batch.upto,
-                    full,
-                })
+                return self
+                    .commit(tx, &batch.ahead, batch.upto, events, had_ahead, full)
+                    .await
             }
-            Err(e) => {
-                fail_fast_if_transient(&e)?;
-                Db::execute(&tx, "ROLLBACK TO SAVEPOINT apply", &[]).await?;
-                let named = match &e {
-                    ProjectorError::Event { event_id, .. } => batch
-                        .events
-                        .iter()
-                        .position(|ev| ev.id == *event_id)
-                        .map(|i| (batch.origin[i], &batch.events[i])),
-                    _ => None,
-                };
-                if read > 1 {
-                    // Apply the events before the failing one (or the first half when
-                    // the projector did not say which one failed) on their own.
-                    let keep = named.map(|(row, _)| row).unwrap_or(read / 2).max(1);
-                    return Ok(self.narrow(e, keep as u32, batch.upto));
-                }
-                // One row read, with any events delivered ahead for it: they fail
-                // together. Unless the projector named one, blame the row read.
-                let event = named
-                    .map(|(_, ev)| ev)
-                    .or(batch.events.last())
-                    .expect("a failed batch delivered events");
-                let failure = Failure {
-                    event_id: event.id,
-                    event_type: event.event_type.clone(),
-                    error: message_of(&e)?,
-                    attempts: attempts_after(&ck, event.id),
-                };
-                let others: Vec<(i64, String)> = batch
+            Err(e) => rolled_back(&tx, e).await?,
+        };
+        let named = match &e {
+            ProjectorError::Event { event_id, .. } => batch
+                .events
+                .iter()
+                .position(|ev| ev.id == *event_id)
+                .map(|i| (batch.origin[i], &batch.events[i])),
+            _ => None,
+        };
+        let isolated = if read > 1 {
+            // Apply the events before the failing one (or the first half when
+            // the projector did not say which one failed) on their own.
+            Isolated::Narrow(named.map(|(row, _)| row).unwrap_or(read / 2).max(1) as u32)
+        } else {
+            // One row read, with any events delivered ahead for it: they fail
+            // together. Unless the projector named one, blame the row read.
+            let event = named
+                .map(|(_, ev)| ev)
+                .or(batch.events.last())
+                .expect("a failed batch delivered events");
+            Isolated::Alone {
+                event_id: event.id,
+                event_type: event.event_type.clone(),
+                others: batch
                     .events
                     .iter()
                     .filter(|ev| ev.id != event.id)
                     .map(|ev| (ev.id, ev.event_type.clone()))
-                    .collect();
-                self.give_up_or_retry(tx, failure, &others, batch.upto, &batch.ahead)
-                    .await
+                    .collect(),
             }
-        }
+        };
+        self.isolate(tx, e, &ck, isolated, batch.upto, &batch.ahead)
+            .await
     }
 
     async fn set_batch(
@@ -429,12 +389,12 @@ impl Worker {
             ahead.iter().map(|(id, _)| *id).collect(),
             &filter,
         );
-        match apply_set(&tx, fold, &range).await {
+        let e = match apply_set(&tx, fold, &range).await {
             Ok(applied) => {
-                let name = &self.key;
-                checkpoint::record_ahead(&tx, name, &ahead).await?;
-                checkpoint::advance(&tx, name, upto, applied, !ck.ahead.is_empty()).await?;
-                tx.commit().await?;
+                let had_ahead = !ck.ahead.is_empty();
+                let step = self
+                    .commit(tx, &ahead, upto, applied, had_ahead, full)
+                    .await?;
                 // Only a range cut at its size measures the size; one that ran to
                 // the newest event (live) says nothing about it.
                 if let (Some(pace), true, None) = (&mut self.pace, full, self.isolating_until) {
@@ -442,42 +402,32 @@ impl Worker {
                     self.full_limit = pace.limit();
                     self.limit = self.full_limit;
                 }
-                Ok(Step::Applied {
-                    events: applied,
-                    upto,
-                    full,
-                })
+                return Ok(step);
             }
-            Err(e) => {
-                fail_fast_if_transient(&e)?;
-                Db::execute(&tx, "ROLLBACK TO SAVEPOINT apply", &[]).await?;
-                if self.limit > 1 {
-                    // Halve what the range really holds, not the configured
-                    // maximum: a live batch of three events needs two rounds, not
-                    // twenty.
-                    let held = count_range(&tx, &range).await? as i64;
-                    let keep = (held.clamp(1, i64::from(self.limit)) / 2) as u32;
-                    return Ok(self.narrow(e, keep, upto));
-                }
-                // The range is one event, with any delivered ahead for it: they fail
-                // together, and the SQL may have named which one.
-                let mut unit: Vec<i64> = range.ahead().to_vec();
-                unit.push(upto.id);
-                let failing = named_event(&e)
-                    .filter(|id| unit.contains(id))
-                    .unwrap_or(upto.id);
-                let mut types = event_types(&tx, &unit).await?;
-                let failure = Failure {
-                    event_id: failing,
-                    event_type: types.remove(&failing).unwrap_or_default(),
-                    error: message_of(&e)?,
-                    attempts: attempts_after(&ck, failing),
-                };
-                let others: Vec<(i64, String)> = types.into_iter().collect();
-                self.give_up_or_retry(tx, failure, &others, upto, &ahead)
-                    .await
+            Err(e) => rolled_back(&tx, e).await?,
+        };
+        let isolated = if self.limit > 1 {
+            // Halve what the range really holds, not the configured
+            // maximum: a live batch of three events needs two rounds, not
+            // twenty.
+            let held = count_range(&tx, &range).await? as i64;
+            Isolated::Narrow((held.clamp(1, i64::from(self.limit)) / 2) as u32)
+        } else {
+            // The range is one event, with any delivered ahead for it: they fail
+            // together, and the SQL may have named which one.
+            let mut unit: Vec<i64> = range.ahead().to_vec();
+            unit.push(upto.id);
+            let failing = named_event(&e)
+                .filter(|id| unit.contains(id))
+                .unwrap_or(upto.id);
+            let mut types = event_types(&tx, &unit).await?;
+            Isolated::Alone {
+                event_id: failing,
+                event_type: types.remove(&failing).unwrap_or_default(),
+                others: types.into_iter().collect(),
             }
-        }
+        };
+        self.isolate(tx, e, &ck, isolated, upto, &ahead).await
     }
 
     /// Warns, once per event, that `row` alone exceeds the byte budget: it is
@@ -565,6 +515,56 @@ impl Worker {
         Step::Retry(Duration::ZERO)
     }
 
+    /// Records the batch's events delivered ahead, moves the checkpoint to `upto`
+    /// after `events` applied, and commits.
+    async fn commit(
+        &self,
+        tx: Transaction<'_>,
+        ahead: &[(i64, Position)],
+        upto: Position,
+        events: u64,
+        had_ahead: bool,
+        full: bool,
+    ) -> Result<Step, Transient> {
+        let name = &self.key;
+        checkpoint::record_ahead(&tx, name, ahead).await?;
+        checkpoint::advance(&tx, name, upto, events, had_ahead).await?;
+        tx.commit().await?;
+        Ok(Step::Applied { events, upto, full })
+    }
+
+    /// A batch the projector rejected (rolled back to its savepoint): narrow the
+    /// next one, or, once the failing event stands alone, retry it later, park
+    /// the projector or dead-letter the event.
+    async fn isolate(
+        &mut self,
+        tx: Transaction<'_>,
+        e: ProjectorError,
+        ck: &Checkpoint,
+        isolated: Isolated,
+        upto: Position,
+        ahead: &[(i64, Position)],
+    ) -> Result<Step, Transient> {
+        match isolated {
+            Isolated::Narrow(keep) => Ok(self.narrow(e, keep, upto)),
+            Isolated::Alone {
+                event_id,
+                event_type,
+                others,
+            } => {
+                let failure = Failure {
+                    projector: self.key.clone(),
+                    event_id,
+                    event_type,
+                    error: message_of(&e),
+                    attempts: attempts_after(ck, event_id),
+                };
+                self.give_up_or_retry(tx, failure, &others, upto, ahead)
+                    .await
+            }
+        }
+    }
+
     /// After the lone failing event (with `others`, the events delivered with it)
     /// has failed once more: retry later, park, or dead-letter them all.
     async fn give_up_or_retry(
@@ -575,7 +575,7 @@ impl Worker {
         upto: Position,
         ahead: &[(i64, Position)],
     ) -> Result<Step, Transient> {
-        let name = self.key.clone();
+        let name = failure.projector.clone();
         let attempts = failure.attempts as u32;
         if attempts < self.settings.max_attempts {
             tracing::warn!(
@@ -587,7 +587,7 @@ impl Worker {
                 error = %failure.error,
                 "event failed; will retry"
             );
-            checkpoint::record_failure(&tx, &name, &failure).await?;
+            checkpoint::record_failure(&tx, &failure).await?;
             tx.commit().await?;
             return Ok(Step::Retry(retry_delay(attempts)));
         }
@@ -601,13 +601,9 @@ impl Worker {
                     error = %failure.error,
                     "event failed too many times; projector parked (on_error = \"stop\")"
                 );
-                checkpoint::park(&tx, &name, &failure).await?;
+                checkpoint::park(&tx, &failure).await?;
                 tx.commit().await?;
-                Ok(Step::Parked {
-                    event_id: failure.event_id,
-                    event_type: failure.event_type,
-                    error: failure.error,
-                })
+                Ok(Step::Parked(failure))
             }
             OnError::Skip => {
                 tracing::warn!(
@@ -618,12 +614,13 @@ impl Worker {
                     error = %failure.error,
                     "event failed too many times; recorded as a dead letter (on_error = \"skip\")"
                 );
-                checkpoint::dead_letter(&tx, &name, &failure).await?;
+                checkpoint::dead_letter(&tx, &failure).await?;
                 // The stream's earlier events delivered with it cannot be applied
                 // without it in the same transaction; they are skipped with it, and
                 // recorded, never dropped in silence.
                 for (id, event_type) in others {
                     let with = Failure {
+                        projector: name.clone(),
                         event_id: *id,
                         event_type: event_type.clone(),
                         error: format!(
@@ -632,16 +629,9 @@ impl Worker {
                         ),
                         attempts: failure.attempts,
                     };
-                    checkpoint::dead_letter(&tx, &name, &with).await?;
+                    checkpoint::dead_letter(&tx, &with).await?;
                 }
-                checkpoint::record_ahead(&tx, &name, ahead).await?;
-                checkpoint::advance(&tx, &name, upto, 0, true).await?;
-                tx.commit().await?;
-                Ok(Step::Applied {
-                    events: 0,
-                    upto,
-                    full: true,
-                })
+                self.commit(tx, ahead, upto, 0, true, true).await
             }
         }
     }
@@ -715,17 +705,33 @@ fn attempts_after(ck: &Checkpoint, event_id: i64) -> i32 {
     }
 }
 
-/// A connection error is not the event's fault: it aborts the round instead of
-/// counting against the batch.
-fn fail_fast_if_transient(e: &ProjectorError) -> Result<(), Transient> {
+/// How far isolating a rejected batch has come.
+enum Isolated {
+    /// Retry at once with the first `keep` events (rows read) only.
+    Narrow(u32),
+    /// The failing event stands alone, with `others` delivered with it.
+    Alone {
+        event_id: i64,
+        event_type: String,
+        others: Vec<(i64, String)>,
+    },
+}
+
+/// After the projector rejected a batch: a connection error is not the event's
+/// fault, and aborts the round instead of counting against the batch; any other
+/// error is the batch's, and its work is rolled back to the savepoint.
+async fn rolled_back(tx: &Transaction<'_>, e: ProjectorError) -> Result<ProjectorError, Transient> {
     match e {
-        ProjectorError::Database(pg) if db::is_transient(pg) => Err(Transient::from_pg(pg)),
-        _ => Ok(()),
+        ProjectorError::Database(pg) if db::is_transient(&pg) => Err(Transient::Database(pg)),
+        e => {
+            Db::execute(tx, "ROLLBACK TO SAVEPOINT apply", &[]).await?;
+            Ok(e)
+        }
     }
 }
 
 /// The text stored and shown for a failed event.
-fn message_of(e: &ProjectorError) -> Result<String, Transient> {
+fn message_of(e: &ProjectorError) -> String {
     let text = match e {
         ProjectorError::Database(pg) => db::error_text(pg),
         ProjectorError::Event { message, .. } => message.clone(),
@@ -734,7 +740,7 @@ fn message_of(e: &ProjectorError) -> Result<String, Transient> {
     // SQL raised through pgfold.bad_event already names the event.
     let problem = bad_event_parts(&text).map(|(_, problem)| problem.to_owned());
     let text = problem.unwrap_or(text);
-    Ok(at_most(crate::config::one_line(&text), MAX_ERROR_BYTES))
+    at_most(one_line(&text), MAX_ERROR_BYTES)
 }
 
 /// The longest error text stored (`last_error`, dead letters) and shown by
@@ -761,6 +767,19 @@ fn retry_delay(attempts: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_transient_error_keeps_its_source_and_its_one_line_text() {
+        let e = Transient::from(deadpool_postgres::PoolError::Closed);
+        assert_eq!(
+            e.to_string(),
+            one_line(&deadpool_postgres::PoolError::Closed.to_string())
+        );
+        let source = std::error::Error::source(&e).expect("the pool error is the source");
+        assert!(source
+            .downcast_ref::<deadpool_postgres::PoolError>()
+            .is_some_and(|p| matches!(p, deadpool_postgres::PoolError::Closed)));
+    }
 
     #[test]
     fn error_text_is_cut_at_a_char_boundary() {

@@ -105,7 +105,7 @@ pub fn pg_config(url: Option<&str>) -> anyhow::Result<PgConfig> {
             let config = rest.parse::<tokio_postgres::Config>().map_err(|e| {
                 anyhow::anyhow!(
                     "invalid database URL ({}): expected postgres://user@host:port/dbname or host=... dbname=...",
-                    crate::config::one_line(&redact(&e.to_string(), url))
+                    crate::util::one_line(&redact(&e.to_string(), url))
                 )
             })?;
             (config, tls_options)

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 
-use super::{Backoff, Client};
+use super::Client;
+use crate::util::Backoff;
 
 struct Migration {
     version: i32,

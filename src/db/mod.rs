@@ -10,6 +10,7 @@ pub mod tls;
 
 use std::time::Duration;
 
+use crate::util::Backoff;
 use anyhow::Context;
 use deadpool_postgres::{Manager, ManagerConfig, RecyclingMethod, Runtime};
 
@@ -28,12 +29,15 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// A connection from the pool, in the pool's statement mode.
     pub async fn get(
         &self,
     ) -> Result<Session<deadpool_postgres::Object>, deadpool_postgres::PoolError> {
         Ok(Session::new(self.pool.get().await?, self.statements))
     }
 
+    /// Closes the pool: every later `get` fails, idle connections close now and
+    /// the others when returned.
     pub fn close(&self) {
         self.pool.close();
     }
@@ -149,6 +153,7 @@ async fn unresolvable_host(config: &PgConfig) -> Option<String> {
     None
 }
 
+/// The one-line error for a connection that failed: where, and why.
 pub fn unreachable_error(
     config: &tokio_postgres::Config,
     e: &tokio_postgres::Error,
@@ -156,7 +161,7 @@ pub fn unreachable_error(
     anyhow::anyhow!(
         "cannot connect to PostgreSQL at {}: {}",
         describe(config),
-        crate::config::one_line(&error_text(e))
+        crate::util::one_line(&error_text(e))
     )
 }
 
@@ -190,57 +195,4 @@ pub fn is_transient(e: &tokio_postgres::Error) -> bool {
         | "58" // system error (I/O)
         | "XX" // internal error
     )
-}
-
-/// Capped exponential backoff with full jitter.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    base: Duration,
-    cap: Duration,
-    attempt: u32,
-}
-
-impl Backoff {
-    pub fn new(base: Duration, cap: Duration) -> Backoff {
-        Backoff {
-            base,
-            cap,
-            attempt: 0,
-        }
-    }
-
-    /// The largest delay the next call may return.
-    pub fn peek(&self) -> Duration {
-        self.base
-            .saturating_mul(1u32 << self.attempt.min(20))
-            .min(self.cap)
-    }
-
-    pub fn next_delay(&mut self) -> Duration {
-        let ceiling = self.peek();
-        self.attempt = self.attempt.saturating_add(1);
-        // Full jitter keeps restarted instances from reconnecting in lockstep.
-        let millis = ceiling.as_millis().max(1) as u64;
-        Duration::from_millis(millis / 2 + rand::random_range(0..=millis / 2))
-    }
-
-    pub fn reset(&mut self) {
-        self.attempt = 0;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_its_cap_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        let delays: Vec<_> = (0..8).map(|_| b.next_delay()).collect();
-        assert!(delays[0] <= Duration::from_millis(100));
-        assert!(delays.iter().all(|d| *d <= Duration::from_secs(2)));
-        assert!(delays[7] >= Duration::from_secs(1), "{delays:?}");
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
-    }
 }

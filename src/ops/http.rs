@@ -58,7 +58,7 @@ pub async fn serve(
     listen: &str,
     state: HttpState,
     shutdown: CancellationToken,
-) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+) -> anyhow::Result<impl std::future::Future<Output = ()> + Send + 'static> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen} (http.listen): {e}"))?;
@@ -69,14 +69,14 @@ pub async fn serve(
         .route("/metrics", get(metrics))
         .route("/wait", get(wait))
         .with_state(state);
-    Ok(tokio::spawn(async move {
+    Ok(async move {
         let result = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
             .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "HTTP server failed");
         }
-    }))
+    })
 }
 
 async fn healthz(State(state): State<HttpState>) -> Response {

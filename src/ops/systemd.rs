@@ -31,14 +31,16 @@ fn notify(states: &[NotifyState]) {
     }
 }
 
-/// Pings the watchdog at half its interval while the tasks are alive; a wedged
-/// task stops the pings and systemd restarts the service.
-pub fn spawn_watchdog(liveness: Arc<Liveness>, shutdown: CancellationToken) {
-    let Some(interval) = sd_notify::watchdog_enabled() else {
-        return;
-    };
+/// When systemd watches the service: the task that pings the watchdog at half its
+/// interval while the tasks are alive (a wedged task stops the pings and systemd
+/// restarts the service), until `shutdown`. The caller runs it and owns it.
+pub fn watchdog(
+    liveness: Arc<Liveness>,
+    shutdown: CancellationToken,
+) -> Option<impl std::future::Future<Output = ()> + Send + 'static> {
+    let interval = sd_notify::watchdog_enabled()?;
     let period = interval / 2;
-    tokio::spawn(async move {
+    Some(async move {
         let mut tick = tokio::time::interval(period);
         loop {
             tokio::select! {
@@ -53,5 +55,5 @@ pub fn spawn_watchdog(liveness: Arc<Liveness>, shutdown: CancellationToken) {
                 }
             }
         }
-    });
+    })
 }

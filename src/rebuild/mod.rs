@@ -31,10 +31,12 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{DaemonSettings, ProjectorSettings};
 use crate::daemon::checkpoint;
 use crate::daemon::worker::{Step, Worker};
-use crate::daemon::ParkedProjector;
-use crate::db::{self, Backoff, Db, Pool};
+use crate::daemon::Failure;
+use crate::db::{self, Db, Pool};
+use crate::feed::POSITION_TX;
 use crate::ops::{metrics::Metrics, progress::Progress, Liveness};
 use crate::projector::Projector;
+use crate::util::Backoff;
 
 /// Longest projector name that leaves room for the schema prefixes within
 /// PostgreSQL's 63-byte identifiers.
@@ -79,6 +81,64 @@ pub async fn record_fingerprint<C: Db>(
     )
     .await?;
     Ok(())
+}
+
+/// The fingerprint a projector's live tables were built with, if recorded.
+pub async fn stored_fingerprint<C: Db>(
+    client: &C,
+    name: &str,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    Ok(client
+        .query_opt(
+            "SELECT fingerprint FROM pgfold.projectors WHERE name = $1",
+            &[&name],
+        )
+        .await?
+        .and_then(|r| r.get(0)))
+}
+
+/// A rebuild of `p` in progress, for `status`: the build's checkpoint, its lag
+/// (counted as a projector's is), and its rate since it began.
+pub async fn progress<C: Db>(
+    client: &C,
+    p: &dyn Projector,
+) -> Result<Option<crate::status::RebuildProgress>, tokio_postgres::Error> {
+    let filter = p.filter();
+    let row = client
+        .query_opt(
+            &format!(
+                "SELECT b.position_id, lag.events, b.events_applied,
+                        extract(epoch FROM now() - b.build_started_at)::float8,
+                        b.build_reason, b.fingerprint
+                   FROM pgfold.projectors b
+                   CROSS JOIN LATERAL (
+                     SELECT count(*) AS events
+                       FROM (SELECT e.event_type, e.stream_type FROM events e
+                              WHERE ({POSITION_TX}, e.id) > (b.position_tx, b.position_id)
+                             OFFSET 0) e
+                      WHERE ($2::text[] IS NULL OR e.event_type = ANY($2))
+                        AND ($3::text[] IS NULL OR e.stream_type = ANY($3))) lag
+                  WHERE b.name = $1"
+            ),
+            &[&key(p.name()), &filter.event_types, &filter.stream_types],
+        )
+        .await?;
+    Ok(row.map(|r| {
+        let (lag_events, applied): (i64, i64) = (r.get(1), r.get(2));
+        let rate = r
+            .get::<_, Option<f64>>(3)
+            .filter(|s| *s > 0.0 && applied > 0)
+            .map(|s| applied as f64 / s);
+        crate::status::RebuildProgress {
+            position: r.get(0),
+            lag_events,
+            events_applied: applied,
+            events_per_second: rate.map(f64::round),
+            eta_seconds: rate.map(|v| (lag_events as f64 / v).ceil()),
+            reason: r.get(4),
+            fingerprint: r.get(5),
+        }
+    }))
 }
 
 /// A build to run: which projector, from where.
@@ -269,7 +329,7 @@ pub async fn drive(
     token: CancellationToken,
     once: bool,
     ops: Reporting,
-) -> anyhow::Result<Option<ParkedProjector>> {
+) -> anyhow::Result<Option<Failure>> {
     let name = build.projector.name().to_string();
     let label = label(&name);
     let mut worker = Worker::new(build.projector.clone(), settings, &daemon, pool.clone())
@@ -352,18 +412,7 @@ pub async fn drive(
                 }
             }
             Ok(Step::Busy) => daemon.poll_interval(),
-            Ok(Step::Parked {
-                event_id,
-                event_type,
-                error,
-            }) => {
-                break Ok(Some(ParkedProjector {
-                    projector: build.key.clone(),
-                    event_id,
-                    event_type,
-                    error,
-                }))
-            }
+            Ok(Step::Parked(failure)) => break Ok(Some(failure)),
             Ok(Step::Retry(delay)) => delay,
             Err(_) if !build_exists(&pool, &build.key).await => {
                 tracing::info!(projector = %name, "another instance swapped the rebuild in");

@@ -198,7 +198,7 @@ fn classify(name: &str, e: tokio_postgres::Error) -> anyhow::Result<Outcome> {
             "cannot swap in the rebuilt {name}: {} (the swap moves the live tables: run it as their owner)",
             crate::db::error_text(&e)
         ))),
-        _ => Err(anyhow::anyhow!(crate::config::one_line(&crate::db::error_text(&e)))),
+        _ => Err(anyhow::anyhow!(crate::util::one_line(&crate::db::error_text(&e)))),
     }
 }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::scan;
+use crate::util::one_line;
 
 /// How a projection's batches arrive (`order` in the file).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -170,8 +171,4 @@ pub fn valid_name(name: &str) -> bool {
         && name
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-}
-
-fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
 }

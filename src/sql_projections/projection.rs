@@ -93,7 +93,7 @@ impl SqlProjection {
         ProjectorError::Other(anyhow::anyhow!(
             "{}: {what}: {}",
             self.def.path.display(),
-            crate::config::one_line(&db::error_text(e))
+            crate::util::one_line(&db::error_text(e))
         ))
     }
 }
@@ -252,7 +252,7 @@ impl EventFold for SqlProjection {
                     if db::is_transient(&err) || names_an_event(&err) {
                         ProjectorError::Database(err)
                     } else {
-                        ProjectorError::event(e, crate::config::one_line(&db::error_text(&err)))
+                        ProjectorError::event(e, crate::util::one_line(&db::error_text(&err)))
                     }
                 })
         });

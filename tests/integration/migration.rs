@@ -86,3 +86,54 @@ async fn migrating_twice_changes_nothing() {
         i64::from(pgfold::db::migrate::latest())
     );
 }
+
+/// The wake-up trigger (migration V4, which cannot change) and the daemon's
+/// LISTEN (`pgfold::daemon::CHANNEL`) name the channel each on its own side: an
+/// event appended while the flag is armed must reach a listener on the Rust
+/// constant, or the daemon would only ever wake by polling.
+#[tokio::test]
+async fn the_trigger_notifies_the_channel_the_daemon_listens_on() {
+    use futures_util::StreamExt;
+
+    let db = TestDb::new().await;
+    let (listener, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let driver = tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let tokio_postgres::AsyncMessage::Notification(n) = message {
+                let _ = tx.send(n.channel().to_string());
+            }
+        }
+    });
+    listener
+        .batch_execute(&format!("LISTEN {}", pgfold::daemon::CHANNEL))
+        .await
+        .unwrap();
+
+    let mut client = db.client().await;
+    client
+        .execute("UPDATE pgfold.wakeup SET armed = true WHERE id = 1", &[])
+        .await
+        .unwrap();
+    append_all(
+        &mut client,
+        &[created("order-1", "books", serde_json::json!(10), 1)],
+    )
+    .await;
+
+    let channel = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap_or_else(|_| {
+            panic!(
+                "no notification on {:?} within 10 s of an armed append",
+                pgfold::daemon::CHANNEL
+            )
+        })
+        .expect("the LISTEN connection closed");
+    assert_eq!(channel, pgfold::daemon::CHANNEL);
+    drop(listener);
+    driver.abort();
+}

@@ -285,3 +285,46 @@ async fn a_replay_off_a_terminal_reports_its_progress_as_structured_logs() {
         assert!(done["events_per_second"].is_u64(), "{done}");
     }
 }
+
+/// Every task the daemon starts ends with it: once `run --once` has returned,
+/// nothing it spawned still holds the shutdown future it was given (it used to
+/// live on in a detached forwarding task), and the HTTP port is free again.
+#[tokio::test]
+async fn a_finished_run_holds_on_to_nothing_it_started() {
+    let db = TestDb::new().await;
+    let address = format!("127.0.0.1:{}", free_port());
+    let mut settings = db.settings();
+    settings.http.listen = Some(address.clone());
+    let (guard, released) = tokio::sync::oneshot::channel::<()>();
+    // The sender lives in the shutdown future: it is dropped with the future.
+    let shutdown = async move {
+        let _guard = guard;
+        std::future::pending::<()>().await
+    };
+    let options = RunOptions {
+        once: true,
+        ..RunOptions::default()
+    };
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(300),
+        pgfold::daemon::run(
+            &settings,
+            &pgfold::projectors::builtin(),
+            &options,
+            shutdown,
+        ),
+    )
+    .await
+    .expect("run --once did not finish within 300 s")
+    .expect("run --once failed");
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    let mut released = released;
+    assert_eq!(
+        released.try_recv(),
+        Err(tokio::sync::oneshot::error::TryRecvError::Closed),
+        "the shutdown future outlived the run that was given it"
+    );
+    tokio::net::TcpListener::bind(&address)
+        .await
+        .expect("the HTTP port is still taken after the run returned");
+}

@@ -1,0 +1,173 @@
+//! Getting the database ready for a run: which projectors, the schema, each
+//! projector's tables and row, and the replays asked for.
+//!
+//! [`migrate`] is all of `pgfold migrate` (it needs DDL rights); [`prepare`] is
+//! what a daemon does once connected, before its first batch.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+
+use super::checkpoint;
+use super::RunOptions;
+use crate::config::Settings;
+use crate::db;
+use crate::feed::{self, Position};
+use crate::ops::progress::Progress;
+use crate::projector::{Projector, ProjectorError, Registry, Tx};
+use crate::util::one_line;
+
+/// Selects the projectors to run: `--projector` names, or every enabled one.
+/// Unknown names, in the options or the configuration, are errors.
+pub fn select(
+    settings: &Settings,
+    registry: &Registry,
+    options: &RunOptions,
+) -> anyhow::Result<Vec<Arc<dyn Projector>>> {
+    for name in settings.projectors.keys() {
+        if registry.get(name).is_none() {
+            anyhow::bail!(
+                "invalid configuration: unknown projector {:?} in [projectors] (known: {})",
+                name,
+                registry.names().join(", ")
+            );
+        }
+    }
+    let replay = registry.resolve(&options.replay)?;
+    let rebuild = registry.resolve(&options.rebuild)?;
+    if let Some(p) = rebuild
+        .iter()
+        .find(|p| replay.iter().any(|r| r.name() == p.name()))
+    {
+        anyhow::bail!(
+            "projector {} cannot be both replayed and rebuilt in one run",
+            p.name()
+        );
+    }
+    let mut selected = if options.projectors.is_empty() {
+        registry
+            .iter()
+            .filter(|p| settings.projector(p.name()).enabled)
+            .cloned()
+            .collect()
+    } else {
+        registry.resolve(&options.projectors)?
+    };
+    // A replayed or rebuilt projector runs, even if it was not otherwise selected.
+    for p in replay.into_iter().chain(rebuild) {
+        if !selected.iter().any(|q| q.name() == p.name()) {
+            selected.push(p);
+        }
+    }
+    Ok(selected)
+}
+
+/// Migrates the database and creates every registered projector's tables: what
+/// `pgfold migrate` does, and needs DDL rights.
+pub async fn migrate(pg: &db::PgConfig, registry: &Registry) -> anyhow::Result<()> {
+    let mut client = db::connect(pg).await?;
+    db::migrate::run(&client).await?;
+    let all: Vec<Arc<dyn Projector>> = registry.iter().cloned().collect();
+    validate(&mut client, &all).await?;
+    for p in registry.iter() {
+        setup(&mut client, p.as_ref()).await?;
+    }
+    Ok(())
+}
+
+/// Prepares `selected` for a run over `client`: migrates if needed, creates
+/// missing projector tables, records filters, retries parked projectors, rewinds
+/// those to replay, and starts the progress of every catch-up worth showing.
+/// Returns the newest position committed now.
+pub(super) async fn prepare(
+    client: &mut db::Client,
+    registry: &Registry,
+    options: &RunOptions,
+    selected: &[Arc<dyn Projector>],
+    progress: &Progress,
+) -> anyhow::Result<Position> {
+    if !db::migrate::is_current(client).await? {
+        db::migrate::run(client)
+            .await
+            .context("the database needs migrating and this role cannot (run `pgfold migrate` with a role that has DDL rights)")?;
+    }
+    validate(client, selected).await?;
+    for p in selected {
+        if !checkpoint::exists(client, p.name()).await? {
+            setup(client, p.as_ref()).await?;
+        }
+        checkpoint::record_filter(client, p.as_ref()).await?;
+        if checkpoint::unpark(client, p.name()).await? {
+            tracing::info!(projector = p.name(), "retrying a parked projector");
+        }
+    }
+    let replay = registry.resolve(&options.replay)?;
+    for p in &replay {
+        rewind(client, p.as_ref()).await?;
+    }
+    let newest = feed::newest(client).await?.unwrap_or(Position::START);
+    // A replay, or a --once run, is a catch-up worth showing progress for.
+    for p in selected {
+        if options.once || replay.iter().any(|r| r.name() == p.name()) {
+            let from = checkpoint::position_id(client, p.name()).await?;
+            progress.begin(p.name(), from, newest.id);
+        }
+    }
+    Ok(newest)
+}
+
+/// Checks every projector's statements against the database before anything
+/// runs (see [`Projector::validate`]): in one transaction, rolled back, after
+/// creating the tables of those that have none yet. The first error stops the
+/// command, and nothing has changed.
+async fn validate(
+    client: &mut db::Client,
+    projectors: &[Arc<dyn Projector>],
+) -> anyhow::Result<()> {
+    let tx = client.transaction().await?;
+    for p in projectors {
+        let t = Tx::new(&tx);
+        let outcome = async {
+            if !checkpoint::exists(&tx, p.name()).await? {
+                p.setup(&t).await?;
+            }
+            p.validate(&t).await
+        };
+        outcome.await.map_err(|e| match e {
+            // A SQL projection's errors name its file and statement already.
+            ProjectorError::Other(e) => e,
+            e => anyhow::anyhow!("projector {}: {}", p.name(), one_line(&e.to_string())),
+        })?;
+    }
+    // Dropped: rolled back.
+    Ok(())
+}
+
+/// Creates the projector's tables and its row, in one transaction.
+async fn setup(client: &mut db::Client, p: &dyn Projector) -> anyhow::Result<()> {
+    let tx = client.transaction().await?;
+    p.setup(&Tx::new(&tx))
+        .await
+        .with_context(|| format!("failed to create the tables of projector {}", p.name()))?;
+    if checkpoint::register(&tx, p.name()).await? {
+        crate::rebuild::record_fingerprint(&tx, p).await?;
+    }
+    checkpoint::record_filter(&tx, p).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Empties a projector and rewinds it to the first event, under its lock.
+async fn rewind(client: &mut db::Client, p: &dyn Projector) -> anyhow::Result<()> {
+    let tx = client.transaction().await?;
+    checkpoint::lock(&tx, p.name()).await?;
+    let target = feed::newest(&tx).await?;
+    p.reset(&Tx::new(&tx))
+        .await
+        .with_context(|| format!("failed to reset projector {}", p.name()))?;
+    checkpoint::rewind(&tx, p.name(), target).await?;
+    crate::rebuild::record_fingerprint(&tx, p).await?;
+    tx.commit().await?;
+    tracing::info!(projector = p.name(), "replaying from the first event");
+    Ok(())
+}

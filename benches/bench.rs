@@ -22,7 +22,7 @@ use anyhow::{bail, Context, Result};
 use futures_util::StreamExt;
 use pgfold::feed::Position;
 use pgfold::store::{self, AppendError, NewEvent};
-use pgfold::workload;
+use pgfold::testkit::workload;
 use serde_json::Value;
 use tokio_postgres::{AsyncMessage, Client, NoTls};
 

@@ -14,8 +14,9 @@
 //! - [`db`]: connections, migrations, and which database errors are transient.
 //! - [`config`], [`cli`], [`telemetry`]: settings, the command line, logging.
 //! - [`demo`]: `pgfold demo`, a live first look on a throwaway database.
-//! - [`workload`]: the "orders" workload and independent SQL folds, for tests
-//!   and the benchmark.
+//! - `testkit` (feature `testkit`, off by default; not part of the API): what the
+//!   tests, the torture test and the benchmark share: databases, the daemon as a
+//!   child process, the "orders" workload and its independent SQL folds.
 
 pub mod cli;
 pub mod config;
@@ -29,4 +30,5 @@ pub mod projectors;
 pub mod status;
 pub mod store;
 pub mod telemetry;
-pub mod workload;
+#[cfg(feature = "testkit")]
+pub mod testkit;

@@ -176,7 +176,7 @@ pub fn drop_role_detached(url: &str, name: &str) {
 /// A database of its own for one test, on the server of [`TEST_ADMIN_URL`];
 /// dropped when the test ends.
 pub struct TestDb {
-    /// Its name, `pgfold_test_<uuid>`.
+    /// Its name, `pgfold_test_<32 random hex digits>`.
     pub name: String,
     /// The admin URL pointed at it.
     pub url: String,

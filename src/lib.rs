@@ -22,8 +22,9 @@
 //! - [`config`], [`cli`], [`telemetry`]: settings, the command line, logging.
 //! - `util`: small shared utilities (retry backoff, one-line error text).
 //! - [`demo`]: `pgfold demo`, a live first look on a throwaway database.
-//! - [`workload`]: the "orders" workload and independent SQL folds, for tests
-//!   and the benchmark.
+//! - `testkit` (feature `testkit`, off by default; not part of the API): what the
+//!   tests, the torture test and the benchmark share: databases, the daemon as a
+//!   child process, the "orders" workload and its independent SQL folds.
 
 pub use feed::{Event, EventFilter, EventRange, Position};
 pub use projector::{EventFold, Fold, Projector, ProjectorError, Registry, SetBatch, SetFold, Tx};
@@ -42,5 +43,6 @@ pub mod sql_projections;
 pub mod status;
 pub mod store;
 pub mod telemetry;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 pub(crate) mod util;
-pub mod workload;

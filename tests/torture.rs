@@ -7,23 +7,22 @@
 //! Bounded to about two minutes; `PGFOLD_TORTURE_SECONDS` sets how long the writers
 //! run (default 60).
 
-#[allow(dead_code)]
-#[path = "integration/helpers.rs"]
-mod helpers;
-
 use std::fs::File;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use pgfold::store::{self, AppendError, NewEvent};
+use pgfold::testkit::db::{connect, scalar_i64, terminate_daemon_backends, TestDb};
+use pgfold::testkit::process::{self, Daemon, Sink};
+use pgfold::testkit::workload;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
 
-use helpers::*;
+/// The binary cargo built for this test.
+const PGFOLD: &str = env!("CARGO_BIN_EXE_pgfold");
 
 const WRITERS: usize = 8;
 const INSTANCES: usize = 3;
@@ -117,7 +116,7 @@ fn event(order: &Order, event_type: &str, rng: &mut StdRng) -> NewEvent {
 /// through the optimistic-concurrency path.
 async fn writer(db_url: String, shared: Arc<Shared>, seed: u64, until: Instant) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let mut client = connect(&db_url).await;
+    let mut client = connect(&db_url).await.unwrap();
     while Instant::now() < until {
         let (order, is_new) = {
             let open = shared.open.lock().unwrap();
@@ -191,49 +190,6 @@ async fn writer(db_url: String, shared: Arc<Shared>, seed: u64, until: Instant) 
     }
 }
 
-/// The daemon instances; every child is SIGKILLed when this is dropped.
-struct Instances {
-    children: Vec<Child>,
-    env: Vec<(String, String)>,
-    log: File,
-    started: u64,
-}
-
-impl Instances {
-    fn spawn(&mut self) -> Child {
-        self.started += 1;
-        Command::new(env!("CARGO_BIN_EXE_pgfold"))
-            .arg("run")
-            .env_remove("DATABASE_URL")
-            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(self.log.try_clone().unwrap())
-            .spawn()
-            .expect("spawn pgfold run")
-    }
-
-    fn kill_and_restart(&mut self, i: usize) {
-        let _ = self.children[i].kill();
-        let _ = self.children[i].wait();
-        self.children[i] = self.spawn();
-    }
-
-    fn kill_all(&mut self) {
-        for c in &mut self.children {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        self.children.clear();
-    }
-}
-
-impl Drop for Instances {
-    fn drop(&mut self) {
-        self.kill_all();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn torture_many_writers_killed_instances_terminated_backends_end_exact() {
     let seconds: u64 = std::env::var("PGFOLD_TORTURE_SECONDS")
@@ -264,16 +220,13 @@ async fn torture_many_writers_killed_instances_terminated_backends_end_exact() {
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
     .collect();
-    let mut instances = Instances {
-        children: Vec::new(),
-        env: env.clone(),
-        log: File::create(&log_path).unwrap(),
-        started: 0,
-    };
-    for _ in 0..INSTANCES {
-        let child = instances.spawn();
-        instances.children.push(child);
-    }
+    // Every instance's stderr goes to one file; each is SIGKILLed when dropped.
+    let instance = Daemon::command(PGFOLD)
+        .args(["run"])
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stderr(Sink::File(File::create(&log_path).unwrap()));
+    let mut instances: Vec<Daemon> = (0..INSTANCES).map(|_| instance.spawn().unwrap()).collect();
+    let mut spawned = INSTANCES as u64;
 
     let shared = Arc::new(Shared {
         open: Mutex::new(Vec::new()),
@@ -300,10 +253,12 @@ async fn torture_many_writers_killed_instances_terminated_backends_end_exact() {
     while Instant::now() < until {
         tokio::time::sleep(Duration::from_millis(rng.random_range(200..=500))).await;
         let i = rng.random_range(0..INSTANCES);
-        instances.kill_and_restart(i);
+        instances[i].kill();
+        instances[i] = instance.spawn().unwrap();
+        spawned += 1;
         kills += 1;
         if Instant::now() >= next_termination {
-            terminations += terminate_daemon_backends(&admin, &db.name).await;
+            terminations += terminate_daemon_backends(&admin, &db.name).await.unwrap();
             termination_rounds += 1;
             next_termination = Instant::now() + Duration::from_secs(rng.random_range(3..=6));
         }
@@ -311,16 +266,18 @@ async fn torture_many_writers_killed_instances_terminated_backends_end_exact() {
     for w in writers {
         w.await.expect("writer panicked");
     }
-    instances.kill_all();
+    instances.clear();
     kills += INSTANCES as u64;
     let applied_under_chaos = scalar_i64(
         &admin,
         "SELECT coalesce(sum(events_applied), 0)::bigint FROM pgfold.projectors",
     )
-    .await;
+    .await
+    .unwrap();
 
     // Catch up with one last instance, then compare with the independent folds.
-    let out = pgfold(
+    let out = process::run(
+        PGFOLD,
         &["run", "--once"],
         &env.iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
@@ -329,21 +286,10 @@ async fn torture_many_writers_killed_instances_terminated_backends_end_exact() {
     let run_once_ok = out.status.success();
     let f = &shared.figures;
     let committed = f.committed.load(Ordering::Relaxed) as i64;
-    let in_log = scalar_i64(&admin, "SELECT count(*) FROM events").await;
-    let revenue_rows = pgfold::workload::differences(
-        &admin,
-        "SELECT day, category, total FROM daily_revenue",
-        pgfold::workload::EXPECTED_DAILY_REVENUE,
-    )
-    .await
-    .unwrap();
-    let snapshot_rows = pgfold::workload::differences(
-        &admin,
-        "SELECT stream_id, sequence, state FROM order_snapshots",
-        pgfold::workload::EXPECTED_ORDER_SNAPSHOTS,
-    )
-    .await
-    .unwrap();
+    let in_log = scalar_i64(&admin, "SELECT count(*) FROM events")
+        .await
+        .unwrap();
+    let (revenue_rows, snapshot_rows) = workload::projection_differences(&admin).await.unwrap();
     // Each projector's events_applied against the committed events it consumes.
     let (mut missing, mut duplicated) = (0i64, 0i64);
     let mut per_projector = Vec::new();
@@ -358,12 +304,13 @@ async fn torture_many_writers_killed_instances_terminated_backends_end_exact() {
                AND event_type IN ('OrderCreated', 'OrderPaid', 'OrderShipped', 'OrderCancelled')",
         ),
     ] {
-        let expected = scalar_i64(&admin, consumes).await;
+        let expected = scalar_i64(&admin, consumes).await.unwrap();
         let applied = scalar_i64(
             &admin,
             &format!("SELECT events_applied FROM pgfold.projectors WHERE name = '{name}'"),
         )
-        .await;
+        .await
+        .unwrap();
         missing += (expected - applied).max(0);
         duplicated += (applied - expected).max(0);
         per_projector.push(format!("{name} {applied}/{expected}"));
@@ -374,8 +321,11 @@ async fn torture_many_writers_killed_instances_terminated_backends_end_exact() {
              ON b.stream_id = a.stream_id AND b.sequence = a.sequence + 1
           WHERE b.tx_id < a.tx_id",
     )
-    .await;
-    let dead_letters = scalar_i64(&admin, "SELECT count(*) FROM pgfold.dead_letters").await;
+    .await
+    .unwrap();
+    let dead_letters = scalar_i64(&admin, "SELECT count(*) FROM pgfold.dead_letters")
+        .await
+        .unwrap();
 
     println!(
         "torture (seed {seed}, {seconds} s of writing, {:.0} s in all):\n  \
@@ -395,7 +345,7 @@ async fn torture_many_writers_killed_instances_terminated_backends_end_exact() {
         f.conflicts.load(Ordering::Relaxed),
         f.early_xid.load(Ordering::Relaxed),
         f.early_xid_committed.load(Ordering::Relaxed),
-        instances.started + 1,
+        spawned + 1,
         per_projector.join(", "),
     );
 

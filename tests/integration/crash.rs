@@ -10,7 +10,7 @@ use crate::helpers::*;
 async fn sigkill_mid_run_then_restart_applies_every_event_once() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    pgfold::workload::load_orders(&client, 1, 20_000)
+    pgfold::testkit::workload::load_orders(&client, 1, 20_000)
         .await
         .unwrap();
     // Small batches, so the kill lands among many commits.

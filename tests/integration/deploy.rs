@@ -174,6 +174,7 @@ async fn dashboard_and_alerts_use_only_metrics_the_daemon_exports() {
     let db = TestDb::new().await;
     let address = format!("127.0.0.1:{}", free_port());
     let _daemon = Daemon::spawn(
+        PGFOLD,
         &["run"],
         &[("DATABASE_URL", &db.url), ("PGFOLD_HTTP__LISTEN", &address)],
     );

@@ -2,107 +2,28 @@
 //! real binary, and waiting on conditions instead of sleeping.
 
 use std::future::Future;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::time::Duration;
 
 use pgfold::config::Settings;
 use pgfold::daemon::{self, Outcome, RunOptions};
 use pgfold::projector::Registry;
 use pgfold::store::{self, NewEvent};
+pub use pgfold::testkit::db::TestDb;
+pub use pgfold::testkit::process::Daemon;
+use pgfold::testkit::{self, process, workload};
 use serde_json::{json, Value};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
-/// Where test databases are created; override with PGFOLD_TEST_ADMIN_URL.
-fn admin_url() -> String {
-    std::env::var("PGFOLD_TEST_ADMIN_URL")
-        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=postgres".to_string())
-}
+/// The binary cargo built for these tests.
+pub const PGFOLD: &str = env!("CARGO_BIN_EXE_pgfold");
 
 pub async fn connect(url: &str) -> Client {
-    let (client, connection) = tokio_postgres::connect(url, NoTls)
+    testkit::db::connect(url)
         .await
-        .unwrap_or_else(|e| panic!("cannot connect to {url}: {e}"));
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client
-}
-
-/// A database of its own, migrated, dropped when the test ends.
-pub struct TestDb {
-    pub name: String,
-    pub url: String,
-}
-
-impl TestDb {
-    pub async fn new() -> TestDb {
-        let db = TestDb::empty().await;
-        let pg = pgfold::db::pg_config(Some(&db.url)).unwrap();
-        daemon::migrate(&pg, &pgfold::projectors::builtin())
-            .await
-            .expect("migrate");
-        db
-    }
-
-    /// A database of its own with nothing in it.
-    pub async fn empty() -> TestDb {
-        init_logging();
-        let name = format!("pgfold_test_{}", uuid::Uuid::new_v4().simple());
-        let admin = connect(&admin_url()).await;
-        admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .expect("create test database");
-        TestDb {
-            url: format!("postgres://postgres@127.0.0.1:5432/{name}"),
-            name,
-        }
-    }
-
-    pub async fn client(&self) -> Client {
-        connect(&self.url).await
-    }
-
-    /// Default settings pointed at this database, with a short poll interval.
-    pub fn settings(&self) -> Settings {
-        let mut settings = Settings::load(None).expect("default settings");
-        settings.database.url = Some(self.url.clone());
-        settings.daemon.poll_interval_ms = 200;
-        settings
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        let name = self.name.clone();
-        // Drop runs outside any runtime we may use; give the drop its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok((client, conn)) = tokio_postgres::connect(&admin_url(), NoTls).await {
-                    tokio::spawn(conn);
-                    let _ = client
-                        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                        .await;
-                }
-            });
-        })
-        .join();
-    }
-}
-
-fn init_logging() {
-    if std::env::var("TEST_LOG").is_ok() {
-        let _ = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
-            .with_test_writer()
-            .try_init();
-    }
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// `pgfold run --once` in-process.
@@ -182,11 +103,9 @@ where
 }
 
 pub async fn scalar_i64(client: &Client, sql: &str) -> i64 {
-    client
-        .query_one(sql, &[])
+    testkit::db::scalar_i64(client, sql)
         .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"))
-        .get(0)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// An order's `OrderCreated` payload with one item.
@@ -227,22 +146,8 @@ pub async fn append_all(client: &mut Client, events: &[NewEvent]) {
 
 /// Both built-in projections equal their independent SQL folds.
 pub async fn assert_projections_exact(client: &Client) {
-    let revenue = pgfold::workload::differences(
-        client,
-        "SELECT day, category, total FROM daily_revenue",
-        pgfold::workload::EXPECTED_DAILY_REVENUE,
-    )
-    .await
-    .unwrap();
-    let snapshots = pgfold::workload::differences(
-        client,
-        "SELECT stream_id, sequence, state FROM order_snapshots",
-        pgfold::workload::EXPECTED_ORDER_SNAPSHOTS,
-    )
-    .await
-    .unwrap();
     assert_eq!(
-        (revenue, snapshots),
+        workload::projection_differences(client).await.unwrap(),
         (0, 0),
         "rows differing from the independent fold (daily_revenue, order_snapshots)"
     );
@@ -250,133 +155,26 @@ pub async fn assert_projections_exact(client: &Client) {
 
 /// Runs the real binary.
 pub fn pgfold(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pgfold"));
-    cmd.args(args)
-        .env_remove("DATABASE_URL")
-        .env("RUST_LOG", "warn");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    cmd.output().expect("run pgfold")
+    process::run(PGFOLD, args, env)
 }
 
 // ---------------------------------------------------------------------------
-// The real binary as a long-running child, the daemon's backends, `status --json`
-// (poison, privilege, stall, reconnect and torture tests).
+// The real binary as a long-running child (`testkit::process::Daemon`), the
+// daemon's backends, `status --json` (poison, privilege, stall, reconnect tests).
 
-/// A `pgfold` process (the real binary) whose stderr is collected line by line.
-/// SIGKILLed when dropped, so a failing test leaves nothing running.
-pub struct Daemon {
-    child: std::process::Child,
-    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
-    reader: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Daemon {
-    /// Starts `pgfold ARGS` with `env` (RUST_LOG=warn unless `env` sets it).
-    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Daemon {
-        Daemon::spawn_program(
-            std::path::Path::new(env!("CARGO_BIN_EXE_pgfold")),
-            args,
-            env,
-        )
-    }
-
-    /// The same with another binary built on pgfold's command line (an example).
-    pub fn spawn_program(program: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Daemon {
-        use std::io::BufRead;
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .env_remove("DATABASE_URL")
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let mut child = cmd
-            .spawn()
-            .unwrap_or_else(|e| panic!("spawn {}: {e}", program.display()));
-        let stderr = child.stderr.take().expect("piped stderr");
-        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let sink = lines.clone();
-        let reader = std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                match line {
-                    Ok(line) => sink.lock().unwrap().push(line),
-                    Err(_) => break,
-                }
-            }
-        });
-        Daemon {
-            child,
-            lines,
-            reader: Some(reader),
-        }
-    }
-
-    /// Everything it has written to stderr so far.
-    pub fn lines(&self) -> Vec<String> {
-        self.lines.lock().unwrap().clone()
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Whether it is still running (it has not exited on its own).
-    pub fn is_running(&mut self) -> bool {
-        self.child.try_wait().expect("try_wait").is_none()
-    }
-
-    /// SIGKILL, reap it, and collect the rest of its stderr.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        if let Some(reader) = self.reader.take() {
-            let _ = reader.join();
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// The backends the daemon has open in database `dbname` (it connects with
-/// application_name = 'pgfold').
+/// The backends the daemon has open in database `dbname`.
 pub async fn daemon_backends(client: &Client, dbname: &str) -> Vec<i32> {
-    client
-        .query(
-            "SELECT pid FROM pg_stat_activity
-              WHERE datname = $1 AND application_name = 'pgfold' AND pid <> pg_backend_pid()
-              ORDER BY pid",
-            &[&dbname],
-        )
+    testkit::db::daemon_backends(client, dbname)
         .await
-        .expect("list the daemon's backends")
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// `pg_terminate_backend` of every backend the daemon has in `dbname`; returns how
 /// many were terminated.
 pub async fn terminate_daemon_backends(client: &Client, dbname: &str) -> i64 {
-    client
-        .query_one(
-            "SELECT count(*) FILTER (WHERE t) FROM (
-               SELECT pg_terminate_backend(pid) AS t FROM pg_stat_activity
-                WHERE datname = $1 AND application_name = 'pgfold' AND pid <> pg_backend_pid()
-             ) x",
-            &[&dbname],
-        )
+    testkit::db::terminate_daemon_backends(client, dbname)
         .await
-        .expect("terminate the daemon's backends")
-        .get(0)
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 /// `pgfold status --json` (the binary) against `url`: the exit code and the JSON.
@@ -400,28 +198,6 @@ pub fn projector_status<'a>(status: &'a Value, name: &str) -> &'a Value {
         .as_array()
         .and_then(|ps| ps.iter().find(|p| p["name"] == name))
         .unwrap_or_else(|| panic!("no projector {name} in {status}"))
-}
-
-impl Daemon {
-    /// SIGTERM, then wait for it to exit on its own (up to `within`).
-    pub fn terminate(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill -TERM");
-        let deadline = std::time::Instant::now() + within;
-        while std::time::Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                if let Some(reader) = self.reader.take() {
-                    let _ = reader.join();
-                }
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
 }
 
 /// Whether `order_snapshots` has a row for `stream`.
@@ -477,7 +253,7 @@ pub fn free_port() -> u16 {
 /// `examples/custom_projector` (a decoded-events projector on the full command
 /// line), which `cargo test` builds next to the pgfold binary.
 pub fn custom_projector_binary() -> std::path::PathBuf {
-    let path = std::path::Path::new(env!("CARGO_BIN_EXE_pgfold"))
+    let path = std::path::Path::new(PGFOLD)
         .parent()
         .expect("the pgfold binary lies in a directory")
         .join("examples/custom_projector");

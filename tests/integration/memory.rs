@@ -100,8 +100,8 @@ async fn catch_up(db: &TestDb) -> (Daemon, u64) {
     let client = db.client().await;
     let newest = scalar_i64(&client, "SELECT max(id) FROM events").await;
     let budget = BATCH_BYTES.to_string();
-    let daemon = Daemon::spawn_program(
-        &custom_projector_binary(),
+    let daemon = Daemon::spawn(
+        custom_projector_binary(),
         &["run", "--projector", "customer_spend"],
         &[
             ("DATABASE_URL", db.url.as_str()),

@@ -27,7 +27,7 @@ async fn existing_events_are_kept_unrewritten_and_projected_first() {
     let db = TestDb::empty().await;
     let client = db.client().await;
     client.batch_execute(ARTICLE_SCHEMA).await.unwrap();
-    pgfold::workload::load_orders(&client, 1, 2_000)
+    pgfold::testkit::workload::load_orders(&client, 1, 2_000)
         .await
         .unwrap();
     let before = row_locations(&client).await;

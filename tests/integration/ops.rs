@@ -203,6 +203,7 @@ async fn systemd_hears_ready_watchdog_and_stopping_and_sigterm_exits_0() {
         .set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
     let mut daemon = Daemon::spawn(
+        PGFOLD,
         &["run"],
         &[
             ("DATABASE_URL", &db.url),
@@ -251,7 +252,7 @@ async fn systemd_hears_ready_watchdog_and_stopping_and_sigterm_exits_0() {
 async fn a_replay_off_a_terminal_reports_its_progress_as_structured_logs() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    pgfold::workload::load_orders(&client, 1, 2_000)
+    pgfold::testkit::workload::load_orders(&client, 1, 2_000)
         .await
         .unwrap();
 

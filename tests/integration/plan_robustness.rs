@@ -309,7 +309,7 @@ async fn a_log_written_before_pgfold_was_migrated_is_read_by_position() {
     let db = TestDb::empty().await;
     let mut client = db.client().await;
     client.batch_execute(BARE_SCHEMA).await.unwrap();
-    pgfold::workload::load_orders(&client, 1, 30_000)
+    pgfold::testkit::workload::load_orders(&client, 1, 30_000)
         .await
         .unwrap();
     let pg = pgfold::db::pg_config(Some(&db.url)).unwrap();
@@ -345,7 +345,7 @@ async fn a_log_that_grew_from_empty_and_was_never_analysed_is_read_by_position()
         )
         .await
         .unwrap();
-    pgfold::workload::load_orders(&client, 1, 30_000)
+    pgfold::testkit::workload::load_orders(&client, 1, 30_000)
         .await
         .unwrap();
     let middle = client
@@ -377,7 +377,7 @@ async fn a_log_bulk_loaded_in_a_few_transactions_is_read_by_position() {
     // looks, to the statistics, like a third of the log: cheaper to scan whole.
     let db = TestDb::new().await;
     let mut client = db.client().await;
-    pgfold::workload::load_orders(&client, 1, 30_000)
+    pgfold::testkit::workload::load_orders(&client, 1, 30_000)
         .await
         .unwrap();
     client.batch_execute("ANALYZE events").await.unwrap();

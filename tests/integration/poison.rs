@@ -62,7 +62,7 @@ fn with_policy(db: &TestDb, projector: &str, on_error: OnError, max_attempts: u3
 /// `EXPECTED_DAILY_REVENUE` over only the events matching `filter` (SQL on `events`).
 fn expected_revenue_where(filter: &str) -> String {
     let from = "FROM events e,";
-    let sql = pgfold::workload::EXPECTED_DAILY_REVENUE;
+    let sql = pgfold::testkit::workload::EXPECTED_DAILY_REVENUE;
     assert_eq!(
         sql.matches(from).count(),
         1,
@@ -78,7 +78,7 @@ fn expected_revenue_where(filter: &str) -> String {
 /// `EXPECTED_ORDER_SNAPSHOTS` over only the events matching `filter`.
 fn expected_snapshots_where(filter: &str) -> String {
     let from = "FROM events\n";
-    let sql = pgfold::workload::EXPECTED_ORDER_SNAPSHOTS;
+    let sql = pgfold::testkit::workload::EXPECTED_ORDER_SNAPSHOTS;
     assert_eq!(
         sql.matches(from).count(),
         1,
@@ -96,7 +96,7 @@ async fn revenue_differences(client: &Client, expected: &str) -> i64 {
         scalar_i64(client, "SELECT count(*) FROM daily_revenue").await > 0,
         "daily_revenue is empty: nothing was applied"
     );
-    pgfold::workload::differences(
+    pgfold::testkit::workload::differences(
         client,
         "SELECT day, category, total FROM daily_revenue",
         expected,
@@ -110,7 +110,7 @@ async fn snapshot_differences(client: &Client, expected: &str) -> i64 {
         scalar_i64(client, "SELECT count(*) FROM order_snapshots").await > 0,
         "order_snapshots is empty: nothing was applied"
     );
-    pgfold::workload::differences(
+    pgfold::testkit::workload::differences(
         client,
         "SELECT stream_id, sequence, state FROM order_snapshots",
         expected,
@@ -257,7 +257,7 @@ async fn daily_revenue_stops_on(bad: Bad) {
     assert!(error.unwrap_or_default().contains(bad.clue()));
     // The other projector is unaffected and caught up.
     assert_eq!(
-        snapshot_differences(&client, pgfold::workload::EXPECTED_ORDER_SNAPSHOTS).await,
+        snapshot_differences(&client, pgfold::testkit::workload::EXPECTED_ORDER_SNAPSHOTS).await,
         0,
         "{bad:?}: order_snapshots is not the full fold"
     );
@@ -403,7 +403,7 @@ async fn daily_revenue_skips(bad: Bad) {
     let (state, failing, _, _) = projector_row(&client, "daily_revenue").await;
     assert_eq!((state.as_str(), failing), ("running", None));
     assert_eq!(
-        snapshot_differences(&client, pgfold::workload::EXPECTED_ORDER_SNAPSHOTS).await,
+        snapshot_differences(&client, pgfold::testkit::workload::EXPECTED_ORDER_SNAPSHOTS).await,
         0
     );
 
@@ -496,7 +496,7 @@ async fn stop_parks_order_snapshots_on_a_payment_before_its_order_exists() {
     );
     // daily_revenue folds the orphan's (valid) payment and everything else.
     assert_eq!(
-        revenue_differences(&client, pgfold::workload::EXPECTED_DAILY_REVENUE).await,
+        revenue_differences(&client, pgfold::testkit::workload::EXPECTED_DAILY_REVENUE).await,
         0,
         "daily_revenue was held back by the other projector's poison"
     );
@@ -628,6 +628,7 @@ async fn a_restart_retries_the_parked_projector_and_it_fails_again() {
         .await
         .unwrap();
     let mut daemon = Daemon::spawn(
+        PGFOLD,
         &["run"],
         &[
             ("DATABASE_URL", &db.url),

@@ -220,15 +220,15 @@ fn order(n: i64) -> Vec<pgfold::store::NewEvent> {
 async fn two_live_instances_behind_a_transaction_pooler_are_woken_and_end_exact() {
     let (db, bouncer, mut client) = behind_a_bouncer().await;
     let url = bouncer.url();
-    pgfold::workload::load_orders(&client, 1, 500)
+    pgfold::testkit::workload::load_orders(&client, 1, 500)
         .await
         .unwrap();
 
     // Polling once an hour: within the test, only a notification can wake them.
     let mut env = behind(&url, &db, "false");
     env.push(("PGFOLD_DAEMON__POLL_INTERVAL_MS", "3600000"));
-    let mut first = Daemon::spawn(&["run"], &env);
-    let mut second = Daemon::spawn(&["run"], &env);
+    let mut first = Daemon::spawn(PGFOLD, &["run"], &env);
+    let mut second = Daemon::spawn(PGFOLD, &["run"], &env);
 
     count_disarms(&client).await;
     let mut next = 1_000_000;
@@ -291,7 +291,7 @@ async fn two_live_instances_behind_a_transaction_pooler_are_woken_and_end_exact(
 async fn replay_all_and_status_run_behind_a_transaction_pooler() {
     let (db, bouncer, client) = behind_a_bouncer().await;
     let url = bouncer.url();
-    pgfold::workload::load_orders(&client, 1, 1_000)
+    pgfold::testkit::workload::load_orders(&client, 1, 1_000)
         .await
         .unwrap();
     let env = behind(&url, &db, "false");
@@ -339,7 +339,7 @@ async fn prepared_statements_fail_behind_a_transaction_pooler() {
     let url = bouncer.url();
     let mut env = behind(&url, &db, "true");
     env.push(("PGFOLD_DAEMON__POLL_INTERVAL_MS", "50"));
-    let daemon = Daemon::spawn(&["run"], &env);
+    let daemon = Daemon::spawn(PGFOLD, &["run"], &env);
     // Each append is a reason for a batch; the daemon's pooled connections take
     // turns on the bouncer's two server connections.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);

@@ -3,7 +3,6 @@
 
 use serde_json::json;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::NoTls;
 
 use crate::helpers::*;
 
@@ -40,31 +39,13 @@ impl AppRole {
     }
 
     fn url(&self, db: &TestDb) -> String {
-        format!("postgres://{}@127.0.0.1:5432/{}", self.name, db.name)
+        db.url_as(&self.name, None)
     }
 }
 
 impl Drop for AppRole {
     fn drop(&mut self) {
-        let (name, url) = (self.name.clone(), self.admin_db_url.clone());
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                if let Ok((client, conn)) = tokio_postgres::connect(&url, NoTls).await {
-                    tokio::spawn(conn);
-                    let _ = client
-                        .batch_execute(&format!(
-                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}';
-                             DROP OWNED BY {name}; DROP ROLE IF EXISTS {name};"
-                        ))
-                        .await;
-                }
-            });
-        })
-        .join();
+        pgfold::testkit::db::drop_role_detached(&self.admin_db_url, &self.name);
     }
 }
 
@@ -81,7 +62,7 @@ fn assert_ok(out: &std::process::Output, what: &str) {
 async fn run_and_replay_work_under_a_role_that_can_only_read_events_and_write_its_own_tables() {
     let db = TestDb::new().await;
     let admin = db.client().await;
-    pgfold::workload::load_orders(&admin, 1, 2_000)
+    pgfold::testkit::workload::load_orders(&admin, 1, 2_000)
         .await
         .unwrap();
     let role = AppRole::create(&db).await;
@@ -218,6 +199,7 @@ async fn a_password_in_the_url_never_appears_when_the_connection_fails() {
         // `pgfold run` may keep retrying (or give up after the connect timeout):
         // either way, what it logs meanwhile must not show the password.
         let mut daemon = Daemon::spawn(
+            PGFOLD,
             &["run"],
             &[
                 ("DATABASE_URL", url),
@@ -250,9 +232,11 @@ async fn a_password_in_the_url_never_appears_when_the_connection_fails() {
 async fn a_password_in_the_url_never_appears_when_the_connection_succeeds() {
     let db = TestDb::new().await;
     let admin = db.client().await;
-    pgfold::workload::load_orders(&admin, 1, 50).await.unwrap();
+    pgfold::testkit::workload::load_orders(&admin, 1, 50)
+        .await
+        .unwrap();
     // Trust authentication here accepts any password: the point is what is printed.
-    let url = format!("postgres://postgres:{SECRET}@127.0.0.1:5432/{}", db.name);
+    let url = db.url_as(&db.admin_user(), Some(SECRET));
     for args in [
         &["migrate"][..],
         &["run", "--once"],

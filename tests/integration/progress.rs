@@ -154,7 +154,7 @@ async fn a_replay_on_a_terminal_shows_one_moving_bar_per_projector_that_finishes
     // In slices, as orders come in over time: each slice of the log holds every
     // kind of event, so every range of the replay costs about the same.
     for first in (1..=ORDERS).step_by(ORDERS_PER_SLICE as usize) {
-        pgfold::workload::load_orders(&client, first, ORDERS_PER_SLICE)
+        pgfold::testkit::workload::load_orders(&client, first, ORDERS_PER_SLICE)
             .await
             .unwrap();
     }
@@ -321,13 +321,14 @@ fn assert_json_progress(url: &str, newest: u64) {
 async fn status_and_metrics_show_a_replay_in_progress() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    pgfold::workload::load_orders(&client, 1, 20_000)
+    pgfold::testkit::workload::load_orders(&client, 1, 20_000)
         .await
         .unwrap();
     let newest = scalar_i64(&client, "SELECT max(id) FROM events").await;
     let address = format!("127.0.0.1:{}", free_port());
     // Small batches: the replay lasts long enough to be looked at.
     let _daemon = Daemon::spawn(
+        PGFOLD,
         &[
             "run",
             "--replay",

@@ -10,7 +10,7 @@ use crate::helpers::*;
 async fn a_few_hundred_thousand_orders_events_fold_exactly() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    let events = pgfold::workload::load_orders(&client, 1, 120_000)
+    let events = pgfold::testkit::workload::load_orders(&client, 1, 120_000)
         .await
         .unwrap();
     assert!(events > 300_000, "{events}");

@@ -9,7 +9,7 @@ use pgfold::daemon::RunOptions;
 use pgfold::store::{self, Appended};
 use serde_json::json;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::helpers::*;
 use crate::stream_order::{early_writer, with_scratch};
@@ -27,7 +27,7 @@ fn live_daemon(db: &TestDb, extra: &[(&str, &str)]) -> Daemon {
         ("PGFOLD_DAEMON__POLL_INTERVAL_MS", "200"),
     ];
     env.extend_from_slice(extra);
-    Daemon::spawn(&["run"], &env)
+    Daemon::spawn(PGFOLD, &["run"], &env)
 }
 
 async fn applied(client: &Client, projector: &str, event: &Appended) -> bool {
@@ -291,25 +291,7 @@ struct BareRole {
 
 impl Drop for BareRole {
     fn drop(&mut self) {
-        let sql = format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{name}';
-             DROP OWNED BY {name}; DROP ROLE IF EXISTS {name};",
-            name = self.name
-        );
-        let url = self.admin_db_url.clone();
-        let _ = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap()
-                .block_on(async move {
-                    if let Ok((client, conn)) = tokio_postgres::connect(&url, NoTls).await {
-                        tokio::spawn(conn);
-                        let _ = client.batch_execute(&sql).await;
-                    }
-                })
-        })
-        .join();
+        pgfold::testkit::db::drop_role_detached(&self.admin_db_url, &self.name);
     }
 }
 
@@ -330,11 +312,7 @@ async fn a_role_with_only_the_documented_grant_can_wait() {
         .await
         .unwrap();
     run_once(&db.settings(), RunOptions::default()).await;
-    let app = connect(&format!(
-        "postgres://{}@127.0.0.1:5432/{}",
-        role.name, db.name
-    ))
-    .await;
+    let app = connect(&db.url_as(&role.name, None)).await;
 
     // Not callable by PUBLIC...
     let e = app

@@ -36,7 +36,7 @@ async fn scalar_opt_text(client: &tokio_postgres::Client, sql: &str) -> Option<S
 async fn rebuild_all_beside_live_readers_never_see_a_partial_projection() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    pgfold::workload::load_orders(&client, 1, 100_000)
+    pgfold::testkit::workload::load_orders(&client, 1, 100_000)
         .await
         .unwrap();
     run_once(&db.settings(), RunOptions::default()).await;
@@ -71,7 +71,7 @@ async fn rebuild_all_beside_live_readers_never_see_a_partial_projection() {
         tokio::spawn(async move {
             let mut next = 1_000_000;
             while !stop.load(Ordering::Relaxed) {
-                pgfold::workload::load_orders(&client, next, 100)
+                pgfold::testkit::workload::load_orders(&client, next, 100)
                     .await
                     .unwrap();
                 next += 100;
@@ -171,7 +171,7 @@ async fn rebuild_all_beside_live_readers_never_see_a_partial_projection() {
 async fn a_view_on_the_projection_refuses_the_swap_in_one_line() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    pgfold::workload::load_orders(&client, 1, 2_000)
+    pgfold::testkit::workload::load_orders(&client, 1, 2_000)
         .await
         .unwrap();
     run_once(&db.settings(), RunOptions::default()).await;
@@ -226,7 +226,7 @@ async fn a_view_on_the_projection_refuses_the_swap_in_one_line() {
 async fn sigkill_during_the_build_then_run_once_resumes_and_swaps() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    pgfold::workload::load_orders(&client, 1, 40_000)
+    pgfold::testkit::workload::load_orders(&client, 1, 40_000)
         .await
         .unwrap();
     run_once(&db.settings(), RunOptions::default()).await;
@@ -239,7 +239,7 @@ async fn sigkill_during_the_build_then_run_once_resumes_and_swaps() {
     let address = format!("127.0.0.1:{}", free_port());
     let mut with_http = env.to_vec();
     with_http.push(("PGFOLD_HTTP__LISTEN", &address));
-    let mut daemon = Daemon::spawn(&["run", "--rebuild", "order_snapshots"], &with_http);
+    let mut daemon = Daemon::spawn(PGFOLD, &["run", "--rebuild", "order_snapshots"], &with_http);
     wait_for(
         "the build to commit some batches",
         Duration::from_secs(60),
@@ -339,7 +339,7 @@ impl<P: Projector> Projector for Versioned<P> {
 async fn a_bumped_version_is_rebuilt_by_itself_and_a_missing_fingerprint_adopted() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    pgfold::workload::load_orders(&client, 1, 3_000)
+    pgfold::testkit::workload::load_orders(&client, 1, 3_000)
         .await
         .unwrap();
     run_once(&db.settings(), RunOptions::default()).await;
@@ -372,7 +372,7 @@ async fn a_bumped_version_is_rebuilt_by_itself_and_a_missing_fingerprint_adopted
 
     // Back to v1 without a rebuild: the retired tables and their checkpoint
     // return (pgfold.swap_back), then the v1 daemon applies what they lack.
-    pgfold::workload::load_orders(&client, 10_000, 500)
+    pgfold::testkit::workload::load_orders(&client, 10_000, 500)
         .await
         .unwrap();
     client
@@ -420,7 +420,7 @@ async fn a_bumped_version_is_rebuilt_by_itself_and_a_missing_fingerprint_adopted
 async fn a_custom_projector_rebuilds_beside_its_live_tables() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    pgfold::workload::load_orders(&client, 1, 2_000)
+    pgfold::testkit::workload::load_orders(&client, 1, 2_000)
         .await
         .unwrap();
     let env = [("DATABASE_URL", db.url.as_str())];
@@ -452,10 +452,13 @@ async fn a_custom_projector_rebuilds_beside_its_live_tables() {
 
     run(&["run", "--once", "--rebuild", "customer_spend"]);
 
-    let differences =
-        pgfold::workload::differences(&client, live, "SELECT customer_id, paid FROM spend_before")
-            .await
-            .unwrap();
+    let differences = pgfold::testkit::workload::differences(
+        &client,
+        live,
+        "SELECT customer_id, paid FROM spend_before",
+    )
+    .await
+    .unwrap();
     assert_eq!(differences, 0, "customer_spend rebuilt from the log");
     assert_eq!(
         scalar_i64(
@@ -474,7 +477,7 @@ async fn a_custom_projector_rebuilds_beside_its_live_tables() {
 async fn two_instances_rebuild_once_and_both_carry_on() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    pgfold::workload::load_orders(&client, 1, 20_000)
+    pgfold::testkit::workload::load_orders(&client, 1, 20_000)
         .await
         .unwrap();
     run_once(&db.settings(), RunOptions::default()).await;
@@ -484,8 +487,8 @@ async fn two_instances_rebuild_once_and_both_carry_on() {
         ("PGFOLD_DAEMON__SET_BATCH_SIZE", "2000"),
     ];
     let args = ["run", "--rebuild", "daily_revenue"];
-    let mut a = Daemon::spawn(&args, &env);
-    let mut b = Daemon::spawn(&args, &env);
+    let mut a = Daemon::spawn(PGFOLD, &args, &env);
+    let mut b = Daemon::spawn(PGFOLD, &args, &env);
     let said = |d: &Daemon, text: &str| d.lines().iter().filter(|l| l.contains(text)).count();
     wait_for("a swap", Duration::from_secs(60), || async {
         said(&a, "rebuilt projection swapped in") + said(&b, "rebuilt projection swapped in") == 1
@@ -495,7 +498,7 @@ async fn two_instances_rebuild_once_and_both_carry_on() {
     })
     .await;
     assert!(a.is_running() && b.is_running());
-    pgfold::workload::load_orders(&client, 100_000, 500)
+    pgfold::testkit::workload::load_orders(&client, 100_000, 500)
         .await
         .unwrap();
     let newest = scalar_i64(&client, "SELECT max(id) FROM events").await;
@@ -521,10 +524,10 @@ async fn two_instances_rebuild_once_and_both_carry_on() {
 async fn a_changed_sql_projection_file_is_rebuilt_by_itself_with_no_partial_reads() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    pgfold::workload::load_orders(&client, 1, 30_000)
+    pgfold::testkit::workload::load_orders(&client, 1, 30_000)
         .await
         .unwrap();
-    let dir = std::env::temp_dir().join(format!("pgfold_i14_{}", uuid::Uuid::new_v4().simple()));
+    let dir = std::env::temp_dir().join(format!("{}_projections", db.name));
     std::fs::create_dir_all(&dir).unwrap();
     let example = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -540,12 +543,12 @@ async fn a_changed_sql_projection_file_is_rebuilt_by_itself_with_no_partial_read
     let expected = |factor: i32| {
         format!(
             "SELECT day, category, total * {factor} FROM ({}) x",
-            pgfold::workload::EXPECTED_DAILY_REVENUE
+            pgfold::testkit::workload::EXPECTED_DAILY_REVENUE
         )
     };
     let live = "SELECT day, category, total FROM daily_revenue_sql";
     assert_eq!(
-        pgfold::workload::differences(&client, live, &expected(1))
+        pgfold::testkit::workload::differences(&client, live, &expected(1))
             .await
             .unwrap(),
         0
@@ -583,7 +586,7 @@ async fn a_changed_sql_projection_file_is_rebuilt_by_itself_with_no_partial_read
     let swapped: Vec<&str> = outcome.swaps.iter().map(|s| s.projector.as_str()).collect();
     assert_eq!(swapped, ["daily_revenue_sql"]);
     assert_eq!(
-        pgfold::workload::differences(&client, live, &expected(2))
+        pgfold::testkit::workload::differences(&client, live, &expected(2))
             .await
             .unwrap(),
         0,

@@ -21,21 +21,10 @@ async fn applied(client: &Client) -> i64 {
 }
 
 async fn projections_exact(client: &Client) -> bool {
-    let revenue = pgfold::workload::differences(
-        client,
-        "SELECT day, category, total FROM daily_revenue",
-        pgfold::workload::EXPECTED_DAILY_REVENUE,
-    )
-    .await
-    .unwrap();
-    let snapshots = pgfold::workload::differences(
-        client,
-        "SELECT stream_id, sequence, state FROM order_snapshots",
-        pgfold::workload::EXPECTED_ORDER_SNAPSHOTS,
-    )
-    .await
-    .unwrap();
-    revenue == 0 && snapshots == 0
+    pgfold::testkit::workload::projection_differences(client)
+        .await
+        .unwrap()
+        == (0, 0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -43,6 +32,7 @@ async fn terminating_every_daemon_backend_while_events_arrive_is_survived_exactl
     let db = TestDb::new().await;
     let observer = db.client().await;
     let mut daemon = Daemon::spawn(
+        PGFOLD,
         &["run"],
         &[
             ("DATABASE_URL", &db.url),
@@ -183,6 +173,7 @@ async fn a_terminated_listen_connection_still_delivers_new_events_promptly() {
     let mut writer = db.client().await;
     // Polling is a minute away: only notifications or a reconnect deliver promptly.
     let mut daemon = Daemon::spawn(
+        PGFOLD,
         &["run"],
         &[
             ("DATABASE_URL", &db.url),

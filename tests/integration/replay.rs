@@ -6,7 +6,7 @@ use crate::helpers::*;
 async fn replay_rebuilds_a_damaged_projection_from_the_first_event() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    pgfold::workload::load_orders(&client, 1, 3_000)
+    pgfold::testkit::workload::load_orders(&client, 1, 3_000)
         .await
         .unwrap();
     run_once(&db.settings(), RunOptions::default()).await;
@@ -47,7 +47,7 @@ async fn replay_rebuilds_a_damaged_projection_from_the_first_event() {
 async fn replaying_one_projector_leaves_the_other_alone() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    pgfold::workload::load_orders(&client, 1, 500)
+    pgfold::testkit::workload::load_orders(&client, 1, 500)
         .await
         .unwrap();
     run_once(&db.settings(), RunOptions::default()).await;

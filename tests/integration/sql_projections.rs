@@ -36,22 +36,22 @@ async fn assert_examples_exact(client: &Client) {
 
 /// Rows differing from the independent folds, per example.
 async fn examples_differences(client: &Client) -> (i64, i64, i64) {
-    let revenue = pgfold::workload::differences(
+    let revenue = pgfold::testkit::workload::differences(
         client,
         "SELECT day, category, total FROM daily_revenue_sql",
-        pgfold::workload::EXPECTED_DAILY_REVENUE,
+        pgfold::testkit::workload::EXPECTED_DAILY_REVENUE,
     )
     .await
     .unwrap();
-    let snapshots = pgfold::workload::differences(
+    let snapshots = pgfold::testkit::workload::differences(
         client,
         "SELECT stream_id, sequence, state FROM order_snapshots_sql",
-        pgfold::workload::EXPECTED_ORDER_SNAPSHOTS,
+        pgfold::testkit::workload::EXPECTED_ORDER_SNAPSHOTS,
     )
     .await
     .unwrap();
     // The status of each order, straight from its last event.
-    let status = pgfold::workload::differences(
+    let status = pgfold::testkit::workload::differences(
         client,
         "SELECT stream_id, status, changed_at FROM order_status",
         "SELECT DISTINCT ON (stream_id) stream_id,
@@ -82,7 +82,7 @@ async fn each_kind_of_sql_projection_equals_an_independent_fold_live_and_replaye
     settings.daemon.set_batch_size = 97;
     let mut first = 1;
     for orders in [400, 7, 300] {
-        pgfold::workload::load_orders(&client, first, orders)
+        pgfold::testkit::workload::load_orders(&client, first, orders)
             .await
             .unwrap();
         first += orders;
@@ -139,9 +139,11 @@ async fn a_poison_event_in_a_sql_projection_is_parked_or_dead_lettered() {
         let db = TestDb::new().await;
         let mut client = db.client().await;
         let registry = with_examples();
-        pgfold::workload::load_orders(&client, 1, 30).await.unwrap();
+        pgfold::testkit::workload::load_orders(&client, 1, 30)
+            .await
+            .unwrap();
         pay_without_price(&mut client).await;
-        pgfold::workload::load_orders(&client, 31, 30)
+        pgfold::testkit::workload::load_orders(&client, 31, 30)
             .await
             .unwrap();
         let mut settings = db.settings();
@@ -183,10 +185,10 @@ async fn a_poison_event_in_a_sql_projection_is_parked_or_dead_lettered() {
                     .batch_execute("DELETE FROM events WHERE stream_id = 'order-poison'")
                     .await
                     .unwrap();
-                let revenue = pgfold::workload::differences(
+                let revenue = pgfold::testkit::workload::differences(
                     &client,
                     "SELECT day, category, total FROM daily_revenue_sql",
-                    pgfold::workload::EXPECTED_DAILY_REVENUE,
+                    pgfold::testkit::workload::EXPECTED_DAILY_REVENUE,
                 )
                 .await
                 .unwrap();
@@ -331,10 +333,10 @@ async fn two_instances_share_sql_projections() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let mut a = Daemon::spawn(&["run"], &env);
-    let mut b = Daemon::spawn(&["run"], &env);
+    let mut a = Daemon::spawn(PGFOLD, &["run"], &env);
+    let mut b = Daemon::spawn(PGFOLD, &["run"], &env);
     for chunk in 0..10 {
-        pgfold::workload::load_orders(&client, 1 + chunk * 40, 40)
+        pgfold::testkit::workload::load_orders(&client, 1 + chunk * 40, 40)
             .await
             .unwrap();
     }

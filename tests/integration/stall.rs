@@ -50,6 +50,7 @@ async fn an_idle_in_transaction_session_is_named_and_never_skipped() {
     )
     .await;
     let mut daemon = Daemon::spawn(
+        PGFOLD,
         &["run"],
         &[
             ("DATABASE_URL", &db.url),

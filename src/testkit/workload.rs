@@ -91,6 +91,12 @@ SELECT e.stream_id, 'order',
     Ok(created + paid + later)
 }
 
+/// `daily_revenue`'s rows, as [`EXPECTED_DAILY_REVENUE`] computes them.
+pub const DAILY_REVENUE: &str = "SELECT day, category, total FROM daily_revenue";
+
+/// `order_snapshots`'s rows, as [`EXPECTED_ORDER_SNAPSHOTS`] computes them.
+pub const ORDER_SNAPSHOTS: &str = "SELECT stream_id, sequence, state FROM order_snapshots";
+
 /// `daily_revenue` computed independently, straight from the log.
 pub const EXPECTED_DAILY_REVENUE: &str = r#"
 SELECT (e.occurred_at AT TIME ZONE 'UTC')::date AS day, i->>'category' AS category,
@@ -154,4 +160,14 @@ pub async fn differences<C: GenericClient>(
               + (SELECT count(*) FROM (({expected}) EXCEPT ALL ({actual})) b)"
     );
     Ok(client.query_one(&sql, &[]).await?.get(0))
+}
+
+/// Rows of the two built-in projections that differ from their independent folds:
+/// (`daily_revenue`, `order_snapshots`); (0, 0) means both are exact.
+pub async fn projection_differences<C: GenericClient>(
+    client: &C,
+) -> Result<(i64, i64), tokio_postgres::Error> {
+    let revenue = differences(client, DAILY_REVENUE, EXPECTED_DAILY_REVENUE).await?;
+    let snapshots = differences(client, ORDER_SNAPSHOTS, EXPECTED_ORDER_SNAPSHOTS).await?;
+    Ok((revenue, snapshots))
 }

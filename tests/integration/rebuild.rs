@@ -602,3 +602,72 @@ async fn a_changed_sql_projection_file_is_rebuilt_by_itself_with_no_partial_read
         );
     }
 }
+
+/// SIGKILL in the middle of the swap transaction (held up by a reader, so that
+/// it can be caught there): the old projection stays, complete, and the next
+/// run swaps the new one in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_the_swap_leaves_the_old_projection_then_run_once_swaps() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    pgfold::testkit::workload::load_orders(&client, 1, 5_000)
+        .await
+        .unwrap();
+    run_once(&db.settings(), RunOptions::default()).await;
+    // A reader in a long transaction: every swap attempt queues behind it for
+    // its lock_timeout, gives up and retries.
+    let reader = db.client().await;
+    reader
+        .batch_execute("BEGIN; SELECT count(*) FROM daily_revenue")
+        .await
+        .unwrap();
+    let env = [("DATABASE_URL", db.url.as_str())];
+    let mut daemon = Daemon::spawn(PGFOLD, &["run", "--rebuild", "daily_revenue"], &env);
+    let in_swap = format!(
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = '{}' AND wait_event_type = 'Lock' AND query LIKE 'LOCK TABLE%'",
+        db.name
+    );
+    wait_for(
+        "a swap waiting for its lock",
+        Duration::from_secs(60),
+        || async { scalar_i64(&client, &in_swap).await > 0 },
+    )
+    .await;
+    daemon.kill(); // SIGKILL, mid-transaction
+    reader.batch_execute("COMMIT").await.unwrap();
+
+    // Old and complete: the swap's transaction left nothing behind.
+    assert_projections_exact(&client).await;
+    assert_eq!(
+        scalar_opt_text(
+            &client,
+            "SELECT to_regclass('pgfold_retired_daily_revenue.daily_revenue')::text"
+        )
+        .await,
+        None,
+        "nothing was retired"
+    );
+    assert_eq!(
+        scalar_i64(
+            &client,
+            "SELECT count(*) FROM pgfold.projectors WHERE name = 'daily_revenue.build'"
+        )
+        .await,
+        1
+    );
+
+    let out = pgfold(&["run", "--once"], &env);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_projections_exact(&client).await;
+    assert!(scalar_opt_text(
+        &client,
+        "SELECT to_regclass('pgfold_retired_daily_revenue.daily_revenue')::text"
+    )
+    .await
+    .is_some());
+}

@@ -266,6 +266,12 @@ async fn sigkill_during_the_build_then_run_once_resumes_and_swaps() {
         snapshots["rebuild"]["lag_events"].as_i64().unwrap() > 0,
         "{status}"
     );
+    let table = pgfold(&["status"], &[("DATABASE_URL", db.url.as_str())]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        text.contains("order_snapshots is rebuilding beside its live tables (requested with --rebuild): position "),
+        "{text}"
+    );
     let (_, metrics) = get(&address, "/metrics").await;
     assert!(
         metrics.contains("pgfold_rebuild_in_progress{projector=\"order_snapshots\"} 1"),

@@ -141,6 +141,9 @@ pub struct Worker {
     warned_oversized: Option<i64>,
     /// Whether the byte budget has cut a batch yet: said once, not every batch.
     warned_cut: bool,
+    /// Whether this instance has said that its definition is not the one the
+    /// tables were built with (see `rebuild::guard`).
+    warned_definition: bool,
 }
 
 impl Worker {
@@ -177,6 +180,7 @@ impl Worker {
             batch_bytes: i64::try_from(daemon.batch_bytes).unwrap_or(i64::MAX),
             warned_oversized: None,
             warned_cut: false,
+            warned_definition: false,
         }
     }
 
@@ -206,12 +210,10 @@ impl Worker {
         // another. All run after the lock has been granted (a later statement, so
         // the checkpoint's snapshot sees what the lock's last holder committed)
         // and before anything reads events (as the horizon must).
-        let schema = async {
-            match &self.schema {
-                Some(schema) => crate::rebuild::search_path_first(&tx, schema).await,
-                None => Ok(()),
-            }
-        };
+        // Applies only into tables built with this definition (and, for a
+        // rebuild, into its build schema).
+        let fingerprint = self.projector.fingerprint();
+        let guard = crate::rebuild::guard(&tx, &name, &fingerprint, self.schema.as_deref());
         let serial = async {
             match self.projector.fold() {
                 // A decoded batch is a few thousand rows at most: starting parallel
@@ -222,12 +224,24 @@ impl Worker {
                 Fold::Set(_) | Fold::StreamSet(_) => Ok(0),
             }
         };
-        let (ck, horizon, _, ()) = tokio::try_join!(
+        let (ck, horizon, _, same_definition) = tokio::try_join!(
             checkpoint::load(&tx, &name),
             feed::horizon(&tx),
             serial,
-            schema
+            guard
         )?;
+        if !same_definition {
+            if !self.warned_definition {
+                self.warned_definition = true;
+                tracing::warn!(
+                    projector = self.projector.name(),
+                    checkpoint = %name,
+                    fingerprint = %fingerprint,
+                    "the tables were built with another definition of this projector: not applying batches until a rebuild swaps in this one (or run the definition they hold)"
+                );
+            }
+            return Ok(Step::Busy);
+        }
         if ck.state == State::Failed {
             return Ok(Step::Parked(checkpoint::failure(&tx, &name).await?));
         }

@@ -69,6 +69,32 @@ pub async fn search_path_first<C: Db>(tx: &C, schema: &str) -> Result<(), tokio_
     Ok(())
 }
 
+/// In a batch transaction, after the lock: whether the checkpoint row `key` was
+/// built with `fingerprint` (or records none), so that a batch never folds with
+/// one definition into tables built with another: an instance whose definition
+/// changed serves the old tables as they stand until its rebuild swaps in, and an
+/// instance still running the old definition stops applying once the new one is
+/// swapped in. With `schema` (a build), the schema goes first on the
+/// `search_path` for the rest of the transaction, in the same statement.
+pub async fn guard<C: Db>(
+    tx: &C,
+    key: &str,
+    fingerprint: &str,
+    schema: Option<&str>,
+) -> Result<bool, tokio_postgres::Error> {
+    let row = tx
+        .query_one(
+            "SELECT coalesce((SELECT fingerprint = $2 FROM pgfold.projectors WHERE name = $1), true),
+                    CASE WHEN $3::text IS NOT NULL THEN
+                      set_config('search_path',
+                                 quote_ident($3::text) || ', ' || current_setting('search_path'), true)
+                    END",
+            &[&key, &fingerprint, &schema],
+        )
+        .await?;
+    Ok(row.get::<_, Option<bool>>(0).unwrap_or(true))
+}
+
 /// Records the definition a projector's tables were just built with (a new
 /// projector's first setup, a replay).
 pub async fn record_fingerprint<C: Db>(
@@ -331,6 +357,7 @@ pub async fn drive(
     ops: Reporting,
 ) -> anyhow::Result<Option<Failure>> {
     let name = build.projector.name().to_string();
+    let fingerprint = build.projector.fingerprint();
     let label = label(&name);
     let mut worker = Worker::new(build.projector.clone(), settings, &daemon, pool.clone())
         .beside(&build.key, &build.schema);
@@ -399,8 +426,8 @@ pub async fn drive(
                             refused = Some(tokio::time::Instant::now());
                             daemon.poll_interval()
                         }
-                        Err(_) if !build_exists(&pool, &build.key).await => {
-                            tracing::info!(projector = %name, "another instance swapped the rebuild in");
+                        Err(_) if !build_is_ours(&pool, &build.key, &fingerprint).await => {
+                            tracing::info!(projector = %name, "another instance swapped the rebuild in, or took it over");
                             break Ok(None);
                         }
                         Err(e) => {
@@ -411,11 +438,15 @@ pub async fn drive(
                     }
                 }
             }
+            Ok(Step::Busy) if !build_is_ours(&pool, &build.key, &fingerprint).await => {
+                tracing::info!(projector = %name, "another instance swapped the rebuild in, or took it over");
+                break Ok(None);
+            }
             Ok(Step::Busy) => daemon.poll_interval(),
             Ok(Step::Parked(failure)) => break Ok(Some(failure)),
             Ok(Step::Retry(delay)) => delay,
-            Err(_) if !build_exists(&pool, &build.key).await => {
-                tracing::info!(projector = %name, "another instance swapped the rebuild in");
+            Err(_) if !build_is_ours(&pool, &build.key, &fingerprint).await => {
+                tracing::info!(projector = %name, "another instance swapped the rebuild in, or took it over");
                 break Ok(None);
             }
             Err(e) => {
@@ -442,16 +473,20 @@ pub async fn drive(
     result
 }
 
-/// Whether the build's checkpoint row is still there: another instance's swap
-/// deletes it. When that cannot be told, it is.
-async fn build_exists(pool: &Pool, key: &str) -> bool {
+/// Whether the build's checkpoint row is still there, building this definition:
+/// another instance's swap deletes it, and another instance's fresh build of
+/// another definition replaces it. When that cannot be told, it is.
+async fn build_is_ours(pool: &Pool, key: &str, fingerprint: &str) -> bool {
     let Ok(client) = pool.get().await else {
         return true;
     };
     client
-        .query_opt("SELECT 1 FROM pgfold.projectors WHERE name = $1", &[&key])
+        .query_opt(
+            "SELECT fingerprint IS NOT DISTINCT FROM $2 FROM pgfold.projectors WHERE name = $1",
+            &[&key, &fingerprint],
+        )
         .await
-        .map_or(true, |row| row.is_some())
+        .map_or(true, |row| row.is_some_and(|r| r.get::<_, bool>(0)))
 }
 
 /// How long after a refused swap (a view in the way) it is tried again.

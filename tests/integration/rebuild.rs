@@ -677,3 +677,66 @@ async fn sigkill_during_the_swap_leaves_the_old_projection_then_run_once_swaps()
     .await
     .is_some());
 }
+
+/// An instance still running the old definition stops applying once the new one
+/// is swapped in: it never folds with one definition into tables built with
+/// another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_with_the_old_definition_stops_applying_after_the_swap() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    pgfold::testkit::workload::load_orders(&client, 1, 2_000)
+        .await
+        .unwrap();
+    run_once(&db.settings(), RunOptions::default()).await;
+    // The stock binary: daily_revenue v1.
+    let env = [("DATABASE_URL", db.url.as_str()), ("RUST_LOG", "info")];
+    let old = Daemon::spawn(PGFOLD, &["run"], &env);
+    // Running (past its start, where it would see v2 tables and rebuild v1)
+    // before v2 starts.
+    wait_for(
+        "the old instance to run",
+        Duration::from_secs(60),
+        || async { old.lines().iter().any(|l| l.contains("running")) },
+    )
+    .await;
+    let bumped = Registry::new()
+        .register(Versioned(DailyRevenue, 2))
+        .register(OrderSnapshots);
+    let outcome = run_once_with(&db.settings(), &bumped, RunOptions::default()).await;
+    assert_eq!(outcome.swaps.len(), 1);
+
+    pgfold::testkit::workload::load_orders(&client, 10_000, 200)
+        .await
+        .unwrap();
+    let newest = scalar_i64(&client, "SELECT max(id) FROM events").await;
+    wait_for(
+        "the old instance to keep order_snapshots current and refuse daily_revenue",
+        Duration::from_secs(60),
+        || async {
+            scalar_i64(
+                &client,
+                "SELECT position_id FROM pgfold.projectors WHERE name = 'order_snapshots'",
+            )
+            .await
+                == newest
+                && old
+                    .lines()
+                    .iter()
+                    .any(|l| l.contains("built with another definition"))
+        },
+    )
+    .await;
+    assert!(
+        scalar_i64(
+            &client,
+            "SELECT position_id FROM pgfold.projectors WHERE name = 'daily_revenue'"
+        )
+        .await
+            < newest,
+        "the v1 instance applied into the v2 tables"
+    );
+    drop(old);
+    run_once_with(&db.settings(), &bumped, RunOptions::default()).await;
+    assert_projections_exact(&client).await;
+}

@@ -36,36 +36,9 @@ async fn assert_examples_exact(client: &Client) {
 
 /// Rows differing from the independent folds, per example.
 async fn examples_differences(client: &Client) -> (i64, i64, i64) {
-    let revenue = pgfold::testkit::workload::differences(
-        client,
-        "SELECT day, category, total FROM daily_revenue_sql",
-        pgfold::testkit::workload::EXPECTED_DAILY_REVENUE,
-    )
-    .await
-    .unwrap();
-    let snapshots = pgfold::testkit::workload::differences(
-        client,
-        "SELECT stream_id, sequence, state FROM order_snapshots_sql",
-        pgfold::testkit::workload::EXPECTED_ORDER_SNAPSHOTS,
-    )
-    .await
-    .unwrap();
-    // The status of each order, straight from its last event.
-    let status = pgfold::testkit::workload::differences(
-        client,
-        "SELECT stream_id, status, changed_at FROM order_status",
-        "SELECT DISTINCT ON (stream_id) stream_id,
-                CASE event_type WHEN 'OrderCreated' THEN 'pending' WHEN 'OrderPaid' THEN 'paid'
-                                WHEN 'OrderShipped' THEN 'shipped' ELSE 'cancelled' END,
-                occurred_at
-           FROM events
-          WHERE stream_type = 'order'
-            AND event_type IN ('OrderCreated', 'OrderPaid', 'OrderShipped', 'OrderCancelled')
-          ORDER BY stream_id, sequence DESC",
-    )
-    .await
-    .unwrap();
-    (revenue, snapshots, status)
+    pgfold::testkit::workload::example_differences(client)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]

@@ -13,6 +13,8 @@ use pgfold::Registry;
 use serde_json::json;
 use tokio_postgres::Client;
 
+use pgfold::testkit::db::column;
+
 use crate::helpers::*;
 
 /// The examples shipped in `examples/projections/`.
@@ -173,24 +175,12 @@ async fn a_poison_event_in_a_sql_projection_is_parked_or_dead_lettered() {
 
 /// What a bad file may not change: the tables and the projectors' rows.
 async fn footprint(client: &Client) -> (Vec<String>, Vec<String>) {
-    let tables = client
-        .query(
-            "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let projectors = client
-        .query("SELECT name FROM pgfold.projectors ORDER BY 1", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    (tables, projectors)
+    let tables = "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1";
+    let projectors = "SELECT name FROM pgfold.projectors ORDER BY 1";
+    (
+        column(client, tables).await.unwrap(),
+        column(client, projectors).await.unwrap(),
+    )
 }
 
 const GOOD_SETUP: &str = r#"setup = "CREATE TABLE IF NOT EXISTS t (k text PRIMARY KEY, n bigint NOT NULL)"

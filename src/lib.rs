@@ -26,6 +26,8 @@
 //!   tests, the torture test and the benchmark share: databases, the daemon as a
 //!   child process, the "orders" workload and its independent SQL folds.
 
+#![warn(missing_docs)]
+
 pub use feed::{Event, EventFilter, EventRange, Position};
 pub use projector::{EventFold, Fold, Projector, ProjectorError, Registry, SetBatch, SetFold, Tx};
 

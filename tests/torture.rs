@@ -23,6 +23,7 @@ use serde_json::{json, Value};
 
 /// The binary cargo built for this test.
 const PGFOLD: &str = env!("CARGO_BIN_EXE_pgfold");
+const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/projections");
 
 const WRITERS: usize = 8;
 const INSTANCES: usize = 3;
@@ -216,6 +217,8 @@ async fn torture_many_writers_killed_instances_terminated_backends_end_exact() {
         ("PGFOLD_DAEMON__SET_BATCH_SIZE", "100"),
         ("PGFOLD_DAEMON__POLL_INTERVAL_MS", "200"),
         ("PGFOLD_DATABASE__POOL_SIZE", "4"),
+        // The SQL projections run under the same chaos as the built-ins.
+        ("PGFOLD_DAEMON__PROJECTIONS_DIR", EXAMPLES),
     ]
     .iter()
     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -290,6 +293,7 @@ async fn torture_many_writers_killed_instances_terminated_backends_end_exact() {
         .await
         .unwrap();
     let (revenue_rows, snapshot_rows) = workload::projection_differences(&admin).await.unwrap();
+    let sql_rows = workload::example_differences(&admin).await.unwrap();
     // Each projector's events_applied against the committed events it consumes.
     let (mut missing, mut duplicated) = (0i64, 0i64);
     let mut per_projector = Vec::new();
@@ -300,6 +304,20 @@ async fn torture_many_writers_killed_instances_terminated_backends_end_exact() {
         ),
         (
             "order_snapshots",
+            "SELECT count(*) FROM events WHERE stream_type = 'order'
+               AND event_type IN ('OrderCreated', 'OrderPaid', 'OrderShipped', 'OrderCancelled')",
+        ),
+        (
+            "daily_revenue_sql",
+            "SELECT count(*) FROM events WHERE event_type = 'OrderPaid'",
+        ),
+        (
+            "order_snapshots_sql",
+            "SELECT count(*) FROM events WHERE stream_type = 'order'
+               AND event_type IN ('OrderCreated', 'OrderPaid', 'OrderShipped', 'OrderCancelled')",
+        ),
+        (
+            "order_status",
             "SELECT count(*) FROM events WHERE stream_type = 'order'
                AND event_type IN ('OrderCreated', 'OrderPaid', 'OrderShipped', 'OrderCancelled')",
         ),
@@ -339,7 +357,8 @@ async fn torture_many_writers_killed_instances_terminated_backends_end_exact() {
          missing               {missing}\n  \
          duplicated            {duplicated}\n  \
          events applied/consumed: {} ({applied_under_chaos} applied before the final run --once)\n  \
-         rows differing: daily_revenue {revenue_rows}, order_snapshots {snapshot_rows}; dead letters {dead_letters}",
+         rows differing: daily_revenue {revenue_rows}, order_snapshots {snapshot_rows}; \
+         SQL projections (daily_revenue_sql, order_snapshots_sql, order_status) {sql_rows:?}; dead letters {dead_letters}",
         started.elapsed().as_secs_f64(),
         f.rollbacks.load(Ordering::Relaxed),
         f.conflicts.load(Ordering::Relaxed),
@@ -368,6 +387,12 @@ async fn torture_many_writers_killed_instances_terminated_backends_end_exact() {
         (revenue_rows, snapshot_rows),
         (0, 0),
         "rows differing from the independent folds (daily_revenue, order_snapshots); daemon logs in {}",
+        log_path.display()
+    );
+    assert_eq!(
+        sql_rows,
+        (0, 0, 0),
+        "rows differing from the independent folds (daily_revenue_sql, order_snapshots_sql, order_status); daemon logs in {}",
         log_path.display()
     );
     assert_eq!(dead_letters, 0);

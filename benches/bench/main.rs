@@ -9,7 +9,7 @@
 //! See `docs/benchmark.md` for every option and what the report means. Progress
 //! goes to stderr as it runs; the report is printed to stdout at the end.
 //!
-//! One file per phase (`load`, `replay`, `live`, `write`, `livecost`, `large`);
+//! One file per phase (`load`, `replay`, `sql`, `live`, `write`, `livecost`, `large`);
 //! what several phases use is in `common`, what the tests use too in
 //! `pgfold::testkit`.
 
@@ -19,6 +19,7 @@ mod live;
 mod livecost;
 mod load;
 mod replay;
+mod sql;
 mod write;
 
 use std::fmt::Write as _;
@@ -69,7 +70,7 @@ struct Cli {
     /// (kept), large payloads' NAME_large
     #[arg(long, value_name = "NAME", default_value = "pgfold_bench")]
     db: String,
-    /// run only these phases: replay,live,write,livecost,large (--only load: just
+    /// run only these phases: replay,sql,live,write,livecost,large (--only load: just
     /// create and load the database; write, livecost and large alone do not load
     /// it: they use databases of their own)
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
@@ -120,7 +121,9 @@ impl Args {
 
     /// The 1 M-event benchmark database is loaded only for the phases that use it.
     fn wants_main_db(&self) -> bool {
-        ["load", "replay", "live"].iter().any(|p| self.wants(p))
+        ["load", "replay", "sql", "live"]
+            .iter()
+            .any(|p| self.wants(p))
     }
 }
 
@@ -189,8 +192,12 @@ impl TryFrom<Cli> for Args {
             bail!("--live-cost-sizes must be positive counts, e.g. 100k,10M");
         }
         for p in &args.only {
-            if !["load", "replay", "live", "write", "livecost", "large"].contains(&p.as_str()) {
-                bail!("--only takes load, replay, live, write, livecost, large; not {p:?}");
+            if ![
+                "load", "replay", "sql", "live", "write", "livecost", "large",
+            ]
+            .contains(&p.as_str())
+            {
+                bail!("--only takes load, replay, sql, live, write, livecost, large; not {p:?}");
             }
         }
         Ok(args)
@@ -268,6 +275,9 @@ async fn run(args: Args) -> Result<()> {
     }
     if env.args.wants("replay") {
         replay::replay(&mut env).await?;
+    }
+    if env.args.wants("sql") {
+        sql::sql_projections(&mut env).await?;
     }
     if env.args.wants("live") {
         live::live(&mut env).await?;

@@ -113,6 +113,16 @@ pub async fn scalar_text(client: &Client, sql: &str) -> anyhow::Result<String> {
     scalar(client, sql).await
 }
 
+/// The first column of every row of `sql`, in order.
+pub async fn column<T: for<'a> FromSql<'a>>(client: &Client, sql: &str) -> anyhow::Result<Vec<T>> {
+    Ok(client
+        .query(sql, &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect())
+}
+
 /// `DROP DATABASE IF EXISTS name WITH (FORCE)`, then `CREATE DATABASE name`.
 /// `name` is one of the caller's own (generated, or checked to be lowercase
 /// letters, digits and `_`), never a user's input.

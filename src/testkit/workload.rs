@@ -148,6 +148,45 @@ SELECT stream_id, sequence,
   FROM folded
 "#;
 
+/// `order_status` (stream_id, status, changed_at) of `examples/projections/`,
+/// computed independently: each order's last event.
+pub const EXPECTED_ORDER_STATUS: &str = r#"
+SELECT DISTINCT ON (stream_id) stream_id,
+       CASE event_type WHEN 'OrderCreated' THEN 'pending' WHEN 'OrderPaid' THEN 'paid'
+                       WHEN 'OrderShipped' THEN 'shipped' ELSE 'cancelled' END,
+       occurred_at
+  FROM events
+ WHERE stream_type = 'order'
+   AND event_type IN ('OrderCreated', 'OrderPaid', 'OrderShipped', 'OrderCancelled')
+ ORDER BY stream_id, sequence DESC
+"#;
+
+/// Rows differing from the independent folds for the SQL projections of
+/// `examples/projections/`: (daily_revenue_sql, order_snapshots_sql, order_status).
+pub async fn example_differences<C: GenericClient>(
+    client: &C,
+) -> Result<(i64, i64, i64), tokio_postgres::Error> {
+    let revenue = differences(
+        client,
+        "SELECT day, category, total FROM daily_revenue_sql",
+        EXPECTED_DAILY_REVENUE,
+    )
+    .await?;
+    let snapshots = differences(
+        client,
+        "SELECT stream_id, sequence, state FROM order_snapshots_sql",
+        EXPECTED_ORDER_SNAPSHOTS,
+    )
+    .await?;
+    let status = differences(
+        client,
+        "SELECT stream_id, status, changed_at FROM order_status",
+        EXPECTED_ORDER_STATUS,
+    )
+    .await?;
+    Ok((revenue, snapshots, status))
+}
+
 /// Rows that differ between a projection and its expected value, both ways;
 /// 0 means equal. `actual` and `expected` are queries with the same columns.
 pub async fn differences<C: GenericClient>(

@@ -13,8 +13,6 @@ pub use pgfold::testkit::db::TestDb;
 pub use pgfold::testkit::process::Daemon;
 use pgfold::testkit::{self, process, workload};
 use serde_json::{json, Value};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio_postgres::Client;
 
 /// The binary cargo built for these tests.
@@ -48,38 +46,24 @@ pub async fn run_once_with(
     .expect("run --once failed")
 }
 
-/// The daemon running in-process until stopped.
+/// The daemon running in-process until stopped: [`daemon::Handle`], with the
+/// tests' timeouts.
 pub struct RunningDaemon {
-    stop: Option<oneshot::Sender<()>>,
-    handle: JoinHandle<anyhow::Result<Outcome>>,
+    handle: daemon::Handle,
 }
 
 impl RunningDaemon {
     pub fn start(settings: Settings, options: RunOptions) -> RunningDaemon {
-        let (stop, stopped) = oneshot::channel::<()>();
-        let handle = tokio::spawn(async move {
-            daemon::run(
-                &settings,
-                &pgfold::projectors::builtin(),
-                &options,
-                async move {
-                    let _ = stopped.await;
-                },
-            )
-            .await
-        });
-        RunningDaemon {
-            stop: Some(stop),
-            handle,
-        }
+        let handle = daemon::Daemon::build(settings, pgfold::projectors::builtin(), options)
+            .expect("daemon::Daemon::build")
+            .spawn();
+        RunningDaemon { handle }
     }
 
-    pub async fn stop(mut self) -> Outcome {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(Duration::from_secs(10), &mut self.handle)
+    pub async fn stop(self) -> Outcome {
+        tokio::time::timeout(Duration::from_secs(10), self.handle.stop())
             .await
             .expect("daemon did not stop within 10 s")
-            .expect("daemon task panicked")
             .expect("daemon failed")
     }
 }

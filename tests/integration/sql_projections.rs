@@ -13,6 +13,8 @@ use pgfold::Registry;
 use serde_json::json;
 use tokio_postgres::Client;
 
+use pgfold::testkit::db::column;
+
 use crate::helpers::*;
 
 /// The examples shipped in `examples/projections/`.
@@ -36,36 +38,9 @@ async fn assert_examples_exact(client: &Client) {
 
 /// Rows differing from the independent folds, per example.
 async fn examples_differences(client: &Client) -> (i64, i64, i64) {
-    let revenue = pgfold::testkit::workload::differences(
-        client,
-        "SELECT day, category, total FROM daily_revenue_sql",
-        pgfold::testkit::workload::EXPECTED_DAILY_REVENUE,
-    )
-    .await
-    .unwrap();
-    let snapshots = pgfold::testkit::workload::differences(
-        client,
-        "SELECT stream_id, sequence, state FROM order_snapshots_sql",
-        pgfold::testkit::workload::EXPECTED_ORDER_SNAPSHOTS,
-    )
-    .await
-    .unwrap();
-    // The status of each order, straight from its last event.
-    let status = pgfold::testkit::workload::differences(
-        client,
-        "SELECT stream_id, status, changed_at FROM order_status",
-        "SELECT DISTINCT ON (stream_id) stream_id,
-                CASE event_type WHEN 'OrderCreated' THEN 'pending' WHEN 'OrderPaid' THEN 'paid'
-                                WHEN 'OrderShipped' THEN 'shipped' ELSE 'cancelled' END,
-                occurred_at
-           FROM events
-          WHERE stream_type = 'order'
-            AND event_type IN ('OrderCreated', 'OrderPaid', 'OrderShipped', 'OrderCancelled')
-          ORDER BY stream_id, sequence DESC",
-    )
-    .await
-    .unwrap();
-    (revenue, snapshots, status)
+    pgfold::testkit::workload::example_differences(client)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -200,24 +175,12 @@ async fn a_poison_event_in_a_sql_projection_is_parked_or_dead_lettered() {
 
 /// What a bad file may not change: the tables and the projectors' rows.
 async fn footprint(client: &Client) -> (Vec<String>, Vec<String>) {
-    let tables = client
-        .query(
-            "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    let projectors = client
-        .query("SELECT name FROM pgfold.projectors ORDER BY 1", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
-    (tables, projectors)
+    let tables = "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1";
+    let projectors = "SELECT name FROM pgfold.projectors ORDER BY 1";
+    (
+        column(client, tables).await.unwrap(),
+        column(client, projectors).await.unwrap(),
+    )
 }
 
 const GOOD_SETUP: &str = r#"setup = "CREATE TABLE IF NOT EXISTS t (k text PRIMARY KEY, n bigint NOT NULL)"

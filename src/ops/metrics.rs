@@ -320,6 +320,8 @@ impl Metrics {
             .set(seconds);
     }
 
+    /// A swap attempt gave up (lock taken, reader in the way, error) and will be
+    /// tried again.
     pub fn rebuild_swap_retried(&self, projector: &str) {
         self.rebuild
             .swap_retries

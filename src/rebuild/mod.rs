@@ -3,7 +3,7 @@
 //!
 //! - **Build beside.** The projector's tables are created in a schema of their
 //!   own, `pgfold_build_<name>`, and filled from the first event by an ordinary
-//!   [`Worker`] under a checkpoint row of its own, `<name>.build` (with its own
+//!   worker (`daemon::worker`) under a checkpoint row of its own, `<name>.build` (with its own
 //!   advisory lock, delivered-ahead events and dead letters). Every build
 //!   transaction puts the build schema first on its `search_path`, so a projector
 //!   that addresses its tables by unqualified name (the rule for every projector)
@@ -169,8 +169,11 @@ pub async fn progress<C: Db>(
 
 /// A build to run: which projector, from where.
 pub struct Build {
+    /// The projector rebuilt.
     pub projector: Arc<dyn Projector>,
+    /// Its build's checkpoint row ([`key`]).
     pub key: String,
+    /// The schema the build's tables are in ([`build_schema`]).
     pub schema: String,
     /// Where the build's checkpoint stands (0 for a fresh build).
     pub from: i64,
@@ -320,8 +323,11 @@ async fn begin(
 
 /// What a build task reports to.
 pub struct Reporting {
+    /// The `pgfold_rebuild_*` counters.
     pub metrics: Arc<Metrics>,
+    /// The progress bar (or log lines) of the build.
     pub progress: Arc<Progress>,
+    /// The task's heartbeat, for `/healthz` and the watchdog.
     pub liveness: Arc<Liveness>,
     /// Where a task records its swap, for the run's [`crate::daemon::Outcome`].
     pub swaps: Arc<std::sync::Mutex<Vec<Swapped>>>,
@@ -330,6 +336,7 @@ pub struct Reporting {
 /// A rebuild swapped in.
 #[derive(Debug, Clone)]
 pub struct Swapped {
+    /// The projector swapped.
     pub projector: String,
     /// How long the swap queued for the exclusive locks on the live tables
     /// (behind readers holding them; at most `swap::LOCK_TIMEOUT`).

@@ -37,11 +37,16 @@ use crate::projector::{Fold, Projector};
 /// given up and retried.
 pub const LOCK_TIMEOUT: &str = "50ms";
 
+/// What one swap attempt did.
 #[derive(Debug)]
 pub enum Outcome {
-    /// Swapped: it queued `wait` for the live tables' exclusive locks (behind
-    /// readers), then held them `held`, until the commit.
-    Swapped { wait: Duration, held: Duration },
+    /// Swapped.
+    Swapped {
+        /// How long it queued for the live tables' exclusive locks (behind readers).
+        wait: Duration,
+        /// How long it then held them, until the commit.
+        held: Duration,
+    },
     /// The build has events left to apply below the horizon.
     Pending,
     /// A batch of the live projector or of the build holds its lock.

@@ -60,6 +60,16 @@ pub struct Checkpoint {
     pub failing_event_id: Option<i64>,
     /// How many times it has failed so far.
     pub attempts: i32,
+    /// The definition its tables were built with (see `src/rebuild`); `None` on
+    /// a row from before fingerprints, adopted as current.
+    pub fingerprint: Option<String>,
+}
+
+impl Checkpoint {
+    /// Whether the tables were built with `fingerprint` (or say nothing).
+    pub fn built_with(&self, fingerprint: &str) -> bool {
+        self.fingerprint.as_deref().is_none_or(|f| f == fingerprint)
+    }
 }
 
 const LOCK_KEY: &str = "hashtextextended('pgfold:projector:' || $1, 0)";
@@ -139,7 +149,8 @@ pub async fn load<C: Db>(tx: &C, name: &str) -> Result<Checkpoint, tokio_postgre
     let row = tx
         .query_one(
             "SELECT position_tx::text, position_id, state, failing_event_id, attempts,
-                    ARRAY(SELECT event_id FROM pgfold.delivered_ahead WHERE projector = p.name)
+                    ARRAY(SELECT event_id FROM pgfold.delivered_ahead WHERE projector = p.name),
+                    fingerprint
                FROM pgfold.projectors p
               WHERE name = $1",
             &[&name],
@@ -156,6 +167,7 @@ pub async fn load<C: Db>(tx: &C, name: &str) -> Result<Checkpoint, tokio_postgre
         failing_event_id: row.get(3),
         attempts: row.get(4),
         ahead: ahead.into_iter().collect(),
+        fingerprint: row.get(6),
     })
 }
 

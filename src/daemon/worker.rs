@@ -142,7 +142,7 @@ pub struct Worker {
     /// Whether the byte budget has cut a batch yet: said once, not every batch.
     warned_cut: bool,
     /// Whether this instance has said that its definition is not the one the
-    /// tables were built with (see `rebuild::guard`).
+    /// tables were built with (see `Checkpoint::built_with`).
     warned_definition: bool,
 }
 
@@ -210,10 +210,13 @@ impl Worker {
         // another. All run after the lock has been granted (a later statement, so
         // the checkpoint's snapshot sees what the lock's last holder committed)
         // and before anything reads events (as the horizon must).
-        // Applies only into tables built with this definition (and, for a
-        // rebuild, into its build schema).
-        let fingerprint = self.projector.fingerprint();
-        let guard = crate::rebuild::guard(&tx, &name, &fingerprint, self.schema.as_deref());
+        // A rebuild's batches reach its build schema first.
+        let schema = async {
+            match &self.schema {
+                Some(schema) => crate::rebuild::enter(&tx, schema).await,
+                None => Ok(()),
+            }
+        };
         let serial = async {
             match self.projector.fold() {
                 // A decoded batch is a few thousand rows at most: starting parallel
@@ -224,13 +227,18 @@ impl Worker {
                 Fold::Set(_) | Fold::StreamSet(_) => Ok(0),
             }
         };
-        let (ck, horizon, _, same_definition) = tokio::try_join!(
+        let (ck, horizon, _, ()) = tokio::try_join!(
             checkpoint::load(&tx, &name),
             feed::horizon(&tx),
             serial,
-            guard
+            schema
         )?;
-        if !same_definition {
+        // Applies only into tables built with this definition: an instance whose
+        // definition changed serves the old tables as they stand until its
+        // rebuild swaps in, and one still running the old definition stops once
+        // the new one is in.
+        let fingerprint = self.projector.fingerprint();
+        if !ck.built_with(&fingerprint) {
             if !self.warned_definition {
                 self.warned_definition = true;
                 tracing::warn!(

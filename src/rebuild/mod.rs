@@ -69,30 +69,15 @@ pub async fn search_path_first<C: Db>(tx: &C, schema: &str) -> Result<(), tokio_
     Ok(())
 }
 
-/// In a batch transaction, after the lock: whether the checkpoint row `key` was
-/// built with `fingerprint` (or records none), so that a batch never folds with
-/// one definition into tables built with another: an instance whose definition
-/// changed serves the old tables as they stand until its rebuild swaps in, and an
-/// instance still running the old definition stops applying once the new one is
-/// swapped in. With `schema` (a build), the schema goes first on the
-/// `search_path` for the rest of the transaction, in the same statement.
-pub async fn guard<C: Db>(
-    tx: &C,
-    key: &str,
-    fingerprint: &str,
-    schema: Option<&str>,
-) -> Result<bool, tokio_postgres::Error> {
-    let row = tx
-        .query_one(
-            "SELECT coalesce((SELECT fingerprint = $2 FROM pgfold.projectors WHERE name = $1), true),
-                    CASE WHEN $3::text IS NOT NULL THEN
-                      set_config('search_path',
-                                 quote_ident($3::text) || ', ' || current_setting('search_path'), true)
-                    END",
-            &[&key, &fingerprint, &schema],
-        )
-        .await?;
-    Ok(row.get::<_, Option<bool>>(0).unwrap_or(true))
+/// Puts a build's `schema` first on the `search_path` for the rest of the
+/// transaction, so that the projector's unqualified names reach its new tables.
+pub async fn enter<C: Db>(tx: &C, schema: &str) -> Result<(), tokio_postgres::Error> {
+    tx.execute(
+        "SELECT set_config('search_path', quote_ident($1::text) || ', ' || current_setting('search_path'), true)",
+        &[&schema],
+    )
+    .await?;
+    Ok(())
 }
 
 /// Records the definition a projector's tables were just built with (a new

@@ -66,12 +66,12 @@ pub async fn attempt(pool: &Pool, p: &dyn Projector) -> anyhow::Result<Outcome> 
     if !checkpoint::try_lock(&tx, name).await? || !checkpoint::try_lock(&tx, &key).await? {
         return Ok(Outcome::Busy);
     }
-    // Another instance may have started the build afresh for another definition.
-    if !super::guard(&tx, &key, &p.fingerprint(), None).await? {
-        return Ok(Outcome::Busy);
-    }
     // As a batch does: the checkpoint after the locks, the horizon before the read.
     let ck = checkpoint::load(&tx, &key).await?;
+    // Another instance may have started the build afresh for another definition.
+    if !ck.built_with(&p.fingerprint()) {
+        return Ok(Outcome::Busy);
+    }
     if ck.state == State::Failed {
         return Ok(Outcome::Pending);
     }

@@ -3,6 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
+use std::sync::OnceLock;
 
 use async_trait::async_trait;
 use futures_util::future::join_all;
@@ -25,7 +26,15 @@ pub struct SqlProjection {
     /// `event`: per event type, the statement as sent, over `event` bound at `$1`.
     handlers: BTreeMap<String, String>,
     fingerprint: String,
+    /// Whether `apply` reports how many events it consumed (a column named
+    /// [`EVENTS_COLUMN`]): learnt from its first batch, since a statement's
+    /// columns do not change. Until then, and if it does not, the daemon counts.
+    reports_count: OnceLock<bool>,
 }
+
+/// The column through which an `apply` statement may say how many events of the
+/// batch it consumed, sparing the daemon a second read of the batch to count them.
+pub const EVENTS_COLUMN: &str = "pgfold_events";
 
 /// The one-row relation an `event` handler reads.
 const EVENT_CTE: &str = "event AS (SELECT e.* FROM events e WHERE e.id = $1::bigint)";
@@ -85,6 +94,7 @@ impl SqlProjection {
             apply,
             handlers,
             fingerprint,
+            reports_count: OnceLock::new(),
         })
     }
 
@@ -211,14 +221,20 @@ impl Projector for SqlProjection {
 #[async_trait]
 impl SetFold for SqlProjection {
     async fn apply(&self, tx: &Tx<'_>, batch: &SetBatch<'_>) -> Result<(), ProjectorError> {
-        // The count rides in the same round trip, right behind the statement.
         let params = batch.range().params();
+        if self.reports_count.get() == Some(&true) {
+            let rows = tx.query(&self.apply, &params).await?;
+            batch.counted(reported(&rows).unwrap_or_default());
+            return Ok(());
+        }
+        // The count rides in the same round trip, right behind the statement.
         let (applied, count) = tokio::join!(
-            tx.execute(&self.apply, &params),
+            tx.query(&self.apply, &params),
             batch.query_one(tx, "SELECT count(*) FROM batch", &[]),
         );
         // The statement's own error, not the count's "transaction is aborted".
-        applied?;
+        let rows = applied?;
+        let _ = self.reports_count.set(reported(&rows).is_some());
         batch.counted(count?.get::<_, i64>(0) as u64);
         Ok(())
     }
@@ -261,6 +277,14 @@ impl EventFold for SqlProjection {
         }
         Ok(())
     }
+}
+
+/// The count a statement reported in its one row's [`EVENTS_COLUMN`], if it did.
+fn reported(rows: &[tokio_postgres::Row]) -> Option<u64> {
+    let [row] = rows else { return None };
+    let column = row.columns().iter().position(|c| c.name() == EVENTS_COLUMN)?;
+    let events: Option<i64> = row.try_get(column).ok()?;
+    Some(events.unwrap_or_default().max(0) as u64)
 }
 
 /// Whether the error is `pgfold.bad_event`'s, which names its event itself.

@@ -282,7 +282,10 @@ impl EventFold for SqlProjection {
 /// The count a statement reported in its one row's [`EVENTS_COLUMN`], if it did.
 fn reported(rows: &[tokio_postgres::Row]) -> Option<u64> {
     let [row] = rows else { return None };
-    let column = row.columns().iter().position(|c| c.name() == EVENTS_COLUMN)?;
+    let column = row
+        .columns()
+        .iter()
+        .position(|c| c.name() == EVENTS_COLUMN)?;
     let events: Option<i64> = row.try_get(column).ok()?;
     Some(events.unwrap_or_default().max(0) as u64)
 }

@@ -561,7 +561,10 @@ async fn a_changed_sql_projection_file_is_rebuilt_by_itself_with_no_partial_read
     );
 
     // The definition of revenue changes: twice the amount.
-    let doubled = example.replace("* (i->>'qty')::numeric)", "* (i->>'qty')::numeric * 2)");
+    let doubled = example.replace(
+        "* (i.item->>'qty')::numeric AS amount",
+        "* (i.item->>'qty')::numeric * 2 AS amount",
+    );
     assert_ne!(doubled, example);
     std::fs::write(&file, &doubled).unwrap();
     let stop = Arc::new(AtomicBool::new(false));

@@ -313,6 +313,14 @@ async fn two_instances_share_sql_projections() {
         },
     )
     .await;
+    // `status` shows them as it shows the built-ins, caught up.
+    let (code, status) = status_json(&db.url, &env[1..]);
+    assert_eq!(code, Some(0), "{status}");
+    for name in ["daily_revenue_sql", "order_snapshots_sql", "order_status"] {
+        let entry = projector_status(&status, name);
+        assert_eq!(entry["state"], "running", "{entry}");
+        assert_eq!(entry["lag_events"], 0, "{entry}");
+    }
     assert!(a.is_running() && b.is_running());
     a.kill();
     b.kill();

@@ -196,20 +196,23 @@ pub fn spawn_daemon(program: Spawn, url: &str, args: &[&str]) -> Result<Daemon> 
 }
 
 /// One `pgfold run --once ...`: wall time from spawn to exit, and peak RSS.
-pub async fn pgfold_once(url: &str, args: &'static [&'static str]) -> Result<(f64, u64)> {
+pub async fn pgfold_once(url: &str, args: &[&str]) -> Result<(f64, u64)> {
     once_of(Daemon::command(PGFOLD), url, args).await
 }
 
+/// `run --once --replay NAME --projector NAME`: rebuild one projector in place.
+pub const fn replay_args(name: &str) -> [&str; 6] {
+    ["run", "--once", "--replay", name, "--projector", name]
+}
+
 /// The same with another program built on pgfold's command line.
-pub async fn once_of(
-    program: Spawn,
-    url: &str,
-    args: &'static [&'static str],
-) -> Result<(f64, u64)> {
+pub async fn once_of(program: Spawn, url: &str, args: &[&str]) -> Result<(f64, u64)> {
     let url = url.to_string();
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     tokio::task::spawn_blocking(move || -> Result<(f64, u64)> {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let start = Instant::now();
-        let mut daemon = spawn_daemon(program, &url, args)?;
+        let mut daemon = spawn_daemon(program, &url, &args)?;
         let status = daemon.wait()?;
         let (peak, output) = (daemon.peak_rss_kib(), daemon.output());
         let secs = start.elapsed().as_secs_f64();

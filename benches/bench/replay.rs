@@ -8,7 +8,9 @@ use anyhow::Result;
 use pgfold::testkit::db::{connect, scalar_i64};
 use pgfold::testkit::workload;
 
-use crate::common::{check, correctness, joined, log, median, mib, pgfold_once, thousands};
+use crate::common::{
+    check, correctness, joined, log, median, mib, pgfold_once, replay_args, thousands,
+};
 use crate::Env;
 
 /// A rebuild: what it rebuilds, its `pgfold` command line, and its (wall time,
@@ -51,22 +53,8 @@ pub async fn replay(env: &mut Env) -> Result<()> {
     log("replay: warm-up (pure SQL once, untimed)");
     sql_once().await?;
 
-    const DR: &[&str] = &[
-        "run",
-        "--once",
-        "--replay",
-        "daily_revenue",
-        "--projector",
-        "daily_revenue",
-    ];
-    const OS: &[&str] = &[
-        "run",
-        "--once",
-        "--replay",
-        "order_snapshots",
-        "--projector",
-        "order_snapshots",
-    ];
+    const DR: &[&str] = &replay_args("daily_revenue");
+    const OS: &[&str] = &replay_args("order_snapshots");
     const ALL: &[&str] = &["run", "--once", "--replay", "all"];
     // The same rebuilds beside the live projection (issue 14): build, catch up,
     // swap in; the swap drops the copy the previous one retired.

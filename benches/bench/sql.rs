@@ -11,69 +11,19 @@ use pgfold::testkit::db::{connect, scalar_i64};
 use pgfold::testkit::process::Daemon;
 use pgfold::testkit::workload;
 
-use crate::common::{joined, log, median, once_of, thousands};
+use crate::common::{joined, log, median, once_of, replay_args, thousands};
 use crate::Env;
 use crate::PGFOLD;
 
 const EXAMPLES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/projections");
 
-/// `pgfold run --once --replay NAME --projector NAME` for each, in this order.
-const REPLAYS: [(&str, &[&str]); 5] = [
-    (
-        "daily_revenue",
-        &[
-            "run",
-            "--once",
-            "--replay",
-            "daily_revenue",
-            "--projector",
-            "daily_revenue",
-        ],
-    ),
-    (
-        "daily_revenue_sql",
-        &[
-            "run",
-            "--once",
-            "--replay",
-            "daily_revenue_sql",
-            "--projector",
-            "daily_revenue_sql",
-        ],
-    ),
-    (
-        "order_snapshots",
-        &[
-            "run",
-            "--once",
-            "--replay",
-            "order_snapshots",
-            "--projector",
-            "order_snapshots",
-        ],
-    ),
-    (
-        "order_snapshots_sql",
-        &[
-            "run",
-            "--once",
-            "--replay",
-            "order_snapshots_sql",
-            "--projector",
-            "order_snapshots_sql",
-        ],
-    ),
-    (
-        "order_status",
-        &[
-            "run",
-            "--once",
-            "--replay",
-            "order_status",
-            "--projector",
-            "order_status",
-        ],
-    ),
+/// Replayed in this order, each with `pgfold run --once --replay NAME --projector NAME`.
+const REPLAYS: [&str; 5] = [
+    "daily_revenue",
+    "daily_revenue_sql",
+    "order_snapshots",
+    "order_snapshots_sql",
+    "order_status",
 ];
 
 pub async fn sql_projections(env: &mut Env) -> Result<()> {
@@ -92,8 +42,8 @@ pub async fn sql_projections(env: &mut Env) -> Result<()> {
     let program = || Daemon::command(PGFOLD).env("PGFOLD_DAEMON__PROJECTIONS_DIR", EXAMPLES);
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); REPLAYS.len()];
     for run in 1..=runs {
-        for (i, (name, args)) in REPLAYS.iter().enumerate() {
-            let (secs, _) = once_of(program(), &env.url, args).await?;
+        for (i, name) in REPLAYS.iter().enumerate() {
+            let (secs, _) = once_of(program(), &env.url, &replay_args(name)).await?;
             log(format!(
                 "sql run {run}/{runs}: pgfold --replay {name} {secs:.2} s"
             ));
@@ -116,7 +66,7 @@ pub async fn sql_projections(env: &mut Env) -> Result<()> {
     )?;
     let consumed_by = [paid, paid, orders, orders, orders];
     let built_in = [None, Some(0), None, Some(2), None];
-    for (i, (name, _)) in REPLAYS.iter().enumerate() {
+    for (i, name) in REPLAYS.iter().enumerate() {
         let ratio = built_in[i]
             .map(|b| format!("{:.2}x", m[i] / m[b]))
             .unwrap_or_else(|| "-".into());

@@ -82,7 +82,6 @@ impl Daemon {
         registry: Registry,
         options: RunOptions,
     ) -> anyhow::Result<Daemon> {
-        select(&settings, &registry, &options)?;
         let configs = db::configs(&settings.database)?;
         Daemon::build_with(settings, registry, options, configs.url, configs.listen_url)
     }

@@ -34,6 +34,7 @@ mod registry;
 mod set_batch;
 mod tx;
 
+pub(crate) use registry::valid_name;
 pub use registry::Registry;
 pub(crate) use set_batch::with_first;
 pub use set_batch::SetBatch;

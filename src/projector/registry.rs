@@ -94,7 +94,9 @@ impl Registry {
     }
 }
 
-fn valid_name(name: &str) -> bool {
+/// Lowercase letters, digits and `_`, at most 63 bytes: a projector name is a
+/// checkpoint key and becomes part of schema names (rebuilds).
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
         && name

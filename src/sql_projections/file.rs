@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use super::scan;
+use crate::projector::valid_name;
 use crate::util::one_line;
 
 /// How a projection's batches arrive (`order` in the file).
@@ -162,13 +163,4 @@ fn dedup(mut list: Vec<String>) -> Vec<String> {
     list.sort();
     list.dedup();
     list
-}
-
-/// Letters, digits and `_`, as projector names are everywhere.
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }

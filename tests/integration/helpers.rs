@@ -142,6 +142,18 @@ pub fn pgfold(args: &[&str], env: &[(&str, &str)]) -> Output {
     process::run(PGFOLD, args, env)
 }
 
+/// [`pgfold`], which must succeed: the test fails with its stderr otherwise.
+pub fn pgfold_ok(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let out = pgfold(args, env);
+    assert!(
+        out.status.success(),
+        "pgfold {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
 // ---------------------------------------------------------------------------
 // The real binary as a long-running child (`testkit::process::Daemon`), the
 // daemon's backends, `status --json` (poison, privilege, stall, reconnect tests).

@@ -29,7 +29,9 @@ async fn observe(client: &tokio_postgres::Client) -> (Decimal, i64) {
 }
 
 async fn scalar_opt_text(client: &tokio_postgres::Client, sql: &str) -> Option<String> {
-    client.query_one(sql, &[]).await.unwrap().get(0)
+    pgfold::testkit::db::scalar(client, sql)
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -207,19 +209,7 @@ async fn a_view_on_the_projection_refuses_the_swap_in_one_line() {
         .batch_execute("DROP VIEW shipped_orders")
         .await
         .unwrap();
-    let out = pgfold(&["run", "--once"], &env);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_projections_exact(&client).await;
-    assert!(scalar_opt_text(
-        &client,
-        "SELECT to_regclass('pgfold_retired_order_snapshots.order_snapshots')::text"
-    )
-    .await
-    .is_some());
+    run_once_completes_the_swap(&client, &env, "order_snapshots").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -666,19 +656,7 @@ async fn sigkill_during_the_swap_leaves_the_old_projection_then_run_once_swaps()
         1
     );
 
-    let out = pgfold(&["run", "--once"], &env);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_projections_exact(&client).await;
-    assert!(scalar_opt_text(
-        &client,
-        "SELECT to_regclass('pgfold_retired_daily_revenue.daily_revenue')::text"
-    )
-    .await
-    .is_some());
+    run_once_completes_the_swap(&client, &env, "daily_revenue").await;
 }
 
 /// An instance still running the old definition stops applying once the new one
@@ -742,4 +720,20 @@ async fn an_instance_with_the_old_definition_stops_applying_after_the_swap() {
     drop(old);
     run_once_with(&db.settings(), &bumped, RunOptions::default()).await;
     assert_projections_exact(&client).await;
+}
+
+/// `pgfold run --once` succeeds, both projections equal their folds, and the
+/// swap retired `projector`'s old table.
+async fn run_once_completes_the_swap(
+    client: &tokio_postgres::Client,
+    env: &[(&str, &str)],
+    projector: &str,
+) {
+    pgfold_ok(&["run", "--once"], env);
+    assert_projections_exact(client).await;
+    let retired = format!("SELECT to_regclass('pgfold_retired_{projector}.{projector}')::text");
+    assert!(
+        scalar_opt_text(client, &retired).await.is_some(),
+        "{projector} was not retired"
+    );
 }

@@ -290,12 +290,7 @@ async fn two_instances_share_sql_projections() {
         ("PGFOLD_DAEMON__PROJECTIONS_DIR", dir.to_str().unwrap()),
         ("PGFOLD_DAEMON__POLL_INTERVAL_MS", "100"),
     ];
-    let out = pgfold(&["migrate"], &env);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    pgfold_ok(&["migrate"], &env);
     let mut a = Daemon::spawn(PGFOLD, &["run"], &env);
     let mut b = Daemon::spawn(PGFOLD, &["run"], &env);
     for chunk in 0..10 {

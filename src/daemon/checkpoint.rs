@@ -74,10 +74,20 @@ impl Checkpoint {
 
 const LOCK_KEY: &str = "hashtextextended('pgfold:projector:' || $1, 0)";
 
+fn try_lock_sql() -> String {
+    format!("SELECT pg_try_advisory_xact_lock({LOCK_KEY})")
+}
+
 /// Tries to take the projector's lock for the rest of this transaction.
 pub async fn try_lock<C: Db>(tx: &C, name: &str) -> Result<bool, tokio_postgres::Error> {
-    let sql = format!("SELECT pg_try_advisory_xact_lock({LOCK_KEY})");
-    Ok(tx.query_one(&sql, &[&name]).await?.get(0))
+    Ok(tx.query_one(&try_lock_sql(), &[&name]).await?.get(0))
+}
+
+/// Readies [`try_lock`] and [`load`] to be sent in one round trip, in that order
+/// (see [`Db::ready`]); a no-op once done on a connection.
+pub async fn ready_lock_and_load<C: Db>(tx: &C, name: &str) -> Result<(), tokio_postgres::Error> {
+    tx.ready(&try_lock_sql(), &[&name]).await?;
+    tx.ready(LOAD_SQL, &[&name]).await
 }
 
 /// Waits for the projector's lock (for a replay, which must not be skipped).
@@ -143,19 +153,16 @@ pub async fn position_id<C: Db>(client: &C, name: &str) -> Result<i64, tokio_pos
         .get(0))
 }
 
+const LOAD_SQL: &str = "SELECT position_tx::text, position_id, state, failing_event_id, attempts,
+        ARRAY(SELECT event_id FROM pgfold.delivered_ahead WHERE projector = p.name),
+        fingerprint
+   FROM pgfold.projectors p
+  WHERE name = $1";
+
 /// Reads the checkpoint, with the events delivered ahead of it; call under the
 /// projector's lock.
 pub async fn load<C: Db>(tx: &C, name: &str) -> Result<Checkpoint, tokio_postgres::Error> {
-    let row = tx
-        .query_one(
-            "SELECT position_tx::text, position_id, state, failing_event_id, attempts,
-                    ARRAY(SELECT event_id FROM pgfold.delivered_ahead WHERE projector = p.name),
-                    fingerprint
-               FROM pgfold.projectors p
-              WHERE name = $1",
-            &[&name],
-        )
-        .await?;
+    let row = tx.query_one(LOAD_SQL, &[&name]).await?;
     let tx_text: String = row.get(0);
     let ahead: Vec<i64> = row.get(5);
     Ok(Checkpoint {

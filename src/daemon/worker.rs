@@ -87,14 +87,15 @@ const GENERIC_PLANS_BELOW: i64 = 5_000;
 /// plan would then be compiled on every execution (25 ms a batch, measured, for
 /// `daily_revenue`'s fold of 30 events).
 async fn plan_generically<C: Db>(tx: &C) -> Result<(), tokio_postgres::Error> {
-    tx.execute(
-        "SELECT set_config('plan_cache_mode', 'force_generic_plan', true),
-                set_config('jit', 'off', true)",
-        &[],
-    )
-    .await?;
+    tx.execute(PLAN_GENERICALLY, &[]).await?;
     Ok(())
 }
+
+const PLAN_GENERICALLY: &str = "SELECT set_config('plan_cache_mode', 'force_generic_plan', true),
+        set_config('jit', 'off', true)";
+
+/// Where a batch the projector rejects is rolled back to.
+const SAVEPOINT: &str = "SAVEPOINT apply";
 
 /// For the rest of this batch transaction: plan each statement for this batch's
 /// range, without JIT. A paced catch-up runs the same statements over ranges of
@@ -144,6 +145,9 @@ pub struct Worker {
     /// Whether this instance has said that its definition is not the one the
     /// tables were built with (see `Checkpoint::built_with`).
     warned_definition: bool,
+    /// The checkpoint as this worker last loaded or moved it: where the next
+    /// batch probably starts (checked against the one loaded before use).
+    seen: Option<Position>,
 }
 
 impl Worker {
@@ -181,6 +185,7 @@ impl Worker {
             warned_oversized: None,
             warned_cut: false,
             warned_definition: false,
+            seen: None,
         }
     }
 
@@ -203,13 +208,18 @@ impl Worker {
         // Statements are sent as database.prepared_statements says (db::Session).
         let tx = conn.transaction().await?;
         let name = self.key.clone();
-        if !checkpoint::try_lock(&tx, &name).await? {
-            return Ok(Step::Busy);
-        }
-        // One round trip for these: they only read (or set), and none depends on
-        // another. All run after the lock has been granted (a later statement, so
-        // the checkpoint's snapshot sees what the lock's last holder committed)
-        // and before anything reads events (as the horizon must).
+        // Everything up to the batch's end travels in one round trip: a live batch
+        // runs a hundred times a second, and each round trip costs the daemon and
+        // its backend more CPU than most of the statements in it. None of these
+        // statements depends on another's answer, and the server runs them in the
+        // order sent:
+        // - the lock first, so that the checkpoint's statement (a later snapshot)
+        //   sees what the lock's last holder committed; if it is not granted, the
+        //   answers of the rest are dropped;
+        // - the horizon before anything reads events, as it must be;
+        // - a set feed's batch end from the checkpoint this worker last saw, with
+        //   the horizon the statement before it kept in the transaction; it is
+        //   used only if the checkpoint loaded turns out to be that one.
         // A rebuild's batches reach its build schema first.
         let schema = async {
             match &self.schema {
@@ -227,12 +237,39 @@ impl Worker {
                 Fold::Set(_) | Fold::StreamSet(_) => Ok(0),
             }
         };
-        let (ck, horizon, _, ()) = tokio::try_join!(
+        let guess = match (self.projector.fold(), self.seen) {
+            (Fold::Set(_) | Fold::StreamSet(_), Some(seen)) => Some((seen, self.batch_end_args())),
+            _ => None,
+        };
+        let end = async {
+            match guess {
+                Some((seen, (limit, exact))) => feed::set_batch_end(&tx, seen, None, limit, exact)
+                    .await
+                    .map(Some),
+                None => Ok(None),
+            }
+        };
+        // The server runs them in the order their messages leave, and a statement
+        // not yet prepared on this connection would leave only after its
+        // preparation's answer, behind the ones sent after it: ready them first
+        // (a no-op once done on a connection).
+        checkpoint::ready_lock_and_load(&tx, &name).await?;
+        feed::ready_kept_horizon(&tx).await?;
+        if let Some((_, (_, exact))) = guess {
+            feed::ready_set_batch_end(&tx, exact).await?;
+        }
+        let (locked, ck, horizon, _, (), end) = tokio::try_join!(
+            checkpoint::try_lock(&tx, &name),
             checkpoint::load(&tx, &name),
-            feed::horizon(&tx),
+            feed::kept_horizon(&tx),
             serial,
-            schema
+            schema,
+            end
         )?;
+        if !locked {
+            return Ok(Step::Busy);
+        }
+        self.seen = Some(ck.position);
         // Applies only into tables built with this definition: an instance whose
         // definition changed serves the old tables as they stand until its
         // rebuild swaps in, and one still running the old definition stops once
@@ -259,12 +296,31 @@ impl Worker {
                 self.limit = self.full_limit;
             }
         }
+        // The guessed end holds if it was read from this checkpoint, for this size.
+        let end = match guess {
+            Some((seen, args)) if seen == ck.position && args == self.batch_end_args() => end,
+            _ => None,
+        };
         let projector = self.projector.clone();
         match projector.fold() {
             Fold::Events(fold) => self.events_batch(tx, ck, horizon, fold).await,
-            Fold::Set(fold) => self.set_batch(tx, ck, horizon, started, fold, false).await,
-            Fold::StreamSet(fold) => self.set_batch(tx, ck, horizon, started, fold, true).await,
+            Fold::Set(fold) => {
+                self.set_batch(tx, ck, horizon, end, started, fold, false)
+                    .await
+            }
+            Fold::StreamSet(fold) => {
+                self.set_batch(tx, ck, horizon, end, started, fold, true)
+                    .await
+            }
         }
+    }
+
+    /// The size of the next set batch, and whether it must hold exactly that many
+    /// events: counting a small batch through the index is cheap, and keeps it at
+    /// its size when ids and positions disagree.
+    fn batch_end_args(&self) -> (u32, bool) {
+        let exact = self.isolating_until.is_some() || self.limit <= EXACT_BATCH_END_BELOW;
+        (self.limit, exact)
     }
 
     async fn events_batch(
@@ -300,7 +356,7 @@ impl Worker {
         let batch = feed::order_batch(&tx, read, &ck.ahead, &filter, self.batch_bytes).await?;
         let read = batch.rows;
         let full = cut || read >= self.limit as usize;
-        Db::execute(&tx, "SAVEPOINT apply", &[]).await?;
+        Db::execute(&tx, SAVEPOINT, &[]).await?;
         let result = if batch.events.is_empty() {
             Ok(())
         } else {
@@ -350,26 +406,26 @@ impl Worker {
             .await
     }
 
+    /// `end`: the batch's end if the step's first round trip found it already.
+    #[allow(clippy::too_many_arguments)]
     async fn set_batch(
         &mut self,
         tx: Transaction<'_>,
         ck: Checkpoint,
         horizon: Horizon,
+        end: Option<Option<(Position, bool)>>,
         started: Instant,
         fold: &dyn SetFold,
         stream_ordered: bool,
     ) -> Result<Step, Transient> {
-        let Some((upto, full)) = feed::set_batch_end(
-            &tx,
-            ck.position,
-            horizon,
-            self.limit,
-            // Counting a small batch through the index is cheap, and keeps it at
-            // its size when ids and positions disagree.
-            self.isolating_until.is_some() || self.limit <= EXACT_BATCH_END_BELOW,
-        )
-        .await?
-        else {
+        let end = match end {
+            Some(end) => end,
+            None => {
+                let (limit, exact) = self.batch_end_args();
+                feed::set_batch_end(&tx, ck.position, Some(horizon), limit, exact).await?
+            }
+        };
+        let Some((upto, full)) = end else {
             return Ok(Step::Idle {
                 horizon,
                 position: ck.position,
@@ -389,29 +445,51 @@ impl Worker {
         // The plan setting, the probe for events to deliver ahead and the savepoint
         // depend on none of one another: one round trip for the three, which a live
         // batch pays a hundred times a second. (The probe reads either way, under
-        // a generic plan or a custom one; both read by position.)
-        let plan = async {
-            match generic {
-                true => plan_generically(&tx).await,
-                false => Ok(()),
-            }
+        // a generic plan or a custom one; both read by position.) A set feed's
+        // batch travels in that round trip too, behind them: it needs none of
+        // their answers. A stream set's needs the probe's.
+        let (ahead, range, applied) = {
+            let plan = async {
+                match generic {
+                    true => plan_generically(&tx).await,
+                    false => Ok(()),
+                }
+            };
+            let probe = async {
+                match stream_ordered {
+                    true => {
+                        feed::ahead_of_range(&tx, ck.position, upto, !full, &skip, &filter).await
+                    }
+                    false => Ok(Vec::new()),
+                }
+            };
+            // Sent ahead of the batch, so they must leave in order (see `step`).
+            tx.ready(PLAN_GENERICALLY, &[]).await?;
+            tx.ready(SAVEPOINT, &[]).await?;
+            let prelude = async { tokio::try_join!(plan, probe, Db::execute(&tx, SAVEPOINT, &[])) };
+            let (ahead, prelude) = match stream_ordered {
+                true => (prelude.await?.1, None),
+                false => (Vec::new(), Some(prelude)),
+            };
+            let range = EventRange::new(
+                ck.position,
+                upto,
+                skip.clone(),
+                ahead.iter().map(|(id, _)| *id).collect(),
+                &filter,
+            );
+            let applied = match prelude {
+                None => apply_set(&tx, fold, &range).await,
+                Some(prelude) => {
+                    let (sent, applied) = tokio::join!(prelude, apply_set(&tx, fold, &range));
+                    // Had one of these failed, the batch failed for it, not for its events.
+                    sent?;
+                    applied
+                }
+            };
+            (ahead, range, applied)
         };
-        let probe = async {
-            match stream_ordered {
-                true => feed::ahead_of_range(&tx, ck.position, upto, !full, &skip, &filter).await,
-                false => Ok(Vec::new()),
-            }
-        };
-        let ((), ahead, _) =
-            tokio::try_join!(plan, probe, Db::execute(&tx, "SAVEPOINT apply", &[]))?;
-        let range = EventRange::new(
-            ck.position,
-            upto,
-            skip,
-            ahead.iter().map(|(id, _)| *id).collect(),
-            &filter,
-        );
-        let e = match apply_set(&tx, fold, &range).await {
+        let e = match applied {
             Ok(applied) => {
                 let had_ahead = !ck.ahead.is_empty();
                 let step = self
@@ -540,7 +618,7 @@ impl Worker {
     /// Records the batch's events delivered ahead, moves the checkpoint to `upto`
     /// after `events` applied, and commits.
     async fn commit(
-        &self,
+        &mut self,
         tx: Transaction<'_>,
         ahead: &[(i64, Position)],
         upto: Position,
@@ -549,9 +627,14 @@ impl Worker {
         full: bool,
     ) -> Result<Step, Transient> {
         let name = &self.key;
-        checkpoint::record_ahead(&tx, name, ahead).await?;
-        checkpoint::advance(&tx, name, upto, events, had_ahead).await?;
+        // One round trip: the insert adds rows the update's delete never reaches
+        // (they lie beyond `upto`).
+        tokio::try_join!(
+            checkpoint::record_ahead(&tx, name, ahead),
+            checkpoint::advance(&tx, name, upto, events, had_ahead)
+        )?;
         tx.commit().await?;
+        self.seen = Some(upto);
         Ok(Step::Applied { events, upto, full })
     }
 

@@ -57,15 +57,41 @@ SELECT
 /// Computes the horizon. Must run in its own statement *before* the statement that
 /// reads events, and in a transaction that has no transaction id of its own.
 pub async fn horizon<C: Db>(client: &C) -> Result<Horizon, tokio_postgres::Error> {
-    let row = client.query_one(HORIZON_SQL, &[]).await?;
+    Ok(from_row(&client.query_one(HORIZON_SQL, &[]).await?))
+}
+
+/// The transaction-local setting in which [`kept_horizon`] leaves the horizon.
+pub const HORIZON_SETTING: &str = "pgfold.horizon";
+
+/// [`horizon`], also kept for the rest of the transaction in [`HORIZON_SETTING`],
+/// where a statement sent right behind it (before its answer is back) reads it:
+/// a batch's first round trip carries both (see `set_batch_end`).
+pub async fn kept_horizon<C: Db>(client: &C) -> Result<Horizon, tokio_postgres::Error> {
+    Ok(from_row(&client.query_one(&kept_horizon_sql(), &[]).await?))
+}
+
+/// Readies [`kept_horizon`] to be sent in one round trip with others (see
+/// [`Db::ready`]).
+pub async fn ready_kept_horizon<C: Db>(client: &C) -> Result<(), tokio_postgres::Error> {
+    client.ready(&kept_horizon_sql(), &[]).await
+}
+
+fn kept_horizon_sql() -> String {
+    format!(
+        "SELECT h.blocker, h.xmax, set_config('{HORIZON_SETTING}', coalesce(h.blocker, h.xmax), true)
+           FROM ({HORIZON_SQL}) AS h(blocker, xmax)"
+    )
+}
+
+fn from_row(row: &tokio_postgres::Row) -> Horizon {
     let blocker: Option<String> = row.get(0);
     let xmax: String = row.get(1);
     let parse = |s: &str| Position::parse_tx(s).expect("xid8 renders as a decimal integer");
     let blocker = blocker.as_deref().map(parse);
-    Ok(Horizon {
+    Horizon {
         tx: blocker.unwrap_or_else(|| parse(&xmax)),
         blocker,
-    })
+    }
 }
 
 /// The session whose transaction holds the horizon, for warnings and `status`.

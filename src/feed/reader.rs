@@ -365,20 +365,58 @@ pub(super) async fn later_predecessors<C: Db>(
 ///
 /// Returns the end, and whether the size limit cut the batch short (more events
 /// are waiting below the horizon).
+///
+/// `horizon`: `None` reads the one [`kept_horizon`](super::kept_horizon) left in
+/// this transaction, so that this statement can be sent right behind it (without
+/// one, no batch is found).
 pub async fn set_batch_end<C: Db>(
     client: &C,
     after: Position,
-    horizon: Horizon,
+    horizon: Option<Horizon>,
     limit: u32,
     exact: bool,
 ) -> Result<Option<(Position, bool)>, tokio_postgres::Error> {
-    let sql = if exact {
+    let row = client
+        .query_opt(
+            &set_batch_end_sql(exact),
+            &[
+                &after.tx_text(),
+                &after.id,
+                &horizon.map(|h| h.tx.to_string()),
+                &i64::from(limit),
+            ],
+        )
+        .await?;
+    Ok(row.map(|r| (position(&r, 0, 1), r.get(2))))
+}
+
+/// Readies [`set_batch_end`] to be sent in one round trip with others (see
+/// [`Db::ready`]).
+pub async fn ready_set_batch_end<C: Db>(
+    client: &C,
+    exact: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let (none, zero): (Option<String>, i64) = (None, 0);
+    client
+        .ready(&set_batch_end_sql(exact), &[&"0", &zero, &none, &zero])
+        .await
+}
+
+fn set_batch_end_sql(exact: bool) -> String {
+    // A stable expression either way: the position index reads up to it. The
+    // planner may evaluate it while estimating, in a session where the setting is
+    // missing (NULL) or left empty by an earlier transaction: neither may fail.
+    let below = format!(
+        "coalesce($3::text, nullif(current_setting('{}', true), ''))::xid8",
+        super::horizon::HORIZON_SETTING
+    );
+    if exact {
         format!(
             "SELECT tx::text, id, count(*) OVER () = $4 FROM (
                SELECT {POSITION_TX} AS tx, e.id
                  FROM events e
                 WHERE ({POSITION_TX}, e.id) > ($1::text::xid8, $2)
-                  AND {POSITION_TX} < $3::text::xid8
+                  AND {POSITION_TX} < {below}
                 ORDER BY 1, 2
                 LIMIT $4
              ) batch
@@ -394,29 +432,17 @@ pub async fn set_batch_end<C: Db>(
          ),
          newest AS (
            SELECT {POSITION_TX} AS tx, e.id FROM events e
-            WHERE {POSITION_TX} < $3::text::xid8
+            WHERE {POSITION_TX} < {below}
             ORDER BY {POSITION_TX} DESC, e.id DESC LIMIT 1
          )
          SELECT tx::text, id, true FROM guess
-          WHERE tx < $3::text::xid8 AND (tx, id) > ($1::text::xid8, $2)
+          WHERE tx < {below} AND (tx, id) > ($1::text::xid8, $2)
          UNION ALL
          SELECT tx::text, id, false FROM newest
           WHERE (tx, id) > ($1::text::xid8, $2)
          LIMIT 1"
         )
-    };
-    let row = client
-        .query_opt(
-            &sql,
-            &[
-                &after.tx_text(),
-                &after.id,
-                &horizon.tx.to_string(),
-                &i64::from(limit),
-            ],
-        )
-        .await?;
-    Ok(row.map(|r| (position(&r, 0, 1), r.get(2))))
+    }
 }
 
 /// The position of the newest committed event, if any.

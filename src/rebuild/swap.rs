@@ -82,7 +82,7 @@ pub async fn attempt(pool: &Pool, p: &dyn Projector) -> anyhow::Result<Outcome> 
             .rows
             .is_empty(),
         Fold::Set(_) | Fold::StreamSet(_) => {
-            feed::set_batch_end(&tx, ck.position, horizon, 1, true)
+            feed::set_batch_end(&tx, ck.position, Some(horizon), 1, true)
                 .await?
                 .is_some()
         }

@@ -101,11 +101,14 @@ impl<'a> Explaining<'a> {
             ))
             .await
             .unwrap_or_else(|e| panic!("{statement}: PREPARE failed: {e}"));
-        let nulls = vec!["NULL"; n].join(", ");
+        let args = match n {
+            0 => String::new(),
+            n => format!("({})", vec!["NULL"; n].join(", ")),
+        };
         let generic: Value = self
             .tx
             .query_one(
-                &format!("EXPLAIN (FORMAT JSON) EXECUTE plan_probe({nulls})"),
+                &format!("EXPLAIN (FORMAT JSON) EXECUTE plan_probe{args}"),
                 &[],
             )
             .await
@@ -241,11 +244,22 @@ async fn explain_batches(x: &Explaining<'_>, after: Position, upto: Position) {
             .unwrap();
     }
     x.label("set_batch_end exact");
-    feed::set_batch_end(x, after, horizon, 2000, true)
+    feed::set_batch_end(x, after, Some(horizon), 2000, true)
         .await
         .unwrap();
     x.label("set_batch_end guessed");
-    feed::set_batch_end(x, after, horizon, 2000, false)
+    feed::set_batch_end(x, after, Some(horizon), 2000, false)
+        .await
+        .unwrap();
+    // As a batch's first round trip sends it: behind the horizon it reads.
+    x.label("kept horizon");
+    feed::kept_horizon(x).await.unwrap();
+    x.label("set_batch_end exact, kept horizon");
+    feed::set_batch_end(x, after, None, 2000, true)
+        .await
+        .unwrap();
+    x.label("set_batch_end guessed, kept horizon");
+    feed::set_batch_end(x, after, None, 2000, false)
         .await
         .unwrap();
 
@@ -270,13 +284,14 @@ async fn explain_batches(x: &Explaining<'_>, after: Position, upto: Position) {
 }
 
 /// The statements above that read a range of the log.
-const RANGE_READS: [&str; 9] = [
+const RANGE_READS: [&str; 10] = [
     "read_events [all events]",
     "read_events [daily_revenue]",
     "read_events [order_snapshots]",
     "ahead_of_range cut at its size [daily_revenue]",
     "ahead_of_range to the newest [daily_revenue]",
     "set_batch_end exact",
+    "set_batch_end exact, kept horizon",
     "custom projector on SetBatch (batch)",
     "daily_revenue",
     "order_snapshots",

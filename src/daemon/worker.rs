@@ -96,6 +96,7 @@ const PLAN_GENERICALLY: &str = "SELECT set_config('plan_cache_mode', 'force_gene
 
 /// Where a batch the projector rejects is rolled back to.
 const SAVEPOINT: &str = "SAVEPOINT apply";
+const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT apply";
 
 /// For the rest of this batch transaction: plan each statement for this batch's
 /// range, without JIT. A paced catch-up runs the same statements over ranges of
@@ -443,51 +444,41 @@ impl Worker {
         let skip: Vec<i64> = ck.ahead.iter().copied().collect();
         let filter = self.projector.filter();
         // The plan setting, the probe for events to deliver ahead and the savepoint
-        // depend on none of one another: one round trip for the three, which a live
-        // batch pays a hundred times a second. (The probe reads either way, under
-        // a generic plan or a custom one; both read by position.) A set feed's
-        // batch travels in that round trip too, behind them: it needs none of
-        // their answers. A stream set's needs the probe's.
-        let (ahead, range, applied) = {
-            let plan = async {
-                match generic {
-                    true => plan_generically(&tx).await,
-                    false => Ok(()),
-                }
-            };
-            let probe = async {
-                match stream_ordered {
-                    true => {
-                        feed::ahead_of_range(&tx, ck.position, upto, !full, &skip, &filter).await
-                    }
-                    false => Ok(Vec::new()),
-                }
-            };
-            // Sent ahead of the batch, so they must leave in order (see `step`).
-            tx.ready(PLAN_GENERICALLY, &[]).await?;
-            tx.ready(SAVEPOINT, &[]).await?;
-            let prelude = async { tokio::try_join!(plan, probe, Db::execute(&tx, SAVEPOINT, &[])) };
-            let (ahead, prelude) = match stream_ordered {
-                true => (prelude.await?.1, None),
-                false => (Vec::new(), Some(prelude)),
-            };
-            let range = EventRange::new(
-                ck.position,
-                upto,
-                skip.clone(),
-                ahead.iter().map(|(id, _)| *id).collect(),
-                &filter,
-            );
-            let applied = match prelude {
-                None => apply_set(&tx, fold, &range).await,
-                Some(prelude) => {
-                    let (sent, applied) = tokio::join!(prelude, apply_set(&tx, fold, &range));
-                    // Had one of these failed, the batch failed for it, not for its events.
-                    sent?;
-                    applied
-                }
-            };
-            (ahead, range, applied)
+        // depend on none of one another, and the batch needs none of their
+        // answers: one round trip for the four, which a live batch pays a hundred
+        // times a second. (The probe reads either way, under a generic plan or a
+        // custom one; both read by position.) A stream set's batch is sent as if
+        // the probe found nothing to deliver ahead, as it nearly always does; if
+        // it finds some, that batch is rolled back and sent again with them.
+        let plan = async {
+            match generic {
+                true => plan_generically(&tx).await,
+                false => Ok(()),
+            }
+        };
+        let probe = async {
+            match stream_ordered {
+                true => feed::ahead_of_range(&tx, ck.position, upto, !full, &skip, &filter).await,
+                false => Ok(Vec::new()),
+            }
+        };
+        // Sent ahead of the batch, so they must leave in order (see `step`).
+        tx.ready(PLAN_GENERICALLY, &[]).await?;
+        tx.ready(SAVEPOINT, &[]).await?;
+        let prelude = async { tokio::try_join!(plan, probe, Db::execute(&tx, SAVEPOINT, &[])) };
+        let range = EventRange::new(ck.position, upto, skip.clone(), Vec::new(), &filter);
+        let (sent, applied) = tokio::join!(prelude, apply_set(&tx, fold, &range));
+        // Had one of these failed, the batch failed for it, not for its events.
+        let ((), ahead, _) = sent?;
+        let (range, applied) = match ahead.is_empty() {
+            true => (range, applied),
+            false => {
+                Db::execute(&tx, ROLLBACK_TO_SAVEPOINT, &[]).await?;
+                let ids = ahead.iter().map(|(id, _)| *id).collect();
+                let range = EventRange::new(ck.position, upto, skip, ids, &filter);
+                let applied = apply_set(&tx, fold, &range).await;
+                (range, applied)
+            }
         };
         let e = match applied {
             Ok(applied) => {
@@ -829,7 +820,7 @@ async fn rolled_back(tx: &Transaction<'_>, e: ProjectorError) -> Result<Projecto
     match e {
         ProjectorError::Database(pg) if db::is_transient(&pg) => Err(Transient::Database(pg)),
         e => {
-            Db::execute(tx, "ROLLBACK TO SAVEPOINT apply", &[]).await?;
+            Db::execute(tx, ROLLBACK_TO_SAVEPOINT, &[]).await?;
             Ok(e)
         }
     }

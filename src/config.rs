@@ -80,6 +80,8 @@ pub struct DaemonSettings {
     pub stall_warn_after_ms: u64,
     /// A directory of SQL projections, one `*.toml` file each; `None`: none.
     pub projections_dir: Option<std::path::PathBuf>,
+    /// Whether a batch's commit waits for its WAL to reach disk.
+    pub synchronous_commit: bool,
 }
 
 impl DaemonSettings {

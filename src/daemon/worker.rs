@@ -23,6 +23,7 @@ use crate::db::{self, Db, Pool, Statements};
 use crate::feed::{self, EventRange, Horizon, Position};
 use crate::projector::{EventFold, Fold, Projector, ProjectorError, SetBatch, SetFold, Tx};
 use crate::util::one_line;
+use tokio_postgres::types::ToSql;
 
 /// The pooled transaction a batch runs in.
 type Transaction<'a> = db::Session<deadpool_postgres::Transaction<'a>>;
@@ -94,6 +95,14 @@ async fn plan_generically<C: Db>(tx: &C) -> Result<(), tokio_postgres::Error> {
 const PLAN_GENERICALLY: &str = "SELECT set_config('plan_cache_mode', 'force_generic_plan', true),
         set_config('jit', 'off', true)";
 
+/// For the rest of a batch transaction: `$1`, whether its commit waits for its
+/// WAL to be flushed (`daemon.synchronous_commit`); `$2`, when given, the most
+/// parallel workers a statement may start.
+const BATCH_SETTINGS: &str =
+    "SELECT set_config('synchronous_commit', CASE WHEN $1 THEN 'on' ELSE 'off' END, true),
+        set_config('max_parallel_workers_per_gather',
+                   coalesce($2, current_setting('max_parallel_workers_per_gather')), true)";
+
 /// Where a batch the projector rejects is rolled back to.
 const SAVEPOINT: &str = "SAVEPOINT apply";
 const ROLLBACK_TO_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT apply";
@@ -149,6 +158,8 @@ pub struct Worker {
     /// The checkpoint as this worker last loaded or moved it: where the next
     /// batch probably starts (checked against the one loaded before use).
     seen: Option<Position>,
+    /// `daemon.synchronous_commit`.
+    synchronous_commit: bool,
 }
 
 impl Worker {
@@ -187,6 +198,7 @@ impl Worker {
             warned_cut: false,
             warned_definition: false,
             seen: None,
+            synchronous_commit: daemon.synchronous_commit,
         }
     }
 
@@ -228,16 +240,11 @@ impl Worker {
                 None => Ok(()),
             }
         };
-        let serial = async {
-            match self.projector.fold() {
-                // A decoded batch is a few thousand rows at most: starting parallel
-                // workers for it costs more than it saves.
-                Fold::Events(_) => {
-                    Db::execute(&tx, "SET LOCAL max_parallel_workers_per_gather = 0", &[]).await
-                }
-                Fold::Set(_) | Fold::StreamSet(_) => Ok(0),
-            }
-        };
+        // A decoded batch is a few thousand rows at most: starting parallel
+        // workers for it costs more than it saves.
+        let serial = matches!(self.projector.fold(), Fold::Events(_)).then_some("0");
+        let settings_params: [&(dyn ToSql + Sync); 2] = [&self.synchronous_commit, &serial];
+        let settings = Db::execute(&tx, BATCH_SETTINGS, &settings_params);
         let guess = match (self.projector.fold(), self.seen) {
             (Fold::Set(_) | Fold::StreamSet(_), Some(seen)) => Some((seen, self.batch_end_args())),
             _ => None,
@@ -255,6 +262,7 @@ impl Worker {
         // preparation's answer, behind the ones sent after it: ready them first
         // (a no-op once done on a connection).
         checkpoint::ready_lock_and_load(&tx, &name).await?;
+        tx.ready(BATCH_SETTINGS, &settings_params).await?;
         feed::ready_kept_horizon(&tx).await?;
         if let Some((_, (_, exact))) = guess {
             feed::ready_set_batch_end(&tx, exact).await?;
@@ -263,7 +271,7 @@ impl Worker {
             checkpoint::try_lock(&tx, &name),
             checkpoint::load(&tx, &name),
             feed::kept_horizon(&tx),
-            serial,
+            settings,
             schema,
             end
         )?;

@@ -3,6 +3,7 @@
 //! prepared statements, issue 15).
 
 use pgfold::daemon::RunOptions;
+use pgfold::testkit::db::column;
 use pgfold::{Fold, Projector, ProjectorError, Registry, SetBatch, SetFold, Tx};
 use tokio_postgres::Client;
 
@@ -28,7 +29,8 @@ impl Projector for PlanProbe {
         tx.batch_execute(
             "CREATE TABLE IF NOT EXISTS plan_probe (
                n BIGSERIAL PRIMARY KEY, events BIGINT NOT NULL,
-               plan_cache_mode TEXT NOT NULL, jit TEXT NOT NULL)",
+               plan_cache_mode TEXT NOT NULL, jit TEXT NOT NULL,
+               synchronous_commit TEXT NOT NULL)",
         )
         .await?;
         Ok(())
@@ -50,8 +52,9 @@ impl SetFold for PlanProbe {
         batch
             .execute(
                 tx,
-                "INSERT INTO plan_probe (events, plan_cache_mode, jit)
-                 SELECT count(*), current_setting('plan_cache_mode'), current_setting('jit')
+                "INSERT INTO plan_probe (events, plan_cache_mode, jit, synchronous_commit)
+                 SELECT count(*), current_setting('plan_cache_mode'), current_setting('jit'),
+                        current_setting('synchronous_commit')
                    FROM batch",
                 &[],
             )
@@ -162,4 +165,49 @@ async fn a_projector_that_does_not_allow_generic_plans_is_always_planned() {
 #[tokio::test]
 async fn without_prepared_statements_live_batches_are_planned_for_their_values() {
     assert_live_batch_planned_for_its_values(true, false).await;
+}
+
+/// The `synchronous_commit` each batch ran under, with `daemon.synchronous_commit`
+/// set to `synchronous`.
+async fn commit_modes(db: &TestDb, synchronous: bool) -> Vec<String> {
+    let mut settings = db.settings();
+    settings.projectors.clear();
+    settings.daemon.synchronous_commit = synchronous;
+    let registry = Registry::new().register(PlanProbe {
+        generic_plans: true,
+    });
+    let outcome = run_once_with(&settings, &registry, RunOptions::default()).await;
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    column(
+        &db.client().await,
+        "SELECT synchronous_commit FROM plan_probe ORDER BY n",
+    )
+    .await
+    .unwrap()
+}
+
+/// A batch is derived from events already durable and commits with its
+/// checkpoint, so by default it does not wait for its WAL flush; an operator can
+/// ask that it does.
+#[tokio::test]
+async fn batches_commit_without_waiting_for_the_wal_flush_unless_told_to() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let server: String = client
+        .query_one("SELECT current_setting('synchronous_commit')", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        server, "on",
+        "the test needs a server that waits for flushes"
+    );
+
+    append_many(&client, 3).await;
+    assert_eq!(commit_modes(&db, false).await, vec!["off".to_string()]);
+    append_many(&client, 3).await;
+    assert_eq!(
+        commit_modes(&db, true).await,
+        vec!["off".to_string(), "on".to_string()]
+    );
 }

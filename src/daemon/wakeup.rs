@@ -2,8 +2,8 @@
 //!
 //! `pg_notify` makes every committing transaction that notified queue on one
 //! cluster-wide lock, which defeats group commit. So the trigger on `events`
-//! notifies only while `pgfold.wakeup.armed` is set, and the daemon sets it only
-//! when its workers have run out of work. The first notification disarms it again:
+//! notifies only while the flag (the sequence `pgfold.wakeup_armed`, migration V9)
+//! is set, and the daemon sets it only when its workers have run out of work. The first notification disarms it again:
 //! while the daemon is busy it is going to read anyway, and writers pay nothing.
 //!
 //! Arming has a race: a writer may have checked the flag just before it was set
@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, watch, Notify};
+use tokio_postgres::types::ToSql;
 use tokio_postgres::AsyncMessage;
 use tokio_util::sync::CancellationToken;
 
@@ -30,8 +31,8 @@ use crate::feed;
 use crate::util::Backoff;
 
 /// The channel the wake-up trigger notifies on: spelled here for Rust, and in
-/// migration V4 (`pgfold.notify_if_armed`) for SQL, which cannot change. A test
-/// (`the_trigger_notifies_the_channel_the_daemon_listens_on`) keeps them equal.
+/// migration V9 (`pgfold.notify_if_armed`) for SQL. A test
+/// (`the_trigger_notifies_the_channel_the_daemon_listens_on_only_when_armed`) keeps them equal.
 pub const CHANNEL: &str = "pgfold_events";
 
 /// The workers' side: report idleness, wait for a reason to look again.
@@ -133,11 +134,12 @@ impl Waker {
                             if let Some(l) = notifications.as_mut() {
                                 while l.rx.try_recv().is_ok() {}
                             }
-                            if armed {
-                                armed = false;
-                                if let Err(e) = self.set_armed(false).await {
-                                    tracing::debug!(error = %e, "could not disarm the wake-up flag");
-                                }
+                            // Cleared even if this instance did not set it: another
+                            // instance did (and got the same notification), or
+                            // someone else, and writers should stop notifying.
+                            armed = false;
+                            if let Err(e) = self.set_armed(false).await {
+                                tracing::debug!(error = %e, "could not disarm the wake-up flag");
                             }
                             fence = None;
                             self.wake_all();
@@ -198,15 +200,26 @@ impl Waker {
         Ok(feed::Position::parse_tx(row.get(0))?)
     }
 
+    /// Sets the flag the trigger reads (migration V9's sequence), and the table
+    /// an older pgfold running beside this one reads. Each only when it changes:
+    /// an UPDATE that matches nothing takes no xid, and a setval that is not made
+    /// writes no WAL.
     async fn set_armed(&self, armed: bool) -> anyhow::Result<()> {
         let client = self.pool.get().await?;
-        // Only when it changes: an UPDATE that matches nothing takes no xid.
-        let n = client
-            .execute(
+        let value = i64::from(armed);
+        let (table, sequence): ([&(dyn ToSql + Sync); 1], [&(dyn ToSql + Sync); 1]) =
+            ([&armed], [&value]);
+        let (n, _) = tokio::try_join!(
+            client.execute(
                 "UPDATE pgfold.wakeup SET armed = $1 WHERE id = 1 AND armed IS DISTINCT FROM $1",
-                &[&armed],
+                &table,
+            ),
+            client.execute(
+                "SELECT setval('pgfold.wakeup_armed', $1, true)
+                  WHERE pg_sequence_last_value('pgfold.wakeup_armed') IS DISTINCT FROM $1",
+                &sequence,
             )
-            .await?;
+        )?;
         if n == 0 && armed {
             client
                 .execute(

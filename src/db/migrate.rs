@@ -68,6 +68,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "rebuild",
         sql: include_str!("../../migrations/V8__rebuild.sql"),
     },
+    Migration {
+        version: 9,
+        name: "wakeup_sequence",
+        sql: include_str!("../../migrations/V9__wakeup_sequence.sql"),
+    },
 ];
 
 /// Each DDL attempt waits at most this long for a lock before backing off.

@@ -87,12 +87,23 @@ async fn migrating_twice_changes_nothing() {
     );
 }
 
-/// The wake-up trigger (migration V4, which cannot change) and the daemon's
+/// The next notification: (channel, payload).
+async fn next_notification(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) -> (String, String) {
+    tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+        .await
+        .unwrap_or_else(|_| panic!("no notification within 10 s"))
+        .expect("the LISTEN connection closed")
+}
+
+/// The wake-up trigger (migration V9's `pgfold.notify_if_armed`) and the daemon's
 /// LISTEN (`pgfold::daemon::CHANNEL`) name the channel each on its own side: an
 /// event appended while the flag is armed must reach a listener on the Rust
-/// constant, or the daemon would only ever wake by polling.
+/// constant, or the daemon would only ever wake by polling. And one appended while
+/// it is not armed must not notify: writers would queue on the notify lock.
 #[tokio::test]
-async fn the_trigger_notifies_the_channel_the_daemon_listens_on() {
+async fn the_trigger_notifies_the_channel_the_daemon_listens_on_only_when_armed() {
     use futures_util::StreamExt;
 
     let db = TestDb::new().await;
@@ -104,7 +115,7 @@ async fn the_trigger_notifies_the_channel_the_daemon_listens_on() {
         let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(Ok(message)) = messages.next().await {
             if let tokio_postgres::AsyncMessage::Notification(n) = message {
-                let _ = tx.send(n.channel().to_string());
+                let _ = tx.send((n.channel().to_string(), n.payload().to_string()));
             }
         }
     });
@@ -113,27 +124,37 @@ async fn the_trigger_notifies_the_channel_the_daemon_listens_on() {
         .await
         .unwrap();
 
+    // Not armed: no notification, so the marker sent after it arrives first.
     let mut client = db.client().await;
-    client
-        .execute("UPDATE pgfold.wakeup SET armed = true WHERE id = 1", &[])
-        .await
-        .unwrap();
     append_all(
         &mut client,
         &[created("order-1", "books", serde_json::json!(10), 1)],
     )
     .await;
-
-    let channel = tokio::time::timeout(std::time::Duration::from_secs(10), rx.recv())
+    client
+        .batch_execute(&format!("NOTIFY {}, 'marker'", pgfold::daemon::CHANNEL))
         .await
-        .unwrap_or_else(|_| {
-            panic!(
-                "no notification on {:?} within 10 s of an armed append",
-                pgfold::daemon::CHANNEL
-            )
-        })
-        .expect("the LISTEN connection closed");
-    assert_eq!(channel, pgfold::daemon::CHANNEL);
+        .unwrap();
+    assert_eq!(
+        next_notification(&mut rx).await,
+        (pgfold::daemon::CHANNEL.to_string(), "marker".to_string()),
+        "an append notified while the flag was not armed"
+    );
+
+    // Armed, as the daemon arms it: the next append notifies.
+    client
+        .execute("SELECT setval('pgfold.wakeup_armed', 1, true)", &[])
+        .await
+        .unwrap();
+    append_all(
+        &mut client,
+        &[created("order-2", "books", serde_json::json!(10), 1)],
+    )
+    .await;
+    assert_eq!(
+        next_notification(&mut rx).await,
+        (pgfold::daemon::CHANNEL.to_string(), String::new())
+    );
     drop(listener);
     driver.abort();
 }

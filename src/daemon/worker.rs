@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::checkpoint::{self, Checkpoint, Failure, State};
 use super::pace::Pace;
+use super::parts::{self, PARTS_FROM};
 use crate::config::{DaemonSettings, OnError, ProjectorSettings};
 use crate::db::{self, Db, Pool, Statements};
 use crate::feed::{self, EventRange, Horizon, Position};
@@ -25,7 +26,7 @@ use crate::projector::{EventFold, Fold, Projector, ProjectorError, SetBatch, Set
 use crate::util::one_line;
 
 /// The pooled transaction a batch runs in.
-type Transaction<'a> = db::Session<deadpool_postgres::Transaction<'a>>;
+pub(super) type Transaction<'a> = db::Session<deadpool_postgres::Transaction<'a>>;
 
 /// What one call of [`Worker::step`] did.
 #[derive(Debug)]
@@ -144,7 +145,13 @@ pub struct Worker {
     /// Whether this instance has said that its definition is not the one the
     /// tables were built with (see `Checkpoint::built_with`).
     warned_definition: bool,
+    /// Told of each part of a batch applied in parts (see `daemon::parts`), before
+    /// the batch commits: (position, events consumed so far in the batch).
+    on_part: Option<OnPart>,
 }
+
+/// What [`Worker::on_part`] calls.
+pub type OnPart = Arc<dyn Fn(i64, u64) + Send + Sync>;
 
 impl Worker {
     pub fn new(
@@ -157,6 +164,7 @@ impl Worker {
         // set's is not: a stream whose events fall into two ranges has its snapshot
         // written by the first and patched by the second, and the order_snapshots
         // replay took 4x as long in ranges as in one statement (issue 18's note).
+        // Its catch-up is one range, applied in parts by stream (`daemon::parts`).
         let pace = match projector.fold() {
             Fold::Set(_) => Some(Pace::new(daemon.set_batch_size)),
             Fold::Events(_) | Fold::StreamSet(_) => None,
@@ -181,7 +189,16 @@ impl Worker {
             warned_oversized: None,
             warned_cut: false,
             warned_definition: false,
+            on_part: None,
         }
+    }
+
+    /// Calls `report` after each part of a batch applied in parts, with how far
+    /// the batch has come (an event id) and the events consumed so far in it: the
+    /// progress of a long stream-set catch-up, which commits only at its end.
+    pub fn on_part(mut self, report: OnPart) -> Worker {
+        self.on_part = Some(report);
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -376,7 +393,12 @@ impl Worker {
             });
         };
         let span = upto.id - ck.position.id;
-        if self.pace.is_some() && span >= GENERIC_PLANS_BELOW {
+        // A long stream-set range is applied in parts of a few streams each, to
+        // show its progress (see `daemon::parts`); not while isolating a failure.
+        let in_parts = stream_ordered && self.isolating_until.is_none() && span >= PARTS_FROM;
+        // Parts run the same statements over different streams, each planned for
+        // its own.
+        if (self.pace.is_some() || in_parts) && span >= GENERIC_PLANS_BELOW {
             plan_for_values(&tx).await?;
         }
         // An unnamed statement is parsed and planned again every time, so a
@@ -411,7 +433,18 @@ impl Worker {
             ahead.iter().map(|(id, _)| *id).collect(),
             &filter,
         );
-        let e = match apply_set(&tx, fold, &range).await {
+        let applied = match in_parts {
+            true => {
+                let report = |position: i64, events: u64| {
+                    if let Some(report) = &self.on_part {
+                        report(position, events);
+                    }
+                };
+                parts::apply_in_parts(&tx, fold, &range, self.full_limit, &report).await
+            }
+            false => apply_set(&tx, fold, &range).await,
+        };
+        let e = match applied {
             Ok(applied) => {
                 let had_ahead = !ck.ahead.is_empty();
                 let step = self
@@ -662,7 +695,7 @@ impl Worker {
 /// The event a projector named: directly, or in SQL through `pgfold.bad_event`.
 /// Applies a set batch; how many events it consumed: as the fold counted them,
 /// or counted here in the same round trip.
-async fn apply_set(
+pub(super) async fn apply_set(
     tx: &Transaction<'_>,
     fold: &dyn SetFold,
     range: &EventRange,

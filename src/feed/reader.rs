@@ -419,6 +419,44 @@ pub async fn set_batch_end<C: Db>(
     Ok(row.map(|r| (position(&r, 0, 1), r.get(2))))
 }
 
+/// Where a walk of the `(stream_id, sequence)` index in key order stands after
+/// `entries` more entries from `cursor` (inclusive; `None`: the first entry): the
+/// key of the entry it stops at, or `None` when fewer are left. An index-only
+/// scan that reads keys only, over every event whatever its position or type: it
+/// counts, in events, how much of the log a part of a stream-set range reaches
+/// (see `daemon::parts`).
+pub async fn stream_key_after<C: Db>(
+    client: &C,
+    cursor: Option<&(String, i64)>,
+    entries: u32,
+) -> Result<Option<(String, i64)>, tokio_postgres::Error> {
+    let entries = i64::from(entries);
+    let row = match cursor {
+        None => {
+            client
+                .query_opt(
+                    "SELECT e.stream_id, e.sequence FROM events e
+                      ORDER BY e.stream_id, e.sequence
+                     OFFSET $1 LIMIT 1",
+                    &[&entries],
+                )
+                .await?
+        }
+        Some((stream_id, sequence)) => {
+            client
+                .query_opt(
+                    "SELECT e.stream_id, e.sequence FROM events e
+                      WHERE (e.stream_id, e.sequence) >= ($1::text, $2::bigint)
+                      ORDER BY e.stream_id, e.sequence
+                     OFFSET $3 LIMIT 1",
+                    &[stream_id, sequence, &entries],
+                )
+                .await?
+        }
+    };
+    Ok(row.map(|r| (r.get(0), r.get(1))))
+}
+
 /// The position of the newest committed event, if any.
 pub async fn newest<C: Db>(client: &C) -> Result<Option<Position>, tokio_postgres::Error> {
     let sql = format!(

@@ -352,7 +352,12 @@ pub async fn drive(
     let fingerprint = build.projector.fingerprint();
     let label = label(&name);
     let mut worker = Worker::new(build.projector.clone(), settings, &daemon, pool.clone())
-        .beside(&build.key, &build.schema);
+        .beside(&build.key, &build.schema)
+        .on_part(crate::daemon::parts_progress(
+            &ops.progress,
+            &ops.liveness,
+            &label,
+        ));
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     // Swap attempts that found the live projector's lock taken, or readers in
     // the way: retried soon, with a growing pause.

@@ -41,10 +41,12 @@ use crate::projector::{ProjectorError, SetFold};
 pub const PARTS_FROM: i64 = 100_000;
 
 /// Applies `range` in parts of a few streams each, at most `max` index entries
-/// apiece; how many events were consumed. After each part but the last,
+/// apiece, for `projector` (named in the debug line each part logs); how many
+/// events were consumed. After each part but the last,
 /// `report(position, events)`: how far into the range the parts have come, as an
 /// event id between its ends, and the events consumed so far.
 pub(super) async fn apply_in_parts(
+    projector: &str,
     tx: &Transaction<'_>,
     fold: &dyn SetFold,
     range: &EventRange,
@@ -70,6 +72,7 @@ pub(super) async fn apply_in_parts(
             let events = apply_set(tx, fold, &range.streams(from, before.clone())).await?;
             applied += events;
             tracing::debug!(
+                projector,
                 entries,
                 events,
                 ms = started.elapsed().as_millis() as u64,

@@ -440,7 +440,7 @@ impl Worker {
                         report(position, events);
                     }
                 };
-                parts::apply_in_parts(&tx, fold, &range, self.full_limit, &report).await
+                parts::apply_in_parts(&self.key, &tx, fold, &range, self.full_limit, &report).await
             }
             false => apply_set(&tx, fold, &range).await,
         };

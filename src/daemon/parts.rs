@@ -28,25 +28,39 @@
 //! each next one is sized from how long the last took, to take about
 //! [`pace::TARGET`](super::pace::TARGET). The walk reads keys only (an
 //! index-only scan): it costs a small fraction of folding the events it passes.
+//!
+//! After each part the batch's progress is reported in-process (the bar, the
+//! `catching up` lines) and written, from another pooled connection and outside
+//! the batch's transaction, to `pgfold.batch_progress`, where `pgfold status` and
+//! every instance's metrics read it (see `migrations/V9__batch_progress.sql`).
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use super::checkpoint;
 use super::pace::Pace;
-use super::worker::{apply_set, Transaction};
-use crate::feed::{self, EventRange};
+use super::worker::{apply_set, Transaction, Transient};
+use crate::db::Pool;
+use crate::feed::{self, EventRange, Position};
 use crate::projector::{ProjectorError, SetFold};
 
 /// A stream-set batch spanning at least this many event ids is applied in parts:
 /// a few of them at least, each of about a second.
 pub const PARTS_FROM: i64 = 100_000;
 
+/// How long recording a part's progress may take, waiting for a connection
+/// included: it is worth less than the batch's time, and a pool whose every
+/// connection holds a batch has none to spare.
+const RECORD_WITHIN: Duration = Duration::from_millis(100);
+
 /// Applies `range` in parts of a few streams each, at most `max` index entries
 /// apiece, for `projector` (named in the debug line each part logs); how many
 /// events were consumed. After each part but the last,
 /// `report(position, events)`: how far into the range the parts have come, as an
-/// event id between its ends, and the events consumed so far.
+/// event id between its ends, and the events consumed so far; the same goes to
+/// `pgfold.batch_progress` through `pool`.
 pub(super) async fn apply_in_parts(
     projector: &str,
+    pool: &Pool,
     tx: &Transaction<'_>,
     fold: &dyn SetFold,
     range: &EventRange,
@@ -90,6 +104,25 @@ pub(super) async fn apply_in_parts(
         // are assigned one per event), so the share walked is the share of the
         // range's streams folded.
         let done = (span as f64 * (walked as f64 / upto.max(1) as f64).min(1.0)) as i64;
-        report(after + done.min(span - 1), applied);
+        let position = after + done.min(span - 1);
+        report(position, applied);
+        record_in_flight(pool, projector, range.after(), position, applied).await;
+    }
+}
+
+/// Writes a part's progress to `pgfold.batch_progress`, best effort: a batch
+/// never waits more than [`RECORD_WITHIN`] for it, nor fails for it.
+async fn record_in_flight(pool: &Pool, name: &str, from: Position, position: i64, events: u64) {
+    let record = async {
+        let client = pool.get().await?;
+        checkpoint::record_in_flight(&client, name, from, position, events).await?;
+        Ok::<(), Transient>(())
+    };
+    match tokio::time::timeout(RECORD_WITHIN, record).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::debug!(projector = name, error = %e, "could not record a part's progress")
+        }
+        Err(_) => tracing::debug!(projector = name, "recording a part's progress timed out"),
     }
 }

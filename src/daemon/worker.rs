@@ -440,7 +440,16 @@ impl Worker {
                         report(position, events);
                     }
                 };
-                parts::apply_in_parts(&self.key, &tx, fold, &range, self.full_limit, &report).await
+                parts::apply_in_parts(
+                    &self.key,
+                    &self.pool,
+                    &tx,
+                    fold,
+                    &range,
+                    self.full_limit,
+                    &report,
+                )
+                .await
             }
             false => apply_set(&tx, fold, &range).await,
         };

@@ -68,6 +68,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "rebuild",
         sql: include_str!("../../migrations/V8__rebuild.sql"),
     },
+    Migration {
+        version: 9,
+        name: "batch_progress",
+        sql: include_str!("../../migrations/V9__batch_progress.sql"),
+    },
 ];
 
 /// Each DDL attempt waits at most this long for a lock before backing off.

@@ -428,3 +428,59 @@ async fn status_and_metrics_show_a_replay_in_progress() {
         "{status}"
     );
 }
+
+/// A stream-set replay is one batch applied in parts, and its checkpoint moves
+/// only when it commits: meanwhile `status`, from another process, shows how far
+/// it has come from what the daemon records after each part
+/// (`pgfold.batch_progress`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_a_stream_set_replay_in_progress_before_it_commits() {
+    // Arrange
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    for first in (1..=100_000).step_by(25_000) {
+        pgfold::testkit::workload::load_orders(&client, first, 25_000)
+            .await
+            .unwrap();
+    }
+    client.batch_execute("ANALYZE events").await.unwrap();
+    let newest = scalar_i64(&client, "SELECT max(id) FROM events").await;
+
+    // Act
+    let _daemon = Daemon::spawn(
+        PGFOLD,
+        &[
+            "run",
+            "--replay",
+            "order_snapshots",
+            "--projector",
+            "order_snapshots",
+        ],
+        &[("DATABASE_URL", &db.url)],
+    );
+
+    // Assert
+    let url = db.url.clone();
+    wait_for(
+        "status to show the replay part way, before its batch commits",
+        Duration::from_secs(120),
+        || {
+            let url = url.clone();
+            async move {
+                let (_, status) = status_json(&url, &[]);
+                let p = projector_status(&status, "order_snapshots");
+                let replay = &p["replay"];
+                let position = replay["position"].as_i64().unwrap_or(0);
+                p["position"] == 0
+                    && position > 0
+                    && position < newest
+                    && replay["target"] == newest
+                    && replay["events_per_second"]
+                        .as_f64()
+                        .is_some_and(|r| r > 0.0)
+                    && replay["eta_seconds"].as_f64().is_some_and(|s| s > 0.0)
+            }
+        },
+    )
+    .await;
+}

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use pgfold::config::OnError;
 use pgfold::daemon::RunOptions;
 use pgfold::store;
 use pgfold::{Event, EventFilter, EventFold, Fold, Projector, ProjectorError, Registry, Tx};
@@ -430,6 +431,25 @@ async fn events_delivered_ahead_count_against_the_byte_budget() {
     );
 }
 
+/// Appends `order-big`: an OrderCreated and 119,999 OrderShipped, in one
+/// transaction; longer, alone, than several parts of a catch-up.
+async fn append_long_stream(client: &Client) {
+    client
+        .batch_execute(
+            "INSERT INTO events (stream_id, stream_type, event_type, payload, sequence)
+             SELECT 'order-big', 'order',
+                    CASE WHEN n = 1 THEN 'OrderCreated' ELSE 'OrderShipped' END,
+                    CASE WHEN n = 1
+                         THEN jsonb_build_object('orderId', 'order-big', 'customerId', 'c-1',
+                                                 'items', '[]'::jsonb)
+                         ELSE jsonb_build_object('address', n || ' Long Street') END,
+                    n
+               FROM generate_series(1, 120000) n",
+        )
+        .await
+        .unwrap();
+}
+
 /// Issue 18: a long stream-set catch-up is applied in parts of a few streams each
 /// (`daemon::parts`), so that its progress shows. Each stream must be folded whole
 /// in exactly one part, whatever its length and wherever its events lie:
@@ -449,20 +469,7 @@ async fn a_long_stream_set_catch_up_in_parts_folds_every_stream_whole_once() {
     pgfold::testkit::workload::load_orders(&client, 1, 1_000)
         .await
         .unwrap();
-    client
-        .batch_execute(
-            "INSERT INTO events (stream_id, stream_type, event_type, payload, sequence)
-             SELECT 'order-big', 'order',
-                    CASE WHEN n = 1 THEN 'OrderCreated' ELSE 'OrderShipped' END,
-                    CASE WHEN n = 1
-                         THEN jsonb_build_object('orderId', 'order-big', 'customerId', 'c-1',
-                                                 'items', '[]'::jsonb)
-                         ELSE jsonb_build_object('address', n || ' Long Street') END,
-                    n
-               FROM generate_series(1, 120000) n",
-        )
-        .await
-        .unwrap();
+    append_long_stream(&client).await;
     pgfold::testkit::workload::load_orders(&client, 1_001, 1_000)
         .await
         .unwrap();
@@ -575,4 +582,51 @@ async fn a_long_stream_set_catch_up_in_parts_folds_every_stream_whole_once() {
             "{what}"
         );
     }
+}
+
+/// Issue 18: a part that fails rolls back the whole range applied in parts, and
+/// the range is narrowed, as any failed batch is, until the bad event stands
+/// alone: the events before it commit, and the projector parks on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_event_in_a_range_applied_in_parts_is_isolated_and_parks() {
+    // Arrange
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    append_long_stream(&client).await;
+    let mut bad = created("order-bad", "books", json!("1.00"), 1);
+    bad.payload = json!("not an object");
+    let bad_id = store::append(&client, &bad, 1).await.unwrap();
+    pgfold::testkit::workload::load_orders(&client, 1, 2_000)
+        .await
+        .unwrap();
+    client.batch_execute("ANALYZE events").await.unwrap();
+    let settings = crate::poison::with_policy(&db, "order_snapshots", OnError::Stop, 1);
+
+    // Act
+    let outcome = run_once(&settings, RunOptions::default()).await;
+
+    // Assert
+    let parked: Vec<(String, i64)> = outcome
+        .parked
+        .iter()
+        .map(|f| (f.projector.clone(), f.event_id))
+        .collect();
+    assert_eq!(parked, vec![("order_snapshots".to_string(), bad_id)]);
+    assert_eq!(
+        scalar_i64(
+            &client,
+            "SELECT position_id FROM pgfold.projectors WHERE name = 'order_snapshots'"
+        )
+        .await,
+        bad_id - 1,
+        "the events before the bad one are applied"
+    );
+    assert_eq!(
+        scalar_i64(
+            &client,
+            "SELECT sequence FROM order_snapshots WHERE stream_id = 'order-big'"
+        )
+        .await,
+        120_000
+    );
 }

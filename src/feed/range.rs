@@ -143,6 +143,10 @@ impl EventRange {
 
     /// The source this range is read with: [`EventRange::source`], or for a part
     /// [`EventRange::source_in_streams`]; its placeholders numbered from `$first`.
+    /// A fold that builds its own statements over [`SetBatch::range`] reads it
+    /// with this, since a stream-set batch may come in parts.
+    ///
+    /// [`SetBatch::range`]: crate::projector::SetBatch::range
     pub fn source_for(&self, first: usize) -> String {
         match self.part {
             Some(_) => EventRange::source_in_streams(first),

@@ -54,10 +54,8 @@ impl<'a> SetBatch<'a> {
     /// The statement for `sql` over this batch: [`SetBatch::statement`], or
     /// [`SetBatch::statement_in_streams`] for a part.
     fn statement_for(&self, sql: &str, own_params: usize) -> String {
-        match self.range.is_part() {
-            true => SetBatch::statement_in_streams(sql, own_params),
-            false => SetBatch::statement(sql, own_params),
-        }
+        let batch = format!("batch AS {}", self.range.source_for(own_params + 1));
+        with_first(&batch, sql)
     }
 
     /// Runs `sql` over the batch; how many rows it wrote.

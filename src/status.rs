@@ -74,7 +74,8 @@ pub struct RebuildProgress {
 /// How far a replay has come. Measured in event ids, as the daemon's progress is.
 #[derive(Debug, Serialize)]
 pub struct ReplayProgress {
-    /// Id of the last event consumed.
+    /// Id of the last event consumed; while a batch applied in parts is in
+    /// flight, how far it has come (`pgfold.batch_progress`).
     pub position: i64,
     /// Id of the newest event when the replay began: where it ends.
     pub target: i64,
@@ -157,10 +158,16 @@ pub async fn collect<C: Db>(
             },
             Some(r) => ProjectorStatus {
                 replay: (r.state == State::Replaying).then(|| {
+                    // A batch in flight (applied in parts) has come further than
+                    // the checkpoint, which moves when it commits.
+                    let (position, in_batch) =
+                        r.in_flight.map_or((r.position_id, 0), |(at, events)| {
+                            (at.max(r.position_id), events)
+                        });
                     ReplayProgress::estimate(
-                        r.position_id,
+                        position,
                         r.replay_target_id,
-                        r.events_applied,
+                        r.events_applied + in_batch,
                         r.replay_seconds,
                     )
                 }),

@@ -385,6 +385,30 @@ pub async fn rewind<C: Db>(
     Ok(())
 }
 
+/// Records, outside the batch's transaction, that the batch of `name` that
+/// started from `from` has come to event id `position_id`, having consumed
+/// `events` so far (a batch applied in parts; see `pgfold.batch_progress`).
+pub async fn record_in_flight<C: Db>(
+    client: &C,
+    name: &str,
+    from: Position,
+    position_id: i64,
+    events: u64,
+) -> Result<(), tokio_postgres::Error> {
+    client
+        .execute(
+            "INSERT INTO pgfold.batch_progress AS b (name, from_tx, from_id, position_id, events, updated_at)
+             VALUES ($1, $2::text::xid8, $3, $4, $5, now())
+             ON CONFLICT (name) DO UPDATE
+                SET from_tx = EXCLUDED.from_tx, from_id = EXCLUDED.from_id,
+                    position_id = EXCLUDED.position_id, events = EXCLUDED.events,
+                    updated_at = EXCLUDED.updated_at",
+            &[&name, &from.tx_text(), &from.id, &position_id, &(events as i64)],
+        )
+        .await?;
+    Ok(())
+}
+
 /// A projector's row as `pgfold status` shows it, with its lag.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -414,6 +438,9 @@ pub struct Report {
     pub replay_target_id: i64,
     /// Seconds since the last replay began, if one was recorded.
     pub replay_seconds: Option<f64>,
+    /// A batch in flight, applied in parts and not committed yet: how far it has
+    /// come (an event id) and the events it has consumed so far.
+    pub in_flight: Option<(i64, i64)>,
 }
 
 /// The projector's row and its lag; `None` if it has never run.
@@ -436,8 +463,11 @@ pub async fn report<C: Db>(
                         lag.events,
                         coalesce(extract(epoch FROM now() - lag.oldest)::float8, 0),
                         coalesce(p.replay_target_id, 0),
-                        extract(epoch FROM now() - p.replay_started_at)::float8
+                        extract(epoch FROM now() - p.replay_started_at)::float8,
+                        f.position_id, f.events
                    FROM pgfold.projectors p
+                   LEFT JOIN pgfold.batch_progress f
+                     ON f.name = p.name AND (f.from_tx, f.from_id) = (p.position_tx, p.position_id)
                    CROSS JOIN LATERAL (
                      SELECT count(*) AS events, min(e.occurred_at) AS oldest
                        FROM (SELECT e.occurred_at, e.event_type, e.stream_type FROM events e
@@ -464,5 +494,6 @@ pub async fn report<C: Db>(
         lag_seconds: r.get::<_, f64>(10).max(0.0),
         replay_target_id: r.get(11),
         replay_seconds: r.get(12),
+        in_flight: r.get::<_, Option<i64>>(13).zip(r.get::<_, Option<i64>>(14)),
     }))
 }

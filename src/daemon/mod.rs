@@ -14,6 +14,7 @@
 pub mod checkpoint;
 mod driver;
 mod pace;
+mod parts;
 mod prepare;
 mod wakeup;
 pub(crate) mod worker;
@@ -195,7 +196,8 @@ impl Daemon {
                 settings.projector(p.name()),
                 &settings.daemon,
                 pool.clone(),
-            );
+            )
+            .on_part(parts_progress(&ops.progress, &ops.liveness, p.name()));
             ops.liveness.beat(p.name());
             let driver = Driver::new(
                 worker,
@@ -241,6 +243,20 @@ impl Daemon {
         pool.close();
         result
     }
+}
+
+/// Reports each part of a batch applied in parts (see `parts`) as progress, and
+/// as a sign of life: such a batch can run for minutes before it commits.
+pub(crate) fn parts_progress(
+    progress: &Arc<Progress>,
+    liveness: &Arc<Liveness>,
+    label: &str,
+) -> worker::OnPart {
+    let (progress, liveness, label) = (progress.clone(), liveness.clone(), label.to_string());
+    Arc::new(move |position, events| {
+        liveness.beat(&label);
+        progress.within_batch(&label, position, events);
+    })
 }
 
 /// Waits for every projector task; the first failure (an error or a panic)

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::checkpoint::{self, Checkpoint, Failure, State};
 use super::pace::Pace;
+use super::parts::{self, PARTS_FROM};
 use crate::config::{DaemonSettings, OnError, ProjectorSettings};
 use crate::db::{self, Db, Pool, Statements};
 use crate::feed::{self, EventRange, Horizon, Position};
@@ -26,7 +27,7 @@ use crate::util::one_line;
 use tokio_postgres::types::ToSql;
 
 /// The pooled transaction a batch runs in.
-type Transaction<'a> = db::Session<deadpool_postgres::Transaction<'a>>;
+pub(super) type Transaction<'a> = db::Session<deadpool_postgres::Transaction<'a>>;
 
 /// What one call of [`Worker::step`] did.
 #[derive(Debug)]
@@ -160,7 +161,13 @@ pub struct Worker {
     seen: Option<Position>,
     /// `daemon.synchronous_commit`.
     synchronous_commit: bool,
+    /// Told of each part of a batch applied in parts (see `daemon::parts`), before
+    /// the batch commits: (position, events consumed so far in the batch).
+    on_part: Option<OnPart>,
 }
+
+/// What [`Worker::on_part`] calls.
+pub type OnPart = Arc<dyn Fn(i64, u64) + Send + Sync>;
 
 impl Worker {
     pub fn new(
@@ -173,6 +180,7 @@ impl Worker {
         // set's is not: a stream whose events fall into two ranges has its snapshot
         // written by the first and patched by the second, and the order_snapshots
         // replay took 4x as long in ranges as in one statement (issue 18's note).
+        // Its catch-up is one range, applied in parts by stream (`daemon::parts`).
         let pace = match projector.fold() {
             Fold::Set(_) => Some(Pace::new(daemon.set_batch_size)),
             Fold::Events(_) | Fold::StreamSet(_) => None,
@@ -199,7 +207,16 @@ impl Worker {
             warned_definition: false,
             seen: None,
             synchronous_commit: daemon.synchronous_commit,
+            on_part: None,
         }
+    }
+
+    /// Calls `report` after each part of a batch applied in parts, with how far
+    /// the batch has come (an event id) and the events consumed so far in it: the
+    /// progress of a long stream-set catch-up, which commits only at its end.
+    pub fn on_part(mut self, report: OnPart) -> Worker {
+        self.on_part = Some(report);
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -441,7 +458,19 @@ impl Worker {
             });
         };
         let span = upto.id - ck.position.id;
-        if self.pace.is_some() && span >= GENERIC_PLANS_BELOW {
+        // A long stream-set range is applied in parts of a few streams each, to
+        // show its progress (see `daemon::parts`); not while isolating a failure.
+        // Only a range that holds most of the log (a replay, a rebuild): the parts
+        // walk the keys of every stream in the log and read each part's streams
+        // by key, which for a short range of a long log (a daemon restarted
+        // after a while) would be reading the whole log to fold a little of it.
+        let in_parts = stream_ordered
+            && self.isolating_until.is_none()
+            && span >= PARTS_FROM
+            && span >= upto.id / 2;
+        // Parts run the same statements over different streams, each planned for
+        // its own.
+        if (self.pace.is_some() || in_parts) && span >= GENERIC_PLANS_BELOW {
             plan_for_values(&tx).await?;
         }
         // An unnamed statement is parsed and planned again every time, so a
@@ -458,34 +487,62 @@ impl Worker {
         // custom one; both read by position.) A stream set's batch is sent as if
         // the probe found nothing to deliver ahead, as it nearly always does; if
         // it finds some, that batch is rolled back and sent again with them.
-        let plan = async {
-            match generic {
-                true => plan_generically(&tx).await,
-                false => Ok(()),
-            }
-        };
-        let probe = async {
-            match stream_ordered {
-                true => feed::ahead_of_range(&tx, ck.position, upto, !full, &skip, &filter).await,
-                false => Ok(Vec::new()),
-            }
-        };
-        // Sent ahead of the batch, so they must leave in order (see `step`).
-        tx.ready(PLAN_GENERICALLY, &[]).await?;
-        tx.ready(SAVEPOINT, &[]).await?;
-        let prelude = async { tokio::try_join!(plan, probe, Db::execute(&tx, SAVEPOINT, &[])) };
-        let range = EventRange::new(ck.position, upto, skip.clone(), Vec::new(), &filter);
-        let (sent, applied) = tokio::join!(prelude, apply_set(&tx, fold, &range));
-        // Had one of these failed, the batch failed for it, not for its events.
-        let ((), ahead, _) = sent?;
-        let (range, applied) = match ahead.is_empty() {
-            true => (range, applied),
-            false => {
-                Db::execute(&tx, ROLLBACK_TO_SAVEPOINT, &[]).await?;
+        let (ahead, range, applied) = {
+            let plan = async {
+                match generic {
+                    true => plan_generically(&tx).await,
+                    false => Ok(()),
+                }
+            };
+            let probe = async {
+                match stream_ordered {
+                    true => {
+                        feed::ahead_of_range(&tx, ck.position, upto, !full, &skip, &filter).await
+                    }
+                    false => Ok(Vec::new()),
+                }
+            };
+            // Sent ahead of the batch, so they must leave in order (see `step`).
+            tx.ready(PLAN_GENERICALLY, &[]).await?;
+            tx.ready(SAVEPOINT, &[]).await?;
+            let prelude = async { tokio::try_join!(plan, probe, Db::execute(&tx, SAVEPOINT, &[])) };
+            if in_parts {
+                // A long catch-up: beside its parts, a round trip is nothing.
+                let ((), ahead, _) = prelude.await?;
                 let ids = ahead.iter().map(|(id, _)| *id).collect();
                 let range = EventRange::new(ck.position, upto, skip, ids, &filter);
-                let applied = apply_set(&tx, fold, &range).await;
-                (range, applied)
+                let report = |position: i64, events: u64| {
+                    if let Some(report) = &self.on_part {
+                        report(position, events);
+                    }
+                };
+                let applied = parts::apply_in_parts(
+                    &self.key,
+                    &self.pool,
+                    &tx,
+                    fold,
+                    &range,
+                    self.full_limit,
+                    &report,
+                )
+                .await;
+                (ahead, range, applied)
+            } else {
+                let range = EventRange::new(ck.position, upto, skip.clone(), Vec::new(), &filter);
+                let (sent, applied) = tokio::join!(prelude, apply_set(&tx, fold, &range));
+                // Had one of these failed, the batch failed for it, not for its events.
+                let ((), ahead, _) = sent?;
+                let (range, applied) = match ahead.is_empty() {
+                    true => (range, applied),
+                    false => {
+                        Db::execute(&tx, ROLLBACK_TO_SAVEPOINT, &[]).await?;
+                        let ids = ahead.iter().map(|(id, _)| *id).collect();
+                        let range = EventRange::new(ck.position, upto, skip, ids, &filter);
+                        let applied = apply_set(&tx, fold, &range).await;
+                        (range, applied)
+                    }
+                };
+                (ahead, range, applied)
             }
         };
         let e = match applied {
@@ -744,7 +801,7 @@ impl Worker {
 /// The event a projector named: directly, or in SQL through `pgfold.bad_event`.
 /// Applies a set batch; how many events it consumed: as the fold counted them,
 /// or counted here in the same round trip.
-async fn apply_set(
+pub(super) async fn apply_set(
     tx: &Transaction<'_>,
     fold: &dyn SetFold,
     range: &EventRange,

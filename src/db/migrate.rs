@@ -73,6 +73,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "wakeup_sequence",
         sql: include_str!("../../migrations/V9__wakeup_sequence.sql"),
     },
+    Migration {
+        version: 10,
+        name: "batch_progress",
+        sql: include_str!("../../migrations/V10__batch_progress.sql"),
+    },
 ];
 
 /// Each DDL attempt waits at most this long for a lock before backing off.

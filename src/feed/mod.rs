@@ -12,7 +12,8 @@ pub use event::{Event, EventFilter};
 pub use horizon::{blocker, horizon, kept_horizon, ready_kept_horizon, Blocker, Horizon};
 pub use order::{order_batch, OrderedBatch};
 pub use position::{Position, POSITION_TX};
-pub use range::{EventRange, RANGE_PARAMS};
+pub use range::{EventRange, PART_PARAMS, RANGE_PARAMS};
 pub use reader::{
-    ahead_of_range, newest, read_events, ready_set_batch_end, set_batch_end, ReadBatch, ReadRow,
+    ahead_of_range, newest, read_events, ready_set_batch_end, set_batch_end, stream_key_after,
+    ReadBatch, ReadRow,
 };

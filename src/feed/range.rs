@@ -9,7 +9,8 @@ use super::{EventFilter, Position};
 /// those delivered ahead by an earlier batch, plus those this batch delivers ahead
 /// (a stream-ordered batch's earlier events of a stream whose position lies beyond
 /// `upto`; see `src/feed/order.rs`), and of those only what the projector's filter
-/// passes.
+/// passes. A part of a range ([`EventRange::streams`]) holds only the events of
+/// the streams whose id is in `[from, before)`.
 #[derive(Debug, Clone)]
 pub struct EventRange {
     after: Position,
@@ -20,10 +21,15 @@ pub struct EventRange {
     ahead: Vec<i64>,
     event_types: Option<Vec<String>>,
     stream_types: Option<Vec<String>>,
+    /// A part's stream ids, `[from, before)`; `None` on either side: unbounded.
+    part: Option<(Option<String>, Option<String>)>,
 }
 
 /// How many parameters [`EventRange::source`] takes.
 pub const RANGE_PARAMS: usize = 8;
+
+/// How many parameters [`EventRange::source_in_streams`] takes.
+pub const PART_PARAMS: usize = RANGE_PARAMS + 2;
 
 impl EventRange {
     /// The daemon builds the range of each batch; public so that tests can
@@ -44,7 +50,26 @@ impl EventRange {
             ahead,
             event_types: filter.event_types.clone(),
             stream_types: filter.stream_types.clone(),
+            part: None,
         }
+    }
+
+    /// The part of this range that holds the streams whose id is in `[from,
+    /// before)` (`None`: unbounded on that side), compared in the column's
+    /// collation, the order of the `(stream_id, sequence)` index. A stream's
+    /// events in the range, those delivered ahead included, all fall in the same
+    /// part, so parts can be folded one after another (see `daemon::parts`).
+    pub fn streams(&self, from: Option<String>, before: Option<String>) -> EventRange {
+        EventRange {
+            part: Some((from, before)),
+            ..self.clone()
+        }
+    }
+
+    /// Whether this is a part of a range ([`EventRange::streams`]), to be read
+    /// with [`EventRange::source_in_streams`].
+    pub fn is_part(&self) -> bool {
+        self.part.is_some()
     }
 
     /// The position the batch starts after.
@@ -88,9 +113,50 @@ impl EventRange {
         )
     }
 
-    /// The values for [`EventRange::source`]'s placeholders, in order.
-    pub fn params(&self) -> [&(dyn ToSql + Sync); RANGE_PARAMS] {
-        [
+    /// [`EventRange::source`] for a part of the range ([`EventRange::streams`]),
+    /// with [`PART_PARAMS`] placeholders: the part's bounds on `stream_id` are read
+    /// inside the fence with the range, so that the planner can read a part of a
+    /// long range through the `(stream_id, sequence)` index instead of the whole
+    /// range through the position index; they are tested on the events delivered
+    /// ahead too. A part's statement runs with custom plans (`daemon::parts`), in
+    /// which an unbounded side's `IS NULL` folds away.
+    pub fn source_in_streams(first: usize) -> String {
+        let (skip, ahead, types, streams) = (first + 4, first + 5, first + 6, first + 7);
+        let (from, before) = (first + 8, first + 9);
+        let keys = format!(
+            "(${from}::text IS NULL OR e.stream_id >= ${from}::text)
+                  AND (${before}::text IS NULL OR e.stream_id < ${before}::text)"
+        );
+        format!(
+            "(SELECT e.* FROM
+               ((SELECT e.* FROM events e
+                  WHERE {range} AND {keys} AND e.id <> ALL(${skip}::bigint[])
+                 OFFSET 0)
+                UNION ALL
+                (SELECT e.* FROM events e WHERE e.id = ANY(${ahead}::bigint[]) OFFSET 0)) e
+              WHERE (${types}::text[] IS NULL OR e.event_type = ANY(${types}::text[]))
+                AND (${streams}::text[] IS NULL OR e.stream_type = ANY(${streams}::text[]))
+                AND {keys})",
+            range = in_range_from("e", first)
+        )
+    }
+
+    /// The source this range is read with: [`EventRange::source`], or for a part
+    /// [`EventRange::source_in_streams`]; its placeholders numbered from `$first`.
+    /// A fold that builds its own statements over [`SetBatch::range`] reads it
+    /// with this, since a stream-set batch may come in parts.
+    ///
+    /// [`SetBatch::range`]: crate::projector::SetBatch::range
+    pub fn source_for(&self, first: usize) -> String {
+        match self.part {
+            Some(_) => EventRange::source_in_streams(first),
+            None => EventRange::source(first),
+        }
+    }
+
+    /// The values for the placeholders of [`EventRange::source_for`], in order.
+    pub fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
             &self.after_tx,
             &self.after.id,
             &self.upto_tx,
@@ -99,6 +165,11 @@ impl EventRange {
             &self.ahead,
             &self.event_types,
             &self.stream_types,
-        ]
+        ];
+        if let Some((from, before)) = &self.part {
+            params.push(from);
+            params.push(before);
+        }
+        params
     }
 }

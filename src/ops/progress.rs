@@ -4,7 +4,9 @@
 //! up` summary either way.
 //!
 //! Progress moves when a batch commits; set-based catch-ups are cut into ranges of
-//! about a second for this (see `daemon::pace`). Until the first batch has committed
+//! about a second for this (see `daemon::pace`). A stream-set catch-up is one
+//! range applied in parts of about a second (see `daemon::parts`), and moves after
+//! each part, before its batch commits. Until the first batch or part is done
 //! nothing is measured, and the ETA shows as `?`.
 //!
 //! On a terminal the bars and the logs share stderr: both go through one
@@ -93,6 +95,9 @@ struct Tracked {
     target_id: i64,
     position_id: i64,
     applied: u64,
+    /// Consumed by the batch in progress, in the parts done so far
+    /// ([`Progress::within_batch`]); counted into `applied` once it commits.
+    in_batch: u64,
     /// (when, ids done) after the last few batches, the start included: the ETA
     /// goes by the recent pace, which drifts over a long replay (the machine's
     /// load, the projection's tables growing).
@@ -144,7 +149,7 @@ impl Tracked {
         };
         Estimate {
             fraction: done as f64 / total,
-            events_per_second: self.applied as f64 / elapsed,
+            events_per_second: (self.applied + self.in_batch) as f64 / elapsed,
             eta_seconds,
         }
     }
@@ -215,6 +220,7 @@ impl Progress {
                 target_id: target,
                 position_id: from,
                 applied: 0,
+                in_batch: 0,
                 bar,
             },
         );
@@ -222,11 +228,28 @@ impl Progress {
 
     /// Records a committed batch.
     pub fn advance(&self, projector: &str, position_id: i64, events: u64) {
+        self.moved(projector, position_id, |t| {
+            t.applied += events;
+            t.in_batch = 0;
+        });
+    }
+
+    /// Records a part of a batch applied in parts (see `daemon::parts`): the batch
+    /// has come to `position_id` (short of its end), having consumed `events` so
+    /// far. The batch's [`advance`](Progress::advance) then counts them for good.
+    pub fn within_batch(&self, projector: &str, position_id: i64, events: u64) {
+        self.moved(projector, position_id, |t| t.in_batch = events);
+    }
+
+    /// Counts events with `count`, then shows `projector` at `position_id`: its
+    /// bar, or a `catching up` line when one is due; finished once it has reached
+    /// its target.
+    fn moved(&self, projector: &str, position_id: i64, count: impl FnOnce(&mut Tracked)) {
         let mut tracked = self.lock();
         let Some(t) = tracked.get_mut(projector) else {
             return;
         };
-        t.applied += events;
+        count(t);
         t.position_id = t.position_id.max(position_id);
         let done = t.done();
         t.recent.push_back((Instant::now(), done));
@@ -254,7 +277,7 @@ impl Progress {
                 position = t.position_id,
                 // Not `target`: the JSON logs use that key for the module.
                 target_position = t.target_id,
-                events_applied = t.applied,
+                events_applied = t.applied + t.in_batch,
                 events_per_second = estimate.events_per_second.round() as u64,
                 eta_seconds = estimate.eta_seconds.map(f64::ceil),
                 "catching up"

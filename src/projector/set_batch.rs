@@ -7,7 +7,7 @@ use tokio_postgres::Row;
 
 use super::Tx;
 use crate::db::Params;
-use crate::feed::{EventRange, RANGE_PARAMS};
+use crate::feed::{EventRange, PART_PARAMS};
 
 /// The events of one batch of a [`super::SetFold`], for statements that read them
 /// as a relation named `batch`, with the columns of `events`, already cut to the
@@ -44,6 +44,20 @@ impl<'a> SetBatch<'a> {
         with_first(&batch, sql)
     }
 
+    /// [`SetBatch::statement`] for a batch that is a part of a range, a few
+    /// streams of it ([`EventRange::streams`]).
+    pub fn statement_in_streams(sql: &str, own_params: usize) -> String {
+        let batch = format!("batch AS {}", EventRange::source_in_streams(own_params + 1));
+        with_first(&batch, sql)
+    }
+
+    /// The statement for `sql` over this batch: [`SetBatch::statement`], or
+    /// [`SetBatch::statement_in_streams`] for a part.
+    fn statement_for(&self, sql: &str, own_params: usize) -> String {
+        let batch = format!("batch AS {}", self.range.source_for(own_params + 1));
+        with_first(&batch, sql)
+    }
+
     /// Runs `sql` over the batch; how many rows it wrote.
     pub async fn execute(
         &self,
@@ -51,7 +65,7 @@ impl<'a> SetBatch<'a> {
         sql: &str,
         params: Params<'_>,
     ) -> Result<u64, tokio_postgres::Error> {
-        let sql = SetBatch::statement(sql, params.len());
+        let sql = self.statement_for(sql, params.len());
         tx.execute(&sql, &self.params(params)).await
     }
 
@@ -62,7 +76,7 @@ impl<'a> SetBatch<'a> {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let sql = SetBatch::statement(sql, params.len());
+        let sql = self.statement_for(sql, params.len());
         tx.query(&sql, &self.params(params)).await
     }
 
@@ -73,7 +87,7 @@ impl<'a> SetBatch<'a> {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Row, tokio_postgres::Error> {
-        let sql = SetBatch::statement(sql, params.len());
+        let sql = self.statement_for(sql, params.len());
         tx.query_one(&sql, &self.params(params)).await
     }
 
@@ -94,7 +108,7 @@ impl<'a> SetBatch<'a> {
     }
 
     fn params<'p>(&'p self, own: Params<'p>) -> Vec<&'p (dyn ToSql + Sync)> {
-        let mut all = Vec::with_capacity(own.len() + RANGE_PARAMS);
+        let mut all = Vec::with_capacity(own.len() + PART_PARAMS);
         all.extend_from_slice(own);
         all.extend(self.range.params());
         all

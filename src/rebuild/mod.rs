@@ -109,7 +109,9 @@ pub async fn stored_fingerprint<C: Db>(
 }
 
 /// A rebuild of `p` in progress, for `status`: the build's checkpoint, its lag
-/// (counted as a projector's is), and its rate since it began.
+/// (counted as a projector's is), and its rate since it began. A batch in flight
+/// (applied in parts, see `pgfold.batch_progress`) counts for the position, the
+/// events applied and the ETA, not for the lag, which is what is committed.
 pub async fn progress<C: Db>(
     client: &C,
     p: &dyn Projector,
@@ -118,10 +120,13 @@ pub async fn progress<C: Db>(
     let row = client
         .query_opt(
             &format!(
-                "SELECT b.position_id, lag.events, b.events_applied,
+                "SELECT greatest(b.position_id, f.position_id), lag.events,
+                        b.events_applied + coalesce(f.events, 0),
                         extract(epoch FROM now() - b.build_started_at)::float8,
-                        b.build_reason, b.fingerprint
+                        b.build_reason, b.fingerprint, coalesce(f.events, 0)
                    FROM pgfold.projectors b
+                   LEFT JOIN pgfold.batch_progress f
+                     ON f.name = b.name AND (f.from_tx, f.from_id) = (b.position_tx, b.position_id)
                    CROSS JOIN LATERAL (
                      SELECT count(*) AS events
                        FROM (SELECT e.event_type, e.stream_type FROM events e
@@ -135,7 +140,7 @@ pub async fn progress<C: Db>(
         )
         .await?;
     Ok(row.map(|r| {
-        let (lag_events, applied): (i64, i64) = (r.get(1), r.get(2));
+        let (lag_events, applied, in_flight): (i64, i64, i64) = (r.get(1), r.get(2), r.get(6));
         let rate = r
             .get::<_, Option<f64>>(3)
             .filter(|s| *s > 0.0 && applied > 0)
@@ -145,7 +150,7 @@ pub async fn progress<C: Db>(
             lag_events,
             events_applied: applied,
             events_per_second: rate.map(f64::round),
-            eta_seconds: rate.map(|v| (lag_events as f64 / v).ceil()),
+            eta_seconds: rate.map(|v| ((lag_events - in_flight).max(0) as f64 / v).ceil()),
             reason: r.get(4),
             fingerprint: r.get(5),
         }
@@ -352,7 +357,12 @@ pub async fn drive(
     let fingerprint = build.projector.fingerprint();
     let label = label(&name);
     let mut worker = Worker::new(build.projector.clone(), settings, &daemon, pool.clone())
-        .beside(&build.key, &build.schema);
+        .beside(&build.key, &build.schema)
+        .on_part(crate::daemon::parts_progress(
+            &ops.progress,
+            &ops.liveness,
+            &label,
+        ));
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     // Swap attempts that found the live projector's lock taken, or readers in
     // the way: retried soon, with a growing pause.

@@ -23,6 +23,9 @@ pub struct SqlProjection {
     filter: EventFilter,
     /// `set` / `stream`: the statement as sent, over `batch`.
     apply: String,
+    /// `stream`: the statement as sent over a part of a batch, a few of its
+    /// streams (see `daemon::parts`).
+    apply_in_streams: String,
     /// `event`: per event type, the statement as sent, over `event` bound at `$1`.
     handlers: BTreeMap<String, String>,
     fingerprint: String,
@@ -82,6 +85,10 @@ impl SqlProjection {
             .as_deref()
             .map(|sql| SetBatch::statement(sql, 0))
             .unwrap_or_default();
+        let apply_in_streams = match (&def.apply, def.order) {
+            (Some(sql), Order::Stream) => SetBatch::statement_in_streams(sql, 0),
+            _ => String::new(),
+        };
         let handlers = def
             .handlers
             .iter()
@@ -92,6 +99,7 @@ impl SqlProjection {
             def,
             filter,
             apply,
+            apply_in_streams,
             handlers,
             fingerprint,
             reports_count: OnceLock::new(),
@@ -208,6 +216,13 @@ impl Projector for SqlProjection {
             tx.query(&format!("EXPLAIN {}", self.apply), &range.params())
                 .await
                 .map_err(|e| self.error("apply", &e))?;
+            if self.def.order == Order::Stream {
+                let part = range.streams(None, None);
+                let sql = format!("EXPLAIN {}", self.apply_in_streams);
+                tx.query(&sql, &part.params())
+                    .await
+                    .map_err(|e| self.error("apply", &e))?;
+            }
         }
         for (event_type, sql) in &self.handlers {
             tx.query(&format!("EXPLAIN {sql}"), &[&0i64])
@@ -222,14 +237,18 @@ impl Projector for SqlProjection {
 impl SetFold for SqlProjection {
     async fn apply(&self, tx: &Tx<'_>, batch: &SetBatch<'_>) -> Result<(), ProjectorError> {
         let params = batch.range().params();
+        let apply = match batch.range().is_part() {
+            true => &self.apply_in_streams,
+            false => &self.apply,
+        };
         if self.reports_count.get() == Some(&true) {
-            let rows = tx.query(&self.apply, &params).await?;
+            let rows = tx.query(apply, &params).await?;
             batch.counted(reported(&rows).unwrap_or_default());
             return Ok(());
         }
         // The count rides in the same round trip, right behind the statement.
         let (applied, count) = tokio::join!(
-            tx.query(&self.apply, &params),
+            tx.query(apply, &params),
             batch.query_one(tx, "SELECT count(*) FROM batch", &[]),
         );
         // The statement's own error, not the count's "transaction is aborted".

@@ -281,6 +281,26 @@ async fn explain_batches(x: &Explaining<'_>, after: Position, upto: Position) {
     let (sql, range) = over_batch(&OrderSnapshots::statement(), 0, &filters[2].1);
     x.label("order_snapshots");
     x.explain(&sql, &range.params()).await;
+
+    // A long stream-set range applied in parts (`daemon::parts`): the walk that
+    // finds each part's last stream, and a part, which may read its streams
+    // through the stream index instead of the range through the position index.
+    // Its offset can reach most of the log (here about 70,000 of 75,000 events).
+    x.label("stream_key_after");
+    let cursor = feed::stream_key_after(x, None, 500).await.unwrap();
+    feed::stream_key_after(x, cursor.as_ref(), 70_000)
+        .await
+        .unwrap();
+    let part = EventRange::new(after, upto, vec![1, 2], vec![3], &filters[2].1).streams(
+        Some("order-1".into()),
+        cursor.map(|(stream_id, _)| stream_id),
+    );
+    x.label("order_snapshots, a part of a long range");
+    x.explain(
+        &SetBatch::statement_in_streams(&OrderSnapshots::statement(), 0),
+        &part.params(),
+    )
+    .await;
 }
 
 /// The statements above that read a range of the log.

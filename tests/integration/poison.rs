@@ -46,7 +46,12 @@ impl Bad {
     }
 }
 
-fn with_policy(db: &TestDb, projector: &str, on_error: OnError, max_attempts: u32) -> Settings {
+pub(crate) fn with_policy(
+    db: &TestDb,
+    projector: &str,
+    on_error: OnError,
+    max_attempts: u32,
+) -> Settings {
     let mut settings = db.settings();
     settings.projectors.insert(
         projector.into(),

@@ -18,7 +18,7 @@ use pgfold::testkit::db::column;
 use crate::helpers::*;
 
 /// The examples shipped in `examples/projections/`.
-fn examples_dir() -> PathBuf {
+pub(crate) fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/projections")
 }
 

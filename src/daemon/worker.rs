@@ -506,8 +506,11 @@ impl Worker {
             tx.ready(PLAN_GENERICALLY, &[]).await?;
             tx.ready(SAVEPOINT, &[]).await?;
             let prelude = async { tokio::try_join!(plan, probe, Db::execute(&tx, SAVEPOINT, &[])) };
-            if in_parts {
-                // A long catch-up: beside its parts, a round trip is nothing.
+            if in_parts || (stream_ordered && full) {
+                // A catch-up: beside its batch, a round trip is nothing, and the
+                // probe of a range cut short changes a planner setting for its own
+                // statement (`feed::ahead_of_range`), which the batch must not be
+                // sent under.
                 let ((), ahead, _) = prelude.await?;
                 let ids = ahead.iter().map(|(id, _)| *id).collect();
                 let range = EventRange::new(ck.position, upto, skip, ids, &filter);
@@ -516,16 +519,21 @@ impl Worker {
                         report(position, events);
                     }
                 };
-                let applied = parts::apply_in_parts(
-                    &self.key,
-                    &self.pool,
-                    &tx,
-                    fold,
-                    &range,
-                    self.full_limit,
-                    &report,
-                )
-                .await;
+                let applied = match in_parts {
+                    true => {
+                        parts::apply_in_parts(
+                            &self.key,
+                            &self.pool,
+                            &tx,
+                            fold,
+                            &range,
+                            self.full_limit,
+                            &report,
+                        )
+                        .await
+                    }
+                    false => apply_set(&tx, fold, &range).await,
+                };
                 (ahead, range, applied)
             } else {
                 let range = EventRange::new(ck.position, upto, skip.clone(), Vec::new(), &filter);

@@ -19,6 +19,7 @@ use crate::db::Db;
 
 use super::{Event, EventFilter};
 use super::{Horizon, Position, POSITION_TX};
+use tokio_postgres::types::ToSql;
 
 /// The columns of an event, in [`read_row`]'s order.
 const COLUMNS: &str =
@@ -194,29 +195,52 @@ pub async fn read_events<C: Db>(
         passes = passes(4, 5),
     );
     let mut batch = ReadBatch::default();
-    client
-        .for_each_row(
-            &within_budget(&read, "r.tx, r.id", 7, true),
-            &[
-                &after.tx_text(),
-                &after.id,
-                &horizon.tx.to_string(),
-                &filter.event_types,
-                &filter.stream_types,
-                &i64::from(limit),
-                &budget,
-            ],
-            &mut |row| {
-                if !row.get::<_, bool>(FITS) {
-                    batch.cut_by_bytes = true;
-                    return false;
-                }
-                batch.rows.push(read_row(&row));
-                true
-            },
-        )
-        .await?;
+    let rows = async {
+        client
+            .for_each_row(
+                &within_budget(&read, "r.tx, r.id", 7, true),
+                &[
+                    &after.tx_text(),
+                    &after.id,
+                    &horizon.tx.to_string(),
+                    &filter.event_types,
+                    &filter.stream_types,
+                    &i64::from(limit),
+                    &budget,
+                ],
+                &mut |row| {
+                    if !row.get::<_, bool>(FITS) {
+                        batch.cut_by_bytes = true;
+                        return false;
+                    }
+                    batch.rows.push(read_row(&row));
+                    true
+                },
+            )
+            .await
+    };
+    // Each event's nearest consumed predecessor is probed by its stream's index,
+    // read backwards from it (see `sorting_off`).
+    sorting_off(client, rows).await?;
     Ok(batch)
+}
+
+/// Runs `statement` with sorting off for it alone. The statements that probe each
+/// event's stream for its nearest consumed predecessor (or the walk of the
+/// stream index) need the stream index read in order, stopping at the first
+/// row. Unless sorting is off, a table whose statistics say little (one that
+/// grew from empty, never analysed) gets a bitmap scan and a sort of the whole
+/// stream instead, for every event: a 120,000-event stream was still being
+/// probed after 20 minutes. One after the other, not pipelined, so that the
+/// setting holds for this statement only.
+pub(crate) async fn sorting_off<C: Db, T>(
+    client: &C,
+    statement: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+) -> Result<T, tokio_postgres::Error> {
+    client.batch_execute("SET LOCAL enable_sort = off").await?;
+    let out = statement.await?;
+    client.batch_execute("RESET enable_sort").await?;
+    Ok(out)
 }
 
 /// For a [`crate::projector::Fold::StreamSet`] batch `(after, upto]`: the events
@@ -285,20 +309,20 @@ pub async fn ahead_of_range<C: Db>(
             probe = nearest_consumed_predecessor(5, 6),
         )
     };
-    let rows = client
-        .query(
-            &sql,
-            &[
-                &after.tx_text(),
-                &after.id,
-                &upto.tx_text(),
-                &upto.id,
-                &filter.event_types,
-                &filter.stream_types,
-                &skip,
-            ],
-        )
-        .await?;
+    let params: [&(dyn ToSql + Sync); 7] = [
+        &after.tx_text(),
+        &after.id,
+        &upto.tx_text(),
+        &upto.id,
+        &filter.event_types,
+        &filter.stream_types,
+        &skip,
+    ];
+    let rows = match to_newest {
+        true => client.query(&sql, &params).await?,
+        // Each event's nearest consumed predecessor, probed by its stream's index.
+        false => sorting_off(client, client.query(&sql, &params)).await?,
+    };
     Ok(rows.iter().map(|r| (r.get(0), position(r, 1, 0))).collect())
 }
 
@@ -467,19 +491,15 @@ pub async fn stream_key_after<C: Db>(
     let start = (String::new(), i64::MIN);
     let (stream_id, sequence) = cursor.unwrap_or(&start);
     let entries = i64::from(entries);
-    // One after the other, not pipelined: a statement that is prepared first
-    // would be executed after the RESET.
-    client.batch_execute("SET LOCAL enable_sort = off").await?;
-    let row = client
-        .query_opt(
-            "SELECT e.stream_id, e.sequence FROM events e
-              WHERE (e.stream_id, e.sequence) >= ($1::text, $2::bigint)
-              ORDER BY e.stream_id, e.sequence
-             OFFSET $3 LIMIT 1",
-            &[stream_id, sequence, &entries],
-        )
-        .await?;
-    client.batch_execute("RESET enable_sort").await?;
+    let params: [&(dyn ToSql + Sync); 3] = [stream_id, sequence, &entries];
+    let row = client.query_opt(
+        "SELECT e.stream_id, e.sequence FROM events e
+          WHERE (e.stream_id, e.sequence) >= ($1::text, $2::bigint)
+          ORDER BY e.stream_id, e.sequence
+         OFFSET $3 LIMIT 1",
+        &params,
+    );
+    let row = sorting_off(client, row).await?;
     Ok(row.map(|r| (r.get(0), r.get(1))))
 }
 

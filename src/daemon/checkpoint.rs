@@ -74,19 +74,19 @@ impl Checkpoint {
 
 const LOCK_KEY: &str = "hashtextextended('pgfold:projector:' || $1, 0)";
 
-fn try_lock_sql() -> String {
-    format!("SELECT pg_try_advisory_xact_lock({LOCK_KEY})")
-}
+/// Built once: every batch sends it.
+static TRY_LOCK_SQL: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT pg_try_advisory_xact_lock({LOCK_KEY})"));
 
 /// Tries to take the projector's lock for the rest of this transaction.
 pub async fn try_lock<C: Db>(tx: &C, name: &str) -> Result<bool, tokio_postgres::Error> {
-    Ok(tx.query_one(&try_lock_sql(), &[&name]).await?.get(0))
+    Ok(tx.query_one(&TRY_LOCK_SQL, &[&name]).await?.get(0))
 }
 
 /// Readies [`try_lock`] and [`load`] to be sent in one round trip, in that order
 /// (see [`Db::ready`]); a no-op once done on a connection.
 pub async fn ready_lock_and_load<C: Db>(tx: &C, name: &str) -> Result<(), tokio_postgres::Error> {
-    tx.ready(&try_lock_sql(), &[&name]).await?;
+    tx.ready(&TRY_LOCK_SQL, &[&name]).await?;
     tx.ready(LOAD_SQL, &[&name]).await
 }
 

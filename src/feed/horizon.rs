@@ -67,21 +67,22 @@ pub const HORIZON_SETTING: &str = "pgfold.horizon";
 /// where a statement sent right behind it (before its answer is back) reads it:
 /// a batch's first round trip carries both (see `set_batch_end`).
 pub async fn kept_horizon<C: Db>(client: &C) -> Result<Horizon, tokio_postgres::Error> {
-    Ok(from_row(&client.query_one(&kept_horizon_sql(), &[]).await?))
+    Ok(from_row(&client.query_one(&KEPT_HORIZON_SQL, &[]).await?))
 }
 
 /// Readies [`kept_horizon`] to be sent in one round trip with others (see
 /// [`Db::ready`]).
 pub async fn ready_kept_horizon<C: Db>(client: &C) -> Result<(), tokio_postgres::Error> {
-    client.ready(&kept_horizon_sql(), &[]).await
+    client.ready(&KEPT_HORIZON_SQL, &[]).await
 }
 
-fn kept_horizon_sql() -> String {
+/// Built once: every batch sends it.
+static KEPT_HORIZON_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
     format!(
         "SELECT h.blocker, h.xmax, set_config('{HORIZON_SETTING}', coalesce(h.blocker, h.xmax), true)
            FROM ({HORIZON_SQL}) AS h(blocker, xmax)"
     )
-}
+});
 
 fn from_row(row: &tokio_postgres::Row) -> Horizon {
     let blocker: Option<String> = row.get(0);

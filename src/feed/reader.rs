@@ -402,7 +402,7 @@ pub async fn set_batch_end<C: Db>(
 ) -> Result<Option<(Position, bool)>, tokio_postgres::Error> {
     let row = client
         .query_opt(
-            &set_batch_end_sql(exact),
+            set_batch_end_sql(exact),
             &[
                 &after.tx_text(),
                 &after.id,
@@ -422,11 +422,22 @@ pub async fn ready_set_batch_end<C: Db>(
 ) -> Result<(), tokio_postgres::Error> {
     let (none, zero): (Option<String>, i64) = (None, 0);
     client
-        .ready(&set_batch_end_sql(exact), &[&"0", &zero, &none, &zero])
+        .ready(set_batch_end_sql(exact), &[&"0", &zero, &none, &zero])
         .await
 }
 
-fn set_batch_end_sql(exact: bool) -> String {
+/// Built once each: every set batch sends one.
+fn set_batch_end_sql(exact: bool) -> &'static str {
+    static SQL: std::sync::LazyLock<[String; 2]> = std::sync::LazyLock::new(|| {
+        [
+            build_set_batch_end_sql(false),
+            build_set_batch_end_sql(true),
+        ]
+    });
+    &SQL[usize::from(exact)]
+}
+
+fn build_set_batch_end_sql(exact: bool) -> String {
     // A stable expression either way: the position index reads up to it. The
     // planner may evaluate it while estimating, in a session where the setting is
     // missing (NULL) or left empty by an earlier transaction: neither may fail.

@@ -78,6 +78,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "batch_progress",
         sql: include_str!("../../migrations/V10__batch_progress.sql"),
     },
+    Migration {
+        version: 11,
+        name: "replay_stamp_when",
+        sql: include_str!("../../migrations/V11__replay_stamp_when.sql"),
+    },
 ];
 
 /// Each DDL attempt waits at most this long for a lock before backing off.

@@ -158,3 +158,54 @@ async fn the_trigger_notifies_the_channel_the_daemon_listens_on_only_when_armed(
     drop(listener);
     driver.abort();
 }
+
+/// A replay's start is stamped by the rewind that begins it; a checkpoint move,
+/// a hundred a second per projector while live, does not call the stamping
+/// function at all (migration V11's WHEN clause).
+#[tokio::test]
+async fn only_the_rewind_that_starts_a_replay_calls_the_replay_stamp() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let calls = "SELECT pg_stat_get_xact_function_calls('pgfold.stamp_replay_start'::regproc)";
+    client
+        .batch_execute(
+            "BEGIN;
+             SET LOCAL track_functions = 'pl';
+             INSERT INTO pgfold.projectors (name, state, replay_target_tx, replay_target_id)
+               VALUES ('p', 'replaying', '900', 900);",
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            "UPDATE pgfold.projectors SET position_tx = '0', position_id = 0 WHERE name = 'p'",
+        )
+        .await
+        .unwrap();
+    let stamped = "SELECT count(*) FROM pgfold.projectors WHERE replay_started_at IS NOT NULL";
+    assert_eq!(
+        scalar_i64(&client, stamped).await,
+        1,
+        "a rewind into a replay is stamped"
+    );
+    let after_rewind = scalar_i64(&client, calls).await;
+    assert_eq!(after_rewind, 1);
+
+    for id in 1..=5i64 {
+        client
+            .execute(
+                "UPDATE pgfold.projectors SET position_tx = '10', position_id = $1 WHERE name = 'p'",
+                &[&id],
+            )
+            .await
+            .unwrap();
+    }
+
+    assert_eq!(
+        scalar_i64(&client, calls).await,
+        after_rewind,
+        "checkpoint moves called the replay stamp"
+    );
+    assert_eq!(scalar_i64(&client, stamped).await, 1);
+    client.batch_execute("ROLLBACK").await.unwrap();
+}

@@ -178,6 +178,35 @@ pub async fn load<C: Db>(tx: &C, name: &str) -> Result<Checkpoint, tokio_postgre
     })
 }
 
+const ADVANCE_SQL: &str = "UPDATE pgfold.projectors
+            SET position_tx = $2::text::xid8, position_id = $3,
+                events_applied = events_applied + $4,
+                last_advanced_at = CASE WHEN $4 > 0 THEN now() ELSE last_advanced_at END,
+                failing_event_id = NULL, failing_event_type = NULL, attempts = 0,
+                state = CASE
+                  WHEN state = 'replaying'
+                   AND ($2::text::xid8, $3) >= (replay_target_tx, replay_target_id) THEN 'running'
+                  ELSE state END,
+                updated_at = now()
+          WHERE name = $1";
+
+const RECORD_AHEAD_SQL: &str =
+    "INSERT INTO pgfold.delivered_ahead (projector, event_id, position_tx)
+         SELECT $1, id, tx::xid8 FROM unnest($2::bigint[], $3::text[]) AS a(id, tx)";
+
+/// Prepares the statements of [`record_ahead`] (for `ahead`) and [`advance`], so
+/// that they leave at once when sent ahead of others.
+pub async fn ready_advance<C: Db>(
+    tx: &C,
+    ahead: &[(i64, Position)],
+) -> Result<(), tokio_postgres::Error> {
+    let (ids, txs): (Vec<i64>, Vec<String>) = (Vec::new(), Vec::new());
+    if !ahead.is_empty() {
+        tx.ready(RECORD_AHEAD_SQL, &[&"", &ids, &txs]).await?;
+    }
+    tx.ready(ADVANCE_SQL, &[&"", &"0", &0i64, &0i64]).await
+}
+
 /// Moves the checkpoint to `upto` after `applied` events, clears any failure, and
 /// ends a replay that has reached its target. `had_ahead`: the checkpoint loaded
 /// for this batch listed events delivered ahead, which may now be passed.
@@ -189,17 +218,7 @@ pub async fn advance<C: Db>(
     had_ahead: bool,
 ) -> Result<(), tokio_postgres::Error> {
     tx.execute(
-        "UPDATE pgfold.projectors
-            SET position_tx = $2::text::xid8, position_id = $3,
-                events_applied = events_applied + $4,
-                last_advanced_at = CASE WHEN $4 > 0 THEN now() ELSE last_advanced_at END,
-                failing_event_id = NULL, failing_event_type = NULL, attempts = 0,
-                state = CASE
-                  WHEN state = 'replaying'
-                   AND ($2::text::xid8, $3) >= (replay_target_tx, replay_target_id) THEN 'running'
-                  ELSE state END,
-                updated_at = now()
-          WHERE name = $1",
+        ADVANCE_SQL,
         &[&name, &upto.tx_text(), &upto.id, &(applied as i64)],
     )
     .await?;
@@ -229,12 +248,7 @@ pub async fn record_ahead<C: Db>(
     }
     let ids: Vec<i64> = ahead.iter().map(|(id, _)| *id).collect();
     let txs: Vec<String> = ahead.iter().map(|(_, p)| p.tx_text()).collect();
-    tx.execute(
-        "INSERT INTO pgfold.delivered_ahead (projector, event_id, position_tx)
-         SELECT $1, id, tx::xid8 FROM unnest($2::bigint[], $3::text[]) AS a(id, tx)",
-        &[&name, &ids, &txs],
-    )
-    .await?;
+    tx.execute(RECORD_AHEAD_SQL, &[&name, &ids, &txs]).await?;
     Ok(())
 }
 

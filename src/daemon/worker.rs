@@ -691,13 +691,24 @@ impl Worker {
         full: bool,
     ) -> Result<Step, Transient> {
         let name = &self.key;
-        // One round trip: the insert adds rows the update's delete never reaches
-        // (they lie beyond `upto`).
-        tokio::try_join!(
-            checkpoint::record_ahead(&tx, name, ahead),
-            checkpoint::advance(&tx, name, upto, events, had_ahead)
-        )?;
-        tx.commit().await?;
+        // One round trip for the insert, the checkpoint's move and the commit: the
+        // insert adds rows the update's delete never reaches (they lie beyond
+        // `upto`). The delete waits for the update, so the COMMIT must wait too.
+        checkpoint::ready_advance(&tx, ahead).await?;
+        let last = async |tx: &Transaction<'_>| {
+            tokio::try_join!(
+                checkpoint::record_ahead(tx, name, ahead),
+                checkpoint::advance(tx, name, upto, events, had_ahead)
+            )
+        };
+        match had_ahead {
+            false => tx.commit_behind(last).await?,
+            true => {
+                last(&tx).await?;
+                tx.commit().await?;
+                ((), ())
+            }
+        };
         self.seen = Some(upto);
         Ok(Step::Applied { events, upto, full })
     }

@@ -219,6 +219,30 @@ macro_rules! commit {
 }
 
 commit!(deadpool_postgres::Transaction<'_>);
+
+impl Session<deadpool_postgres::Transaction<'_>> {
+    /// Runs `last`, the transaction's last statements, and commits, in one round
+    /// trip: the COMMIT leaves right behind them instead of after their answers.
+    /// The server runs a connection's messages in the order they arrive, so
+    /// `last` must send every statement it runs when first polled, each already
+    /// readied ([`Db::ready`]): a statement still being prepared, or one sent
+    /// after an answer, would reach the server after the COMMIT, outside the
+    /// transaction. If a statement of `last` fails, the server turns the COMMIT
+    /// into a rollback, and its error is returned.
+    pub async fn commit_behind<T>(
+        self,
+        last: impl AsyncFnOnce(&Self) -> Result<T, Error>,
+    ) -> Result<T, Error> {
+        let (out, committed) = tokio::join!(last(&self), self.inner.batch_execute("COMMIT"));
+        let out = out?;
+        committed?;
+        // The transaction has ended on the server; dropping it would send a
+        // ROLLBACK, which PostgreSQL would answer with a warning.
+        let Session { inner, .. } = self;
+        std::mem::forget(inner);
+        Ok(out)
+    }
+}
 commit!(tokio_postgres::Transaction<'_>);
 
 /// `$inner`: the tokio-postgres client or transaction under the session;

@@ -211,3 +211,45 @@ async fn batches_commit_without_waiting_for_the_wal_flush_unless_told_to() {
         vec!["off".to_string(), "on".to_string()]
     );
 }
+
+/// A batch's writes and its checkpoint's move are one transaction, also now that
+/// the COMMIT travels in the same round trip as the move: here on a new
+/// connection, where the move's statement is prepared (or its parameter types
+/// learned, without prepared statements) first, and a COMMIT not held back for
+/// it would have run before it, leaving the move to commit on its own.
+#[tokio::test]
+async fn a_batch_and_its_checkpoint_move_commit_as_one_transaction() {
+    for prepared_statements in [true, false] {
+        let db = TestDb::new().await;
+        let client = db.client().await;
+        append_many(&client, 3).await;
+        let mut settings = db.settings();
+        settings.projectors.clear();
+        settings.database.prepared_statements = prepared_statements;
+        let registry = Registry::new().register(PlanProbe {
+            generic_plans: true,
+        });
+
+        let outcome = run_once_with(&settings, &registry, RunOptions::default()).await;
+
+        assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+        let writers: Vec<String> = column(
+            &client,
+            "SELECT xmin::text FROM plan_probe
+             UNION ALL
+             SELECT xmin::text FROM pgfold.projectors WHERE name = 'plan_probe'",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            writers.len(),
+            2,
+            "one batch and its checkpoint: {writers:?}"
+        );
+        assert_eq!(
+            writers[0], writers[1],
+            "the batch and its checkpoint move were written by different transactions \
+             (prepared_statements = {prepared_statements})"
+        );
+    }
+}

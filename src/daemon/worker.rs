@@ -88,21 +88,33 @@ const GENERIC_PLANS_BELOW: i64 = 5_000;
 /// JIT goes off with it: that same estimate can cross `jit_above_cost`, and the
 /// plan would then be compiled on every execution (25 ms a batch, measured, for
 /// `daily_revenue`'s fold of 30 events).
-async fn plan_generically<C: Db>(tx: &C) -> Result<(), tokio_postgres::Error> {
-    tx.execute(PLAN_GENERICALLY, &[]).await?;
-    Ok(())
-}
-
+///
+/// A live batch usually follows a live batch, so the batch's first statement
+/// ([`BATCH_START`]) already sets this when the previous one ran so; this is
+/// sent only when that guess was wrong one way, [`PLAN_AS_CONFIGURED`] when it
+/// was wrong the other way.
 const PLAN_GENERICALLY: &str = "SELECT set_config('plan_cache_mode', 'force_generic_plan', true),
         set_config('jit', 'off', true)";
 
-/// For the rest of a batch transaction: `$1`, whether its commit waits for its
+/// Undoes what [`BATCH_START`] set, guessing a generic plan, for a batch that
+/// turned out not to be live, for the rest of its transaction.
+const PLAN_AS_CONFIGURED: &str = "SET LOCAL plan_cache_mode TO DEFAULT; SET LOCAL jit TO DEFAULT";
+
+/// A batch's first statement: keeps the horizon (`feed::KeptHorizonWith`) and,
+/// for the rest of the transaction, sets `$1`, whether its commit waits for its
 /// WAL to be flushed (`daemon.synchronous_commit`); `$2`, when given, the most
-/// parallel workers a statement may start.
-const BATCH_SETTINGS: &str =
-    "SELECT set_config('synchronous_commit', CASE WHEN $1 THEN 'on' ELSE 'off' END, true),
-        set_config('max_parallel_workers_per_gather',
-                   coalesce($2, current_setting('max_parallel_workers_per_gather')), true)";
+/// parallel workers a statement may start; `$3`, whether it plans generically
+/// ([`PLAN_GENERICALLY`]). One statement for what were three, a hundred times a
+/// second.
+static BATCH_START: std::sync::LazyLock<feed::KeptHorizonWith> = std::sync::LazyLock::new(|| {
+    feed::KeptHorizonWith::new(
+        "set_config('synchronous_commit', CASE WHEN $1 THEN 'on' ELSE 'off' END, true),
+         set_config('max_parallel_workers_per_gather',
+                    coalesce($2, current_setting('max_parallel_workers_per_gather')), true),
+         CASE WHEN $3 THEN set_config('plan_cache_mode', 'force_generic_plan', true)
+                           || set_config('jit', 'off', true) END",
+    )
+});
 
 /// Where a batch the projector rejects is rolled back to.
 const SAVEPOINT: &str = "SAVEPOINT apply";
@@ -161,6 +173,8 @@ pub struct Worker {
     seen: Option<Position>,
     /// `daemon.synchronous_commit`.
     synchronous_commit: bool,
+    /// Whether the last set batch ran with generic plans: the next one's guess.
+    generic_plans: bool,
     /// Told of each part of a batch applied in parts (see `daemon::parts`), before
     /// the batch commits: (position, events consumed so far in the batch).
     on_part: Option<OnPart>,
@@ -207,6 +221,7 @@ impl Worker {
             warned_definition: false,
             seen: None,
             synchronous_commit: daemon.synchronous_commit,
+            generic_plans: false,
             on_part: None,
         }
     }
@@ -260,8 +275,9 @@ impl Worker {
         // A decoded batch is a few thousand rows at most: starting parallel
         // workers for it costs more than it saves.
         let serial = matches!(self.projector.fold(), Fold::Events(_)).then_some("0");
-        let settings_params: [&(dyn ToSql + Sync); 2] = [&self.synchronous_commit, &serial];
-        let settings = Db::execute(&tx, BATCH_SETTINGS, &settings_params);
+        // Guessed from the last batch: a live batch follows a live batch.
+        let generic = self.generic_plans && !matches!(self.projector.fold(), Fold::Events(_));
+        let start_params: [&(dyn ToSql + Sync); 3] = [&self.synchronous_commit, &serial, &generic];
         let guess = match (self.projector.fold(), self.seen) {
             (Fold::Set(_) | Fold::StreamSet(_), Some(seen)) => Some((seen, self.batch_end_args())),
             _ => None,
@@ -279,16 +295,14 @@ impl Worker {
         // preparation's answer, behind the ones sent after it: ready them first
         // (a no-op once done on a connection).
         checkpoint::ready_lock_and_load(&tx, &name).await?;
-        tx.ready(BATCH_SETTINGS, &settings_params).await?;
-        feed::ready_kept_horizon(&tx).await?;
+        BATCH_START.ready(&tx, &start_params).await?;
         if let Some((_, (_, exact))) = guess {
             feed::ready_set_batch_end(&tx, exact).await?;
         }
-        let (locked, ck, horizon, _, (), end) = tokio::try_join!(
+        let (locked, ck, horizon, (), end) = tokio::try_join!(
             checkpoint::try_lock(&tx, &name),
             checkpoint::load(&tx, &name),
-            feed::kept_horizon(&tx),
-            settings,
+            BATCH_START.run(&tx, &start_params),
             schema,
             end
         )?;
@@ -331,11 +345,11 @@ impl Worker {
         match projector.fold() {
             Fold::Events(fold) => self.events_batch(tx, ck, horizon, fold).await,
             Fold::Set(fold) => {
-                self.set_batch(tx, ck, horizon, end, started, fold, false)
+                self.set_batch(tx, ck, horizon, end, generic, started, fold, false)
                     .await
             }
             Fold::StreamSet(fold) => {
-                self.set_batch(tx, ck, horizon, end, started, fold, true)
+                self.set_batch(tx, ck, horizon, end, generic, started, fold, true)
                     .await
             }
         }
@@ -432,7 +446,8 @@ impl Worker {
             .await
     }
 
-    /// `end`: the batch's end if the step's first round trip found it already.
+    /// `end`: the batch's end if the step's first round trip found it already;
+    /// `planning_generically`: whether that round trip set generic plans.
     #[allow(clippy::too_many_arguments)]
     async fn set_batch(
         &mut self,
@@ -440,6 +455,7 @@ impl Worker {
         ck: Checkpoint,
         horizon: Horizon,
         end: Option<Option<(Position, bool)>>,
+        planning_generically: bool,
         started: Instant,
         fold: &dyn SetFold,
         stream_ordered: bool,
@@ -470,7 +486,8 @@ impl Worker {
             && span >= upto.id / 2;
         // Parts run the same statements over different streams, each planned for
         // its own.
-        if (self.pace.is_some() || in_parts) && span >= GENERIC_PLANS_BELOW {
+        let for_values = (self.pace.is_some() || in_parts) && span >= GENERIC_PLANS_BELOW;
+        if for_values {
             plan_for_values(&tx).await?;
         }
         // An unnamed statement is parsed and planned again every time, so a
@@ -478,6 +495,7 @@ impl Worker {
         let generic = fold.generic_plans()
             && tx.statements() == Statements::Prepared
             && (0..GENERIC_PLANS_BELOW).contains(&span);
+        self.generic_plans = generic;
         let skip: Vec<i64> = ck.ahead.iter().copied().collect();
         let filter = self.projector.filter();
         // The plan setting, the probe for events to deliver ahead and the savepoint
@@ -489,9 +507,10 @@ impl Worker {
         // it finds some, that batch is rolled back and sent again with them.
         let (ahead, range, applied) = {
             let plan = async {
-                match generic {
-                    true => plan_generically(&tx).await,
-                    false => Ok(()),
+                match (generic, planning_generically && !for_values) {
+                    (true, false) => Db::execute(&tx, PLAN_GENERICALLY, &[]).await.map(drop),
+                    (false, true) => tx.batch_execute(PLAN_AS_CONFIGURED).await,
+                    _ => Ok(()),
                 }
             };
             let probe = async {

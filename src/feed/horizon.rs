@@ -16,7 +16,7 @@
 //! is the one that reads the events. One that starts after the snapshot is above
 //! the snapshot's xmax, which bounds the horizon too.
 
-use crate::db::Db;
+use crate::db::{Db, Params};
 
 use super::Position;
 
@@ -67,22 +67,55 @@ pub const HORIZON_SETTING: &str = "pgfold.horizon";
 /// where a statement sent right behind it (before its answer is back) reads it:
 /// a batch's first round trip carries both (see `set_batch_end`).
 pub async fn kept_horizon<C: Db>(client: &C) -> Result<Horizon, tokio_postgres::Error> {
-    Ok(from_row(&client.query_one(&KEPT_HORIZON_SQL, &[]).await?))
+    KEPT_HORIZON.run(client, &[]).await
 }
 
-/// Readies [`kept_horizon`] to be sent in one round trip with others (see
-/// [`Db::ready`]).
-pub async fn ready_kept_horizon<C: Db>(client: &C) -> Result<(), tokio_postgres::Error> {
-    client.ready(&KEPT_HORIZON_SQL, &[]).await
+static KEPT_HORIZON: std::sync::LazyLock<KeptHorizonWith> =
+    std::sync::LazyLock::new(|| KeptHorizonWith::new(""));
+
+/// The statement of [`kept_horizon`], evaluating more select-list expressions
+/// of the caller's (its own `set_config`s, say) with it: one statement where
+/// there would be two. Built once, for a statement sent on every batch.
+pub struct KeptHorizonWith {
+    sql: String,
 }
 
-/// Built once: every batch sends it.
-static KEPT_HORIZON_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    format!(
-        "SELECT h.blocker, h.xmax, set_config('{HORIZON_SETTING}', coalesce(h.blocker, h.xmax), true)
-           FROM ({HORIZON_SQL}) AS h(blocker, xmax)"
-    )
-});
+impl KeptHorizonWith {
+    /// `also`: expressions separated by commas, numbering their parameters
+    /// from `$1`; empty for none.
+    pub fn new(also: &str) -> KeptHorizonWith {
+        let also = match also.trim() {
+            "" => String::new(),
+            more => format!(",\n{more}"),
+        };
+        KeptHorizonWith {
+            sql: format!(
+                "SELECT h.blocker, h.xmax,
+                        set_config('{HORIZON_SETTING}', coalesce(h.blocker, h.xmax), true){also}
+                   FROM ({HORIZON_SQL}) AS h(blocker, xmax)"
+            ),
+        }
+    }
+
+    /// Keeps the horizon, evaluates the rest, and returns the horizon.
+    pub async fn run<C: Db>(
+        &self,
+        client: &C,
+        params: Params<'_>,
+    ) -> Result<Horizon, tokio_postgres::Error> {
+        Ok(from_row(&client.query_one(&self.sql, params).await?))
+    }
+
+    /// Readies the statement to be sent in one round trip with others (see
+    /// [`Db::ready`]).
+    pub async fn ready<C: Db>(
+        &self,
+        client: &C,
+        params: Params<'_>,
+    ) -> Result<(), tokio_postgres::Error> {
+        client.ready(&self.sql, params).await
+    }
+}
 
 fn from_row(row: &tokio_postgres::Row) -> Horizon {
     let blocker: Option<String> = row.get(0);

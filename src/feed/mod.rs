@@ -9,7 +9,7 @@ mod range;
 mod reader;
 
 pub use event::{Event, EventFilter};
-pub use horizon::{blocker, horizon, kept_horizon, ready_kept_horizon, Blocker, Horizon};
+pub use horizon::{blocker, horizon, kept_horizon, Blocker, Horizon, KeptHorizonWith};
 pub use order::{order_batch, OrderedBatch};
 pub use position::{Position, POSITION_TX};
 pub use range::{EventRange, PART_PARAMS, RANGE_PARAMS};

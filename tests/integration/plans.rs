@@ -2,6 +2,8 @@
 //! it, and large batches are planned for their values (as every batch is without
 //! prepared statements, issue 15).
 
+use std::time::Duration;
+
 use pgfold::daemon::RunOptions;
 use pgfold::testkit::db::column;
 use pgfold::{Fold, Projector, ProjectorError, Registry, SetBatch, SetFold, Tx};
@@ -13,6 +15,9 @@ use crate::helpers::*;
 /// statement ran under and how many events the range held.
 struct PlanProbe {
     generic_plans: bool,
+    /// Folds as a `Fold::StreamSet`, whose catch-up is not paced (and so not
+    /// planned for its values by the pacing).
+    stream_set: bool,
 }
 
 #[async_trait::async_trait]
@@ -22,7 +27,10 @@ impl Projector for PlanProbe {
     }
 
     fn fold(&self) -> Fold<'_> {
-        Fold::Set(self)
+        match self.stream_set {
+            true => Fold::StreamSet(self),
+            false => Fold::Set(self),
+        }
     }
 
     async fn setup(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
@@ -87,7 +95,10 @@ async fn run_probe(
     let mut settings = db.settings();
     settings.projectors.clear();
     settings.database.prepared_statements = prepared;
-    let registry = Registry::new().register(PlanProbe { generic_plans });
+    let registry = Registry::new().register(PlanProbe {
+        generic_plans,
+        stream_set: false,
+    });
     let outcome = run_once_with(&settings, &registry, RunOptions::default()).await;
     assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
     db.client()
@@ -175,6 +186,7 @@ async fn commit_modes(db: &TestDb, synchronous: bool) -> Vec<String> {
     settings.daemon.synchronous_commit = synchronous;
     let registry = Registry::new().register(PlanProbe {
         generic_plans: true,
+        stream_set: false,
     });
     let outcome = run_once_with(&settings, &registry, RunOptions::default()).await;
     assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
@@ -228,6 +240,7 @@ async fn a_batch_and_its_checkpoint_move_commit_as_one_transaction() {
         settings.database.prepared_statements = prepared_statements;
         let registry = Registry::new().register(PlanProbe {
             generic_plans: true,
+            stream_set: false,
         });
 
         let outcome = run_once_with(&settings, &registry, RunOptions::default()).await;
@@ -252,4 +265,73 @@ async fn a_batch_and_its_checkpoint_move_commit_as_one_transaction() {
              (prepared_statements = {prepared_statements})"
         );
     }
+}
+
+/// A batch's first statement already asks for generic plans when the batch
+/// before it was live; a large batch after live ones must still run as
+/// configured, and a live one after it generically again.
+#[tokio::test]
+async fn a_large_batch_after_live_ones_is_not_planned_generically() {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    let server_default = plan_cache_mode(&client).await;
+    let mut settings = db.settings();
+    settings.projectors.clear();
+    let registry = Registry::new().register(PlanProbe {
+        generic_plans: true,
+        stream_set: true,
+    });
+    let daemon = pgfold::daemon::Daemon::build(settings, registry, RunOptions::default())
+        .unwrap()
+        .spawn();
+
+    wait_for("the probe's table", Duration::from_secs(60), || async {
+        scalar_i64(
+            &client,
+            "SELECT count(*) FROM pg_class WHERE relname = 'plan_probe'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let mut appended = 0;
+    for n in [3, 3, 6_000, 3] {
+        append_many(&client, n).await;
+        appended += n;
+        wait_for(
+            "the probe to fold every event",
+            Duration::from_secs(60),
+            || async {
+                scalar_i64(
+                    &client,
+                    "SELECT coalesce(sum(events), 0)::bigint FROM plan_probe",
+                )
+                .await
+                    == appended
+            },
+        )
+        .await;
+    }
+    daemon.stop().await.unwrap();
+
+    let generic = "force_generic_plan".to_string();
+    let batches: Vec<(i64, String)> = client
+        .query(
+            "SELECT events, plan_cache_mode FROM plan_probe ORDER BY n",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(
+        batches,
+        vec![
+            (3, generic.clone()),
+            (3, generic.clone()),
+            (6_000, server_default),
+            (3, generic)
+        ]
+    );
 }

@@ -84,9 +84,6 @@ picked AS (
             ELSE (SELECT d.payload->'address' FROM events d WHERE d.id = a.addressed[2]) END
      END AS address
 FROM agg a
-  -- Fenced: inlined, each of the many uses of c below would carry its own copy
-  -- of the look-up, and a live batch would start them all up every time.
-  OFFSET 0
 ),
 folded AS (
   SELECT a.stream_id, a.events, a.sequence, a.first_seq, a.first_created_seq,

@@ -190,26 +190,51 @@ const ADVANCE_SQL: &str = "UPDATE pgfold.projectors
                 updated_at = now()
           WHERE name = $1";
 
+/// [`ADVANCE_SQL`], also forgetting the events delivered ahead that the
+/// checkpoint has now passed: one statement, so that it can be sent ahead of
+/// others (a COMMIT) like the plain move.
+static ADVANCE_PAST_AHEAD_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    format!(
+        "WITH passed AS (
+           DELETE FROM pgfold.delivered_ahead
+            WHERE projector = $1 AND (position_tx, event_id) <= ($2::text::xid8, $3)
+         )
+         {ADVANCE_SQL}"
+    )
+});
+
+/// The statement [`advance`] sends.
+fn advance_sql(had_ahead: bool) -> &'static str {
+    match had_ahead {
+        true => &ADVANCE_PAST_AHEAD_SQL,
+        // Any recorded by this batch lie beyond `upto`: nothing to forget.
+        false => ADVANCE_SQL,
+    }
+}
+
 const RECORD_AHEAD_SQL: &str =
     "INSERT INTO pgfold.delivered_ahead (projector, event_id, position_tx)
          SELECT $1, id, tx::xid8 FROM unnest($2::bigint[], $3::text[]) AS a(id, tx)";
 
-/// Prepares the statements of [`record_ahead`] (for `ahead`) and [`advance`], so
-/// that they leave at once when sent ahead of others.
+/// Prepares the statements of [`record_ahead`] (for `ahead`) and [`advance`]
+/// (for `had_ahead`), so that they leave at once when sent ahead of others.
 pub async fn ready_advance<C: Db>(
     tx: &C,
     ahead: &[(i64, Position)],
+    had_ahead: bool,
 ) -> Result<(), tokio_postgres::Error> {
     let (ids, txs): (Vec<i64>, Vec<String>) = (Vec::new(), Vec::new());
     if !ahead.is_empty() {
         tx.ready(RECORD_AHEAD_SQL, &[&"", &ids, &txs]).await?;
     }
-    tx.ready(ADVANCE_SQL, &[&"", &"0", &0i64, &0i64]).await
+    tx.ready(advance_sql(had_ahead), &[&"", &"0", &0i64, &0i64])
+        .await
 }
 
 /// Moves the checkpoint to `upto` after `applied` events, clears any failure, and
 /// ends a replay that has reached its target. `had_ahead`: the checkpoint loaded
-/// for this batch listed events delivered ahead, which may now be passed.
+/// for this batch listed events delivered ahead, which may now be passed. One
+/// statement.
 pub async fn advance<C: Db>(
     tx: &C,
     name: &str,
@@ -218,19 +243,8 @@ pub async fn advance<C: Db>(
     had_ahead: bool,
 ) -> Result<(), tokio_postgres::Error> {
     tx.execute(
-        ADVANCE_SQL,
+        advance_sql(had_ahead),
         &[&name, &upto.tx_text(), &upto.id, &(applied as i64)],
-    )
-    .await?;
-    if !had_ahead {
-        // Any recorded by this batch lie beyond `upto`.
-        return Ok(());
-    }
-    // Events delivered ahead that the checkpoint has now passed are done with.
-    tx.execute(
-        "DELETE FROM pgfold.delivered_ahead
-          WHERE projector = $1 AND (position_tx, event_id) <= ($2::text::xid8, $3)",
-        &[&name, &upto.tx_text(), &upto.id],
     )
     .await?;
     Ok(())

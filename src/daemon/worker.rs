@@ -711,23 +711,16 @@ impl Worker {
     ) -> Result<Step, Transient> {
         let name = &self.key;
         // One round trip for the insert, the checkpoint's move and the commit: the
-        // insert adds rows the update's delete never reaches (they lie beyond
-        // `upto`). The delete waits for the update, so the COMMIT must wait too.
-        checkpoint::ready_advance(&tx, ahead).await?;
+        // insert adds rows the move's delete never reaches (they lie beyond
+        // `upto`).
+        checkpoint::ready_advance(&tx, ahead, had_ahead).await?;
         let last = async |tx: &Transaction<'_>| {
             tokio::try_join!(
                 checkpoint::record_ahead(tx, name, ahead),
                 checkpoint::advance(tx, name, upto, events, had_ahead)
             )
         };
-        match had_ahead {
-            false => tx.commit_behind(last).await?,
-            true => {
-                last(&tx).await?;
-                tx.commit().await?;
-                ((), ())
-            }
-        };
+        tx.commit_behind(last).await?;
         self.seen = Some(upto);
         Ok(Step::Applied { events, upto, full })
     }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::cadence::{self, Cadence};
 use super::wakeup::Wakeups;
 use super::worker::{Step, Transient, Worker};
 use super::Failure;
@@ -19,7 +20,7 @@ use crate::util::Backoff;
 /// How long after its last batch a projector keeps polling rather than arming
 /// the wake-up flag, and how often it polls meanwhile.
 const LINGER: Duration = Duration::from_millis(100);
-const LINGER_POLL: Duration = Duration::from_millis(10);
+const LINGER_POLL: Duration = cadence::BASE;
 
 /// How often a catch-up (`--once`) held back by an open transaction looks again.
 const BLOCKED_CATCH_UP_POLL: Duration = Duration::from_millis(20);
@@ -57,6 +58,8 @@ pub(super) struct Driver {
     warned_blocker: Option<u64>,
     /// When the last batch with events committed.
     last_progress: Instant,
+    /// How long between live batches, by the rate of the log.
+    cadence: Cadence,
 }
 
 impl Driver {
@@ -83,6 +86,7 @@ impl Driver {
             last_progress: Instant::now()
                 .checked_sub(LINGER)
                 .unwrap_or_else(Instant::now),
+            cadence: Cadence::default(),
         }
     }
 
@@ -139,13 +143,17 @@ impl Driver {
             .batch_applied(&self.name, events, started.elapsed().as_secs_f64());
         ops.progress.advance(&self.name, upto.id, events);
         tracing::debug!(projector = %self.name, events, position = %upto, "batch applied");
-        if !full && self.target.is_none() {
+        if full || self.target.is_some() {
+            // Catching up: no pause, and the rate of a catch-up is not the log's.
+            self.cadence.paused();
+        } else {
             // Caught up under a steady flow of writes: batches back to back
             // would each carry a handful of events and cost the database
-            // (and the writers sharing its CPU) a dozen round trips apiece.
-            // Starting at most one batch per LINGER_POLL keeps the lag
-            // within it and gathers the events that arrive meanwhile.
-            let next = Instant::from_std(started) + LINGER_POLL;
+            // (and the writers sharing its CPU) a dozen statements apiece.
+            // Starting one batch per pause (LINGER_POLL, longer when the log
+            // grows fast: see `cadence`) keeps the lag within it and gathers
+            // the events that arrive meanwhile.
+            let next = Instant::from_std(started) + self.cadence.next(started, upto.id);
             self.pause(Some(next), false).await;
         }
         Next::Continue
@@ -153,6 +161,7 @@ impl Driver {
 
     async fn idle(&mut self, horizon: Horizon, position: Position) -> Next {
         self.backoff.reset();
+        self.cadence.paused();
         self.ops.progress.finish(&self.name);
         if let Some(target) = self.target {
             if horizon.covers(target) || position >= target {

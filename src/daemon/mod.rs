@@ -11,6 +11,7 @@
 //! Every task the daemon starts is owned by it and ends with it: the projector
 //! tasks, the waker, the HTTP server and the systemd watchdog.
 
+mod cadence;
 pub mod checkpoint;
 mod driver;
 mod pace;

@@ -254,9 +254,9 @@ fn assert_moves_and_eta(p: &str, mine: &[&Bar], end: &Bar) {
             .eta_seconds
             .unwrap_or_else(|| panic!("{p}: no ETA at {third:?}"));
         assert!(
-            // The bar shows whole seconds: half a second either way is its
-            // rounding, not the estimate's error.
-            eta <= 2.0 * actual + 0.5 && actual <= 2.0 * (eta + 0.5),
+            // The ETA is shown in whole seconds, rounded up: the estimate
+            // itself lay within the second below what is shown.
+            eta - 1.0 <= 2.0 * actual && actual <= 2.0 * eta,
             "{p}: ETA {eta} s at {} %, actually {actual:.1} s (moves at {moves:?}): {mine:?}",
             third.percent
         );

@@ -89,31 +89,38 @@ const GENERIC_PLANS_BELOW: i64 = 5_000;
 /// plan would then be compiled on every execution (25 ms a batch, measured, for
 /// `daily_revenue`'s fold of 30 events).
 ///
+/// Only once the log has grown past `feed::GENERIC_PLANS_FROM_BYTES`: a generic
+/// plan made on a near-empty log scans it, and keeps scanning it as it grows
+/// (see `feed::plan_mode`). Below that, this plans for the values.
+///
 /// A live batch usually follows a live batch, so the batch's first statement
 /// ([`BATCH_START`]) already sets this when the previous one ran so; this is
-/// sent only when that guess was wrong one way, [`PLAN_AS_CONFIGURED`] when it
+/// sent only when that guess was wrong one way, [`PLAN_FOR_VALUES`] when it
 /// was wrong the other way.
-const PLAN_GENERICALLY: &str = "SELECT set_config('plan_cache_mode', 'force_generic_plan', true),
-        set_config('jit', 'off', true)";
+static PLAN_GENERICALLY: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("SELECT {}", feed::plan_mode("true")));
 
 /// Undoes what [`BATCH_START`] set, guessing a generic plan, for a batch that
-/// turned out not to be live, for the rest of its transaction.
-const PLAN_AS_CONFIGURED: &str = "SET LOCAL plan_cache_mode TO DEFAULT; SET LOCAL jit TO DEFAULT";
+/// turned out not to be live, for the rest of its transaction. Never back to
+/// PostgreSQL's `auto`, which would make and keep a generic plan of its own
+/// after five executions, whatever size the log has then.
+const PLAN_FOR_VALUES: &str =
+    "SET LOCAL plan_cache_mode = force_custom_plan; SET LOCAL jit TO DEFAULT";
 
 /// A batch's first statement: keeps the horizon (`feed::KeptHorizonWith`) and,
 /// for the rest of the transaction, sets `$1`, whether its commit waits for its
 /// WAL to be flushed (`daemon.synchronous_commit`); `$2`, when given, the most
 /// parallel workers a statement may start; `$3`, whether it plans generically
-/// ([`PLAN_GENERICALLY`]). One statement for what were three, a hundred times a
-/// second.
+/// ([`PLAN_GENERICALLY`]; for its values if not). One statement for what were
+/// three, a hundred times a second.
 static BATCH_START: std::sync::LazyLock<feed::KeptHorizonWith> = std::sync::LazyLock::new(|| {
-    feed::KeptHorizonWith::new(
+    feed::KeptHorizonWith::new(&format!(
         "set_config('synchronous_commit', CASE WHEN $1 THEN 'on' ELSE 'off' END, true),
          set_config('max_parallel_workers_per_gather',
                     coalesce($2, current_setting('max_parallel_workers_per_gather')), true),
-         CASE WHEN $3 THEN set_config('plan_cache_mode', 'force_generic_plan', true)
-                           || set_config('jit', 'off', true) END",
-    )
+         {}",
+        feed::plan_mode("$3")
+    ))
 });
 
 /// Where a batch the projector rejects is rolled back to.
@@ -508,8 +515,8 @@ impl Worker {
         let (ahead, range, applied) = {
             let plan = async {
                 match (generic, planning_generically && !for_values) {
-                    (true, false) => Db::execute(&tx, PLAN_GENERICALLY, &[]).await.map(drop),
-                    (false, true) => tx.batch_execute(PLAN_AS_CONFIGURED).await,
+                    (true, false) => Db::execute(&tx, &PLAN_GENERICALLY, &[]).await.map(drop),
+                    (false, true) => tx.batch_execute(PLAN_FOR_VALUES).await,
                     _ => Ok(()),
                 }
             };
@@ -522,7 +529,7 @@ impl Worker {
                 }
             };
             // Sent ahead of the batch, so they must leave in order (see `step`).
-            tx.ready(PLAN_GENERICALLY, &[]).await?;
+            tx.ready(&PLAN_GENERICALLY, &[]).await?;
             tx.ready(SAVEPOINT, &[]).await?;
             let prelude = async { tokio::try_join!(plan, probe, Db::execute(&tx, SAVEPOINT, &[])) };
             if in_parts || (stream_ordered && full) {

@@ -71,7 +71,7 @@ impl EventRange {
     /// before)` (`None`: unbounded on that side), compared in the column's
     /// collation, the order of the `(stream_id, sequence)` index. A stream's
     /// events in the range, those delivered ahead included, all fall in the same
-    /// part, so parts can be folded one after another (see `daemon::parts`).
+    /// part, so parts can be folded one after another (see `worker::parts`).
     pub fn streams(&self, from: Option<String>, before: Option<String>) -> EventRange {
         EventRange {
             part: Some((from, before)),
@@ -132,7 +132,7 @@ impl EventRange {
     /// inside the fence with the range, so that the planner can read a part of a
     /// long range through the `(stream_id, sequence)` index instead of the whole
     /// range through the position index; they are tested on the events delivered
-    /// ahead too. A part's statement runs with custom plans (`daemon::parts`), in
+    /// ahead too. A part's statement runs with custom plans (`worker::parts`), in
     /// which an unbounded side's `IS NULL` folds away.
     pub fn source_in_streams(first: usize) -> String {
         let (skip, ahead, types, streams) = (first + 4, first + 5, first + 6, first + 7);

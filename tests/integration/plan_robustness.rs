@@ -340,7 +340,7 @@ async fn explain_batches(x: &Explaining<'_>, after: Position, upto: Position) {
     x.label("order_snapshots");
     x.explain(&sql, &range.params()).await;
 
-    // A long stream-set range applied in parts (`daemon::parts`): the walk that
+    // A long stream-set range applied in parts (`worker::parts`): the walk that
     // finds each part's last stream, and a part, which may read its streams
     // through the stream index instead of the range through the position index.
     // Its offset can reach most of the log (here about 70,000 of 75,000 events).

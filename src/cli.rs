@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 
 use crate::config::Settings;
@@ -40,6 +41,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run one archive pass: move old events, as `[[archive.policy]]` says, from
+    /// `events` to Parquet segments at `archive.url`; or check or read the archive.
+    Archive {
+        /// Print the streams, events and bytes each policy would move, and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// `verify` or `show STREAM_ID`; none: run a pass.
+        #[command(subcommand)]
+        action: Option<ArchiveAction>,
+    },
     /// Create a demo database, append sample orders and show the projections
     /// updating live until Ctrl-C.
     Demo {
@@ -52,6 +63,21 @@ pub enum Command {
         /// Stop after this many seconds instead of waiting for Ctrl-C.
         #[arg(long, value_name = "SECONDS")]
         seconds: Option<u64>,
+    },
+}
+
+/// What `pgfold archive` does besides a pass.
+#[derive(Debug, Subcommand)]
+pub enum ArchiveAction {
+    /// Check every recorded segment: it exists, and its row count, id range and
+    /// checksum match the record. Exits 3, naming the segment, on any mismatch.
+    Verify,
+    /// Print a stream's whole history, archive and table together, in `sequence`
+    /// order, one JSON object per line.
+    Show {
+        /// The stream.
+        #[arg(value_name = "STREAM_ID")]
+        stream_id: String,
     },
 }
 
@@ -145,6 +171,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                 ExitCode::SUCCESS
             })
         }
+        Command::Archive { dry_run, action } => archive(&settings, dry_run, action).await,
         Command::Demo {
             database,
             rate,
@@ -176,6 +203,101 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
                 }
                 Ok(ExitCode::from(3))
             }
+        }
+    }
+}
+
+/// `pgfold archive`: a pass, `verify` or `show`.
+async fn archive(
+    settings: &Settings,
+    dry_run: bool,
+    action: Option<ArchiveAction>,
+) -> anyhow::Result<ExitCode> {
+    // A pass keeps a temporary table and a session lock: the session connection.
+    let pg = db::configs(&settings.database)?.listen_url;
+    let mut client = db::connect(&pg).await?;
+    if !db::migrate::is_current(&client).await? {
+        anyhow::bail!("the database needs migrating first (pgfold migrate)");
+    }
+    let store = match &settings.archive {
+        Some(a) => Some(crate::archive::Store::open(&a.url)?),
+        None => None,
+    };
+    match action {
+        Some(ArchiveAction::Show { stream_id }) => {
+            let mut out = std::io::stdout().lock();
+            crate::archive::show(&client, store.as_ref(), &stream_id, &mut out).await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(ArchiveAction::Verify) => {
+            let store =
+                store.context("pgfold archive verify needs [archive] url in the configuration")?;
+            let mut bad = 0;
+            let segments = crate::archive::segments(&client, 0).await?;
+            for s in &segments {
+                match crate::archive::fetch_verified(&store, s).await {
+                    Ok(_) => println!(
+                        "ok {}: {} events, ids {}..{}",
+                        s.label(&store),
+                        s.events,
+                        s.first_id,
+                        s.last_id
+                    ),
+                    Err(e) => {
+                        bad += 1;
+                        eprintln!("pgfold: {}", crate::util::one_line(&format!("{e:#}")));
+                    }
+                }
+            }
+            if bad > 0 {
+                eprintln!(
+                    "pgfold: {bad} of {} segments failed verification",
+                    segments.len()
+                );
+                return Ok(ExitCode::from(3));
+            }
+            eprintln!("pgfold: {} segments verified", segments.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            let archive = settings
+                .archive
+                .as_ref()
+                .context("pgfold archive needs an [archive] section with url and [[archive.policy]] in the configuration")?;
+            let store = store.expect("opened with its settings");
+            let outcome = crate::archive::run_pass(&mut client, archive, &store, dry_run).await?;
+            for (i, (policy, moved)) in archive.policy.iter().zip(&outcome.policies).enumerate() {
+                println!(
+                    "policy {} ({}, after {}{}{}): {} streams, {} events, {} bytes{}",
+                    i + 1,
+                    policy.stream_types.join(", "),
+                    policy.after,
+                    if policy.whole_streams {
+                        ", whole streams"
+                    } else {
+                        ", event by event"
+                    },
+                    policy
+                        .retention_class
+                        .as_deref()
+                        .map(|c| format!(", retention_class {c}"))
+                        .unwrap_or_default(),
+                    moved.streams,
+                    moved.events,
+                    moved.bytes,
+                    if dry_run { " would move" } else { "" }
+                );
+            }
+            if let Some(holder) = &outcome.held_back_by {
+                println!("held back by: {holder}");
+            }
+            if !dry_run {
+                println!(
+                    "archived {} events in {} segments ({} bytes)",
+                    outcome.events, outcome.segments, outcome.bytes
+                );
+            }
+            Ok(ExitCode::SUCCESS)
         }
     }
 }

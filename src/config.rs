@@ -38,6 +38,9 @@ pub struct Settings {
     /// `[projectors.<name>]`: per projector; see [`Settings::projector`].
     #[serde(default)]
     pub projectors: BTreeMap<String, ProjectorSettings>,
+    /// `[archive]`: old events moved to object storage; `None`: never.
+    #[serde(default)]
+    pub archive: Option<ArchiveSettings>,
     /// `PGFOLD_*` environment variables that were not read as configuration (no
     /// `__`), for a debug line once logging is up.
     #[serde(skip)]
@@ -137,6 +140,8 @@ pub struct ProjectorSettings {
     pub max_attempts: u32,
     /// What happens then.
     pub on_error: OnError,
+    /// Whether a replay or rebuild reads the archive before the table.
+    pub history: History,
 }
 
 impl Default for ProjectorSettings {
@@ -145,7 +150,125 @@ impl Default for ProjectorSettings {
             enabled: true,
             max_attempts: 5,
             on_error: OnError::Stop,
+            history: History::All,
         }
+    }
+}
+
+/// `projectors.<name>.history`: where a projector's history starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum History {
+    /// The archived segments, in order, then the table.
+    All,
+    /// The table only: archived events are never applied.
+    Hot,
+}
+
+/// `[archive]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchiveSettings {
+    /// `file:///absolute/path` or `s3://bucket/prefix`.
+    pub url: String,
+    /// `pgfold run` runs a pass this often (`30s`, `15m`, `1h`, `1d`); `None`:
+    /// only `pgfold archive` does.
+    pub interval: Option<String>,
+    /// `[[archive.policy]]`: what may leave the table.
+    #[serde(default)]
+    pub policy: Vec<ArchivePolicy>,
+}
+
+/// `[[archive.policy]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ArchivePolicy {
+    /// The stream types it applies to.
+    pub stream_types: Vec<String>,
+    /// A PostgreSQL interval: how old an event (or a stream's newest event) must be.
+    pub after: String,
+    /// `true`: a stream moves whole, once its newest event is older than `after`.
+    #[serde(default = "whole_streams_default")]
+    pub whole_streams: bool,
+    /// Only events with this `retention_class` (the article's column); never `hot`.
+    pub retention_class: Option<String>,
+}
+
+/// Checks the form of `archive.url` (no I/O): `file:///absolute/path` or
+/// `s3://bucket[/prefix]`.
+pub fn check_archive_url(url: &str) -> anyhow::Result<()> {
+    if let Some(path) = url.strip_prefix("file://") {
+        if !path.starts_with('/') {
+            anyhow::bail!(
+                "archive.url {url:?}: a relative path is refused (write file:///absolute/path)"
+            );
+        }
+        return Ok(());
+    }
+    if let Some(rest) = url.strip_prefix("s3://") {
+        if rest.is_empty() || rest.starts_with('/') {
+            anyhow::bail!("archive.url {url:?}: no bucket (write s3://bucket/prefix)");
+        }
+        return Ok(());
+    }
+    for scheme in ["gs://", "az://", "abfs://", "azure://"] {
+        if url.starts_with(scheme) {
+            anyhow::bail!(
+                "archive.url {url:?}: {scheme} is not built into this pgfold (file:// and s3:// are)"
+            );
+        }
+    }
+    anyhow::bail!(
+        "archive.url {url:?}: a relative path is refused; write file:///absolute/path or s3://bucket/prefix"
+    )
+}
+
+fn whole_streams_default() -> bool {
+    true
+}
+
+impl ArchiveSettings {
+    /// `interval` as a duration.
+    pub fn interval(&self) -> anyhow::Result<Option<Duration>> {
+        let Some(text) = &self.interval else {
+            return Ok(None);
+        };
+        let bad = || {
+            anyhow::anyhow!("archive.interval {text:?}: write a number and a unit, as in \"30s\", \"15m\", \"1h\" or \"1d\"")
+        };
+        let t = text.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let (n, unit) = t.split_at(split);
+        let n: u64 = n.parse().map_err(|_| bad())?;
+        let secs = match unit.trim() {
+            "s" => n,
+            "m" => n * 60,
+            "h" => n * 3600,
+            "d" => n * 86_400,
+            _ => return Err(bad()),
+        };
+        if secs == 0 {
+            return Err(bad());
+        }
+        Ok(Some(Duration::from_secs(secs)))
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        check_archive_url(&self.url)?;
+        self.interval()?;
+        for (i, p) in self.policy.iter().enumerate() {
+            let n = i + 1;
+            if p.stream_types.is_empty() {
+                bail!("archive.policy {n}: stream_types is empty");
+            }
+            if p.after.trim().is_empty() {
+                bail!("archive.policy {n}: after is empty (a PostgreSQL interval, as in \"730 days\")");
+            }
+            if p.retention_class.as_deref() == Some("hot") {
+                bail!("archive.policy {n}: retention_class \"hot\" is never archived");
+            }
+        }
+        Ok(())
     }
 }
 
@@ -228,6 +351,9 @@ impl Settings {
             if p.max_attempts == 0 {
                 bail!("projectors.{name}.max_attempts must be at least 1");
             }
+        }
+        if let Some(archive) = &self.archive {
+            archive.validate()?;
         }
         Ok(())
     }

@@ -48,6 +48,7 @@
 pub use feed::{Event, EventFilter, EventRange, Position};
 pub use projector::{EventFold, Fold, Projector, ProjectorError, Registry, SetBatch, SetFold, Tx};
 
+pub mod archive;
 pub(crate) mod bookkeeping;
 pub mod cli;
 pub mod config;

@@ -12,6 +12,7 @@
 //! behind a transaction-pooling proxy. Taking it assigns no transaction id, so a
 //! batch reads the horizon without holding it back itself.
 
+mod archive;
 mod builds;
 
 use std::collections::HashSet;
@@ -21,6 +22,7 @@ use crate::db::Db;
 use crate::feed::{Position, POSITION_TX};
 use crate::projector::Projector;
 
+pub use archive::{advance_archive, archive_applied, claim_segment, oldest_checkpoint};
 pub use builds::{
     build_key, rebuild_progress, record_fingerprint, stored_fingerprint, RebuildProgress,
 };
@@ -410,7 +412,7 @@ pub async fn rewind<C: Db>(
     .await?;
     tx.execute(
         "UPDATE pgfold.projectors
-            SET position_tx = '0', position_id = 0, events_applied = 0,
+            SET position_tx = '0', position_id = 0, events_applied = 0, archive_applied = 0,
                 state = CASE WHEN $2::text::xid8 = '0' AND $3::bigint = 0 THEN 'running' ELSE 'replaying' END,
                 replay_target_tx = $2::text::xid8, replay_target_id = $3::bigint,
                 failing_event_id = NULL, failing_event_type = NULL, attempts = 0,

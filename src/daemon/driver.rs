@@ -98,6 +98,8 @@ impl Driver {
     }
 
     async fn drive(&mut self) -> anyhow::Result<Option<Failure>> {
+        self.ops.liveness.beat(&self.name);
+        self.worker.read_archive().await?;
         while !self.token.is_cancelled() {
             self.ops.liveness.beat(&self.name);
             // A wake-up that arrives while we work must not be lost, and one that

@@ -151,8 +151,19 @@ impl Daemon {
         };
         tracing::info!(database = %db::describe(&session), "connected");
         let progress = Arc::new(Progress::new(settings.log.format == LogFormat::Text));
-        let newest =
-            prepare::prepare(&mut client, &registry, &options, &selected, &progress).await?;
+        let archive = match &settings.archive {
+            Some(a) => Some(crate::archive::Store::open(&a.url)?),
+            None => None,
+        };
+        let newest = prepare::prepare(
+            &mut client,
+            &registry,
+            &options,
+            &selected,
+            &progress,
+            (&settings, archive.as_ref()),
+        )
+        .await?;
         let target = options.once.then_some(newest);
         let rebuilds = registry.resolve(&options.rebuild)?;
         let builds = crate::rebuild::prepare(&mut client, &selected, &rebuilds).await?;
@@ -194,7 +205,8 @@ impl Daemon {
                 &settings.daemon,
                 pool.clone(),
             )
-            .on_part(ops.progress.reporter(&ops.liveness, p.name()));
+            .on_part(ops.progress.reporter(&ops.liveness, p.name()))
+            .with_archive(archive.clone());
             ops.liveness.beat(p.name());
             let driver = Driver::new(
                 worker,
@@ -222,6 +234,7 @@ impl Daemon {
                     liveness: ops.liveness.clone(),
                     swaps: swaps.clone(),
                 },
+                archive.clone(),
             ));
         }
         tracing::info!(projectors = drivers.len(), "running");

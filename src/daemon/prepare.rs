@@ -85,6 +85,7 @@ pub(super) async fn prepare(
     options: &RunOptions,
     selected: &[Arc<dyn Projector>],
     progress: &Progress,
+    (settings, archive): (&Settings, Option<&crate::archive::Store>),
 ) -> anyhow::Result<Position> {
     if !db::migrate::is_current(client).await? {
         db::migrate::run(client)
@@ -92,6 +93,7 @@ pub(super) async fn prepare(
             .context("the database needs migrating and this role cannot (run `pgfold migrate` with a role that has DDL rights)")?;
     }
     validate(client, selected).await?;
+    check_archive(client, settings, registry, options, selected, archive).await?;
     for p in selected {
         if !checkpoint::exists(client, p.name()).await? {
             setup(client, p.as_ref()).await?;
@@ -114,6 +116,57 @@ pub(super) async fn prepare(
         }
     }
     Ok(newest)
+}
+
+/// Before anything is emptied: checks the archive settings against the server,
+/// warns about SQL projections that read `events` themselves beside archiving,
+/// and, when a projector is to be replayed or rebuilt from the first event,
+/// fetches and verifies every archived segment, so that a missing or corrupt one
+/// stops the run here, in one line naming it.
+pub(super) async fn check_archive(
+    client: &db::Client,
+    settings: &Settings,
+    registry: &Registry,
+    options: &RunOptions,
+    selected: &[Arc<dyn Projector>],
+    store: Option<&crate::archive::Store>,
+) -> anyhow::Result<()> {
+    if let Some(archive) = &settings.archive {
+        crate::archive::check_policies(client, &archive.policy).await?;
+        for p in selected.iter().filter(|p| p.reads_events()) {
+            tracing::warn!(
+                projector = p.name(),
+                "this projection reads `events` itself, beside archiving: while a replay or rebuild reads the archive, those reads see only what is still in the table"
+            );
+        }
+    }
+    let from_first: Vec<_> = registry
+        .resolve(&options.replay)?
+        .into_iter()
+        .chain(registry.resolve(&options.rebuild)?)
+        .filter(|p| settings.projector(p.name()).history == crate::config::History::All)
+        .collect();
+    if from_first.is_empty() {
+        return Ok(());
+    }
+    let segments = crate::archive::segments(client, 0).await?;
+    if segments.is_empty() {
+        return Ok(());
+    }
+    let store = store.with_context(|| {
+        format!(
+            "the archive holds {} segment(s) that a replay must read, and [archive] url is not set",
+            segments.len()
+        )
+    })?;
+    for s in &segments {
+        crate::archive::fetch_verified(store, s).await?;
+    }
+    tracing::info!(
+        segments = segments.len(),
+        "archived segments verified before the replay"
+    );
+    Ok(())
 }
 
 /// Checks every projector's statements against the database before anything

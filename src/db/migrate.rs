@@ -88,6 +88,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "applied_target_custom_plans",
         sql: include_str!("../../migrations/V12__applied_target_custom_plans.sql"),
     },
+    Migration {
+        version: 20,
+        name: "archive",
+        sql: include_str!("../../migrations/V20__archive.sql"),
+    },
 ];
 
 /// Each DDL attempt waits at most this long for a lock before backing off.

@@ -23,7 +23,14 @@ pub struct EventRange {
     stream_types: Option<Vec<String>>,
     /// A part's stream ids, `[from, before)`; `None` on either side: unbounded.
     part: Option<(Option<String>, Option<String>)>,
+    /// The events are an archived segment's, staged in [`STAGED_TABLE`], not a
+    /// range of the table.
+    staged: bool,
 }
+
+/// The temporary table a replay stages an archived segment's events in, with the
+/// columns of `events` (see `worker::archived`).
+pub const STAGED_TABLE: &str = "pg_temp.pgfold_archive_batch";
 
 /// The events delivered ahead, by id (`$ahead`), through the primary key. The
 /// array is nearly always empty, and the test of its length is a one-time
@@ -64,6 +71,22 @@ impl EventRange {
             event_types: filter.event_types.clone(),
             stream_types: filter.stream_types.clone(),
             part: None,
+            staged: false,
+        }
+    }
+
+    /// The events staged in [`STAGED_TABLE`] (an archived segment's), cut to
+    /// `filter`: what a set fold reads as `batch` while a replay reads the archive.
+    pub fn staged(filter: &EventFilter) -> EventRange {
+        EventRange {
+            staged: true,
+            ..EventRange::new(
+                Position::START,
+                Position::START,
+                Vec::new(),
+                Vec::new(),
+                filter,
+            )
         }
     }
 
@@ -163,6 +186,14 @@ impl EventRange {
     ///
     /// [`SetBatch::range`]: crate::projector::SetBatch::range
     pub fn source_for(&self, first: usize) -> String {
+        if self.staged {
+            let (types, streams) = (first, first + 1);
+            return format!(
+                "(SELECT e.* FROM {STAGED_TABLE} e
+                   WHERE (${types}::text[] IS NULL OR e.event_type = ANY(${types}::text[]))
+                     AND (${streams}::text[] IS NULL OR e.stream_type = ANY(${streams}::text[])))"
+            );
+        }
         match self.part {
             Some(_) => EventRange::source_in_streams(first),
             None => EventRange::source(first),
@@ -171,6 +202,9 @@ impl EventRange {
 
     /// The values for the placeholders of [`EventRange::source_for`], in order.
     pub fn params(&self) -> Vec<&(dyn ToSql + Sync)> {
+        if self.staged {
+            return vec![&self.event_types, &self.stream_types];
+        }
         let mut params: Vec<&(dyn ToSql + Sync)> = vec![
             &self.after_tx,
             &self.after.id,

@@ -77,6 +77,14 @@ pub trait Projector: Send + Sync + 'static {
     /// `Fold::Set(self)` for a type that implements [`SetFold`].
     fn fold(&self) -> Fold<'_>;
 
+    /// Whether the projector's statements read `events` themselves, beyond the
+    /// events handed to them (a join back to a stream's first event, say). While
+    /// a replay reads the archive, such a read sees only what is still in the
+    /// table; the daemon warns at start when this runs beside archiving.
+    fn reads_events(&self) -> bool {
+        false
+    }
+
     /// Creates its tables if they do not exist (idempotent). Run by `pgfold
     /// migrate` and at start. Create tables by unqualified name: the daemon picks
     /// the schema through `search_path`.

@@ -16,13 +16,27 @@ use crate::db::{Db, Params};
 #[derive(Clone, Copy)]
 pub struct Tx<'a> {
     db: &'a dyn Db,
+    staged: bool,
 }
 
 impl<'a> Tx<'a> {
     /// The daemon wraps its transaction; public so that tests and tools can drive
     /// a projector in a transaction of their own.
     pub fn new(db: &'a dyn Db) -> Tx<'a> {
-        Tx { db }
+        Tx { db, staged: false }
+    }
+
+    /// The transaction of a replay applying archived events: they are no longer
+    /// in `events`, but staged in `feed::STAGED_TABLE` for the transaction.
+    pub(crate) fn staged(db: &'a dyn Db) -> Tx<'a> {
+        Tx { db, staged: true }
+    }
+
+    /// Whether the events handed over come from the archive, staged in
+    /// `pg_temp.pgfold_archive_batch` (with the columns of `events`) rather than
+    /// in `events`: a fold that reads an event back by id reads it there.
+    pub fn reads_staged(&self) -> bool {
+        self.staged
     }
 
     /// The rows of `sql`.

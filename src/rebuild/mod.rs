@@ -240,6 +240,7 @@ pub fn label(name: &str) -> String {
 /// then swaps it in and ends. With `once`, a swap refused (a view depends on the
 /// tables) ends the run with that error; otherwise the build keeps up and the
 /// swap is tried again now and then.
+#[allow(clippy::too_many_arguments)]
 pub async fn drive(
     build: Build,
     settings: ProjectorSettings,
@@ -248,6 +249,7 @@ pub async fn drive(
     token: CancellationToken,
     once: bool,
     ops: Reporting,
+    archive: Option<crate::archive::Store>,
 ) -> anyhow::Result<Option<Failure>> {
     let name = build.projector.name().to_string();
     let fingerprint = build.projector.fingerprint();
@@ -258,7 +260,15 @@ pub async fn drive(
     };
     let mut worker = Worker::new(build.projector.clone(), settings, &daemon, pool.clone())
         .into(target)
-        .on_part(ops.progress.reporter(&ops.liveness, &label));
+        .on_part(ops.progress.reporter(&ops.liveness, &label))
+        .with_archive(archive);
+    // The build's history starts in the archive; a missing or corrupt segment
+    // stops the build here, long before its swap.
+    ops.liveness.beat(&label);
+    if let Err(e) = worker.read_archive().await {
+        ops.liveness.retire(&label);
+        return Err(e.context(format!("rebuild of {name}")));
+    }
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     // Swap attempts that found the live projector's lock taken, or readers in
     // the way: retried soon, with a growing pause.

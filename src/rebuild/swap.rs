@@ -228,6 +228,7 @@ async fn move_checkpoint<C: Db>(
                                    FROM pgfold.delivered_ahead a WHERE a.projector = l.name),
                 position_tx = b.position_tx, position_id = b.position_id,
                 events_applied = b.events_applied, last_advanced_at = b.last_advanced_at,
+                archive_applied = b.archive_applied,
                 fingerprint = b.fingerprint, state = 'running',
                 failing_event_id = NULL, failing_event_type = NULL, attempts = 0,
                 last_error = b.last_error, last_error_at = b.last_error_at,

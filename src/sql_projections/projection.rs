@@ -28,6 +28,8 @@ pub struct SqlProjection {
     apply_in_streams: String,
     /// `event`: per event type, the statement as sent, over `event` bound at `$1`.
     handlers: BTreeMap<String, String>,
+    /// `handlers` over an archived event ([`STAGED_EVENT_CTE`]).
+    staged_handlers: BTreeMap<String, String>,
     fingerprint: String,
     /// Whether `apply` reports how many events it consumed (a column named
     /// [`EVENTS_COLUMN`]): learnt from its first batch, since a statement's
@@ -41,6 +43,11 @@ pub const EVENTS_COLUMN: &str = "pgfold_events";
 
 /// The one-row relation an `event` handler reads.
 const EVENT_CTE: &str = "event AS (SELECT e.* FROM events e WHERE e.id = $1::bigint)";
+
+/// [`EVENT_CTE`] while a replay applies archived events, staged beside the table
+/// (`feed::STAGED_TABLE`).
+const STAGED_EVENT_CTE: &str =
+    "event AS (SELECT e.* FROM pg_temp.pgfold_archive_batch e WHERE e.id = $1::bigint)";
 
 /// What a statement over `batch` or `event` may start with.
 const READS_OR_WRITES: [&str; 7] = [
@@ -94,6 +101,11 @@ impl SqlProjection {
             .iter()
             .map(|(event_type, sql)| (event_type.clone(), with_first(EVENT_CTE, sql)))
             .collect();
+        let staged_handlers = def
+            .handlers
+            .iter()
+            .map(|(event_type, sql)| (event_type.clone(), with_first(STAGED_EVENT_CTE, sql)))
+            .collect();
         let fingerprint = fingerprint(&def);
         Ok(SqlProjection {
             def,
@@ -101,6 +113,7 @@ impl SqlProjection {
             apply,
             apply_in_streams,
             handlers,
+            staged_handlers,
             fingerprint,
             reports_count: OnceLock::new(),
         })
@@ -140,6 +153,14 @@ fn fingerprint(def: &Definition) -> String {
 impl Projector for SqlProjection {
     fn name(&self) -> &str {
         &self.def.name
+    }
+
+    fn reads_events(&self) -> bool {
+        self.def
+            .apply
+            .iter()
+            .chain(self.def.handlers.values())
+            .any(|sql| names_events(sql))
     }
 
     fn filter(&self) -> EventFilter {
@@ -269,15 +290,19 @@ impl EventFold for SqlProjection {
         let mut used: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
         used.sort_unstable();
         used.dedup();
+        let handlers = match tx.reads_staged() {
+            true => &self.staged_handlers,
+            false => &self.handlers,
+        };
         let readied = used
             .iter()
-            .filter_map(|t| self.handlers.get(*t))
+            .filter_map(|t| handlers.get(*t))
             .map(|sql| tx.prepare(sql, &[&0i64]));
         for result in join_all(readied).await {
             result?;
         }
         let sent = events.iter().map(|e| async move {
-            let sql = self.handlers.get(&e.event_type).ok_or_else(|| {
+            let sql = handlers.get(&e.event_type).ok_or_else(|| {
                 ProjectorError::event(e, format!("no handler for event type {}", e.event_type))
             })?;
             tx.execute(sql, &[&e.id])
@@ -313,4 +338,31 @@ fn reported(rows: &[tokio_postgres::Row]) -> Option<u64> {
 fn names_an_event(e: &tokio_postgres::Error) -> bool {
     e.as_db_error()
         .is_some_and(|d| d.message().starts_with("event ") && d.message().contains(": "))
+}
+
+/// Whether `sql` reads the table `events` (`FROM events`, `JOIN events`, with any
+/// schema), as opposed to `batch` or `event`.
+fn names_events(sql: &str) -> bool {
+    let words: Vec<String> = sql
+        .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '.'))
+        .filter(|w| !w.is_empty())
+        .map(|w| w.to_ascii_lowercase())
+        .collect();
+    words.windows(2).any(|w| {
+        (w[0] == "from" || w[0] == "join") && (w[1] == "events" || w[1].ends_with(".events"))
+    })
+}
+
+#[cfg(test)]
+mod reads_events_tests {
+    use super::names_events;
+
+    #[test]
+    fn a_read_of_events_is_told_from_a_column_named_events() {
+        assert!(names_events(
+            "SELECT 1 FROM batch b JOIN events e ON e.id = b.id"
+        ));
+        assert!(names_events("select * from public.events"));
+        assert!(!names_events("SELECT count(*) AS events FROM batch"));
+    }
 }

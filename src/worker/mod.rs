@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod apply;
+mod archived;
 mod events;
 mod isolate;
 mod pace;
@@ -144,6 +145,8 @@ pub struct Worker {
     /// Told of each part of a batch applied in parts (see `worker::parts`), before
     /// the batch commits: (position, events consumed so far in the batch).
     on_part: Option<OnPart>,
+    /// Where archived segments are read from (`archive.url`), if configured.
+    archive: Option<crate::archive::Store>,
 }
 
 /// What [`Worker::on_part`] calls.
@@ -189,6 +192,7 @@ impl Worker {
             synchronous_commit: daemon.synchronous_commit,
             generic_plans: false,
             on_part: None,
+            archive: None,
         }
     }
 
@@ -197,6 +201,12 @@ impl Worker {
     /// progress of a long stream-set catch-up, which commits only at its end.
     pub fn on_part(mut self, report: OnPart) -> Worker {
         self.on_part = Some(report);
+        self
+    }
+
+    /// Reads archived segments from `store` (see [`Worker::read_archive`]).
+    pub fn with_archive(mut self, store: Option<crate::archive::Store>) -> Worker {
+        self.archive = store;
         self
     }
 

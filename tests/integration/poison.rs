@@ -59,6 +59,7 @@ pub(crate) fn with_policy(
             max_attempts,
             on_error,
             enabled: true,
+            ..Default::default()
         },
     );
     settings

@@ -128,6 +128,7 @@ async fn a_poison_event_in_a_sql_projection_is_parked_or_dead_lettered() {
                 max_attempts: 2,
                 on_error,
                 enabled: true,
+                ..Default::default()
             },
         );
         let options = RunOptions {

@@ -340,6 +340,7 @@ async fn skipping_a_bad_event_delivered_ahead_dead_letters_its_whole_unit() {
             enabled: true,
             max_attempts: 1,
             on_error: pgfold::config::OnError::Skip,
+            ..Default::default()
         },
     );
 

@@ -1,0 +1,483 @@
+//! One archive pass: choose what may leave the table, write it as segments, read
+//! each back, then record it and delete its rows in one transaction.
+//!
+//! Crash-safe at every step. Until the recording transaction commits, the rows are
+//! in the table and the segment, if uploaded, is an unrecorded object that nothing
+//! reads; the next pass finds it under the same key and reuses it if its bytes are
+//! the ones it would write, or writes beside it. Once it commits, the segment is
+//! recorded, verified, and its rows are gone, all at once.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio_postgres::types::ToSql;
+
+use super::segment::{self, ArchivedEvent, Summary};
+use super::store::{Created, Store};
+use crate::bookkeeping::{claim_segment, oldest_checkpoint};
+use crate::config::{ArchivePolicy, ArchiveSettings};
+use crate::db::{Client, Db};
+use crate::feed::Position;
+
+/// A segment closes at this many events…
+const SEGMENT_EVENTS: i64 = 100_000;
+/// …or once its events' JSON text reaches this: what a pass holds in memory.
+const SEGMENT_BYTES: i64 = 16 << 20;
+/// Rows deleted per statement in the recording transaction.
+const DELETE_BATCH: usize = 5_000;
+/// How long a recording transaction waits for any lock before giving up (and
+/// trying again): the application's writers never queue behind it for longer.
+const LOCK_TIMEOUT: &str = "200ms";
+const RECORD_ATTEMPTS: u32 = 5;
+
+/// The session-level advisory lock that keeps two passes apart.
+const PASS_LOCK: &str = "SELECT pg_try_advisory_lock(hashtext('pgfold.archive_pass'))";
+
+/// What one policy would move (`--dry-run`) or moved.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Moved {
+    /// Streams with events moved.
+    pub streams: i64,
+    /// How many events.
+    pub events: i64,
+    /// Bytes.
+    pub bytes: i64,
+}
+
+/// The outcome of a pass.
+#[derive(Debug, Default, serde::Serialize)]
+pub struct Outcome {
+    /// Per policy, in the configuration's order.
+    pub policies: Vec<Moved>,
+    /// How many segments.
+    pub segments: i64,
+    /// How many events.
+    pub events: i64,
+    /// The segments' size in the archive.
+    pub bytes: i64,
+    /// The projector with the oldest checkpoint: nothing after it may leave.
+    pub held_back_by: Option<String>,
+}
+
+/// Runs a pass over `client` (a dedicated connection: the pass keeps a temporary
+/// table and a session lock on it). With `dry_run`, only chooses and counts.
+pub async fn run(
+    client: &mut Client,
+    settings: &ArchiveSettings,
+    store: &Store,
+    dry_run: bool,
+) -> anyhow::Result<Outcome> {
+    let locked: bool = client.query_one(PASS_LOCK, &[]).await?.get(0);
+    if !locked {
+        anyhow::bail!("another archive pass is running");
+    }
+    let outcome = pass(client, settings, store, dry_run).await;
+    client
+        .batch_execute(
+            "SELECT pg_advisory_unlock(hashtext('pgfold.archive_pass'));
+             DROP TABLE IF EXISTS pg_temp.pgfold_archive_chosen",
+        )
+        .await?;
+    outcome
+}
+
+async fn pass(
+    client: &mut Client,
+    settings: &ArchiveSettings,
+    store: &Store,
+    dry_run: bool,
+) -> anyhow::Result<Outcome> {
+    let mut outcome = Outcome::default();
+    check_policies(&**client, &settings.policy).await?;
+    let Some((holder, bound)) = oldest_checkpoint(&**client).await? else {
+        outcome.policies = vec![Moved::default(); settings.policy.len()];
+        outcome.held_back_by = Some("no projector has run yet".into());
+        return Ok(outcome);
+    };
+    outcome.held_back_by = Some(holder);
+    client
+        .batch_execute(
+            "DROP TABLE IF EXISTS pg_temp.pgfold_archive_chosen;
+             CREATE TEMPORARY TABLE pgfold_archive_chosen (
+               id BIGINT PRIMARY KEY, stream_id TEXT NOT NULL, sequence BIGINT NOT NULL,
+               whole BOOLEAN NOT NULL, bytes BIGINT NOT NULL, policy INT NOT NULL)",
+        )
+        .await?;
+    let has_class = has_retention_class(&**client).await?;
+    for (i, policy) in settings.policy.iter().enumerate() {
+        let n = i as i32 + 1;
+        choose(&**client, policy, n, bound, has_class).await?;
+        let row = client
+            .query_one(
+                "SELECT count(DISTINCT stream_id), count(*), coalesce(sum(bytes), 0)::bigint
+                   FROM pg_temp.pgfold_archive_chosen WHERE policy = $1",
+                &[&n],
+            )
+            .await?;
+        outcome.policies.push(Moved {
+            streams: row.get(0),
+            events: row.get(1),
+            bytes: row.get(2),
+        });
+    }
+    if dry_run {
+        return Ok(outcome);
+    }
+    let mut after = 0i64;
+    loop {
+        let Some(last) = segment_end(&**client, after).await? else {
+            break;
+        };
+        let (bytes, summary, newest) = write_segment(&**client, after, last).await?;
+        let key = upload(store, bytes, &summary).await?;
+        test_pause("uploaded");
+        let back = segment::summarize(store.get(&key).await?)
+            .with_context(|| format!("segment {} does not read back", store.describe(&key)))?;
+        if back != summary {
+            anyhow::bail!(
+                "segment {} read back as {} events, ids {}..{}, checksum {} (written: {} events, ids {}..{}, checksum {}); nothing deleted",
+                store.describe(&key), back.events, back.first_id, back.last_id, back.checksum,
+                summary.events, summary.first_id, summary.last_id, summary.checksum
+            );
+        }
+        test_pause("verified");
+        record(client, &key, &summary, after, last, newest).await?;
+        test_pause("recorded");
+        outcome.segments += 1;
+        outcome.events += summary.events;
+        outcome.bytes += summary.bytes;
+        after = last;
+    }
+    client
+        .execute(
+            "INSERT INTO pgfold.archive_passes AS p (id, finished_at, segments, events, bytes, held_back_by)
+             VALUES (1, now(), $1, $2, $3, $4)
+             ON CONFLICT (id) DO UPDATE SET finished_at = now(), segments = $1, events = $2,
+                 bytes = $3, held_back_by = $4",
+            &[&outcome.segments, &outcome.events, &outcome.bytes, &outcome.held_back_by],
+        )
+        .await?;
+    Ok(outcome)
+}
+
+/// A test-only hook (documented in tests/integration/archive.rs): with
+/// `PGFOLD_TEST_ARCHIVE_PAUSE` set to a step's name, the pass says so on stderr
+/// and waits there forever, for a test to kill the process at that step.
+fn test_pause(step: &str) {
+    if std::env::var("PGFOLD_TEST_ARCHIVE_PAUSE").is_ok_and(|s| s == step) {
+        eprintln!("pgfold: test pause at {step}");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+async fn has_retention_class<C: Db>(client: &C) -> Result<bool, tokio_postgres::Error> {
+    Ok(client
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM pg_attribute
+                             WHERE attrelid = 'events'::regclass AND attname = 'retention_class'
+                               AND attnum > 0 AND NOT attisdropped)",
+            &[],
+        )
+        .await?
+        .get(0))
+}
+
+/// Checks each policy against the server: `after` is an interval PostgreSQL
+/// reads, and `retention_class` needs the column.
+pub async fn check_policies<C: Db>(client: &C, policies: &[ArchivePolicy]) -> anyhow::Result<()> {
+    let has_class = has_retention_class(client).await?;
+    for (i, p) in policies.iter().enumerate() {
+        let n = i + 1;
+        if let Err(e) = client
+            .query_one("SELECT $1::text::interval", &[&p.after])
+            .await
+        {
+            anyhow::bail!(
+                "archive.policy {n}: after = {:?} is not a PostgreSQL interval ({})",
+                p.after,
+                crate::util::one_line(&crate::db::error_text(&e))
+            );
+        }
+        if p.retention_class.is_some() && !has_class {
+            anyhow::bail!(
+                "archive.policy {n}: retention_class needs a retention_class column on events, which this table lacks"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Adds what `policy` lets leave the table to the chosen set: events at or
+/// before `bound` (every projector's checkpoint), older than `after`, of its
+/// stream types and class, and never `hot`. Whole streams: every event of the
+/// stream qualifies. One by one: a stream's qualifying prefix, less its newest
+/// event, which stays so that an append's `currentMax + 1` stays right.
+async fn choose<C: Db>(
+    client: &C,
+    policy: &ArchivePolicy,
+    n: i32,
+    bound: Position,
+    has_class: bool,
+) -> Result<(), tokio_postgres::Error> {
+    let class = match (has_class, policy.retention_class.is_some()) {
+        (true, true) => "AND e.retention_class = $4 AND e.retention_class <> 'hot'",
+        (true, false) => "AND e.retention_class IS DISTINCT FROM 'hot' AND $4::text IS NULL",
+        (false, _) => "AND $4::text IS NULL",
+    };
+    let qualifies = format!(
+        "(e.occurred_at < now() - $2::text::interval
+          AND (COALESCE(e.tx_id, '0'::xid8), e.id) <= ($5::text::xid8, $6::bigint) {class})"
+    );
+    let bytes = "octet_length(e.payload::text)::bigint + octet_length(e.metadata::text)";
+    let sql = if policy.whole_streams {
+        format!(
+            "INSERT INTO pg_temp.pgfold_archive_chosen (id, stream_id, sequence, whole, bytes, policy)
+             SELECT e.id, e.stream_id, e.sequence, true, {bytes}, $3
+               FROM events e
+              WHERE e.stream_type = ANY($1) AND e.stream_id IN (
+                    SELECT e.stream_id FROM events e WHERE e.stream_type = ANY($1)
+                     GROUP BY e.stream_id HAVING bool_and({qualifies}))
+             ON CONFLICT (id) DO NOTHING"
+        )
+    } else {
+        format!(
+            "WITH q AS (
+               SELECT e.id, e.stream_id, e.sequence, {bytes} AS bytes, {qualifies} AS ok
+                 FROM events e WHERE e.stream_type = ANY($1)),
+             cut AS (
+               SELECT stream_id, coalesce(min(sequence) FILTER (WHERE NOT ok), max(sequence)) AS keep_from
+                 FROM q GROUP BY stream_id)
+             INSERT INTO pg_temp.pgfold_archive_chosen (id, stream_id, sequence, whole, bytes, policy)
+             SELECT q.id, q.stream_id, q.sequence, false, q.bytes, $3
+               FROM q JOIN cut USING (stream_id)
+              WHERE q.ok AND q.sequence < cut.keep_from
+             ON CONFLICT (id) DO NOTHING"
+        )
+    };
+    let params: [&(dyn ToSql + Sync); 6] = [
+        &policy.stream_types,
+        &policy.after,
+        &n,
+        &policy.retention_class,
+        &bound.tx_text(),
+        &bound.id,
+    ];
+    client.execute(&sql, &params).await?;
+    Ok(())
+}
+
+/// The last id of the next segment after `after`: up to [`SEGMENT_EVENTS`]
+/// events or [`SEGMENT_BYTES`] bytes (at least one event).
+async fn segment_end<C: Db>(client: &C, after: i64) -> Result<Option<i64>, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT coalesce(max(id) FILTER (WHERE running <= $2 OR n = 1), 0)
+               FROM (SELECT id, sum(bytes) OVER w AS running, row_number() OVER w AS n
+                       FROM (SELECT id, bytes FROM pg_temp.pgfold_archive_chosen
+                              WHERE id > $1 ORDER BY id LIMIT $3) c
+                     WINDOW w AS (ORDER BY id)) r",
+            &[&after, &SEGMENT_BYTES, &SEGMENT_EVENTS],
+        )
+        .await?;
+    let last: i64 = row.get(0);
+    Ok((last > 0).then_some(last))
+}
+
+/// Reads the chosen events in `(after, last]` from the table, in id order, into
+/// a segment; with the newest position among them.
+async fn write_segment<C: Db>(
+    client: &C,
+    after: i64,
+    last: i64,
+) -> anyhow::Result<(bytes::Bytes, Summary, Position)> {
+    let mut writer = segment::Writer::new()?;
+    let mut newest = Position::START;
+    let mut failed = None;
+    client
+        .for_each_row(
+            "SELECT e.id, e.tx_id::text, e.stream_id, e.stream_type, e.event_type, e.event_version,
+                    e.payload::text, e.metadata::text, e.occurred_at, e.sequence
+               FROM pg_temp.pgfold_archive_chosen c JOIN events e ON e.id = c.id
+              WHERE c.id > $1 AND c.id <= $2
+              ORDER BY e.id",
+            &[&after, &last],
+            &mut |row| {
+                let tx: Option<String> = row.get(1);
+                let tx_id = tx.and_then(|t| t.parse::<i64>().ok());
+                let event = ArchivedEvent {
+                    id: row.get(0),
+                    tx_id,
+                    stream_id: row.get(2),
+                    stream_type: row.get(3),
+                    event_type: row.get(4),
+                    event_version: row.get(5),
+                    payload: row.get(6),
+                    metadata: row.get(7),
+                    occurred_at: row
+                        .get::<_, chrono::DateTime<chrono::Utc>>(8)
+                        .timestamp_micros(),
+                    sequence: row.get(9),
+                };
+                newest = newest.max(Position::new(tx_id.unwrap_or(0) as u64, event.id));
+                match writer.push(event) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        failed = Some(e);
+                        false
+                    }
+                }
+            },
+        )
+        .await?;
+    if let Some(e) = failed {
+        return Err(e.into());
+    }
+    let (bytes, summary) = writer
+        .finish()?
+        .context("the chosen events left the table during the pass")?;
+    Ok((bytes, summary, newest))
+}
+
+/// Creates the segment's object, never overwriting one: an object already there
+/// with these very bytes (a pass that crashed before recording it) is reused;
+/// one with other bytes is left alone and the segment goes beside it.
+async fn upload(store: &Store, bytes: bytes::Bytes, summary: &Summary) -> anyhow::Result<String> {
+    for attempt in 0..10 {
+        let key = Store::key(summary.first_id, summary.last_id, attempt);
+        match store.create(&key, bytes.clone()).await? {
+            Created::Written => return Ok(key),
+            Created::Exists => {
+                let there = store.get(&key).await?;
+                if segment::checksum(&there) == summary.checksum {
+                    tracing::info!(segment = %store.describe(&key), "reusing a segment uploaded by an earlier pass that did not record it");
+                    return Ok(key);
+                }
+            }
+        }
+    }
+    anyhow::bail!(
+        "segment {}: ten objects with other contents hold its names; nothing deleted",
+        store.describe(&Store::key(summary.first_id, summary.last_id, 0))
+    )
+}
+
+/// One transaction: records the segment and its streams, deletes its rows in
+/// batches, and raises every projector to it, or changes nothing. Retried when a
+/// lock is not granted within [`LOCK_TIMEOUT`].
+async fn record(
+    client: &mut Client,
+    key: &str,
+    summary: &Summary,
+    after: i64,
+    last: i64,
+    newest: Position,
+) -> anyhow::Result<()> {
+    let mut backoff = crate::util::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+    for attempt in 1..=RECORD_ATTEMPTS {
+        match record_once(client, key, summary, after, last, newest).await {
+            Ok(()) => return Ok(()),
+            Err(Retry::Lock(e)) if attempt < RECORD_ATTEMPTS => {
+                tracing::warn!(segment = key, error = %e, "archive: a lock was not granted in time; trying again");
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(Retry::Lock(e)) => {
+                anyhow::bail!("segment {key}: locks not granted within {LOCK_TIMEOUT} after {RECORD_ATTEMPTS} attempts ({e}); nothing deleted")
+            }
+            Err(Retry::Fatal(e)) => return Err(e),
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+enum Retry {
+    Lock(String),
+    Fatal(anyhow::Error),
+}
+
+impl From<tokio_postgres::Error> for Retry {
+    fn from(e: tokio_postgres::Error) -> Retry {
+        if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+            Retry::Lock(crate::util::one_line(&crate::db::error_text(&e)))
+        } else {
+            Retry::Fatal(anyhow::anyhow!(crate::util::one_line(
+                &crate::db::error_text(&e)
+            )))
+        }
+    }
+}
+
+async fn record_once(
+    client: &mut Client,
+    key: &str,
+    summary: &Summary,
+    after: i64,
+    last: i64,
+    newest: Position,
+) -> Result<(), Retry> {
+    let tx = client.transaction().await?;
+    tx.batch_execute(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
+        .await?;
+    let previous: i64 = tx
+        .query_one(
+            "SELECT coalesce(max(segment), 0) FROM pgfold.archive_segments",
+            &[],
+        )
+        .await?
+        .get(0);
+    let segment: i64 = tx
+        .query_one(
+            "INSERT INTO pgfold.archive_segments (first_id, last_id, events, bytes, checksum, object_key)
+             VALUES ($1, $2, $3, $4, $5, $6) RETURNING segment",
+            &[&summary.first_id, &summary.last_id, &summary.events, &summary.bytes, &summary.checksum, &key],
+        )
+        .await?
+        .get(0);
+    let mut cursor = after;
+    let mut deleted = 0u64;
+    loop {
+        let ids: Vec<i64> = tx
+            .query(
+                "SELECT id FROM pg_temp.pgfold_archive_chosen WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3",
+                &[&cursor, &last, &(DELETE_BATCH as i64)],
+            )
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let Some(&end) = ids.last() else { break };
+        deleted += tx
+            .execute("DELETE FROM events WHERE id = ANY($1)", &[&ids])
+            .await?;
+        cursor = end;
+    }
+    if deleted != summary.events as u64 {
+        return Err(Retry::Fatal(anyhow::anyhow!(
+            "segment {key}: {deleted} of its {} events were still in the table; nothing deleted",
+            summary.events
+        )));
+    }
+    tx.execute(
+        "INSERT INTO pgfold.archived_streams AS a (stream_id, last_sequence, segment, first_segment, whole)
+         SELECT c.stream_id, max(c.sequence), $1, $1,
+                bool_and(c.whole) AND NOT EXISTS (SELECT 1 FROM events e WHERE e.stream_id = c.stream_id)
+           FROM pg_temp.pgfold_archive_chosen c
+          WHERE c.id > $2 AND c.id <= $3
+          GROUP BY c.stream_id
+         ON CONFLICT (stream_id) DO UPDATE
+            SET segment = CASE WHEN EXCLUDED.last_sequence > a.last_sequence THEN EXCLUDED.segment ELSE a.segment END,
+                last_sequence = greatest(a.last_sequence, EXCLUDED.last_sequence),
+                whole = EXCLUDED.whole",
+        &[&segment, &after, &last],
+    )
+    .await?;
+    test_pause("deleted");
+    if let Err(projector) = claim_segment(&tx, segment, previous, newest).await? {
+        return Err(Retry::Fatal(anyhow::anyhow!(
+            "segment {key}: projector {projector} went back before the segment's events during the pass (a replay or rebuild); nothing deleted"
+        )));
+    }
+    tx.commit().await?;
+    Ok(())
+}

@@ -1,0 +1,112 @@
+//! Where segments live: `archive.url`, a local directory (`file:///…`) or an
+//! S3-compatible bucket (`s3://bucket/prefix`, configured by the standard `AWS_*`
+//! variables, `AWS_ENDPOINT_URL` and `AWS_ALLOW_HTTP` included). Objects are
+//! created once, with a conditional create, and never overwritten.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use bytes::Bytes;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+
+use crate::util::one_line;
+
+/// An opened archive location.
+#[derive(Clone)]
+pub struct Store {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    url: String,
+}
+
+/// What a conditional create found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Created {
+    /// The object is new.
+    Written,
+    /// An object was there already (left by a pass that crashed before recording it).
+    Exists,
+}
+
+impl Store {
+    /// Opens `url` (checked with [`check_url`]). A local directory is created if missing.
+    pub fn open(url: &str) -> anyhow::Result<Store> {
+        crate::config::check_archive_url(url)?;
+        let (store, prefix): (Arc<dyn ObjectStore>, Path) =
+            if let Some(dir) = url.strip_prefix("file://") {
+                std::fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create the archive directory {dir}"))?;
+                let fs = object_store::local::LocalFileSystem::new_with_prefix(dir)
+                    .with_context(|| format!("cannot open the archive directory {dir}"))?;
+                (Arc::new(fs), Path::default())
+            } else {
+                let rest = url.strip_prefix("s3://").unwrap_or_default();
+                let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                let s3 = object_store::aws::AmazonS3Builder::from_env()
+                    .with_bucket_name(bucket)
+                    .build()
+                    .with_context(|| format!("cannot open the archive {url}"))?;
+                (Arc::new(s3), Path::from(prefix.trim_matches('/')))
+            };
+        Ok(Store {
+            store,
+            prefix,
+            url: url.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// The key of the segment holding ids `first..=last`; `attempt` > 0 names
+    /// another object for the same range when one with other contents is there.
+    pub fn key(first: i64, last: i64, attempt: u32) -> String {
+        match attempt {
+            0 => format!("events-{first:020}-{last:020}.parquet"),
+            n => format!("events-{first:020}-{last:020}.{n}.parquet"),
+        }
+    }
+
+    fn path(&self, key: &str) -> Path {
+        self.prefix.clone().join(key)
+    }
+
+    /// Where `key` is, for messages.
+    pub fn describe(&self, key: &str) -> String {
+        format!("{}/{key}", self.url)
+    }
+
+    /// Creates `key` with `bytes` unless an object is there already.
+    pub async fn create(&self, key: &str, bytes: Bytes) -> anyhow::Result<Created> {
+        let opts = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        match self
+            .store
+            .put_opts(&self.path(key), PutPayload::from_bytes(bytes), opts)
+            .await
+        {
+            Ok(_) => Ok(Created::Written),
+            Err(object_store::Error::AlreadyExists { .. }) => Ok(Created::Exists),
+            Err(e) => Err(anyhow::anyhow!(
+                "cannot write segment {}: {}",
+                self.describe(key),
+                one_line(&e.to_string())
+            )),
+        }
+    }
+
+    /// The bytes of `key`.
+    pub async fn get(&self, key: &str) -> anyhow::Result<Bytes> {
+        let got = async { self.store.get(&self.path(key)).await?.bytes().await };
+        got.await.map_err(|e| match e {
+            object_store::Error::NotFound { .. } => {
+                anyhow::anyhow!("segment {} is missing from the archive", self.describe(key))
+            }
+            e => anyhow::anyhow!(
+                "cannot read segment {}: {}",
+                self.describe(key),
+                one_line(&e.to_string())
+            ),
+        })
+    }
+}

@@ -1,0 +1,227 @@
+//! A projector's history in the archive: before its first batch from the table, a
+//! projector that has not consumed every archived segment (a new one, or one
+//! replayed or rebuilt from the first event) applies them, in the order they left
+//! the table, each segment in one transaction that records it as consumed
+//! (`archive_applied`). Then it reads the table from its checkpoint, as always.
+//!
+//! Decoded-event folds get the segment's events decoded, one row group at a
+//! time; set folds read them as `batch`, staged in a temporary table with the
+//! columns of `events` ([`feed::STAGED_TABLE`]), through the same range
+//! machinery as a batch of the table.
+
+use anyhow::Context;
+
+use super::apply::apply_set;
+use super::Worker;
+use crate::archive::{self, segment, Segment, Store};
+use crate::bookkeeping::{self as checkpoint, advance_archive, archive_applied};
+use crate::config::History;
+use crate::db::Db;
+use crate::feed::{self, Event, EventFilter, EventRange, Position};
+use crate::projector::{Fold, Tx};
+use crate::util::one_line;
+
+impl Worker {
+    /// Applies every archived segment this projector has not consumed yet; how
+    /// many events that was. A missing or corrupt segment stops it with an error
+    /// naming the segment, before the segment's transaction changes anything.
+    pub async fn read_archive(&mut self) -> anyhow::Result<u64> {
+        let store = self.archive.clone();
+        let store = store.as_ref();
+        let mut applied_events = 0;
+        loop {
+            let client = self.pool.get().await?;
+            let applied = archive_applied(&client, &self.key).await?;
+            let pending = archive::segments(&client, applied).await?;
+            drop(client);
+            let Some(next) = pending.first() else {
+                return Ok(applied_events);
+            };
+            if self.settings.history == History::Hot {
+                let last = pending.last().map_or(applied, |s| s.segment);
+                let client = self.pool.get().await?;
+                advance_archive(&client, &self.key, applied, last).await?;
+                tracing::info!(
+                    projector = self.name(),
+                    segments = pending.len(),
+                    "history = \"hot\": starting from the table, without the archive"
+                );
+                continue;
+            }
+            let store = store.with_context(|| {
+                format!(
+                    "projector {} must first read {} archived segment(s), and [archive] url is not set",
+                    self.name(),
+                    pending.len()
+                )
+            })?;
+            let bytes = archive::fetch_verified(store, next).await?;
+            applied_events += self.apply_segment(store, next, applied, bytes).await?;
+        }
+    }
+
+    async fn apply_segment(
+        &mut self,
+        store: &Store,
+        seg: &Segment,
+        applied: i64,
+        bytes: bytes::Bytes,
+    ) -> anyhow::Result<u64> {
+        let label = seg.label(store);
+        let mut conn = self.pool.get().await?;
+        let tx = conn.transaction().await?;
+        // Waits for another instance's batch of this projector to end.
+        checkpoint::lock(&tx, &self.key).await?;
+        if archive_applied(&tx, &self.key).await? != applied {
+            // Another instance applied it meanwhile.
+            return Ok(0);
+        }
+        self.target.enter(&tx).await?;
+        let filter = self.projector.filter();
+        let projector = self.projector.clone();
+        let groups = segment::row_groups(&bytes)?;
+        let mut events = 0u64;
+        let failed = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!(
+                "projector {} failed on the archived events of {label}: {}",
+                self.projector.name(),
+                one_line(&e.to_string())
+            )
+        };
+        // Staged for every fold: a set fold reads them as `batch`, and a fold of
+        // decoded events may read an event back by id (a SQL projection's `event`).
+        tx.batch_execute(&format!(
+            "CREATE TEMPORARY TABLE IF NOT EXISTS pgfold_archive_batch (LIKE events INCLUDING DEFAULTS) ON COMMIT DROP;
+             TRUNCATE {}",
+            feed::STAGED_TABLE
+        ))
+        .await?;
+        match projector.fold() {
+            Fold::Events(fold) => {
+                for group in 0..groups {
+                    let rows: Vec<_> = segment::row_group(&bytes, group)?
+                        .into_iter()
+                        .filter(|e| passes(&filter, e))
+                        .collect();
+                    if rows.is_empty() {
+                        continue;
+                    }
+                    tx.batch_execute(&format!("TRUNCATE {}", feed::STAGED_TABLE))
+                        .await?;
+                    stage(&tx, &rows).await?;
+                    let decoded = rows
+                        .into_iter()
+                        .map(decode)
+                        .collect::<anyhow::Result<Vec<Event>>>()?;
+                    events += decoded.len() as u64;
+                    fold.apply(&Tx::staged(&tx), &decoded)
+                        .await
+                        .map_err(|e| failed(&e))?;
+                }
+            }
+            Fold::Set(fold) | Fold::StreamSet(fold) => {
+                for group in 0..groups {
+                    let rows: Vec<_> = segment::row_group(&bytes, group)?
+                        .into_iter()
+                        .filter(|e| passes(&filter, e))
+                        .collect();
+                    stage(&tx, &rows).await?;
+                }
+                let range = EventRange::staged(&filter);
+                events = apply_set(&tx, fold, &range).await.map_err(|e| failed(&e))?;
+            }
+        }
+        if !advance_archive(&tx, &self.key, applied, seg.segment).await? {
+            anyhow::bail!(
+                "projector {}: its archive position moved during {label}",
+                self.name()
+            );
+        }
+        tx.commit().await?;
+        tracing::info!(
+            projector = self.name(),
+            segment = seg.segment,
+            events,
+            "applied an archived segment"
+        );
+        Ok(events)
+    }
+}
+
+fn passes(filter: &EventFilter, e: &segment::ArchivedEvent) -> bool {
+    filter
+        .event_types
+        .as_ref()
+        .is_none_or(|t| t.contains(&e.event_type))
+        && filter
+            .stream_types
+            .as_ref()
+            .is_none_or(|t| t.contains(&e.stream_type))
+}
+
+fn decode(e: segment::ArchivedEvent) -> anyhow::Result<Event> {
+    let bad = |what: &str, err: serde_json::Error| {
+        anyhow::anyhow!("archived event {}: its {what} is not JSON ({err})", e.id)
+    };
+    Ok(Event {
+        id: e.id,
+        position: Position::new(e.tx_id.unwrap_or(0) as u64, e.id),
+        payload: serde_json::from_str(&e.payload).map_err(|err| bad("payload", err))?,
+        metadata: serde_json::from_str(&e.metadata).map_err(|err| bad("metadata", err))?,
+        occurred_at: e.occurred_at(),
+        stream_id: e.stream_id,
+        stream_type: e.stream_type,
+        event_type: e.event_type,
+        event_version: e.event_version,
+        sequence: e.sequence,
+    })
+}
+
+/// Copies `rows` into the staging table, as arrays unnested server-side.
+async fn stage<C: Db>(
+    tx: &C,
+    rows: &[segment::ArchivedEvent],
+) -> Result<(), tokio_postgres::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = rows.iter().map(|e| e.id).collect();
+    let txs: Vec<Option<String>> = rows
+        .iter()
+        .map(|e| e.tx_id.map(|t| t.to_string()))
+        .collect();
+    let stream_ids: Vec<&str> = rows.iter().map(|e| e.stream_id.as_str()).collect();
+    let stream_types: Vec<&str> = rows.iter().map(|e| e.stream_type.as_str()).collect();
+    let event_types: Vec<&str> = rows.iter().map(|e| e.event_type.as_str()).collect();
+    let versions: Vec<i32> = rows.iter().map(|e| e.event_version).collect();
+    let payloads: Vec<&str> = rows.iter().map(|e| e.payload.as_str()).collect();
+    let metadata: Vec<&str> = rows.iter().map(|e| e.metadata.as_str()).collect();
+    let occurred: Vec<chrono::DateTime<chrono::Utc>> =
+        rows.iter().map(|e| e.occurred_at()).collect();
+    let sequences: Vec<i64> = rows.iter().map(|e| e.sequence).collect();
+    tx.execute(
+        &format!(
+            "INSERT INTO {} (id, tx_id, stream_id, stream_type, event_type, event_version,
+                             payload, metadata, occurred_at, sequence)
+             SELECT id, tx::xid8, sid, st, et, v, p::jsonb, m::jsonb, o, s
+               FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::int[],
+                           $7::text[], $8::text[], $9::timestamptz[], $10::bigint[])
+                    AS u(id, tx, sid, st, et, v, p, m, o, s)",
+            feed::STAGED_TABLE
+        ),
+        &[
+            &ids,
+            &txs,
+            &stream_ids,
+            &stream_types,
+            &event_types,
+            &versions,
+            &payloads,
+            &metadata,
+            &occurred,
+            &sequences,
+        ],
+    )
+    .await?;
+    Ok(())
+}

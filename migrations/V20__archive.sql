@@ -80,7 +80,7 @@ BEGIN
   END IF;
   IF NEW.sequence <= a.last_sequence THEN
     RAISE EXCEPTION 'duplicate key value violates unique constraint "idx_events_stream_sequence"'
-      USING ERRCODE = '23505',
+      USING ERRCODE = '23505', CONSTRAINT = 'idx_events_stream_sequence',
             DETAIL = format('Key (stream_id, sequence)=(%s, %s) is in the archive (archived up to sequence %s).',
                             NEW.stream_id, NEW.sequence, a.last_sequence);
   END IF;

@@ -80,7 +80,10 @@ pub async fn segments<C: Db>(
 /// Fetches `segment` and checks it against its record: its row count, id range,
 /// size and checksum. The error is one line naming the segment.
 pub async fn fetch_verified(store: &Store, segment: &Segment) -> anyhow::Result<Bytes> {
-    let bytes = store.get(&segment.object_key).await?;
+    let bytes = store
+        .get(&segment.object_key)
+        .await
+        .map_err(|e| anyhow::anyhow!("segment {}: {e}", segment.segment))?;
     let label = segment.label(store);
     let got = segment::summarize(bytes.clone()).map_err(|e| {
         anyhow::anyhow!(

@@ -274,7 +274,7 @@ async fn segment_end<C: Db>(client: &C, after: i64) -> Result<Option<i64>, tokio
     let row = client
         .query_one(
             "SELECT coalesce(max(id) FILTER (WHERE running <= $2 OR n = 1), 0)
-               FROM (SELECT id, sum(bytes) OVER w AS running, row_number() OVER w AS n
+               FROM (SELECT id, (sum(bytes) OVER w)::bigint AS running, row_number() OVER w AS n
                        FROM (SELECT id, bytes FROM pg_temp.pgfold_archive_chosen
                               WHERE id > $1 ORDER BY id LIMIT $3) c
                      WINDOW w AS (ORDER BY id)) r",

@@ -43,8 +43,16 @@ impl Store {
             } else {
                 let rest = url.strip_prefix("s3://").unwrap_or_default();
                 let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+                // A few quick retries: a server that is down fails the pass in
+                // seconds, not after object_store's default three minutes.
+                let retry = object_store::RetryConfig {
+                    backoff: object_store::BackoffConfig::default(),
+                    max_retries: 3,
+                    retry_timeout: std::time::Duration::from_secs(20),
+                };
                 let s3 = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
+                    .with_retry(retry)
                     .build()
                     .with_context(|| format!("cannot open the archive {url}"))?;
                 (Arc::new(s3), Path::from(prefix.trim_matches('/')))
@@ -100,10 +108,10 @@ impl Store {
         let got = async { self.store.get(&self.path(key)).await?.bytes().await };
         got.await.map_err(|e| match e {
             object_store::Error::NotFound { .. } => {
-                anyhow::anyhow!("segment {} is missing from the archive", self.describe(key))
+                anyhow::anyhow!("{} is missing from the archive", self.describe(key))
             }
             e => anyhow::anyhow!(
-                "cannot read segment {}: {}",
+                "cannot read {}: {}",
                 self.describe(key),
                 one_line(&e.to_string())
             ),

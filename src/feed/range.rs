@@ -179,6 +179,23 @@ impl EventRange {
         )
     }
 
+    /// The source of a staged range ([`EventRange::staged`]): the events in
+    /// [`STAGED_TABLE`] that pass the filter bound at `$first` (event types) and
+    /// `$first + 1` (stream types).
+    pub fn source_staged(first: usize) -> String {
+        let (types, streams) = (first, first + 1);
+        format!(
+            "(SELECT e.* FROM {STAGED_TABLE} e
+               WHERE (${types}::text[] IS NULL OR e.event_type = ANY(${types}::text[]))
+                 AND (${streams}::text[] IS NULL OR e.stream_type = ANY(${streams}::text[])))"
+        )
+    }
+
+    /// Whether this is a staged range ([`EventRange::staged`]).
+    pub fn is_staged(&self) -> bool {
+        self.staged
+    }
+
     /// The source this range is read with: [`EventRange::source`], or for a part
     /// [`EventRange::source_in_streams`]; its placeholders numbered from `$first`.
     /// A fold that builds its own statements over [`SetBatch::range`] reads it
@@ -187,12 +204,7 @@ impl EventRange {
     /// [`SetBatch::range`]: crate::projector::SetBatch::range
     pub fn source_for(&self, first: usize) -> String {
         if self.staged {
-            let (types, streams) = (first, first + 1);
-            return format!(
-                "(SELECT e.* FROM {STAGED_TABLE} e
-                   WHERE (${types}::text[] IS NULL OR e.event_type = ANY(${types}::text[]))
-                     AND (${streams}::text[] IS NULL OR e.stream_type = ANY(${streams}::text[])))"
-            );
+            return EventRange::source_staged(first);
         }
         match self.part {
             Some(_) => EventRange::source_in_streams(first),

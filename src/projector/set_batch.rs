@@ -51,6 +51,13 @@ impl<'a> SetBatch<'a> {
         with_first(&batch, sql)
     }
 
+    /// [`SetBatch::statement`] for a batch of archived events staged beside the
+    /// table during a replay ([`EventRange::staged`]).
+    pub fn statement_staged(sql: &str, own_params: usize) -> String {
+        let batch = format!("batch AS {}", EventRange::source_staged(own_params + 1));
+        with_first(&batch, sql)
+    }
+
     /// The statement for `sql` over this batch: [`SetBatch::statement`], or
     /// [`SetBatch::statement_in_streams`] for a part.
     fn statement_for(&self, sql: &str, own_params: usize) -> String {

@@ -26,6 +26,9 @@ pub struct SqlProjection {
     /// `stream`: the statement as sent over a part of a batch, a few of its
     /// streams (see `worker::parts`).
     apply_in_streams: String,
+    /// `set` / `stream`: the statement over archived events staged during a
+    /// replay (see `worker::archived`).
+    apply_staged: String,
     /// `event`: per event type, the statement as sent, over `event` bound at `$1`.
     handlers: BTreeMap<String, String>,
     /// `handlers` over an archived event ([`STAGED_EVENT_CTE`]).
@@ -92,6 +95,11 @@ impl SqlProjection {
             .as_deref()
             .map(|sql| SetBatch::statement(sql, 0))
             .unwrap_or_default();
+        let apply_staged = def
+            .apply
+            .as_deref()
+            .map(|sql| SetBatch::statement_staged(sql, 0))
+            .unwrap_or_default();
         let apply_in_streams = match (&def.apply, def.order) {
             (Some(sql), Order::Stream) => SetBatch::statement_in_streams(sql, 0),
             _ => String::new(),
@@ -112,6 +120,7 @@ impl SqlProjection {
             filter,
             apply,
             apply_in_streams,
+            apply_staged,
             handlers,
             staged_handlers,
             fingerprint,
@@ -258,9 +267,12 @@ impl Projector for SqlProjection {
 impl SetFold for SqlProjection {
     async fn apply(&self, tx: &Tx<'_>, batch: &SetBatch<'_>) -> Result<(), ProjectorError> {
         let params = batch.range().params();
-        let apply = match batch.range().is_part() {
-            true => &self.apply_in_streams,
-            false => &self.apply,
+        let apply = if batch.range().is_staged() {
+            &self.apply_staged
+        } else if batch.range().is_part() {
+            &self.apply_in_streams
+        } else {
+            &self.apply
         };
         if self.reports_count.get() == Some(&true) {
             let rows = tx.query(apply, &params).await?;

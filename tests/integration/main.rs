@@ -2,6 +2,7 @@
 //! One binary, so they share one build and run in parallel.
 
 mod append;
+mod archive;
 mod cli;
 mod crash;
 mod deploy;

@@ -1,0 +1,466 @@
+//! Retention (issue 28): archive passes to a local directory and to a real
+//! S3-protocol server, and replays that stay complete.
+//!
+//! The S3 server is moto's (`moto_server` from PyPI, which enforces
+//! `If-None-Match: *` as S3 does), which `.ci/run` installs and starts on
+//! `PGFOLD_TEST_S3_ENDPOINT` (default `http://127.0.0.1:5599`).
+//!
+//! Test-only hook: with `PGFOLD_TEST_ARCHIVE_PAUSE=<step>`, a pass prints
+//! `pgfold: test pause at <step>` and waits there forever, so that a test can
+//! SIGKILL the real binary at that step. Steps: `uploaded` (the object written,
+//! not yet read back), `verified` (read back, nothing recorded), `deleted` (inside
+//! the recording transaction, rows deleted, not committed), `recorded` (committed).
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pgfold::store::{self, AppendError, NewEvent};
+use pgfold::testkit::process::Daemon;
+use serde_json::{json, Value};
+use tokio_postgres::Client;
+
+use super::helpers::{free_port, pgfold, wait_for, TestDb, PGFOLD};
+
+/// Orders in the log: about 2.5 events each; their times spread over 2025, so a
+/// policy of 300 days moves some streams and keeps the others.
+const ORDERS: i64 = 1_500;
+
+struct Setup {
+    db: TestDb,
+    client: Client,
+    dir: PathBuf,
+    config: PathBuf,
+}
+
+impl Setup {
+    fn config(&self) -> &str {
+        self.config.to_str().unwrap()
+    }
+
+    fn archive_dir(&self) -> PathBuf {
+        self.dir.join("archive")
+    }
+
+    /// The real binary with this setup's configuration.
+    fn pgfold(&self, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+        let mut all = vec!["--config", self.config()];
+        all.extend_from_slice(args);
+        pgfold(&all, env)
+    }
+
+    fn pgfold_ok(&self, args: &[&str], env: &[(&str, &str)]) -> String {
+        let out = self.pgfold(args, env);
+        assert!(
+            out.status.success(),
+            "pgfold {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+/// A database with [`ORDERS`] orders and a few log streams, projected by the
+/// built-ins and two SQL projections, and a configuration archiving to `url`
+/// (a local directory when `None`).
+async fn setup(url: Option<&str>) -> Setup {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    pgfold::testkit::workload::load_orders(&client, 1, ORDERS)
+        .await
+        .unwrap();
+    let dir = std::env::temp_dir().join(format!("{}_archive", db.name));
+    let projections = dir.join("projections");
+    std::fs::create_dir_all(&projections).unwrap();
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/projections");
+    for file in ["daily_revenue_sql.toml", "order_snapshots_sql.toml"] {
+        std::fs::copy(examples.join(file), projections.join(file)).unwrap();
+    }
+    let local = format!("file://{}", dir.join("archive").display());
+    let config = dir.join("pgfold.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+[database]
+url = "{url_db}"
+
+[daemon]
+poll_interval_ms = 100
+projections_dir = "{projections}"
+
+[archive]
+url = "{archive}"
+
+[[archive.policy]]
+stream_types = ["order"]
+after = "300 days"
+
+[[archive.policy]]
+stream_types = ["log"]
+after = "365 days"
+whole_streams = false
+"#,
+            url_db = db.url,
+            projections = projections.display(),
+            archive = url.unwrap_or(&local),
+        ),
+    )
+    .unwrap();
+    let s = Setup {
+        db,
+        client,
+        dir,
+        config,
+    };
+    s.pgfold_ok(&["migrate"], &[]);
+    // A log-like stream: its first three events are old.
+    let mut writer = s.db.client().await;
+    for n in 1..=5 {
+        let e = NewEvent::new("log-1", "log", "Noted", json!({ "n": n }));
+        store::append_next(&mut writer, &e).await.unwrap();
+    }
+    s.client
+        .execute(
+            "UPDATE events SET occurred_at = now() - interval '2 years'
+              WHERE stream_id = 'log-1' AND sequence <= 3",
+            &[],
+        )
+        .await
+        .unwrap();
+    s.pgfold_ok(&["run", "--once"], &[]);
+    s
+}
+
+/// Every projection's rows, as text, in a stable order.
+async fn projections(client: &Client) -> Vec<String> {
+    let mut all = Vec::new();
+    for sql in [
+        "SELECT day::text || ' ' || category || ' ' || total::text FROM daily_revenue ORDER BY 1",
+        "SELECT stream_id || ' ' || sequence || ' ' || state::text FROM order_snapshots ORDER BY 1",
+        "SELECT day::text || ' ' || category || ' ' || total::text FROM daily_revenue_sql ORDER BY 1",
+        "SELECT stream_id || ' ' || sequence || ' ' || state::text FROM order_snapshots_sql ORDER BY 1",
+    ] {
+        let rows = client.query(sql, &[]).await.unwrap();
+        all.push(
+            rows.iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect::<Vec<_>>()
+                .join("\n"),
+        );
+    }
+    all
+}
+
+async fn count(client: &Client, sql: &str) -> i64 {
+    super::helpers::scalar_i64(client, sql).await
+}
+
+/// Events in the table and in recorded segments: together, every event, once.
+async fn accounted(client: &Client) -> (i64, i64) {
+    (
+        count(client, "SELECT count(*) FROM events").await,
+        count(
+            client,
+            "SELECT coalesce(sum(events), 0)::bigint FROM pgfold.archive_segments",
+        )
+        .await,
+    )
+}
+
+#[tokio::test]
+async fn a_rebuild_and_a_replay_after_archiving_equal_the_projections_before() {
+    let s = setup(None).await;
+    let before = projections(&s.client).await;
+    let total = count(&s.client, "SELECT count(*) FROM events").await;
+
+    let dry = s.pgfold_ok(&["archive", "--dry-run"], &[]);
+    assert!(dry.contains("would move"), "{dry}");
+    assert_eq!(
+        accounted(&s.client).await,
+        (total, 0),
+        "a dry run changes nothing"
+    );
+
+    let out = s.pgfold_ok(&["archive"], &[]);
+    let (table, archived) = accounted(&s.client).await;
+    assert!(
+        archived > 0 && table > 0,
+        "{out}: {table} in the table, {archived} archived"
+    );
+    assert_eq!(table + archived, total);
+    // Whole streams only for orders: no order stream is left in both places.
+    assert_eq!(
+        count(
+            &s.client,
+            "SELECT count(*) FROM pgfold.archived_streams a JOIN events e USING (stream_id)
+              WHERE e.stream_type = 'order'"
+        )
+        .await,
+        0
+    );
+    let verified = s.pgfold_ok(&["archive", "verify"], &[]);
+    assert!(verified.starts_with("ok segment 1"), "{verified}");
+
+    s.pgfold_ok(&["run", "--once", "--rebuild", "all"], &[]);
+    assert_eq!(
+        projections(&s.client).await,
+        before,
+        "rebuilt after archiving"
+    );
+    s.pgfold_ok(&["run", "--once", "--replay", "all"], &[]);
+    assert_eq!(
+        projections(&s.client).await,
+        before,
+        "replayed after archiving"
+    );
+    // Nothing was archived twice, and a second pass finds nothing more to move.
+    s.pgfold_ok(&["archive"], &[]);
+    assert_eq!(accounted(&s.client).await, (table, archived));
+}
+
+#[tokio::test]
+async fn an_append_to_a_stream_archived_whole_fails_with_55000_naming_it() {
+    let s = setup(None).await;
+    s.pgfold_ok(&["archive"], &[]);
+    let row = s
+        .client
+        .query_one(
+            "SELECT stream_id, last_sequence FROM pgfold.archived_streams
+              WHERE whole ORDER BY stream_id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let (stream, last): (String, i64) = (row.get(0), row.get(1));
+    let mut writer = s.db.client().await;
+    let e = NewEvent::new(&stream, "order", "OrderCancelled", json!({}));
+    // The article's loop reads max(sequence) = 0 and appends 1: refused at once,
+    // not retried as a conflict.
+    let err = store::append_next(&mut writer, &e).await.unwrap_err();
+    let AppendError::Database(db) = &err else {
+        panic!("expected a database error, got {err}");
+    };
+    let db = db.as_db_error().expect("a server error");
+    assert_eq!(db.code().code(), "55000", "{db}");
+    assert!(
+        db.message().contains(&stream) && db.message().contains(&last.to_string()),
+        "{}",
+        db.message()
+    );
+    let head: i64 = s
+        .client
+        .query_one("SELECT pgfold.stream_head($1)", &[&stream])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(head, last);
+}
+
+#[tokio::test]
+async fn archive_show_prints_a_stream_from_the_archive_and_the_table_in_order() {
+    let s = setup(None).await;
+    s.pgfold_ok(&["archive"], &[]);
+    // The log stream left event by event: its three old events, never its newest.
+    assert_eq!(
+        count(
+            &s.client,
+            "SELECT count(*) FROM events WHERE stream_id = 'log-1'"
+        )
+        .await,
+        2
+    );
+    let out = s.pgfold_ok(&["archive", "show", "log-1"], &[]);
+    let lines: Vec<Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seen: Vec<(i64, bool, i64)> = lines
+        .iter()
+        .map(|v| {
+            (
+                v["sequence"].as_i64().unwrap(),
+                v["archived"].as_bool().unwrap(),
+                v["payload"]["n"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (1, true, 1),
+            (2, true, 2),
+            (3, true, 3),
+            (4, false, 4),
+            (5, false, 5)
+        ]
+    );
+    // A stale writer that appends into the archived part conflicts, as the unique
+    // index would have said; the article's loop then appends after the newest.
+    let mut writer = s.db.client().await;
+    let e = NewEvent::new("log-1", "log", "Noted", json!({ "n": 6 }));
+    assert!(matches!(
+        store::append(&writer, &e, 2).await,
+        Err(AppendError::Conflict { sequence: 2, .. })
+    ));
+    assert_eq!(
+        store::append_next(&mut writer, &e).await.unwrap().sequence,
+        6
+    );
+}
+
+#[tokio::test]
+async fn a_missing_segment_stops_a_replay_in_one_line_before_anything_is_emptied() {
+    let s = setup(None).await;
+    s.pgfold_ok(&["archive"], &[]);
+    let before = projections(&s.client).await;
+    let key: String = s
+        .client
+        .query_one(
+            "SELECT object_key FROM pgfold.archive_segments ORDER BY segment LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    std::fs::remove_file(s.archive_dir().join(&key)).unwrap();
+
+    for args in [
+        ["run", "--once", "--replay", "daily_revenue"],
+        ["run", "--once", "--rebuild", "order_snapshots"],
+    ] {
+        let out = s.pgfold(&args, &[("RUST_LOG", "off")]);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("segment 1") && stderr.contains(&key) && stderr.contains("missing"),
+            "{stderr}"
+        );
+        assert_eq!(
+            projections(&s.client).await,
+            before,
+            "nothing emptied or swapped"
+        );
+    }
+    let out = s.pgfold(&["archive", "verify"], &[]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&key));
+}
+
+#[tokio::test]
+async fn a_sigkill_at_each_step_of_a_pass_loses_nothing_and_counts_nothing_twice() {
+    for step in ["uploaded", "verified", "deleted", "recorded"] {
+        let s = setup(None).await;
+        let before = projections(&s.client).await;
+        let total = count(&s.client, "SELECT count(*) FROM events").await;
+        let config = s.config().to_string();
+        let mut pass = Daemon::spawn(
+            PGFOLD,
+            &["--config", &config, "archive"],
+            &[("PGFOLD_TEST_ARCHIVE_PAUSE", step)],
+        );
+        let pause = format!("test pause at {step}");
+        wait_for(&pause, Duration::from_secs(60), || {
+            let seen = pass.lines().iter().any(|l| l.contains(&pause));
+            async move { seen }
+        })
+        .await;
+        pass.kill();
+        let (table, archived) = accounted(&s.client).await;
+        assert_eq!(table + archived, total, "after a SIGKILL at {step}");
+        assert_eq!(
+            archived > 0,
+            step == "recorded",
+            "after a SIGKILL at {step}"
+        );
+
+        // The next pass completes (reusing the uploaded object, never overwriting it).
+        s.pgfold_ok(&["archive"], &[]);
+        let (table, archived) = accounted(&s.client).await;
+        assert_eq!(
+            table + archived,
+            total,
+            "after the pass that followed {step}"
+        );
+        assert!(archived > 0);
+        s.pgfold_ok(&["archive", "verify"], &[]);
+        s.pgfold_ok(&["run", "--once", "--rebuild", "all"], &[]);
+        assert_eq!(projections(&s.client).await, before, "rebuilt after {step}");
+    }
+}
+
+fn s3_env(endpoint: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("AWS_ENDPOINT_URL", endpoint.to_string()),
+        ("AWS_ALLOW_HTTP", "true".into()),
+        ("AWS_ACCESS_KEY_ID", "test".into()),
+        ("AWS_SECRET_ACCESS_KEY", "test".into()),
+        ("AWS_REGION", "us-east-1".into()),
+    ]
+}
+
+#[tokio::test]
+async fn with_the_s3_server_down_a_pass_fails_in_one_line_and_deletes_nothing() {
+    let endpoint = format!("http://127.0.0.1:{}", free_port());
+    let s = setup(Some("s3://pgfold-down/archive")).await;
+    let total = count(&s.client, "SELECT count(*) FROM events").await;
+    let env = s3_env(&endpoint);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let out = s.pgfold(&["archive"], &env);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("cannot write segment"), "{stderr}");
+    assert_eq!(accounted(&s.client).await, (total, 0));
+}
+
+/// Creates `bucket` on the S3 server (moto accepts an unsigned PUT).
+fn create_bucket(endpoint: &str, bucket: &str) {
+    let host = endpoint.trim_start_matches("http://");
+    let mut conn = std::net::TcpStream::connect(host).unwrap_or_else(|e| {
+        panic!("the S3 server at {endpoint} is not running (.ci/run starts it): {e}")
+    });
+    write!(
+        conn,
+        "PUT /{bucket} HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    conn.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
+async fn a_pass_to_an_s3_server_and_a_rebuild_from_it() {
+    let endpoint = std::env::var("PGFOLD_TEST_S3_ENDPOINT")
+        .unwrap_or_else(|_| "http://127.0.0.1:5599".to_string());
+    let bucket = format!("b{}", &uuid_like());
+    create_bucket(&endpoint, &bucket);
+    let s = setup(Some(&format!("s3://{bucket}/events"))).await;
+    let env = s3_env(&endpoint);
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let before = projections(&s.client).await;
+    let total = count(&s.client, "SELECT count(*) FROM events").await;
+    s.pgfold_ok(&["archive"], &env);
+    let (table, archived) = accounted(&s.client).await;
+    assert!(archived > 0);
+    assert_eq!(table + archived, total);
+    s.pgfold_ok(&["archive", "verify"], &env);
+    let shown = s.pgfold_ok(&["archive", "show", "log-1"], &env);
+    assert_eq!(shown.lines().count(), 5);
+    s.pgfold_ok(&["run", "--once", "--rebuild", "all"], &env);
+    assert_eq!(projections(&s.client).await, before);
+}
+
+fn uuid_like() -> String {
+    format!(
+        "{:x}{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    )
+}

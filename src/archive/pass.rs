@@ -31,7 +31,7 @@ const LOCK_TIMEOUT: &str = "200ms";
 const RECORD_ATTEMPTS: u32 = 5;
 
 /// The session-level advisory lock that keeps two passes apart.
-const PASS_LOCK: &str = "SELECT pg_try_advisory_lock(hashtext('pgfold.archive_pass'))";
+const PASS_LOCK: &str = "SELECT pg_advisory_lock(hashtext('pgfold.archive_pass'))";
 
 /// What one policy would move (`--dry-run`) or moved.
 #[derive(Debug, Default, Clone, serde::Serialize)]
@@ -67,9 +67,16 @@ pub async fn run(
     store: &Store,
     dry_run: bool,
 ) -> anyhow::Result<Outcome> {
-    let locked: bool = client.query_one(PASS_LOCK, &[]).await?.get(0);
-    if !locked {
-        anyhow::bail!("another archive pass is running");
+    // A pass killed a moment ago holds the lock until the server notices: wait a
+    // little for it.
+    client.batch_execute("SET lock_timeout = '5s'").await?;
+    let locked = client.query_one(PASS_LOCK, &[]).await;
+    client.batch_execute("RESET lock_timeout").await?;
+    if let Err(e) = locked {
+        if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
+            anyhow::bail!("another archive pass is running");
+        }
+        return Err(e.into());
     }
     let outcome = pass(client, settings, store, dry_run).await;
     client
@@ -89,24 +96,25 @@ async fn pass(
 ) -> anyhow::Result<Outcome> {
     let mut outcome = Outcome::default();
     check_policies(&**client, &settings.policy).await?;
-    let Some((holder, bound)) = oldest_checkpoint(&**client).await? else {
+    let Some((holder, oldest)) = oldest_checkpoint(&**client).await? else {
         outcome.policies = vec![Moved::default(); settings.policy.len()];
         outcome.held_back_by = Some("no projector has run yet".into());
         return Ok(outcome);
     };
-    outcome.held_back_by = Some(holder);
+    outcome.held_back_by = Some(format!("{holder} (at event {})", oldest.id));
     client
         .batch_execute(
             "DROP TABLE IF EXISTS pg_temp.pgfold_archive_chosen;
              CREATE TEMPORARY TABLE pgfold_archive_chosen (
                id BIGINT PRIMARY KEY, stream_id TEXT NOT NULL, sequence BIGINT NOT NULL,
-               whole BOOLEAN NOT NULL, bytes BIGINT NOT NULL, policy INT NOT NULL)",
+               whole BOOLEAN NOT NULL, bytes BIGINT NOT NULL, policy INT NOT NULL,
+               pos_tx xid8 NOT NULL, event_type TEXT NOT NULL, stream_type TEXT NOT NULL)",
         )
         .await?;
     let has_class = has_retention_class(&**client).await?;
     for (i, policy) in settings.policy.iter().enumerate() {
         let n = i as i32 + 1;
-        choose(&**client, policy, n, bound, has_class).await?;
+        choose(&**client, policy, n, has_class).await?;
         let row = client
             .query_one(
                 "SELECT count(DISTINCT stream_id), count(*), coalesce(sum(bytes), 0)::bigint
@@ -128,7 +136,7 @@ async fn pass(
         let Some(last) = segment_end(&**client, after).await? else {
             break;
         };
-        let (bytes, summary, newest) = write_segment(&**client, after, last).await?;
+        let (bytes, summary) = write_segment(&**client, after, last).await?;
         let key = upload(store, bytes, &summary).await?;
         test_pause("uploaded");
         let back = segment::summarize(store.get(&key).await?)
@@ -141,7 +149,7 @@ async fn pass(
             );
         }
         test_pause("verified");
-        record(client, &key, &summary, after, last, newest).await?;
+        record(client, &key, &summary, after, last).await?;
         test_pause("recorded");
         outcome.segments += 1;
         outcome.events += summary.events;
@@ -209,16 +217,17 @@ pub async fn check_policies<C: Db>(client: &C, policies: &[ArchivePolicy]) -> an
     Ok(())
 }
 
-/// Adds what `policy` lets leave the table to the chosen set: events at or
-/// before `bound` (every projector's checkpoint), older than `after`, of its
-/// stream types and class, and never `hot`. Whole streams: every event of the
+/// Adds what `policy` lets leave the table to the chosen set: events that every
+/// projector has consumed (at or before its checkpoint) or never will (its
+/// recorded filter passes them not: a projector's checkpoint moves only with the
+/// events it consumes), older than `after`, of its stream types and class, and
+/// never `hot`. Whole streams: every event of the
 /// stream qualifies. One by one: a stream's qualifying prefix, less its newest
 /// event, which stays so that an append's `currentMax + 1` stays right.
 async fn choose<C: Db>(
     client: &C,
     policy: &ArchivePolicy,
     n: i32,
-    bound: Position,
     has_class: bool,
 ) -> Result<(), tokio_postgres::Error> {
     let class = match (has_class, policy.retention_class.is_some()) {
@@ -227,14 +236,20 @@ async fn choose<C: Db>(
         (false, _) => "AND $4::text IS NULL",
     };
     let qualifies = format!(
-        "(e.occurred_at < now() - $2::text::interval
-          AND (COALESCE(e.tx_id, '0'::xid8), e.id) <= ($5::text::xid8, $6::bigint) {class})"
+        "(e.occurred_at < now() - $2::text::interval {class}
+          AND NOT EXISTS (
+            SELECT 1 FROM pgfold.projectors p
+             WHERE (COALESCE(e.tx_id, '0'::xid8), e.id) > (p.position_tx, p.position_id)
+               AND (p.event_types IS NULL OR e.event_type = ANY(p.event_types))
+               AND (p.stream_types IS NULL OR e.stream_type = ANY(p.stream_types))))"
     );
     let bytes = "octet_length(e.payload::text)::bigint + octet_length(e.metadata::text)";
     let sql = if policy.whole_streams {
         format!(
-            "INSERT INTO pg_temp.pgfold_archive_chosen (id, stream_id, sequence, whole, bytes, policy)
-             SELECT e.id, e.stream_id, e.sequence, true, {bytes}, $3
+            "INSERT INTO pg_temp.pgfold_archive_chosen
+                    (id, stream_id, sequence, whole, bytes, policy, pos_tx, event_type, stream_type)
+             SELECT e.id, e.stream_id, e.sequence, true, {bytes}, $3,
+                    COALESCE(e.tx_id, '0'::xid8), e.event_type, e.stream_type
                FROM events e
               WHERE e.stream_type = ANY($1) AND e.stream_id IN (
                     SELECT e.stream_id FROM events e WHERE e.stream_type = ANY($1)
@@ -244,25 +259,25 @@ async fn choose<C: Db>(
     } else {
         format!(
             "WITH q AS (
-               SELECT e.id, e.stream_id, e.sequence, {bytes} AS bytes, {qualifies} AS ok
+               SELECT e.id, e.stream_id, e.sequence, {bytes} AS bytes, {qualifies} AS ok,
+                      COALESCE(e.tx_id, '0'::xid8) AS pos_tx, e.event_type, e.stream_type
                  FROM events e WHERE e.stream_type = ANY($1)),
              cut AS (
                SELECT stream_id, coalesce(min(sequence) FILTER (WHERE NOT ok), max(sequence)) AS keep_from
                  FROM q GROUP BY stream_id)
-             INSERT INTO pg_temp.pgfold_archive_chosen (id, stream_id, sequence, whole, bytes, policy)
-             SELECT q.id, q.stream_id, q.sequence, false, q.bytes, $3
+             INSERT INTO pg_temp.pgfold_archive_chosen
+                    (id, stream_id, sequence, whole, bytes, policy, pos_tx, event_type, stream_type)
+             SELECT q.id, q.stream_id, q.sequence, false, q.bytes, $3, q.pos_tx, q.event_type, q.stream_type
                FROM q JOIN cut USING (stream_id)
               WHERE q.ok AND q.sequence < cut.keep_from
              ON CONFLICT (id) DO NOTHING"
         )
     };
-    let params: [&(dyn ToSql + Sync); 6] = [
+    let params: [&(dyn ToSql + Sync); 4] = [
         &policy.stream_types,
         &policy.after,
         &n,
         &policy.retention_class,
-        &bound.tx_text(),
-        &bound.id,
     ];
     client.execute(&sql, &params).await?;
     Ok(())
@@ -286,14 +301,13 @@ async fn segment_end<C: Db>(client: &C, after: i64) -> Result<Option<i64>, tokio
 }
 
 /// Reads the chosen events in `(after, last]` from the table, in id order, into
-/// a segment; with the newest position among them.
+/// a segment.
 async fn write_segment<C: Db>(
     client: &C,
     after: i64,
     last: i64,
-) -> anyhow::Result<(bytes::Bytes, Summary, Position)> {
+) -> anyhow::Result<(bytes::Bytes, Summary)> {
     let mut writer = segment::Writer::new()?;
-    let mut newest = Position::START;
     let mut failed = None;
     client
         .for_each_row(
@@ -320,7 +334,6 @@ async fn write_segment<C: Db>(
                         .timestamp_micros(),
                     sequence: row.get(9),
                 };
-                newest = newest.max(Position::new(tx_id.unwrap_or(0) as u64, event.id));
                 match writer.push(event) {
                     Ok(()) => true,
                     Err(e) => {
@@ -337,7 +350,7 @@ async fn write_segment<C: Db>(
     let (bytes, summary) = writer
         .finish()?
         .context("the chosen events left the table during the pass")?;
-    Ok((bytes, summary, newest))
+    Ok((bytes, summary))
 }
 
 /// Creates the segment's object, never overwriting one: an object already there
@@ -372,11 +385,10 @@ async fn record(
     summary: &Summary,
     after: i64,
     last: i64,
-    newest: Position,
 ) -> anyhow::Result<()> {
     let mut backoff = crate::util::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     for attempt in 1..=RECORD_ATTEMPTS {
-        match record_once(client, key, summary, after, last, newest).await {
+        match record_once(client, key, summary, after, last).await {
             Ok(()) => return Ok(()),
             Err(Retry::Lock(e)) if attempt < RECORD_ATTEMPTS => {
                 tracing::warn!(segment = key, error = %e, "archive: a lock was not granted in time; trying again");
@@ -414,7 +426,6 @@ async fn record_once(
     summary: &Summary,
     after: i64,
     last: i64,
-    newest: Position,
 ) -> Result<(), Retry> {
     let tx = client.transaction().await?;
     tx.batch_execute(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
@@ -472,8 +483,26 @@ async fn record_once(
         &[&segment, &after, &last],
     )
     .await?;
+    // Per kind of event, the newest position in the segment: what each projector
+    // must have consumed, unless its filter passes that kind not.
+    let newest: Vec<(String, String, Position)> = tx
+        .query(
+            "SELECT DISTINCT ON (event_type, stream_type) event_type, stream_type, pos_tx::text, id
+               FROM pg_temp.pgfold_archive_chosen
+              WHERE id > $1 AND id <= $2
+              ORDER BY event_type, stream_type, pos_tx DESC, id DESC",
+            &[&after, &last],
+        )
+        .await?
+        .iter()
+        .map(|r| {
+            let tx: String = r.get(2);
+            let position = Position::new(Position::parse_tx(&tx).unwrap_or(0), r.get(3));
+            (r.get(0), r.get(1), position)
+        })
+        .collect();
     test_pause("deleted");
-    if let Err(projector) = claim_segment(&tx, segment, previous, newest).await? {
+    if let Err(projector) = claim_segment(&tx, segment, previous, &newest).await? {
         return Err(Retry::Fatal(anyhow::anyhow!(
             "segment {key}: projector {projector} went back before the segment's events during the pass (a replay or rebuild); nothing deleted"
         )));

@@ -61,28 +61,37 @@ pub async fn oldest_checkpoint<C: Db>(
     }))
 }
 
-/// In the transaction that records `segment` (whose newest event is at
-/// `newest`): blocks every change to the projectors' rows until it ends (their
-/// writers take ROW EXCLUSIVE, which SHARE excludes; the lock waits at most the
-/// transaction's `lock_timeout`), checks that every row is still past `newest`
-/// and had consumed every earlier segment (`previous`), and raises all of them to
-/// `segment`. `Err(name)`: a row that is not (a replay or rebuild started during
-/// the pass); the caller rolls back.
+/// In the transaction that records `segment`: blocks every change to the
+/// projectors' rows until it ends (their writers take ROW EXCLUSIVE, which SHARE
+/// excludes; the lock waits at most the transaction's `lock_timeout`), checks
+/// that every row had consumed every earlier segment (`previous`) and is past the
+/// segment's events it consumes (`newest`: per event type and stream type, the
+/// newest position among them), and raises all of them to `segment`.
+/// `Err(name)`: a row that is not (a replay or rebuild started during the pass);
+/// the caller rolls back.
 pub async fn claim_segment<C: Db>(
     tx: &C,
     segment: i64,
     previous: i64,
-    newest: Position,
+    newest: &[(String, String, Position)],
 ) -> Result<Result<(), String>, tokio_postgres::Error> {
     tx.batch_execute("LOCK TABLE pgfold.projectors IN SHARE MODE")
         .await?;
+    let event_types: Vec<&str> = newest.iter().map(|(e, _, _)| e.as_str()).collect();
+    let stream_types: Vec<&str> = newest.iter().map(|(_, s, _)| s.as_str()).collect();
+    let txs: Vec<String> = newest.iter().map(|(_, _, p)| p.tx_text()).collect();
+    let ids: Vec<i64> = newest.iter().map(|(_, _, p)| p.id).collect();
     let behind = tx
         .query_opt(
-            "SELECT name FROM pgfold.projectors
-              WHERE (position_tx, position_id) < ($1::text::xid8, $2::bigint)
-                 OR archive_applied <> $3
-              ORDER BY name LIMIT 1",
-            &[&newest.tx_text(), &newest.id, &previous],
+            "SELECT p.name FROM pgfold.projectors p
+              WHERE p.archive_applied <> $1
+                 OR EXISTS (
+                      SELECT 1 FROM unnest($2::text[], $3::text[], $4::text[], $5::bigint[]) AS g(et, st, tx, id)
+                       WHERE (p.event_types IS NULL OR g.et = ANY(p.event_types))
+                         AND (p.stream_types IS NULL OR g.st = ANY(p.stream_types))
+                         AND (g.tx::xid8, g.id) > (p.position_tx, p.position_id))
+              ORDER BY p.name LIMIT 1",
+            &[&previous, &event_types, &stream_types, &txs, &ids],
         )
         .await?;
     if let Some(row) = behind {

@@ -15,6 +15,9 @@ pub struct Status {
     pub projectors: Vec<ProjectorStatus>,
     /// The open transaction keeping new events out of reach, if any.
     pub horizon_blocked_by: Option<Blocker>,
+    /// The archive: segments, events and bytes, the last pass, and the projector
+    /// whose checkpoint bounds what may leave the table.
+    pub archive: crate::archive::Report,
 }
 
 /// One projector's line of `pgfold status`.
@@ -183,6 +186,7 @@ pub async fn collect<C: Db>(
     Ok(Status {
         projectors,
         horizon_blocked_by,
+        archive: crate::archive::report(client).await?,
     })
 }
 
@@ -268,6 +272,26 @@ pub fn render(status: &Status) -> String {
                 "\n{}: definition changed since its tables were built ({}); the next `pgfold run` rebuilds it beside them\n",
                 p.name,
                 p.fingerprint.as_deref().unwrap_or("?"),
+            ));
+        }
+    }
+    let a = &status.archive;
+    if a.segments > 0 || a.last_pass_at.is_some() {
+        out.push_str(&format!(
+            "
+archive: {} segments, {} events, {} bytes; last pass {}{}
+",
+            a.segments,
+            a.events,
+            a.bytes,
+            a.last_pass_at.as_deref().unwrap_or("never"),
+            a.last_pass_events
+                .map(|e| format!(" ({e} events)"))
+                .unwrap_or_default(),
+        ));
+        if let Some(holder) = &a.held_back_by {
+            out.push_str(&format!(
+                "archiving is held back by {holder}: events it has yet to consume stay in the table\n"
             ));
         }
     }

@@ -121,6 +121,8 @@ pub struct Report {
     pub last_pass_at: Option<String>,
     /// What the last pass moved.
     pub last_pass_events: Option<i64>,
+    /// Seconds since the last pass ended.
+    pub last_pass_age_seconds: Option<f64>,
     /// The projector whose checkpoint bounds what may leave the table.
     pub held_back_by: Option<String>,
 }
@@ -132,7 +134,9 @@ pub async fn report<C: Db>(client: &C) -> Result<Report, tokio_postgres::Error> 
             "SELECT count(*), coalesce(sum(events), 0)::bigint, coalesce(sum(bytes), 0)::bigint,
                     (SELECT to_char(finished_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"')
                        FROM pgfold.archive_passes WHERE id = 1),
-                    (SELECT events FROM pgfold.archive_passes WHERE id = 1)
+                    (SELECT events FROM pgfold.archive_passes WHERE id = 1),
+                    (SELECT extract(epoch FROM now() - finished_at)::float8
+                       FROM pgfold.archive_passes WHERE id = 1)
                FROM pgfold.archive_segments",
             &[],
         )
@@ -144,6 +148,7 @@ pub async fn report<C: Db>(client: &C) -> Result<Report, tokio_postgres::Error> 
         bytes: row.get(2),
         last_pass_at: row.get(3),
         last_pass_events: row.get(4),
+        last_pass_age_seconds: row.get(5),
         held_back_by: holder.map(|(name, p)| format!("{name} (at event {})", p.id)),
     })
 }

@@ -194,6 +194,18 @@ impl Daemon {
             };
             services.spawn(ops::http::serve(listen, state, token.clone()).await?);
         }
+        if let (Some(a), Some(store)) = (&settings.archive, &archive) {
+            if let Some(every) = a.interval()? {
+                services.spawn(archive_every(
+                    every,
+                    session.clone(),
+                    a.clone(),
+                    store.clone(),
+                    ops.metrics.clone(),
+                    token.clone(),
+                ));
+            }
+        }
         let (waker, wakeups) = Waker::new(session, pool.clone(), settings.daemon.poll_interval());
         services.spawn(waker.run(token.clone()));
 
@@ -252,6 +264,49 @@ impl Daemon {
         while services.join_next().await.is_some() {}
         pool.close();
         result
+    }
+}
+
+/// `archive.interval`: a pass every `every`, on a connection of its own (a pass
+/// keeps a temporary table and a session lock), until shutdown. A failed pass
+/// deleted nothing; it is logged, counted, and tried again next time.
+async fn archive_every(
+    every: Duration,
+    session: db::PgConfig,
+    settings: crate::config::ArchiveSettings,
+    store: crate::archive::Store,
+    metrics: Arc<Metrics>,
+    token: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            _ = token.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let pass = async {
+            let mut client = db::connect(&session).await?;
+            crate::archive::run_pass(&mut client, &settings, &store, false).await
+        };
+        let outcome = tokio::select! {
+            _ = token.cancelled() => return,
+            outcome = pass => outcome,
+        };
+        match outcome {
+            Ok(o) => {
+                metrics.archive_pass(Some((o.events as u64, o.bytes as u64)));
+                tracing::info!(
+                    events = o.events,
+                    segments = o.segments,
+                    bytes = o.bytes,
+                    held_back_by = o.held_back_by.as_deref().unwrap_or("-"),
+                    "archive pass done"
+                );
+            }
+            Err(e) => {
+                metrics.archive_pass(None);
+                tracing::warn!(error = %crate::util::one_line(&format!("{e:#}")), "archive pass failed; nothing was deleted, trying again in archive.interval");
+            }
+        }
     }
 }
 

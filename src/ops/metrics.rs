@@ -45,6 +45,7 @@ pub struct Metrics {
     horizon_stall_seconds: Gauge<f64, AtomicU64>,
     replay: ReplayGauges,
     rebuild: RebuildMetrics,
+    archive: ArchiveMetrics,
 }
 
 /// Rebuilds beside the live projection (`pgfold_rebuild_*`): the counters kept by
@@ -210,6 +211,73 @@ impl ReplayGauges {
     }
 }
 
+/// `pgfold_archive_*`: what the archive holds (from the database, at each
+/// scrape) and this instance's passes.
+#[derive(Default)]
+struct ArchiveMetrics {
+    segments: Gauge,
+    events: Gauge,
+    bytes: Gauge,
+    last_pass_age_seconds: Gauge<f64, AtomicU64>,
+    passes: Counter,
+    pass_failures: Counter,
+    events_moved: Counter,
+    bytes_moved: Counter,
+}
+
+impl ArchiveMetrics {
+    fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "archive_segments",
+            "Segments recorded in the archive",
+            self.segments.clone(),
+        );
+        registry.register(
+            "archive_events",
+            "Events held in archive segments",
+            self.events.clone(),
+        );
+        registry.register(
+            "archive_bytes",
+            "Size of the archive's segments",
+            self.bytes.clone(),
+        );
+        registry.register(
+            "archive_last_pass_age_seconds",
+            "Time since the last archive pass ended (-1: never)",
+            self.last_pass_age_seconds.clone(),
+        );
+        registry.register(
+            "archive_passes",
+            "Archive passes this instance completed",
+            self.passes.clone(),
+        );
+        registry.register(
+            "archive_pass_failures",
+            "Archive passes this instance started that failed (nothing deleted)",
+            self.pass_failures.clone(),
+        );
+        registry.register(
+            "archive_events_moved",
+            "Events this instance moved from the table to the archive",
+            self.events_moved.clone(),
+        );
+        registry.register(
+            "archive_bytes_moved",
+            "Bytes of segments this instance wrote",
+            self.bytes_moved.clone(),
+        );
+    }
+
+    fn observe(&self, a: &crate::archive::Report) {
+        self.segments.set(a.segments);
+        self.events.set(a.events);
+        self.bytes.set(a.bytes);
+        self.last_pass_age_seconds
+            .set(a.last_pass_age_seconds.unwrap_or(-1.0));
+    }
+}
+
 fn label(projector: &str) -> ProjectorLabel {
     ProjectorLabel {
         projector: projector.to_string(),
@@ -287,6 +355,8 @@ impl Metrics {
         replay.register(&mut registry);
         let rebuild = RebuildMetrics::default();
         rebuild.register(&mut registry);
+        let archive = ArchiveMetrics::default();
+        archive.register(&mut registry);
         Metrics {
             registry,
             events_applied,
@@ -300,6 +370,22 @@ impl Metrics {
             horizon_stall_seconds,
             replay,
             rebuild,
+            archive,
+        }
+    }
+
+    /// An archive pass of `pgfold run` (`archive.interval`) ended: with the
+    /// events and bytes it moved, or failed.
+    pub fn archive_pass(&self, moved: Option<(u64, u64)>) {
+        match moved {
+            Some((events, bytes)) => {
+                self.archive.passes.inc();
+                self.archive.events_moved.inc_by(events);
+                self.archive.bytes_moved.inc_by(bytes);
+            }
+            None => {
+                self.archive.pass_failures.inc();
+            }
         }
     }
 
@@ -352,6 +438,7 @@ impl Metrics {
 
     /// Copies what the database says about each projector into the gauges.
     pub fn observe(&self, status: &Status) {
+        self.archive.observe(&status.archive);
         for p in &status.projectors {
             let l = label(&p.name);
             // Counters are exported at 0 before their first increment, so that

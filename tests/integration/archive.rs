@@ -502,3 +502,89 @@ fn uuid_like() -> String {
             .as_nanos()
     )
 }
+
+#[tokio::test]
+async fn run_archives_every_interval_and_status_and_metrics_show_it() {
+    let s = setup(None).await;
+    let port = free_port();
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    let text = text.replace("[archive]\n", "[archive]\ninterval = \"1s\"\n")
+        + &format!("\n[http]\nlisten = \"127.0.0.1:{port}\"\n");
+    std::fs::write(&s.config, text).unwrap();
+    let mut daemon = Daemon::spawn(&s.bin, &["--config", s.config(), "run"], &[]);
+    wait_for("a pass of pgfold run", Duration::from_secs(60), || async {
+        count(&s.client, "SELECT count(*) FROM pgfold.archive_segments").await > 0
+    })
+    .await;
+    let address = format!("127.0.0.1:{port}");
+    wait_for(
+        "the pass in the metrics",
+        Duration::from_secs(30),
+        || async {
+            let (_, body) = super::helpers::get(&address, "/metrics").await;
+            body.contains("pgfold_archive_segments 1")
+                && body.contains("pgfold_archive_passes_total 1")
+        },
+    )
+    .await;
+    daemon.stop(Duration::from_secs(10)).unwrap();
+
+    let out = s.pgfold(&["status", "--json"], &[]);
+    let status: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let archive = &status["archive"];
+    assert_eq!(archive["segments"], 1, "{status}");
+    assert!(archive["events"].as_i64().unwrap() > 0, "{status}");
+    assert!(archive["bytes"].as_i64().unwrap() > 0, "{status}");
+    assert!(archive["last_pass_at"].is_string(), "{status}");
+    assert!(archive["held_back_by"].is_string(), "{status}");
+    let text = String::from_utf8(s.pgfold(&["status"], &[]).stdout).unwrap();
+    assert!(
+        text.contains("archive: 1 segments") && text.contains("archiving is held back by"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn archive_settings_are_checked_in_one_line_and_change_nothing() {
+    let s = setup(None).await;
+    let good = std::fs::read_to_string(&s.config).unwrap();
+    let total = count(&s.client, "SELECT count(*) FROM events").await;
+    for (from, to, expected) in [
+        (
+            "url = \"file://",
+            "url = \"archive/../file://",
+            "a relative path is refused",
+        ),
+        (
+            "after = \"300 days\"",
+            "after = \"two years\"",
+            "not a PostgreSQL interval",
+        ),
+        (
+            "after = \"300 days\"",
+            "after = \"300 days\"\nretention_class = \"warm\"",
+            "retention_class column",
+        ),
+        (
+            "after = \"300 days\"",
+            "after = \"300 days\"\nretention_class = \"hot\"",
+            "never archived",
+        ),
+        (
+            "[archive]\n",
+            "[archive]\ninterval = \"soon\"\n",
+            "archive.interval",
+        ),
+    ] {
+        assert!(good.contains(from));
+        std::fs::write(&s.config, good.replacen(from, to, 1)).unwrap();
+        for args in [&["archive"][..], &["run", "--once"][..]] {
+            let out = s.pgfold(args, &[("RUST_LOG", "off")]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{args:?} with {to}");
+            assert_eq!(stderr.lines().count(), 1, "{stderr}");
+            assert!(stderr.contains(expected), "{args:?} with {to}: {stderr}");
+        }
+    }
+    assert_eq!(accounted(&s.client).await, (total, 0));
+}

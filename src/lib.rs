@@ -6,15 +6,18 @@
 //!
 //! ```text
 //!   cli ─┬─ daemon ─┬─ rebuild ─┬─ worker ─┬─ projector · projectors · sql_projections
+//!        │          │           │          ├─ archive ─ bookkeeping
 //!        │          │           │          └─ bookkeeping ─ feed ─ db ─ config
-//!        │          └───────────┴─ ops ─ status ─ bookkeeping
-//!        └─ status · demo · store
+//!        │          └───────────┴─ ops ─ status ─ archive · bookkeeping
+//!        └─ archive · status · demo · store
 //! ```
 //!
 //! - [`store`]: the application side: appending events with optimistic concurrency,
 //!   and waiting until a projector has applied them (`pgfold.wait_for`).
 //! - [`feed`]: reading the log gap-free, in an order that respects each stream,
 //!   and how a batch's statements are planned.
+//! - [`archive`]: retention: old events moved to Parquet segments in object
+//!   storage (a pass, `verify`, `show`); replays read them through `worker`.
 //! - [`projector`]: the contract a projector implements ([`Projector`], [`Fold`]),
 //!   and the registry of projectors by name. What an author needs is re-exported
 //!   here at the root.

@@ -222,32 +222,12 @@ pub async fn show<C: Db>(
             })?;
         }
     }
-    for r in client
-        .query(
-            "SELECT e.id, e.tx_id::text, e.stream_id, e.stream_type, e.event_type, e.event_version,
-                    e.payload::text, e.metadata::text, e.occurred_at, e.sequence
-               FROM events e WHERE e.stream_id = $1 ORDER BY e.sequence",
-            &[&stream_id],
-        )
-        .await?
-    {
-        events.push((
-            segment::ArchivedEvent {
-                id: r.get(0),
-                tx_id: None,
-                stream_id: r.get(2),
-                stream_type: r.get(3),
-                event_type: r.get(4),
-                event_version: r.get(5),
-                payload: r.get(6),
-                metadata: r.get(7),
-                occurred_at: r
-                    .get::<_, chrono::DateTime<chrono::Utc>>(8)
-                    .timestamp_micros(),
-                sequence: r.get(9),
-            },
-            false,
-        ));
+    let sql = format!(
+        "SELECT {} FROM events e WHERE e.stream_id = $1 ORDER BY e.sequence",
+        segment::COLUMNS
+    );
+    for r in client.query(&sql, &[&stream_id]).await? {
+        events.push((segment::ArchivedEvent::from_row(&r), false));
     }
     events.sort_by_key(|(e, _)| e.sequence);
     for (e, archived) in events {

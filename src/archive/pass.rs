@@ -311,35 +311,18 @@ async fn write_segment<C: Db>(
     let mut failed = None;
     client
         .for_each_row(
-            "SELECT e.id, e.tx_id::text, e.stream_id, e.stream_type, e.event_type, e.event_version,
-                    e.payload::text, e.metadata::text, e.occurred_at, e.sequence
-               FROM pg_temp.pgfold_archive_chosen c JOIN events e ON e.id = c.id
-              WHERE c.id > $1 AND c.id <= $2
-              ORDER BY e.id",
+            &format!(
+                "SELECT {} FROM pg_temp.pgfold_archive_chosen c JOIN events e ON e.id = c.id
+                  WHERE c.id > $1 AND c.id <= $2
+                  ORDER BY e.id",
+                segment::COLUMNS
+            ),
             &[&after, &last],
-            &mut |row| {
-                let tx: Option<String> = row.get(1);
-                let tx_id = tx.and_then(|t| t.parse::<i64>().ok());
-                let event = ArchivedEvent {
-                    id: row.get(0),
-                    tx_id,
-                    stream_id: row.get(2),
-                    stream_type: row.get(3),
-                    event_type: row.get(4),
-                    event_version: row.get(5),
-                    payload: row.get(6),
-                    metadata: row.get(7),
-                    occurred_at: row
-                        .get::<_, chrono::DateTime<chrono::Utc>>(8)
-                        .timestamp_micros(),
-                    sequence: row.get(9),
-                };
-                match writer.push(event) {
-                    Ok(()) => true,
-                    Err(e) => {
-                        failed = Some(e);
-                        false
-                    }
+            &mut |row| match writer.push(ArchivedEvent::from_row(&row)) {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
                 }
             },
         )

@@ -52,7 +52,30 @@ pub struct ArchivedEvent {
     pub sequence: i64,
 }
 
+/// The columns of `events` (aliased `e`) that [`ArchivedEvent::from_row`] reads.
+pub const COLUMNS: &str = "e.id, e.tx_id::text, e.stream_id, e.stream_type, e.event_type, \
+     e.event_version, e.payload::text, e.metadata::text, e.occurred_at, e.sequence";
+
 impl ArchivedEvent {
+    /// A row of [`COLUMNS`].
+    pub fn from_row(row: &tokio_postgres::Row) -> ArchivedEvent {
+        let tx: Option<String> = row.get(1);
+        ArchivedEvent {
+            id: row.get(0),
+            tx_id: tx.and_then(|t| t.parse().ok()),
+            stream_id: row.get(2),
+            stream_type: row.get(3),
+            event_type: row.get(4),
+            event_version: row.get(5),
+            payload: row.get(6),
+            metadata: row.get(7),
+            occurred_at: row
+                .get::<_, chrono::DateTime<chrono::Utc>>(8)
+                .timestamp_micros(),
+            sequence: row.get(9),
+        }
+    }
+
     /// The size the segment budget counts: its JSON text.
     pub fn bytes(&self) -> usize {
         self.payload.len() + self.metadata.len()

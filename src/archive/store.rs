@@ -41,6 +41,9 @@ impl Store {
                     .with_context(|| format!("cannot open the archive directory {dir}"))?;
                 (Arc::new(fs), Path::default())
             } else {
+                // HTTPS to S3 goes through rustls with ring (see Cargo.toml): the
+                // process-wide provider, unless one is installed already.
+                let _ = rustls::crypto::ring::default_provider().install_default();
                 let rest = url.strip_prefix("s3://").unwrap_or_default();
                 let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
                 // A few quick retries: a server that is down fails the pass in

@@ -112,7 +112,22 @@ async fn status_json_has_the_documented_shape() {
         k.sort();
         k
     };
-    assert_eq!(keys(&status), ["horizon_blocked_by", "projectors"]);
+    assert_eq!(
+        keys(&status),
+        ["archive", "horizon_blocked_by", "projectors"]
+    );
+    assert_eq!(
+        keys(&status["archive"]),
+        [
+            "bytes",
+            "events",
+            "held_back_by",
+            "last_pass_age_seconds",
+            "last_pass_at",
+            "last_pass_events",
+            "segments"
+        ]
+    );
     let revenue = &status["projectors"][0];
     assert_eq!(
         keys(revenue),

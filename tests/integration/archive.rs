@@ -588,3 +588,33 @@ async fn archive_settings_are_checked_in_one_line_and_change_nothing() {
     }
     assert_eq!(accounted(&s.client).await, (total, 0));
 }
+
+#[tokio::test]
+async fn history_hot_replays_and_rebuilds_from_the_table_only() {
+    let s = setup(None).await;
+    s.pgfold_ok(&["archive"], &[]);
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text + "\n[projectors.daily_revenue]\nhistory = \"hot\"\n",
+    )
+    .unwrap();
+    // Without the archive at all: a hot projector needs none of it.
+    std::fs::remove_dir_all(s.archive_dir()).unwrap();
+    let from_table = pgfold::testkit::workload::EXPECTED_DAILY_REVENUE;
+    let live = "SELECT day, category, total FROM daily_revenue";
+    for args in [
+        ["run", "--once", "--rebuild", "daily_revenue"],
+        ["run", "--once", "--replay", "daily_revenue"],
+    ] {
+        s.pgfold_ok(&args, &[]);
+        assert_eq!(
+            pgfold::testkit::workload::differences(&s.client, live, from_table)
+                .await
+                .unwrap(),
+            0,
+            "{args:?}: the revenue of the events still in the table"
+        );
+        assert!(count(&s.client, "SELECT count(*) FROM daily_revenue").await > 0);
+    }
+}

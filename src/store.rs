@@ -72,6 +72,15 @@ pub enum AppendError {
         /// The sequence that was already taken.
         sequence: i64,
     },
+    /// The stream was archived whole (see the README's "Retention"): it takes no
+    /// more events. Not a conflict: re-reading the stream would not help.
+    #[error("stream {stream_id} is archived: {message}")]
+    Archived {
+        /// The stream appended to.
+        stream_id: String,
+        /// The server's message, naming the stream's last archived sequence.
+        message: String,
+    },
     /// Any other database failure, the conflict's unique violation excepted.
     #[error("failed to append to the event store: {0}")]
     Database(#[from] tokio_postgres::Error),
@@ -120,6 +129,14 @@ pub async fn append<C: GenericClient>(
             stream_id: event.stream_id.clone(),
             sequence,
         }),
+        Err(e) if e.code() == Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE) => {
+            Err(AppendError::Archived {
+                stream_id: event.stream_id.clone(),
+                message: e
+                    .as_db_error()
+                    .map_or_else(|| e.to_string(), |db| db.message().to_string()),
+            })
+        }
         Err(e) => Err(AppendError::Database(e)),
     }
 }

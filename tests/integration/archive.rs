@@ -277,16 +277,24 @@ async fn an_append_to_a_stream_archived_whole_fails_with_55000_naming_it() {
     // The article's loop reads max(sequence) = 0 and appends 1: refused at once,
     // not retried as a conflict.
     let err = store::append_next(&mut writer, &e).await.unwrap_err();
-    let AppendError::Database(db) = &err else {
-        panic!("expected a database error, got {err}");
+    let AppendError::Archived { stream_id, message } = &err else {
+        panic!("expected the stream to be archived, got {err}");
     };
-    let db = db.as_db_error().expect("a server error");
-    assert_eq!(db.code().code(), "55000", "{db}");
+    assert_eq!(stream_id, &stream);
     assert!(
-        db.message().contains(&stream) && db.message().contains(&last.to_string()),
-        "{}",
-        db.message()
+        message.contains(&stream) && message.contains(&last.to_string()),
+        "{message}"
     );
+    // Any writer, through SQL: 55000.
+    let raw = writer
+        .execute(
+            "INSERT INTO events (stream_id, stream_type, event_type, payload, sequence)
+             VALUES ($1, 'order', 'OrderCancelled', '{}', $2)",
+            &[&stream, &(last + 1)],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(raw.code().map(|c| c.code()), Some("55000"), "{raw}");
     let head: i64 = s
         .client
         .query_one("SELECT pgfold.stream_head($1)", &[&stream])

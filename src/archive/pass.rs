@@ -151,6 +151,12 @@ async fn pass(
         test_pause("verified");
         record(client, &key, &summary, after, last).await?;
         test_pause("recorded");
+        tracing::info!(
+            segment = %store.describe(&key),
+            events = summary.events,
+            bytes = summary.bytes,
+            "segment archived: recorded, and its events deleted from the table"
+        );
         outcome.segments += 1;
         outcome.events += summary.events;
         outcome.bytes += summary.bytes;

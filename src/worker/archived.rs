@@ -57,6 +57,11 @@ impl Worker {
             })?;
             let bytes = archive::fetch_verified(store, next).await?;
             applied_events += self.apply_segment(store, next, applied, bytes).await?;
+            // The replay's progress (and the task's heartbeat): the archive read up
+            // to this segment's last id.
+            if let Some(report) = &self.on_part {
+                report(next.last_id, applied_events);
+            }
         }
     }
 

@@ -626,3 +626,42 @@ async fn history_hot_replays_and_rebuilds_from_the_table_only() {
         assert!(count(&s.client, "SELECT count(*) FROM daily_revenue").await > 0);
     }
 }
+
+#[tokio::test]
+async fn a_projector_behind_holds_archiving_back_and_is_named() {
+    let s = setup(None).await;
+    // order_status (every order event) as if parked on its first event.
+    s.client
+        .execute(
+            "UPDATE pgfold.projectors SET position_tx = '0', position_id = 0, state = 'failed'
+              WHERE name = 'order_status'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let dry = s.pgfold_ok(&["archive", "--dry-run"], &[]);
+    assert!(
+        dry.contains("held back by: order_status (at event 0)"),
+        "{dry}"
+    );
+    assert!(
+        dry.contains("policy 1 (order, after 300 days, whole streams): 0 streams, 0 events"),
+        "{dry}"
+    );
+    s.pgfold_ok(&["archive"], &[]);
+    // Only the log stream's old events, which order_status never consumes.
+    assert_eq!(
+        count(
+            &s.client,
+            "SELECT coalesce(sum(events), 0)::bigint FROM pgfold.archive_segments"
+        )
+        .await,
+        3
+    );
+    let status: Value =
+        serde_json::from_slice(&s.pgfold(&["status", "--json"], &[]).stdout).unwrap();
+    assert_eq!(
+        status["archive"]["held_back_by"],
+        "order_status (at event 0)"
+    );
+}

@@ -665,3 +665,77 @@ async fn a_projector_behind_holds_archiving_back_and_is_named() {
         "order_status (at event 0)"
     );
 }
+
+#[tokio::test]
+async fn with_a_retention_class_column_hot_never_leaves_and_a_class_policy_takes_its_class() {
+    let s = setup(None).await;
+    // The article's column: orders ending in 1 are hot, ending in 2 warm.
+    s.client
+        .batch_execute(
+            "ALTER TABLE events ADD COLUMN retention_class TEXT;
+             UPDATE events SET retention_class = 'hot' WHERE stream_id ~ '1$';
+             UPDATE events SET retention_class = 'warm' WHERE stream_id ~ '2$';",
+        )
+        .await
+        .unwrap();
+    let total = count(&s.client, "SELECT count(*) FROM events").await;
+    let hot = count(
+        &s.client,
+        "SELECT count(*) FROM events WHERE retention_class = 'hot'",
+    )
+    .await;
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replacen(
+            "after = \"300 days\"",
+            "after = \"300 days\"\nretention_class = \"warm\"",
+            1,
+        ),
+    )
+    .unwrap();
+    s.pgfold_ok(&["archive"], &[]);
+    let (table, archived) = accounted(&s.client).await;
+    assert_eq!(table + archived, total);
+    // Of the orders, only warm streams left; the log stream (no class) left too.
+    assert_eq!(
+        count(
+            &s.client,
+            "SELECT count(*) FROM pgfold.archived_streams WHERE stream_id LIKE 'order-%' AND stream_id !~ '2$'"
+        )
+        .await,
+        0
+    );
+    assert!(
+        count(
+            &s.client,
+            "SELECT count(*) FROM pgfold.archived_streams WHERE stream_id ~ '2$'"
+        )
+        .await
+            > 0
+    );
+    // A policy without a class takes every class but hot.
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replacen("retention_class = \"warm\"\n", "", 1),
+    )
+    .unwrap();
+    s.pgfold_ok(&["archive"], &[]);
+    assert_eq!(
+        count(
+            &s.client,
+            "SELECT count(*) FROM events WHERE retention_class = 'hot'"
+        )
+        .await,
+        hot
+    );
+    assert!(
+        count(
+            &s.client,
+            "SELECT count(*) FROM pgfold.archived_streams WHERE stream_id LIKE 'order-%' AND stream_id !~ '[12]$'"
+        )
+        .await
+            > 0
+    );
+}

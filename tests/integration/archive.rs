@@ -36,6 +36,12 @@ struct Setup {
     bin: PathBuf,
 }
 
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 impl Setup {
     fn config(&self) -> &str {
         self.config.to_str().unwrap()

@@ -187,20 +187,24 @@ async fn every_path_reads_the_events_upcast_and_equals_a_fold_of_the_log_upcast_
         ("PGFOLD_DAEMON__SET_BATCH_SIZE", "211"),
     ];
 
-    // Act: the full command line, with a Rust projector of its own.
-    let out = std::process::Command::new(custom_projector_binary())
-        .args(["--config", config.to_str().unwrap(), "run", "--once"])
-        .envs(env)
-        .output()
-        .unwrap();
+    // Act: the full command line, with a Rust projector of its own. (The
+    // built-ins were registered by the test database's migration, without
+    // upcasters: they are rebuilt beside, the others folded live.)
+    let mut run = Daemon::spawn(
+        custom_projector_binary(),
+        &["--config", config.to_str().unwrap(), "run", "--once"],
+        &env,
+    );
+    wait_for("run --once to end", Duration::from_secs(120), || {
+        let running = run.is_running();
+        async move { !running }
+    })
+    .await;
+    let status = run.wait().unwrap();
 
     // Assert: every projection equals the independent fold of the copy upcast
     // by hand.
-    assert!(
-        out.status.success(),
-        "run --once: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(status.success(), "run --once: {}", run.output());
     client
         .batch_execute("SET search_path = hand, public")
         .await

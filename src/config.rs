@@ -148,6 +148,16 @@ pub struct Upcaster {
 }
 
 impl Upcaster {
+    /// The upcaster of `event_type` from `from_version` to `to_version`.
+    pub fn new(event_type: &str, from_version: i32, to_version: i32, payload: &str) -> Upcaster {
+        Upcaster {
+            event_type: event_type.into(),
+            from_version,
+            to_version,
+            payload: payload.into(),
+        }
+    }
+
     /// How errors and rebuild reasons name it: `OrderPaid 1->2`.
     pub fn label(&self) -> String {
         format!(
@@ -384,28 +394,26 @@ mod tests {
         );
     }
 
-    fn up(event_type: &str, from: i32, to: i32, payload: &str) -> Upcaster {
-        Upcaster {
-            event_type: event_type.into(),
-            from_version: from,
-            to_version: to,
-            payload: payload.into(),
-        }
-    }
+    use Upcaster as U;
 
     #[test]
     fn a_chain_of_upcasters_moves_one_version_at_a_time() {
         let err = |list: &[Upcaster]| check_upcasters(list).unwrap_err().to_string();
-        assert!(check_upcasters(&[up("P", 2, 3, "payload"), up("P", 1, 2, "payload")]).is_ok());
+        assert!(
+            check_upcasters(&[U::new("P", 2, 3, "payload"), U::new("P", 1, 2, "payload")]).is_ok()
+        );
         assert_eq!(
-            err(&[up("P", 1, 2, "payload"), up("P", 3, 4, "payload")]),
+            err(&[U::new("P", 1, 2, "payload"), U::new("P", 3, 4, "payload")]),
             "[[upcasters]] P 3->4: a gap in the chain of P: nothing upcasts version 2 to 3"
         );
-        let dup = err(&[up("P", 1, 2, "payload"), up("P", 1, 2, "payload || '{}'")]);
+        let dup = err(&[
+            U::new("P", 1, 2, "payload"),
+            U::new("P", 1, 2, "payload || '{}'"),
+        ]);
         assert!(dup.contains("P 1->2: a duplicate"), "{dup}");
-        assert!(err(&[up("P", 2, 1, "payload")]).contains("P 2->1: to_version must be"));
-        assert!(err(&[up("P", 1, 3, "payload")]).contains("P 1->3: to_version must be"));
-        assert!(err(&[up("P", 1, 2, " ")]).contains("payload is empty"));
+        assert!(err(&[U::new("P", 2, 1, "payload")]).contains("P 2->1: to_version must be"));
+        assert!(err(&[U::new("P", 1, 3, "payload")]).contains("P 1->3: to_version must be"));
+        assert!(err(&[U::new("P", 1, 2, " ")]).contains("payload is empty"));
     }
 
     #[test]

@@ -24,6 +24,13 @@ type Upcast<'a> = (&'static str, Vec<&'a str>, Vec<(f64, u64)>);
 /// The pure-SQL rebuild's table.
 const SCRATCH_TABLE: &str = "bench_sql_daily_revenue";
 
+/// One `pgfold run --once` timed and logged as `what`.
+async fn timed(url: &str, what: &str, args: &[&str]) -> Result<(f64, u64)> {
+    let r = pgfold_once(url, args).await?;
+    log(format!("{what} {:.2} s, peak RSS {}", r.0, mib(r.1)));
+    Ok(r)
+}
+
 pub async fn replay(env: &mut Env) -> Result<()> {
     let runs = env.args.runs;
     let client = connect(&env.url).await?;
@@ -129,13 +136,8 @@ pub async fn replay(env: &mut Env) -> Result<()> {
             }
         }
         for (name, args, results) in &mut upcast {
-            let r = pgfold_once(&env.url, args).await?;
-            log(format!(
-                "replay run {run}/{runs}: pgfold {name}, upcast {:.2} s, peak RSS {}",
-                r.0,
-                mib(r.1)
-            ));
-            results.push(r);
+            let what = format!("replay run {run}/{runs}: pgfold {name}, upcast");
+            results.push(timed(&env.url, &what, args).await?);
             if run == runs {
                 let when = format!("after --replay {name} with an upcaster");
                 checks.push(check(&client, name, &when).await?);

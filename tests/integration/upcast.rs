@@ -22,12 +22,7 @@ use tokio_postgres::Client;
 use crate::helpers::*;
 
 fn upcaster(event_type: &str, from: i32, payload: &str) -> Upcaster {
-    Upcaster {
-        event_type: event_type.into(),
-        from_version: from,
-        to_version: from + 1,
-        payload: payload.into(),
-    }
+    Upcaster::new(event_type, from, from + 1, payload)
 }
 
 /// The chains of this file: `OrderPaid` 1 (items under `lines`, no currency), 2

@@ -19,4 +19,4 @@ pub use reader::{
     ahead_of_range, newest, read_events, ready_set_batch_end, set_batch_end, stream_key_after,
     ReadBatch, ReadRow,
 };
-pub use upcast::{changed_upcasters, Upcaster, Upcasters};
+pub use upcast::{changed_upcasters, Upcaster, Upcasters, COLUMNS_SQL};

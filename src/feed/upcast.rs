@@ -24,7 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use sha2::{Digest, Sha256};
 
@@ -53,10 +53,8 @@ fn digest(u: &Upcaster) -> String {
     digest[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// The columns of `events` that a layer carries: pgfold's schema (the article's,
-/// plus `tx_id`). A column the application added to `events` is not carried
-/// through a layer, so a statement of a projector whose events are upcast cannot
-/// read it.
+/// The columns of `events` a layer carries until it has learnt the table's own
+/// ([`Upcasters::learn_columns`]): pgfold's schema (the article's, plus `tx_id`).
 const COLUMNS: [&str; 10] = [
     "id",
     "tx_id",
@@ -70,11 +68,33 @@ const COLUMNS: [&str; 10] = [
     "sequence",
 ];
 
+/// The columns of `events`, quoted, in the table's order: what a layer carries,
+/// so that a column the application added to `events` reads through it too.
+pub const COLUMNS_SQL: &str = "SELECT quote_ident(attname) FROM pg_attribute
+  WHERE attrelid = 'events'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum";
+
 /// A checked set of upcasters, sorted so that each type's chain applies in order.
 /// Cheap to clone. Equal (and hashing equal) when they upcast the same way.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default)]
 pub struct Upcasters {
     steps: Arc<[Upcaster]>,
+    /// The columns of `events` ([`COLUMNS_SQL`]), once learnt at start; shared
+    /// by every set taken from this one.
+    columns: Arc<OnceLock<Vec<String>>>,
+}
+
+impl PartialEq for Upcasters {
+    fn eq(&self, other: &Upcasters) -> bool {
+        self.steps == other.steps
+    }
+}
+
+impl Eq for Upcasters {}
+
+impl std::hash::Hash for Upcasters {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.steps.hash(state);
+    }
 }
 
 impl Upcasters {
@@ -92,7 +112,29 @@ impl Upcasters {
         steps.sort_by(|a, b| (&a.event_type, a.from_version).cmp(&(&b.event_type, b.from_version)));
         Ok(Upcasters {
             steps: steps.into(),
+            columns: Arc::default(),
         })
+    }
+
+    /// `steps`, sharing what this set has learnt of `events`.
+    fn with_steps(&self, steps: Arc<[Upcaster]>) -> Upcasters {
+        Upcasters {
+            steps,
+            columns: self.columns.clone(),
+        }
+    }
+
+    /// Records the columns of `events` (the rows of [`COLUMNS_SQL`]), read at
+    /// start: from then on a layer carries every one of them, not only pgfold's.
+    /// A table without `payload` or `event_version` is not one pgfold reads, and
+    /// is ignored.
+    pub fn learn_columns(&self, columns: Vec<String>) {
+        if ["payload", "event_version"]
+            .iter()
+            .all(|c| columns.iter().any(|k| k == c))
+        {
+            let _ = self.columns.set(columns);
+        }
     }
 
     /// Whether there are none.
@@ -117,20 +159,17 @@ impl Upcasters {
         if self.steps.iter().all(passes) {
             return self.clone();
         }
-        Upcasters {
-            steps: self.steps.iter().filter(|u| passes(u)).cloned().collect(),
-        }
+        self.with_steps(self.steps.iter().filter(|u| passes(u)).cloned().collect())
     }
 
-    /// The upcaster alone, as a set (to check its expression on its own).
-    pub fn only(upcaster: &Upcaster) -> Upcasters {
-        Upcasters {
-            steps: Arc::new([upcaster.clone()]),
-        }
+    /// `upcaster` alone, as a set (to check its expression on its own).
+    pub fn only(&self, upcaster: &Upcaster) -> Upcasters {
+        self.with_steps(Arc::new([upcaster.clone()]))
     }
 
     /// `source`, a `FROM` item with the columns of `events`, read through the
-    /// upcasters: a parenthesised subquery with the same columns ([`COLUMNS`]),
+    /// upcasters: a parenthesised subquery with the same columns (all of
+    /// `events`' once learnt, see [`Upcasters::learn_columns`]),
     /// each event's `payload` and `event_version` those of the last version of
     /// its type's chain. `source` itself when there are no upcasters.
     ///
@@ -165,9 +204,9 @@ impl Upcasters {
             }
             version.push_str(" ELSE u.event_version END");
             payload.push_str(" ELSE u.payload END");
-            let columns: Vec<String> = COLUMNS
-                .iter()
-                .map(|c| match *c {
+            let columns: Vec<String> = self
+                .columns()
+                .map(|c| match c {
                     "event_version" => format!("{version} AS event_version"),
                     "payload" => format!("{payload} AS payload"),
                     c => format!("u.{c}"),
@@ -179,6 +218,16 @@ impl Upcasters {
             );
         }
         sql
+    }
+
+    /// The columns a layer carries: those of `events` once learnt, else pgfold's.
+    fn columns(&self) -> impl Iterator<Item = &str> {
+        let learnt = self.columns.get().map(|c| c.iter().map(String::as_str));
+        let fixed = learnt.is_none().then(|| COLUMNS.iter().copied());
+        learnt
+            .into_iter()
+            .flatten()
+            .chain(fixed.into_iter().flatten())
     }
 
     /// `base` (a projector's own fingerprint) with these upcasters: `base` when

@@ -9,7 +9,7 @@ use async_trait::async_trait;
 
 use super::{Event, EventFilter, EventFold, Fold, Projector, ProjectorError, Tx};
 use crate::db;
-use crate::feed::Upcasters;
+use crate::feed::{Upcasters, COLUMNS_SQL};
 use crate::util::one_line;
 
 /// `inner`, whose events are read through `upcasters` (never empty: a
@@ -61,10 +61,14 @@ impl Projector for Upcast {
     /// Each upcaster's expression is planned on its own, as it is read (so that
     /// an error names it), then the projector's statements with them.
     async fn validate(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
+        // The columns the application keeps on `events` are carried through.
+        let columns = tx.query(COLUMNS_SQL, &[]).await?;
+        self.upcasters
+            .learn_columns(columns.iter().map(|r| r.get(0)).collect());
         for upcaster in self.upcasters.iter() {
             let sql = format!(
                 "EXPLAIN SELECT * FROM {} e",
-                Upcasters::only(upcaster).layer("events")
+                self.upcasters.only(upcaster).layer("events")
             );
             tx.query(&sql, &[]).await.map_err(|e| {
                 ProjectorError::Other(anyhow::anyhow!(

@@ -117,11 +117,11 @@ async fn write_old_versions(client: &Client) {
 fn write_recording_projections(dir: &std::path::Path) {
     let setup = |table: &str| {
         format!(
-            "tables = [\"{table}\"]\nsetup = \"CREATE TABLE IF NOT EXISTS {table} (id bigint PRIMARY KEY, version int, currency text, items boolean)\"\n"
+            "tables = [\"{table}\"]\nsetup = \"CREATE TABLE IF NOT EXISTS {table} (id bigint PRIMARY KEY, version int, currency text, items boolean, tenant text)\"\n"
         )
     };
     let columns =
-        "id, event_version, payload->>'currency', payload ? 'items' AND NOT payload ? 'lines'";
+        "id, event_version, payload->>'currency', payload ? 'items' AND NOT payload ? 'lines', tenant";
     std::fs::write(
         dir.join("paid_in_batch.toml"),
         format!(
@@ -154,7 +154,7 @@ SELECT c.payload->>'customerId', sum((i->>'price')::numeric * (i->>'qty')::numer
  GROUP BY 1";
 
 const EXPECTED_PAID: &str = "
-SELECT id, event_version, payload->>'currency', payload ? 'items' AND NOT payload ? 'lines'
+SELECT id, event_version, payload->>'currency', payload ? 'items' AND NOT payload ? 'lines', tenant
   FROM events WHERE event_type = 'OrderPaid'";
 
 #[tokio::test]
@@ -163,6 +163,11 @@ async fn every_path_reads_the_events_upcast_and_equals_a_fold_of_the_log_upcast_
     // shapes; the projections of examples/ and two that record what they saw.
     let db = TestDb::new().await;
     let client = db.client().await;
+    // A column of the application's own, which `batch` and `event` carry too.
+    client
+        .batch_execute("ALTER TABLE events ADD COLUMN tenant text DEFAULT 'acme'")
+        .await
+        .unwrap();
     workload::load_orders(&client, 1, 600).await.unwrap();
     write_old_versions(&client).await;
     let dir = tempfile::tempdir().unwrap();

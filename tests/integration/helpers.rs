@@ -260,3 +260,24 @@ pub fn custom_projector_binary() -> std::path::PathBuf {
     );
     path
 }
+
+// ---------------------------------------------------------------------------
+// SQL projection files, written as an operator installs them.
+
+/// Writes `dir/name.toml` with mode 0644 whatever the umask (pgfold refuses a
+/// projection file group or others may write). `dir` should come from
+/// `tempfile::tempdir()`, which only its owner may write.
+pub fn write_projection(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    path
+}

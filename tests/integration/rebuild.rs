@@ -523,15 +523,14 @@ async fn a_changed_sql_projection_file_is_rebuilt_by_itself_with_no_partial_read
     pgfold::testkit::workload::load_orders(&client, 1, 30_000)
         .await
         .unwrap();
-    let dir = std::env::temp_dir().join(format!("{}_projections", db.name));
-    std::fs::create_dir_all(&dir).unwrap();
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().to_path_buf();
     let example = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("examples/projections/daily_revenue_sql.toml"),
     )
     .unwrap();
-    let file = dir.join("daily_revenue_sql.toml");
-    std::fs::write(&file, &example).unwrap();
+    write_projection(&dir, "daily_revenue_sql", &example);
     let load = || pgfold::sql_projections::load(pgfold::projectors::builtin(), Some(&dir)).unwrap();
     let pg = pgfold::db::pg_config(Some(&db.url)).unwrap();
     pgfold::daemon::migrate(&pg, &load()).await.unwrap();
@@ -556,7 +555,7 @@ async fn a_changed_sql_projection_file_is_rebuilt_by_itself_with_no_partial_read
         "* (i.item->>'qty')::numeric * 2 AS amount",
     );
     assert_ne!(doubled, example);
-    std::fs::write(&file, &doubled).unwrap();
+    write_projection(&dir, "daily_revenue_sql", &doubled);
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let (stop, client) = (stop.clone(), db.client().await);
@@ -580,7 +579,7 @@ async fn a_changed_sql_projection_file_is_rebuilt_by_itself_with_no_partial_read
     let outcome = run_once_with(&db.settings(), &load(), RunOptions::default()).await;
     stop.store(true, Ordering::Relaxed);
     let (first, seen) = reader.await.unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(temp);
 
     let swapped: Vec<&str> = outcome.swaps.iter().map(|s| s.projector.as_str()).collect();
     assert_eq!(swapped, ["daily_revenue_sql"]);

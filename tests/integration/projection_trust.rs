@@ -46,51 +46,44 @@ fn projection_files_and_directories_others_could_change_are_refused_naming_the_p
     let (dir, _) = safe_dir();
     assert_eq!(load_error(dir.path()), None);
 
-    type Spoil = fn(dir: &Path, file: &Path);
-    let cases: [(&str, Spoil, &str); 6] = [
+    // (the directory, not the file; a mode, or else an owner: NOBODY)
+    let cases = [
         (
-            "group-writable file",
-            |_, f| chmod(f, 0o664),
+            false,
+            Some(0o664),
             "writable by group or others (mode 0664)",
         ),
         (
-            "world-writable file",
-            |_, f| chmod(f, 0o646),
+            false,
+            Some(0o646),
             "writable by group or others (mode 0646)",
         ),
+        (true, Some(0o770), "writable by group or others (mode 0770)"),
         (
-            "group-writable directory",
-            |d, _| chmod(d, 0o770),
-            "writable by group or others (mode 0770)",
-        ),
-        (
-            "world-writable directory",
-            |d, _| chmod(d, 0o1777),
+            true,
+            Some(0o1777),
             "writable by group or others (mode 1777)",
         ),
-        (
-            "file of another user",
-            |_, f| chown_to(f, NOBODY),
-            "owned by uid 65534",
-        ),
-        (
-            "directory of another user",
-            |d, _| chown_to(d, NOBODY),
-            "owned by uid 65534",
-        ),
+        (false, None, "owned by uid 65534"),
+        (true, None, "owned by uid 65534"),
     ];
-    for (what, spoil, clue) in cases {
+    for (of_dir, mode, clue) in cases {
         let (dir, file) = safe_dir();
-        spoil(dir.path(), &file);
-        let named = if what.contains("directory") {
-            format!("daemon.projections_dir {}:", dir.path().display())
-        } else {
-            format!("{}:", file.display())
+        let (spoilt, named) = match of_dir {
+            true => (
+                dir.path(),
+                format!("daemon.projections_dir {}:", dir.path().display()),
+            ),
+            false => (file.as_path(), format!("{}:", file.display())),
         };
-        let error = load_error(dir.path()).unwrap_or_else(|| panic!("{what}: loaded"));
+        match mode {
+            Some(mode) => chmod(spoilt, mode),
+            None => chown_to(spoilt, NOBODY),
+        }
+        let error = load_error(dir.path()).unwrap_or_else(|| panic!("{named} {clue}: loaded"));
         assert!(
             error.starts_with(&named) && error.contains(clue) && !error.contains('\n'),
-            "{what}: {error}"
+            "{error}"
         );
     }
 }

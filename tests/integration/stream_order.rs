@@ -600,7 +600,7 @@ async fn a_bad_event_in_a_range_applied_in_parts_is_isolated_and_parks() {
         .await
         .unwrap();
     client.batch_execute("ANALYZE events").await.unwrap();
-    let settings = crate::poison::with_policy(&db, "order_snapshots", OnError::Stop, 1);
+    let settings = with_policy(&db, "order_snapshots", OnError::Stop, 1);
 
     // Act
     let outcome = run_once(&settings, RunOptions::default()).await;

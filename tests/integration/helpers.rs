@@ -86,6 +86,21 @@ where
     }
 }
 
+/// The rows of `sql`, as pairs of their first two columns.
+pub async fn pairs<A, B>(client: &Client, sql: &str) -> Vec<(A, B)>
+where
+    A: for<'a> tokio_postgres::types::FromSql<'a>,
+    B: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 pub async fn scalar_i64(client: &Client, sql: &str) -> i64 {
     testkit::db::scalar_i64(client, sql)
         .await
@@ -458,4 +473,69 @@ impl Poisoned {
             })
             .to_string()
     }
+}
+
+// ---------------------------------------------------------------------------
+// Shared setups: databases of orders, projected or not, and replays.
+
+/// Appends `orders` orders numbered from `first` (testkit's workload); returns
+/// the newest event id.
+pub async fn append_orders(client: &Client, first: i64, orders: i64) -> i64 {
+    workload::load_orders(client, first, orders)
+        .await
+        .unwrap_or_else(|e| panic!("load {orders} orders from {first}: {e}"));
+    scalar_i64(client, "SELECT max(id) FROM events").await
+}
+
+/// A database of its own holding `orders` orders projected by one `run --once`:
+/// the live projections a replay or a rebuild starts from. A client to it.
+pub async fn projected_orders(orders: i64) -> (TestDb, Client) {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    append_orders(&client, 1, orders).await;
+    run_once(&db.settings(), RunOptions::default()).await;
+    (db, client)
+}
+
+/// Damages both built-in projections so that only a replay repairs them.
+pub async fn damage_projections(client: &Client) {
+    client
+        .batch_execute(
+            "UPDATE daily_revenue SET total = total + 1;
+             DELETE FROM order_snapshots WHERE stream_id LIKE 'order-1%';",
+        )
+        .await
+        .unwrap();
+}
+
+/// `run --once` in-process, replaying the projectors named (`all`: every one).
+pub async fn replay_once(settings: &Settings, replay: &[&str]) -> Outcome {
+    let options = RunOptions {
+        replay: replay.iter().map(|name| name.to_string()).collect(),
+        ..RunOptions::default()
+    };
+    run_once(settings, options).await
+}
+
+/// A database with a table `scratch`, where a writer can take its transaction
+/// id before it appends.
+pub async fn with_scratch() -> TestDb {
+    let db = TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute("CREATE TABLE scratch (x int)")
+        .await
+        .unwrap();
+    db
+}
+
+/// A connection to a database [`with_scratch`] that has taken its transaction
+/// id by writing to `scratch`.
+pub async fn early_writer(db: &TestDb) -> Client {
+    let client = db.client().await;
+    client
+        .batch_execute("BEGIN; INSERT INTO scratch VALUES (1)")
+        .await
+        .unwrap();
+    client
 }

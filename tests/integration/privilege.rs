@@ -135,9 +135,7 @@ async fn exact(admin: &Client, after: &str) -> Result<(), String> {
 async fn daemon_role_runs(db: &TestDb, statements: &[String]) -> Result<AppRole, String> {
     let admin = db.client().await;
     pgfold_ok(&["migrate"], &[("DATABASE_URL", db.url.as_str())]);
-    pgfold::testkit::workload::load_orders(&admin, 1, 300)
-        .await
-        .unwrap();
+    append_orders(&admin, 1, 300).await;
     let mut writer = db.client().await;
     append_all(
         &mut writer,
@@ -172,13 +170,7 @@ async fn daemon_role_runs(db: &TestDb, statements: &[String]) -> Result<AppRole,
         ],
     )
     .await;
-    admin
-        .batch_execute(
-            "UPDATE daily_revenue SET total = total + 1;
-             DELETE FROM order_snapshots WHERE stream_id LIKE 'order-1%';",
-        )
-        .await
-        .unwrap();
+    damage_projections(&admin).await;
     pgfold_as(&url, &["run", "--once", "--replay", "all"])?;
     exact(&admin, "--replay all").await?;
     let stopped = "SELECT count(*) FROM pgfold.projectors WHERE state <> 'running'";
@@ -210,9 +202,7 @@ async fn daemon_role_runs(db: &TestDb, statements: &[String]) -> Result<AppRole,
             break Err(format!("run as the role exited: {lines:?}"));
         }
         if !appended && scalar_i64(&admin, armed).await == 1 {
-            pgfold::testkit::workload::load_orders(&admin, 1_000, 5)
-                .await
-                .unwrap();
+            append_orders(&admin, 1_000, 5).await;
             appended = true;
         } else if appended && exact(&admin, "").await.is_ok() {
             break Ok(());
@@ -387,9 +377,7 @@ async fn a_password_in_the_url_never_appears_when_the_connection_fails() {
 async fn a_password_in_the_url_never_appears_when_the_connection_succeeds() {
     let db = TestDb::new().await;
     let admin = db.client().await;
-    pgfold::testkit::workload::load_orders(&admin, 1, 50)
-        .await
-        .unwrap();
+    append_orders(&admin, 1, 50).await;
     // Trust authentication here accepts any password: the point is what is printed.
     let url = db.url_as(&db.admin_user(), Some(SECRET));
     for args in [

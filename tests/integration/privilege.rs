@@ -267,6 +267,41 @@ async fn a_role_with_the_readme_grants_runs_replays_and_waits_but_cannot_write_t
     drop(role);
 }
 
+/// A grant missing on a projection's table is the operator's to fix, not the
+/// events' fault: under `on_error = "skip"` with one attempt, no event may be
+/// dead-lettered for it; `run --once` fails naming the missing right, and once
+/// it is granted the projection catches up whole.
+#[tokio::test]
+async fn a_missing_grant_on_a_projection_dead_letters_nothing() {
+    // Arrange: the README's role, less its right to write daily_revenue.
+    let db = TestDb::empty().await;
+    let admin = db.client().await;
+    pgfold_ok(&["migrate"], &[("DATABASE_URL", db.url.as_str())]);
+    append_orders(&admin, 1, 20).await;
+    let role = AppRole::create(&db, &readme_grants()).await.unwrap();
+    let revoke = format!("REVOKE INSERT, UPDATE ON daily_revenue FROM {}", role.name);
+    admin.batch_execute(&revoke).await.unwrap();
+    let url = role.url(&db);
+
+    // Act
+    let refused = pgfold_as(&url, &["run", "--once"]);
+    let dead = scalar_i64(&admin, "SELECT count(*) FROM pgfold.dead_letters").await;
+    let grant = format!("GRANT INSERT, UPDATE ON daily_revenue TO {}", role.name);
+    admin.batch_execute(&grant).await.unwrap();
+    let after_grant = pgfold_as(&url, &["run", "--once"]);
+
+    // Assert
+    let why = refused.expect_err("run --once succeeded without the grant");
+    assert!(why.contains("permission denied"), "{why}");
+    assert_eq!(dead, 0, "events were dead-lettered for a missing grant");
+    after_grant.unwrap();
+    exact(&admin, "the grant").await.unwrap();
+    assert_eq!(
+        scalar_i64(&admin, "SELECT count(*) FROM pgfold.dead_letters").await,
+        0
+    );
+}
+
 /// The README's grants are the least: without any one of them, something the
 /// daemon's role must do fails.
 #[tokio::test]

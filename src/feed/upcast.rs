@@ -220,6 +220,15 @@ impl Upcasters {
         sql
     }
 
+    /// A statement that reads event `$1` through the upcasters: it fails where
+    /// a batch that holds the event fails to read it.
+    pub fn probe(&self) -> String {
+        format!(
+            "SELECT u.payload, u.event_version FROM {} u",
+            self.layer("(SELECT * FROM events x WHERE x.id = $1::bigint)")
+        )
+    }
+
     /// The columns a layer carries: those of `events` once learnt, else pgfold's.
     fn columns(&self) -> impl Iterator<Item = &str> {
         let learnt = self.columns.get().map(|c| c.iter().map(String::as_str));

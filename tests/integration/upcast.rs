@@ -423,3 +423,77 @@ async fn adding_an_upcaster_rebuilds_only_its_consumers_beside_the_live_ones() {
     let outcome = run_once(&settings, RunOptions::default()).await;
     assert!(outcome.swaps.is_empty());
 }
+
+#[tokio::test]
+async fn an_upcaster_that_fails_on_one_event_makes_it_a_poison_event_on_every_path() {
+    // Arrange: one OrderPaid whose orderId the upcaster cannot cast; a
+    // projection of decoded events (`event`) and a set one (`batch`).
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute("ALTER TABLE events ADD COLUMN tenant text DEFAULT 'acme'")
+        .await
+        .unwrap();
+    workload::load_orders(&client, 1, 100).await.unwrap();
+    let poison = scalar_i64(
+        &client,
+        "UPDATE events SET payload = payload || '{\"bonus\": \"x\"}'
+          WHERE event_type = 'OrderPaid' AND stream_id = 'order-50' RETURNING id",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    write_recording_projections(dir.path());
+    let registry =
+        pgfold::sql_projections::load(pgfold::projectors::builtin(), Some(dir.path())).unwrap();
+    let mut settings = db.settings();
+    settings.upcasters = vec![upcaster(
+        "OrderPaid",
+        1,
+        "payload || jsonb_build_object('bonus', coalesce((payload->>'bonus')::int, 0))",
+    )];
+    for name in ["paid_in_batch", "paid_by_event"] {
+        settings.projectors.insert(
+            name.into(),
+            pgfold::config::ProjectorSettings {
+                max_attempts: 1,
+                on_error: pgfold::config::OnError::Skip,
+                enabled: true,
+            },
+        );
+    }
+    let options = RunOptions {
+        projectors: vec!["paid_in_batch".into(), "paid_by_event".into()],
+        ..RunOptions::default()
+    };
+
+    // Act
+    let outcome = run_once_with(&settings, &registry, options).await;
+
+    // Assert: that event, and only that one, is a dead letter of each, named
+    // with what failed; every other OrderPaid is folded.
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    let letters: Vec<String> = column(
+        &client,
+        "SELECT projector || ' ' || event_id || ' ' || error FROM pgfold.dead_letters ORDER BY 1",
+    )
+    .await
+    .unwrap();
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(letters[0].starts_with(&format!("paid_by_event {poison} upcasting OrderPaid from version 1: invalid input syntax for type integer")), "{letters:?}");
+    assert!(
+        letters[1].starts_with(&format!("paid_in_batch {poison} ")),
+        "{letters:?}"
+    );
+    let paid = scalar_i64(
+        &client,
+        "SELECT count(*) FROM events WHERE event_type = 'OrderPaid'",
+    )
+    .await;
+    for table in ["paid_in_batch", "paid_by_event"] {
+        assert_eq!(
+            scalar_i64(&client, &format!("SELECT count(*) FROM {table}")).await,
+            paid - 1,
+            "{table}"
+        );
+    }
+}

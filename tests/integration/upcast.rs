@@ -144,6 +144,19 @@ fn write_recording_projections(dir: &std::path::Path) {
     }
 }
 
+/// A database of `orders` orders, whose `events` has a column of the
+/// application's own (`tenant`), which `batch` and `event` carry too.
+async fn orders_of_a_tenant(orders: i64) -> (TestDb, Client) {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    client
+        .batch_execute("ALTER TABLE events ADD COLUMN tenant text DEFAULT 'acme'")
+        .await
+        .unwrap();
+    workload::load_orders(&client, 1, orders).await.unwrap();
+    (db, client)
+}
+
 /// `customer_spend` (examples/custom_projector.rs) computed from `events`.
 const EXPECTED_CUSTOMER_SPEND: &str = "
 SELECT c.payload->>'customerId', sum((i->>'price')::numeric * (i->>'qty')::numeric)
@@ -161,14 +174,7 @@ SELECT id, event_version, payload->>'currency', payload ? 'items' AND NOT payloa
 async fn every_path_reads_the_events_upcast_and_equals_a_fold_of_the_log_upcast_by_hand() {
     // Arrange: orders, then their OrderPaid and OrderShipped rewritten in older
     // shapes; the projections of examples/ and two that record what they saw.
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    // A column of the application's own, which `batch` and `event` carry too.
-    client
-        .batch_execute("ALTER TABLE events ADD COLUMN tenant text DEFAULT 'acme'")
-        .await
-        .unwrap();
-    workload::load_orders(&client, 1, 600).await.unwrap();
+    let (db, client) = orders_of_a_tenant(600).await;
     write_old_versions(&client).await;
     let dir = tempfile::tempdir().unwrap();
     write_recording_projections(dir.path());
@@ -428,13 +434,7 @@ async fn adding_an_upcaster_rebuilds_only_its_consumers_beside_the_live_ones() {
 async fn an_upcaster_that_fails_on_one_event_makes_it_a_poison_event_on_every_path() {
     // Arrange: one OrderPaid whose orderId the upcaster cannot cast; a
     // projection of decoded events (`event`) and a set one (`batch`).
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    client
-        .batch_execute("ALTER TABLE events ADD COLUMN tenant text DEFAULT 'acme'")
-        .await
-        .unwrap();
-    workload::load_orders(&client, 1, 100).await.unwrap();
+    let (db, client) = orders_of_a_tenant(100).await;
     let poison = scalar_i64(
         &client,
         "UPDATE events SET payload = payload || '{\"bonus\": \"x\"}'

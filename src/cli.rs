@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::Settings;
 use crate::daemon::{self, RunOptions};
+use crate::feed::Upcasters;
 use crate::projector::Registry;
 use crate::{db, status, telemetry};
 
@@ -140,8 +141,12 @@ pub fn main(registry: Registry) -> ExitCode {
 async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref())?;
     let registry =
-        crate::sql_projections::load(registry, settings.daemon.projections_dir.as_deref())?;
+        crate::sql_projections::load(registry, settings.daemon.projections_dir.as_deref())?
+            .with_upcasters(&Upcasters::new(&settings.upcasters)?);
     telemetry::init(&settings.log);
+    for unused in registry.unused_upcasters() {
+        tracing::warn!(upcaster = %unused, "no projector consumes this upcaster's event type: it applies to nothing");
+    }
     if !settings.ignored_env.is_empty() {
         tracing::debug!(
             variables = %settings.ignored_env.join(" "),

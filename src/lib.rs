@@ -15,7 +15,8 @@
 //! - [`store`]: the application side: appending events with optimistic concurrency,
 //!   and waiting until a projector has applied them (`pgfold.wait_for`).
 //! - [`feed`]: reading the log gap-free, in an order that respects each stream,
-//!   and how a batch's statements are planned.
+//!   through the configured upcasters (`[[upcasters]]`, `feed::upcast`), and
+//!   how a batch's statements are planned.
 //! - [`archive`]: retention: old events moved to Parquet segments in object
 //!   storage (a pass, `verify`, `show`); replays read them through `worker`.
 //! - [`projector`]: the contract a projector implements ([`Projector`], [`Fold`]),

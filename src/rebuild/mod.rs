@@ -104,9 +104,12 @@ pub async fn prepare(
         let reason = if explicit.iter().any(|e| e.name() == name) {
             "requested with --rebuild".to_string()
         } else if stored != current {
-            format!(
-                "definition changed: tables built with {stored}, the projector is now {current}"
-            )
+            match crate::feed::changed_upcasters(&stored, &current) {
+                Some(upcasters) => format!("definition changed: {upcasters}"),
+                None => format!(
+                    "definition changed: tables built with {stored}, the projector is now {current}"
+                ),
+            }
         } else if building.is_some() {
             building_reason.unwrap_or_else(|| "resuming a rebuild".into())
         } else {

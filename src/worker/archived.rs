@@ -114,10 +114,15 @@ impl Worker {
                     tx.batch_execute(&format!("TRUNCATE {}", feed::STAGED_TABLE))
                         .await?;
                     stage(&tx, &rows).await?;
-                    let decoded = rows
-                        .into_iter()
-                        .map(decode)
-                        .collect::<anyhow::Result<Vec<Event>>>()?;
+                    // Through the projector's upcasters, as a read of the table
+                    // would be: read back from the staging table.
+                    let decoded = match filter.upcasters.is_empty() {
+                        true => rows
+                            .into_iter()
+                            .map(decode)
+                            .collect::<anyhow::Result<Vec<Event>>>()?,
+                        false => staged_upcast(&tx, &filter).await?,
+                    };
                     events += decoded.len() as u64;
                     fold.apply(&Tx::staged(&tx), &decoded)
                         .await
@@ -180,6 +185,44 @@ fn decode(e: segment::ArchivedEvent) -> anyhow::Result<Event> {
         event_version: e.event_version,
         sequence: e.sequence,
     })
+}
+
+/// The staged events read through `filter`'s upcasters, in id order.
+async fn staged_upcast<C: Db>(
+    tx: &C,
+    filter: &EventFilter,
+) -> Result<Vec<Event>, tokio_postgres::Error> {
+    let source = filter
+        .upcasters
+        .layer(&format!("(SELECT * FROM {})", feed::STAGED_TABLE));
+    let rows = tx
+        .query(
+            &format!(
+                "SELECT e.id, COALESCE(e.tx_id, '0'::xid8)::text, e.stream_id, e.stream_type,
+                        e.event_type, e.event_version, e.payload, e.metadata, e.occurred_at, e.sequence
+                   FROM {source} e ORDER BY e.id"
+            ),
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let tx: String = r.get(1);
+            Event {
+                id: r.get(0),
+                position: Position::new(Position::parse_tx(&tx).unwrap_or(0), r.get(0)),
+                stream_id: r.get(2),
+                stream_type: r.get(3),
+                event_type: r.get(4),
+                event_version: r.get(5),
+                payload: r.get(6),
+                metadata: r.get(7),
+                occurred_at: r.get(8),
+                sequence: r.get(9),
+            }
+        })
+        .collect())
 }
 
 /// Copies `rows` into the staging table, as arrays unnested server-side.

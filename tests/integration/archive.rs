@@ -745,3 +745,38 @@ async fn with_a_retention_class_column_hot_never_leaves_and_a_class_policy_takes
             > 0
     );
 }
+
+#[tokio::test]
+async fn archived_events_are_read_through_the_upcasters_on_every_path() {
+    let mut s = setup(None).await;
+    s.bin = super::helpers::custom_projector_binary();
+    // Every OrderPaid reads with its first item's quantity 7: revenue, spend and
+    // the SQL projections all show it.
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text + r#"
+[[upcasters]]
+event_type = "OrderPaid"
+from_version = 1
+to_version = 2
+payload = "jsonb_set(payload, '{items,0,qty}', '7'::jsonb)"
+"#,
+    )
+    .unwrap();
+    s.pgfold_ok(&["run", "--once"], &[]);
+    let before = projections(&s.client).await;
+    s.pgfold_ok(&["archive"], &[]);
+    assert!(accounted(&s.client).await.1 > 0);
+    for args in [
+        ["run", "--once", "--rebuild", "all"],
+        ["run", "--once", "--replay", "all"],
+    ] {
+        s.pgfold_ok(&args, &[]);
+        let after = projections(&s.client).await;
+        for (i, (a, b)) in after.iter().zip(&before).enumerate() {
+            let first = a.lines().zip(b.lines()).find(|(x, y)| x != y);
+            assert!(a == b, "{args:?}: projection {i} differs, first {first:?}");
+        }
+    }
+}

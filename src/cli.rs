@@ -115,6 +115,7 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref())?;
     let registry =
         crate::sql_projections::load(registry, settings.daemon.projections_dir.as_deref())?;
+    let registry = crate::sinks::load(registry, &settings.sinks)?;
     telemetry::init(&settings.log);
     if !settings.ignored_env.is_empty() {
         tracing::debug!(

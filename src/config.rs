@@ -38,6 +38,10 @@ pub struct Settings {
     /// `[projectors.<name>]`: per projector; see [`Settings::projector`].
     #[serde(default)]
     pub projectors: BTreeMap<String, ProjectorSettings>,
+    /// `[sinks.<name>]`: consumers that publish each event to a broker or a
+    /// webhook (see `crate::sinks`).
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkSettings>,
     /// `PGFOLD_*` environment variables that were not read as configuration (no
     /// `__`), for a debug line once logging is up.
     #[serde(skip)]
@@ -149,6 +153,66 @@ impl Default for ProjectorSettings {
     }
 }
 
+/// `[sinks.<name>]`: where and what a sink publishes. The protocol is the URL's
+/// scheme: `nats`/`tls` (NATS JetStream), `amqp`/`amqps` (RabbitMQ), `http`/`https`
+/// (a webhook).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSettings {
+    /// The broker or the webhook. A password in it is never logged nor shown.
+    pub url: String,
+    /// Only events of streams of these types (`None`: all).
+    #[serde(default)]
+    pub stream_types: Option<Vec<String>>,
+    /// Only events of these types (`None`: all).
+    #[serde(default)]
+    pub event_types: Option<Vec<String>>,
+    /// The NATS subject, or the AMQP routing key; may use `{stream_type}`,
+    /// `{event_type}` and `{stream_id}`.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// AMQP only: the exchange, which must exist (pgfold never declares it).
+    #[serde(default)]
+    pub exchange: Option<String>,
+    /// A PEM file of root certificates to verify the server against, instead
+    /// of the system's.
+    #[serde(default)]
+    pub root_certificate: Option<std::path::PathBuf>,
+    /// How long to wait for the broker's acknowledgement (or the webhook's
+    /// answer) before treating the broker as unavailable.
+    #[serde(default = "default_sink_timeout_ms")]
+    pub timeout_ms: u64,
+    /// As for projectors.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// As for projectors: attempts at an event the broker refuses.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// As for projectors.
+    #[serde(default = "default_on_error")]
+    pub on_error: OnError,
+}
+
+fn default_sink_timeout_ms() -> u64 {
+    10_000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_attempts() -> u32 {
+    ProjectorSettings::default().max_attempts
+}
+fn default_on_error() -> OnError {
+    ProjectorSettings::default().on_error
+}
+
+impl SinkSettings {
+    /// `timeout_ms`.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
 /// What happens to a projector once an event has failed `max_attempts` times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -229,11 +293,30 @@ impl Settings {
                 bail!("projectors.{name}.max_attempts must be at least 1");
             }
         }
+        for (name, s) in &self.sinks {
+            if s.max_attempts == 0 {
+                bail!("sinks.{name}.max_attempts must be at least 1");
+            }
+            if s.timeout_ms == 0 {
+                bail!("sinks.{name}.timeout_ms must be at least 1");
+            }
+            if self.projectors.contains_key(name) {
+                bail!("sinks.{name}: the name is taken by [projectors.{name}]; sinks and projectors share names");
+            }
+        }
         Ok(())
     }
 
     /// The settings of one projector (defaults for one the file does not mention).
+    /// A sink's come from its `[sinks.<name>]`.
     pub fn projector(&self, name: &str) -> ProjectorSettings {
+        if let Some(sink) = self.sinks.get(name) {
+            return ProjectorSettings {
+                enabled: sink.enabled,
+                max_attempts: sink.max_attempts,
+                on_error: sink.on_error,
+            };
+        }
         self.projectors.get(name).cloned().unwrap_or_default()
     }
 }

@@ -41,6 +41,7 @@ pub mod ops;
 pub mod projector;
 pub mod projectors;
 pub mod rebuild;
+pub mod sinks;
 pub mod sql_projections;
 pub mod status;
 pub mod store;

@@ -229,7 +229,7 @@ impl Driver {
         Next::Continue
     }
 
-    /// A database error: retried with backoff; with a target, for at most
+    /// A database (or broker) error: retried with backoff; with a target, for at most
     /// `daemon.connect_timeout_ms`.
     async fn failed(&mut self, e: Transient) -> anyhow::Result<Next> {
         self.ops.metrics.batch_failed(&self.name);
@@ -242,12 +242,23 @@ impl Driver {
             );
         }
         let delay = self.backoff.next_delay();
-        tracing::warn!(
-            projector = %self.name,
-            error = %e,
-            retry_in_ms = delay.as_millis() as u64,
-            "database error; retrying"
-        );
+        if let Transient::Unavailable(why) = &e {
+            // For `status`: the batches that failed for it were rolled back.
+            self.worker.record_error(why).await;
+            tracing::warn!(
+                projector = %self.name,
+                error = %e,
+                retry_in_ms = delay.as_millis() as u64,
+                "unavailable; retrying"
+            );
+        } else {
+            tracing::warn!(
+                projector = %self.name,
+                error = %e,
+                retry_in_ms = delay.as_millis() as u64,
+                "database error; retrying"
+            );
+        }
         self.pause(Some(Instant::now() + delay), false).await;
         Ok(Next::Continue)
     }

@@ -61,6 +61,9 @@ pub enum Transient {
     Database(#[from] tokio_postgres::Error),
     #[error("{}", pool_error_text(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
+    /// The projector's [`ProjectorError::Unavailable`]: a sink's broker.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 fn pool_error_text(e: &deadpool_postgres::PoolError) -> String {
@@ -654,6 +657,15 @@ impl Worker {
         );
     }
 
+    /// Records `why` as the projector's last error, outside any batch: for an
+    /// error whose batches were rolled back (a sink's broker is unreachable), so
+    /// that `status` shows it. Best effort: the database may be what is down.
+    pub async fn record_error(&self, why: &str) {
+        if let Ok(client) = self.pool.get().await {
+            let _ = checkpoint::record_error(&client, &self.key, why).await;
+        }
+    }
+
     /// Logs who holds the horizon back, once it has done so for `for_how_long`.
     pub async fn warn_stalled(&self, tx: u64, for_how_long: Duration) {
         let who = match self.pool.get().await {
@@ -863,7 +875,7 @@ fn named_event(e: &ProjectorError) -> Option<i64> {
         ProjectorError::Database(pg) => {
             bad_event_parts(pg.as_db_error()?.message()).map(|(id, _)| id)
         }
-        ProjectorError::Other(_) => None,
+        ProjectorError::Other(_) | ProjectorError::Unavailable(_) => None,
     }
 }
 
@@ -915,6 +927,7 @@ enum Isolated {
 async fn rolled_back(tx: &Transaction<'_>, e: ProjectorError) -> Result<ProjectorError, Transient> {
     match e {
         ProjectorError::Database(pg) if db::is_transient(&pg) => Err(Transient::Database(pg)),
+        ProjectorError::Unavailable(why) => Err(Transient::Unavailable(why)),
         e => {
             Db::execute(tx, ROLLBACK_TO_SAVEPOINT, &[]).await?;
             Ok(e)
@@ -928,6 +941,7 @@ fn message_of(e: &ProjectorError) -> String {
         ProjectorError::Database(pg) => db::error_text(pg),
         ProjectorError::Event { message, .. } => message.clone(),
         ProjectorError::Other(e) => format!("{e:#}"),
+        ProjectorError::Unavailable(why) => why.clone(),
     };
     // SQL raised through pgfold.bad_event already names the event.
     let problem = bad_event_parts(&text).map(|(_, problem)| problem.to_owned());

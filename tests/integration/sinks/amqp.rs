@@ -249,7 +249,7 @@ async fn sigkilled_while_publishing_every_event_arrives_in_order_duplicates_only
                 .await
                 .unwrap()
                 .get::<_, i64>(0);
-            if after >= 1 && after <= 50 {
+            if (1..=50).contains(&after) {
                 near_a_checkpoint = true;
             }
         }

@@ -284,26 +284,6 @@ async fn unroutable_setup(db: &TestDb) -> (TestExchange, Vec<i64>) {
     (ex, ids)
 }
 
-fn run_once_sink(
-    settings: &Settings,
-    name: &str,
-) -> impl std::future::Future<Output = daemon::Outcome> {
-    let registry = pgfold::sinks::load(pgfold::projectors::builtin(), &settings.sinks).unwrap();
-    let settings = settings.clone();
-    let name = name.to_string();
-    async move {
-        run_once_with(
-            &settings,
-            &registry,
-            RunOptions {
-                projectors: vec![name],
-                ..RunOptions::default()
-            },
-        )
-        .await
-    }
-}
-
 #[tokio::test]
 async fn an_unroutable_message_parks_the_sink_with_on_error_stop() {
     let db = database().await;

@@ -1,1 +1,228 @@
-//! Webhooks.
+//! Webhooks, against an HTTP server inside the test: order per stream under
+//! concurrent writers, 503 and 429 retried without counting against an event,
+//! and an HTTP 400 parking the sink or dead-lettering the event.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::Router;
+use pgfold::config::SinkSettings;
+use serde_json::{json, Value};
+
+use super::*;
+
+/// What the receiver answers to a batch.
+type Answer = Arc<dyn Fn(&[Value], usize) -> StatusCode + Send + Sync>;
+
+/// The webhook's receiver: records each batch it accepts (2xx), in order.
+#[derive(Clone)]
+struct Receiver {
+    accepted: Arc<Mutex<Vec<Value>>>,
+    requests: Arc<Mutex<usize>>,
+    answer: Answer,
+}
+
+impl Receiver {
+    /// Serves `POST /hook` on a free port; returns the URL.
+    async fn serve(answer: Answer) -> (Receiver, String) {
+        let receiver = Receiver {
+            accepted: Arc::default(),
+            requests: Arc::default(),
+            answer,
+        };
+        let app = Router::new()
+            .route("/hook", post(hook))
+            .with_state(receiver.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (receiver, format!("http://{address}/hook"))
+    }
+
+    fn accepted(&self) -> Vec<Value> {
+        self.accepted.lock().unwrap().clone()
+    }
+}
+
+async fn hook(State(r): State<Receiver>, body: Bytes) -> StatusCode {
+    let batch: Value = serde_json::from_slice(&body).expect("a JSON body");
+    let events = batch["events"]
+        .as_array()
+        .expect("{\"events\": [...]}")
+        .clone();
+    let n = {
+        let mut requests = r.requests.lock().unwrap();
+        *requests += 1;
+        *requests
+    };
+    let status = (r.answer)(&events, n);
+    if status.is_success() {
+        r.accepted.lock().unwrap().extend(events);
+    }
+    status
+}
+
+fn webhook(url: &str, on_error: &str) -> SinkSettings {
+    sink(json!({
+        "url": url,
+        "max_attempts": 1,
+        "on_error": on_error,
+        "timeout_ms": 2000,
+    }))
+}
+
+fn ok() -> Answer {
+    Arc::new(|_, _| StatusCode::OK)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_webhook_gets_every_event_in_stream_order_under_concurrent_writers() {
+    let db = database().await;
+    let client = db.client().await;
+    let (receiver, url) = Receiver::serve(ok()).await;
+    let mut settings = with_sink(db.settings(), "to_hook", webhook(&url, "stop"));
+    settings.daemon.batch_size = 7;
+    let daemon = start(&settings, "to_hook");
+
+    let committed = concurrent_writers(&db, 6, 60, 8, "order").await;
+
+    wait_for("every event posted", Duration::from_secs(60), || async {
+        published(&client, "to_hook").await == committed as i64
+    })
+    .await;
+    daemon.stop().await.unwrap();
+    let accepted = receiver.accepted();
+    assert_eq!(accepted[0]["payload"]["amount"], "12.50");
+    assert!(accepted[0]["occurred_at"].is_string());
+    assert_complete_in_order(&client, &accepted, true).await;
+}
+
+#[tokio::test]
+async fn busy_and_failing_answers_are_retried_without_counting_against_an_event() {
+    let db = database().await;
+    let mut client = db.client().await;
+    // 503, 429 and 408 first: with max_attempts = 1, a single counted failure
+    // would park the sink.
+    let (receiver, url) = Receiver::serve(Arc::new(|_, n| match n {
+        1 => StatusCode::SERVICE_UNAVAILABLE,
+        2 => StatusCode::TOO_MANY_REQUESTS,
+        3 => StatusCode::REQUEST_TIMEOUT,
+        _ => StatusCode::NO_CONTENT,
+    }))
+    .await;
+    for i in 0..5 {
+        store::append_next(
+            &mut client,
+            &NewEvent::new("order-1", "order", "OrderPaid", json!({"i": i})),
+        )
+        .await
+        .unwrap();
+    }
+    let settings = with_sink(db.settings(), "to_hook", webhook(&url, "stop"));
+
+    let outcome = run_once_sink(&settings, "to_hook").await;
+
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    assert_eq!(*receiver.requests.lock().unwrap(), 4);
+    assert_complete_in_order(&client, &receiver.accepted(), true).await;
+    let failing: Option<i64> = client
+        .query_one(
+            "SELECT failing_event_id FROM pgfold.projectors WHERE name = 'to_hook'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(failing, None);
+}
+
+/// Events of order-1 and order-2, the third one an `OrderShipped` that the
+/// receiver refuses with 400; returns their ids.
+async fn refused_setup(db: &TestDb) -> (Receiver, String, Vec<i64>) {
+    let (receiver, url) = Receiver::serve(Arc::new(|events: &[Value], _| {
+        match events.iter().any(|e| e["event_type"] == "OrderShipped") {
+            true => StatusCode::BAD_REQUEST,
+            false => StatusCode::OK,
+        }
+    }))
+    .await;
+    let mut client = db.client().await;
+    let mut ids = Vec::new();
+    for (stream, event_type) in [
+        ("order-1", "OrderPaid"),
+        ("order-2", "OrderPaid"),
+        ("order-1", "OrderShipped"),
+        ("order-2", "OrderShipped2"),
+    ] {
+        let appended = store::append_next(
+            &mut client,
+            &NewEvent::new(stream, "order", event_type, json!({})),
+        )
+        .await
+        .unwrap();
+        ids.push(appended.id);
+    }
+    (receiver, url, ids)
+}
+
+#[tokio::test]
+async fn an_http_400_parks_the_sink_on_that_event_with_on_error_stop() {
+    let db = database().await;
+    let client = db.client().await;
+    let (receiver, url, ids) = refused_setup(&db).await;
+    let settings = with_sink(db.settings(), "to_hook", webhook(&url, "stop"));
+
+    let outcome = run_once_sink(&settings, "to_hook").await;
+
+    assert_eq!(outcome.parked.len(), 1, "{:?}", outcome.parked);
+    assert_eq!(outcome.parked[0].event_id, ids[2]);
+    assert!(
+        outcome.parked[0].error.contains("400"),
+        "{}",
+        outcome.parked[0].error
+    );
+    let accepted: Vec<i64> = receiver
+        .accepted()
+        .iter()
+        .map(|e| e["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(
+        accepted,
+        [ids[0], ids[1]],
+        "nothing after the refused event"
+    );
+    assert_eq!(published(&client, "to_hook").await, 2);
+}
+
+#[tokio::test]
+async fn an_http_400_dead_letters_the_event_with_on_error_skip() {
+    let db = database().await;
+    let client = db.client().await;
+    let (receiver, url, ids) = refused_setup(&db).await;
+    let settings = with_sink(db.settings(), "to_hook", webhook(&url, "skip"));
+
+    let outcome = run_once_sink(&settings, "to_hook").await;
+
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    let dead: Vec<i64> = client
+        .query(
+            "SELECT event_id FROM pgfold.dead_letters WHERE projector = 'to_hook'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(dead, [ids[2]]);
+    let accepted: Vec<i64> = receiver
+        .accepted()
+        .iter()
+        .map(|e| e["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(accepted, [ids[0], ids[1], ids[3]]);
+}

@@ -46,6 +46,27 @@ pub fn start(settings: &Settings, name: &str) -> daemon::Handle {
     .spawn()
 }
 
+/// `run --once` in-process, for the sink `name` only.
+pub fn run_once_sink(
+    settings: &Settings,
+    name: &str,
+) -> impl std::future::Future<Output = daemon::Outcome> {
+    let registry = pgfold::sinks::load(pgfold::projectors::builtin(), &settings.sinks).unwrap();
+    let settings = settings.clone();
+    let name = name.to_string();
+    async move {
+        run_once_with(
+            &settings,
+            &registry,
+            RunOptions {
+                projectors: vec![name],
+                ..RunOptions::default()
+            },
+        )
+        .await
+    }
+}
+
 /// The sink's checkpoint: events published and acknowledged so far.
 pub async fn published(client: &tokio_postgres::Client, name: &str) -> i64 {
     client

@@ -183,9 +183,13 @@ async fn sigkilled_while_publishing_every_event_arrives_in_order_duplicates_only
         ),
         ("RUST_LOG", "warn"),
     ];
+    // A backlog, so that most kills land while a batch is being published.
+    pgfold::testkit::workload::load_orders(&client, 1, 4_000)
+        .await
+        .unwrap();
     let done = std::sync::atomic::AtomicBool::new(false);
     let write = async {
-        let n = concurrent_writers(&db, 4, 400, 10, "order").await;
+        let n = write_for(&db, Duration::from_secs(6)).await;
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         n
     };

@@ -141,6 +141,18 @@ pub async fn concurrent_writers(
     total
 }
 
+/// [`concurrent_writers`] (4 writers, 10 streams) for at least `how_long`:
+/// long enough for a test that kills the daemon meanwhile, however fast the
+/// machine writes.
+pub async fn write_for(db: &TestDb, how_long: Duration) -> usize {
+    let start = std::time::Instant::now();
+    let mut committed = 0;
+    while start.elapsed() < how_long {
+        committed += concurrent_writers(db, 4, 40, 10, "order").await;
+    }
+    committed
+}
+
 /// Checks messages received (event bodies, in arrival order): every event of
 /// the log exactly once when `exactly_once`, else at least once; each stream's
 /// in `sequence` order (a duplicate may repeat an earlier stretch, never jump

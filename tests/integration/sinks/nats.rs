@@ -25,7 +25,7 @@ impl TestStream {
         let suffix: String = (0..12)
             .map(|_| char::from(b'a' + rand::rng().random_range(0..26u8)))
             .collect();
-        let client = nats_client(url).await;
+        let client = nats_client(url).await.expect("connect to NATS");
         let context = jetstream::new(client);
         let name = format!("PGFOLD_TEST_{}", suffix.to_uppercase());
         let prefix = format!("pgfoldtest{suffix}");
@@ -72,9 +72,9 @@ impl Drop for TestStream {
         let _ = std::thread::spawn(move || {
             let rt = tokio::runtime::Runtime::new().unwrap();
             rt.block_on(async {
-                let _ = jetstream::new(nats_client(&url).await)
-                    .delete_stream(&name)
-                    .await;
+                if let Ok(client) = nats_client(&url).await {
+                    let _ = jetstream::new(client).delete_stream(&name).await;
+                }
             });
         })
         .join();
@@ -82,24 +82,19 @@ impl Drop for TestStream {
 }
 
 /// A client for `url`, with its user and password if it has them.
-async fn nats_client(url: &str) -> async_nats::Client {
-    let options = match url
+async fn nats_client(url: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+    match url
         .split_once("://")
         .and_then(|(_, rest)| rest.split_once('@'))
     {
         Some((userinfo, host)) => {
             let (user, password) = userinfo.split_once(':').unwrap();
-            return async_nats::ConnectOptions::with_user_and_password(
-                user.into(),
-                password.into(),
-            )
-            .connect(format!("nats://{host}"))
-            .await
-            .expect("connect to NATS");
+            async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+                .connect(format!("nats://{host}"))
+                .await
         }
-        None => async_nats::ConnectOptions::new(),
-    };
-    options.connect(url).await.expect("connect to NATS")
+        None => async_nats::connect(url).await,
+    }
 }
 
 fn nats_sink(url: &str, prefix: &str) -> pgfold::config::SinkSettings {
@@ -180,9 +175,13 @@ async fn sigkilled_while_publishing_each_event_is_in_the_stream_exactly_once_in_
         ("PGFOLD_SINKS__TO_NATS__SUBJECT", subject.as_str()),
         ("RUST_LOG", "warn"),
     ];
+    // A backlog, so that most kills land while a batch is being published.
+    pgfold::testkit::workload::load_orders(&client, 1, 4_000)
+        .await
+        .unwrap();
     let done = std::sync::atomic::AtomicBool::new(false);
     let write = async {
-        let n = concurrent_writers(&db, 4, 400, 10, "order").await;
+        let n = write_for(&db, Duration::from_secs(6)).await;
         done.store(true, std::sync::atomic::Ordering::Relaxed);
         n
     };

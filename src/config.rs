@@ -398,4 +398,29 @@ mod tests {
         let settings = load(&[("pgfold_log__level", "debug")]).unwrap();
         assert_eq!(settings.log.level, "debug");
     }
+
+    #[test]
+    fn a_sink_is_configured_from_the_environment() {
+        let settings = load(&[
+            ("PGFOLD_SINKS__ORDER_EVENTS__URL", "nats://127.0.0.1:4222"),
+            ("PGFOLD_SINKS__ORDER_EVENTS__SUBJECT", "events.{event_type}"),
+            ("PGFOLD_SINKS__ORDER_EVENTS__ON_ERROR", "skip"),
+        ])
+        .unwrap();
+        let sink = &settings.sinks["order_events"];
+        assert_eq!(sink.url, "nats://127.0.0.1:4222");
+        assert_eq!(sink.subject.as_deref(), Some("events.{event_type}"));
+        assert_eq!(settings.projector("order_events").on_error, OnError::Skip);
+        assert_eq!(settings.projector("order_events").max_attempts, 5);
+    }
+
+    #[test]
+    fn a_sink_named_like_a_projector_is_an_error() {
+        let err = load(&[("PGFOLD_SINKS__DAILY_REVENUE__URL", "http://127.0.0.1/hook")])
+            .unwrap_err();
+        assert!(
+            format!("{err:#}").contains("sinks.daily_revenue: the name is taken"),
+            "{err:#}"
+        );
+    }
 }

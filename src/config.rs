@@ -416,8 +416,8 @@ mod tests {
 
     #[test]
     fn a_sink_named_like_a_projector_is_an_error() {
-        let err = load(&[("PGFOLD_SINKS__DAILY_REVENUE__URL", "http://127.0.0.1/hook")])
-            .unwrap_err();
+        let err =
+            load(&[("PGFOLD_SINKS__DAILY_REVENUE__URL", "http://127.0.0.1/hook")]).unwrap_err();
         assert!(
             format!("{err:#}").contains("sinks.daily_revenue: the name is taken"),
             "{err:#}"

@@ -100,6 +100,13 @@ pub trait Projector: Send + Sync + 'static {
     fn unavailable(&self) -> Option<String> {
         None
     }
+
+    /// Whether it keeps tables that a rebuild can build beside the live ones
+    /// (`--rebuild`). A sink publishes instead, and has none: it is never
+    /// rebuilt, only replayed.
+    fn has_tables(&self) -> bool {
+        true
+    }
 }
 
 /// How a projector folds its batches: the variant names the way the batch arrives,

@@ -183,7 +183,7 @@ pub async fn prepare(
     explicit: &[Arc<dyn Projector>],
 ) -> anyhow::Result<Vec<Build>> {
     let mut builds = Vec::new();
-    for p in selected {
+    for p in selected.iter().filter(|p| p.has_tables()) {
         let name = p.name();
         let current = p.fingerprint();
         let row = client

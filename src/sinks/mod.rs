@@ -269,6 +269,10 @@ impl Projector for Sink {
         }
     }
 
+    fn has_tables(&self) -> bool {
+        false
+    }
+
     fn unavailable(&self) -> Option<String> {
         if let Some(why) = self.publisher.disconnected() {
             return Some(self.redactor.redact(&format!("sink {}: {why}", self.name)));

@@ -226,3 +226,51 @@ async fn an_http_400_dead_letters_the_event_with_on_error_skip() {
         .collect();
     assert_eq!(accepted, [ids[0], ids[1], ids[3]]);
 }
+
+#[tokio::test]
+async fn a_replay_posts_every_event_again_in_order_and_a_rebuild_is_refused() {
+    let db = database().await;
+    let mut client = db.client().await;
+    let (receiver, url) = Receiver::serve(ok()).await;
+    for i in 0..6 {
+        store::append_next(
+            &mut client,
+            &NewEvent::new(
+                format!("order-{}", i % 2),
+                "order",
+                "OrderPaid",
+                json!({"i": i}),
+            ),
+        )
+        .await
+        .unwrap();
+    }
+    let settings = with_sink(db.settings(), "to_hook", webhook(&url, "stop"));
+    run_once_sink(&settings, "to_hook").await;
+    assert_eq!(receiver.accepted().len(), 6);
+
+    let registry = pgfold::sinks::load(pgfold::projectors::builtin(), &settings.sinks).unwrap();
+    let options = RunOptions {
+        replay: vec!["to_hook".into()],
+        projectors: vec!["to_hook".into()],
+        ..RunOptions::default()
+    };
+    let outcome = run_once_with(&settings, &registry, options).await;
+
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    let accepted = receiver.accepted();
+    assert_eq!(accepted.len(), 12, "every event again");
+    assert_complete_in_order(&client, &accepted[6..], true).await;
+
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("PGFOLD_SINKS__TO_HOOK__URL", url.as_str()),
+    ];
+    let out = pgfold(&["run", "--once", "--rebuild", "to_hook"], &env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert_eq!(
+        stderr.trim(),
+        "pgfold: to_hook is a sink: it has no tables to rebuild beside the live ones; use --replay to_hook to publish every event again"
+    );
+}

@@ -22,6 +22,10 @@ pub struct TestStream {
 
 impl TestStream {
     pub async fn create(url: &str) -> TestStream {
+        TestStream::with_duplicate_window(url, Duration::from_secs(120)).await
+    }
+
+    pub async fn with_duplicate_window(url: &str, window: Duration) -> TestStream {
         let suffix: String = (0..12)
             .map(|_| char::from(b'a' + rand::rng().random_range(0..26u8)))
             .collect();
@@ -33,6 +37,7 @@ impl TestStream {
             .create_stream(stream::Config {
                 name: name.clone(),
                 subjects: vec![format!("{prefix}.>")],
+                duplicate_window: window,
                 ..Default::default()
             })
             .await
@@ -407,5 +412,49 @@ async fn the_server_stopped_and_started_again_loses_nothing_and_shows_the_outage
         );
     }
     assert!(body.contains("nats://") || body.contains("NATS"), "{body}");
+    js.delete().await;
+}
+
+#[tokio::test]
+async fn a_sink_down_longer_than_the_duplicate_window_warns_in_the_log_and_status() {
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    let js = TestStream::with_duplicate_window(NATS, Duration::from_secs(1)).await;
+    let subject = format!("{}.{{stream_type}}.{{event_type}}", js.prefix);
+    let env = [
+        ("DATABASE_URL", db.url.as_str()),
+        ("PGFOLD_SINKS__TO_NATS__URL", NATS),
+        ("PGFOLD_SINKS__TO_NATS__SUBJECT", subject.as_str()),
+        ("RUST_LOG", "warn"),
+    ];
+    append_orders(&mut client, 0, 3).await;
+    let first = pgfold_ok(&["run", "--once", "--projector", "to_nats"], &env);
+    assert!(
+        !String::from_utf8_lossy(&first.stderr).contains("duplicate window"),
+        "a new sink has not been down"
+    );
+    // Stopped for longer than the window.
+    wait_for("the window to pass", Duration::from_secs(10), || async {
+        scalar_i64(
+            &client,
+            "SELECT count(*) FROM pgfold.projectors WHERE name = 'to_nats' AND now() - last_advanced_at > interval '1.5 s'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    append_orders(&mut client, 3, 4).await;
+
+    let second = pgfold_ok(&["run", "--once", "--projector", "to_nats"], &env);
+
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        stderr.contains("longer than the stream's duplicate window (1s)"),
+        "{stderr}"
+    );
+    let (_, status) = status_json(&db.url, &env[1..3]);
+    let error = projector_status(&status, "to_nats")["last_error"].to_string();
+    assert!(error.contains("duplicate window"), "{error}");
+    assert_eq!(js.messages().await.len(), 4);
     js.delete().await;
 }

@@ -6,6 +6,7 @@
 mod amqp;
 mod http;
 mod nats;
+mod tls;
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;

@@ -258,20 +258,15 @@ impl Publisher for Amqp {
                 *open = Some(self.connect().await?);
             }
             let (connection, channel) = open.as_ref().expect("opened above");
-            self.check_exchange(connection).await.map_err(|e| match e {
-                // Not at start: retried until the operator has made it.
-                PublishError::Refused(why) => PublishError::Unavailable(why),
-                e => e,
-            })?;
-            let limit = self.timeout * (1 + events.len() as u32 / 1000);
-            match tokio::time::timeout(limit, self.publish_all(channel, events)).await {
-                Ok(result) => result,
-                Err(_) => Err(PublishError::Unavailable(format!(
-                    "batch of {} not confirmed within {} ms",
-                    events.len(),
-                    limit.as_millis()
-                ))),
-            }
+            self.check_exchange(connection)
+                .await
+                .map_err(super::retried)?;
+            super::within(
+                self.timeout,
+                events.len(),
+                self.publish_all(channel, events),
+            )
+            .await
         }
         .await;
         match &result {

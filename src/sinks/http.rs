@@ -25,7 +25,7 @@ struct Batch<'a> {
 }
 
 /// At most this much of an error answer's body is quoted.
-const QUOTED_BODY_BYTES: usize = 300;
+const QUOTED_BODY_CHARS: usize = 300;
 
 impl Webhook {
     pub(super) fn new(settings: &SinkSettings, redactor: &Redactor) -> anyhow::Result<Webhook> {
@@ -74,15 +74,10 @@ impl Publisher for Webhook {
             return Ok(());
         }
         let text = response.text().await.unwrap_or_default();
-        let mut quoted: String = crate::util::one_line(&text);
-        if quoted.len() > QUOTED_BODY_BYTES {
-            let mut end = QUOTED_BODY_BYTES;
-            while !quoted.is_char_boundary(end) {
-                end -= 1;
-            }
-            quoted.truncate(end);
-            quoted.push('…');
-        }
+        let quoted: String = crate::util::one_line(&text)
+            .chars()
+            .take(QUOTED_BODY_CHARS)
+            .collect();
         let answer = format!("the webhook answered {status}: {quoted}");
         if retried(status) {
             Err(PublishError::Unavailable(answer))

@@ -298,6 +298,34 @@ impl EventFold for Sink {
     }
 }
 
+/// `publish` for a batch of `events`, given `timeout` for every 1,000 events
+/// (at least once): publishing waits for room in a client's buffer while the
+/// broker is away, and each acknowledgement for the timeout. Past that, the
+/// broker is unavailable.
+async fn within(
+    timeout: Duration,
+    events: usize,
+    publish: impl std::future::Future<Output = Result<(), PublishError>>,
+) -> Result<(), PublishError> {
+    let limit = timeout * (1 + events as u32 / 1000);
+    match tokio::time::timeout(limit, publish).await {
+        Ok(result) => result,
+        Err(_) => Err(PublishError::Unavailable(format!(
+            "batch of {events} not acknowledged within {} ms",
+            limit.as_millis()
+        ))),
+    }
+}
+
+/// Where a setup problem found after start (the broker was down then) leaves
+/// the sink: retrying, as for an outage, until the operator has fixed it.
+fn retried(e: PublishError) -> PublishError {
+    match e {
+        PublishError::Refused(why) => PublishError::Unavailable(why),
+        e => e,
+    }
+}
+
 /// The message body: the event as one JSON object.
 #[derive(Serialize)]
 struct Body<'a> {

@@ -222,23 +222,14 @@ impl Publisher for Nats {
         self.connected(client).await?;
         if self.duplicate_window().is_none() {
             // Not checked at start (the server was down then).
-            self.check_streams(context).await.map_err(|e| match e {
-                PublishError::Refused(why) => PublishError::Unavailable(why),
-                e => e,
-            })?;
+            self.check_streams(context).await.map_err(super::retried)?;
         }
-        // Publishing waits for room in the client's buffer while disconnected,
-        // and each acknowledgement for the timeout: the batch as a whole gets
-        // the timeout for every 1,000 events, at least once.
-        let limit = self.timeout * (1 + events.len() as u32 / 1000);
-        match tokio::time::timeout(limit, self.publish_all(context, events)).await {
-            Ok(result) => result,
-            Err(_) => Err(PublishError::Unavailable(format!(
-                "batch of {} not acknowledged within {} ms",
-                events.len(),
-                limit.as_millis()
-            ))),
-        }
+        super::within(
+            self.timeout,
+            events.len(),
+            self.publish_all(context, events),
+        )
+        .await
     }
 
     fn disconnected(&self) -> Option<String> {

@@ -104,7 +104,7 @@ async fn the_webhook_gets_every_event_in_stream_order_under_concurrent_writers()
 #[tokio::test]
 async fn busy_and_failing_answers_are_retried_without_counting_against_an_event() {
     let db = database().await;
-    let mut client = db.client().await;
+    let client = db.client().await;
     // 503, 429 and 408 first: with max_attempts = 1, a single counted failure
     // would park the sink.
     let (receiver, url) = Receiver::serve(Arc::new(|_, n| match n {
@@ -114,14 +114,7 @@ async fn busy_and_failing_answers_are_retried_without_counting_against_an_event(
         _ => StatusCode::NO_CONTENT,
     }))
     .await;
-    for i in 0..5 {
-        store::append_next(
-            &mut client,
-            &NewEvent::new("order-1", "order", "OrderPaid", json!({"i": i})),
-        )
-        .await
-        .unwrap();
-    }
+    append_paid(&db, 0, 5, 1).await;
     let settings = with_sink(db.settings(), "to_hook", webhook(&url, "stop"));
 
     let outcome = run_once_sink(&settings, "to_hook").await;
@@ -140,8 +133,8 @@ async fn busy_and_failing_answers_are_retried_without_counting_against_an_event(
     assert_eq!(failing, None);
 }
 
-/// Events of order-1 and order-2, the third one an `OrderShipped` that the
-/// receiver refuses with 400; returns their ids.
+/// The receiver refuses with 400 any batch with an `OrderShipped`: the third
+/// event of [`third_refused`].
 async fn refused_setup(db: &TestDb) -> (Receiver, String, Vec<i64>) {
     let (receiver, url) = Receiver::serve(Arc::new(|events: &[Value], _| {
         match events.iter().any(|e| e["event_type"] == "OrderShipped") {
@@ -150,23 +143,7 @@ async fn refused_setup(db: &TestDb) -> (Receiver, String, Vec<i64>) {
         }
     }))
     .await;
-    let mut client = db.client().await;
-    let mut ids = Vec::new();
-    for (stream, event_type) in [
-        ("order-1", "OrderPaid"),
-        ("order-2", "OrderPaid"),
-        ("order-1", "OrderShipped"),
-        ("order-2", "OrderShipped2"),
-    ] {
-        let appended = store::append_next(
-            &mut client,
-            &NewEvent::new(stream, "order", event_type, json!({})),
-        )
-        .await
-        .unwrap();
-        ids.push(appended.id);
-    }
-    (receiver, url, ids)
+    (receiver, url, third_refused(db).await)
 }
 
 #[tokio::test]
@@ -208,16 +185,7 @@ async fn an_http_400_dead_letters_the_event_with_on_error_skip() {
     let outcome = run_once_sink(&settings, "to_hook").await;
 
     assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
-    let dead: Vec<i64> = client
-        .query(
-            "SELECT event_id FROM pgfold.dead_letters WHERE projector = 'to_hook'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let dead = dead_letters(&client, "to_hook").await;
     assert_eq!(dead, [ids[2]]);
     let accepted: Vec<i64> = receiver
         .accepted()
@@ -230,21 +198,9 @@ async fn an_http_400_dead_letters_the_event_with_on_error_skip() {
 #[tokio::test]
 async fn a_replay_posts_every_event_again_in_order_and_a_rebuild_is_refused() {
     let db = database().await;
-    let mut client = db.client().await;
+    let client = db.client().await;
     let (receiver, url) = Receiver::serve(ok()).await;
-    for i in 0..6 {
-        store::append_next(
-            &mut client,
-            &NewEvent::new(
-                format!("order-{}", i % 2),
-                "order",
-                "OrderPaid",
-                json!({"i": i}),
-            ),
-        )
-        .await
-        .unwrap();
-    }
+    append_paid(&db, 0, 6, 2).await;
     let settings = with_sink(db.settings(), "to_hook", webhook(&url, "stop"));
     run_once_sink(&settings, "to_hook").await;
     assert_eq!(receiver.accepted().len(), 6);

@@ -68,6 +68,20 @@ pub fn run_once_sink(
     }
 }
 
+/// The events the sink dead-lettered.
+pub async fn dead_letters(client: &tokio_postgres::Client, name: &str) -> Vec<i64> {
+    client
+        .query(
+            "SELECT event_id FROM pgfold.dead_letters WHERE projector = $1 ORDER BY event_id",
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
 /// The sink's checkpoint: events published and acknowledged so far.
 pub async fn published(client: &tokio_postgres::Client, name: &str) -> i64 {
     client
@@ -152,6 +166,145 @@ pub async fn write_for(db: &TestDb, how_long: Duration) -> usize {
         committed += concurrent_writers(db, 4, 40, 10, "order").await;
     }
     committed
+}
+
+/// Loads a backlog (so that most kills land while a batch is being
+/// published), then writes with [`write_for`] for 6 s while `pgfold run
+/// --projector NAME` (with `env`) is started and SIGKILLed every 200-600 ms.
+/// Returns the events the writers committed and the sink's checkpoint (as
+/// position text and id) after each kill: where the next life started.
+pub async fn kill_while_writing(
+    db: &TestDb,
+    name: &str,
+    env: &[(&str, &str)],
+) -> (usize, Vec<(String, i64)>) {
+    let client = db.client().await;
+    pgfold::testkit::workload::load_orders(&client, 1, 4_000)
+        .await
+        .unwrap();
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let write = async {
+        let n = write_for(db, Duration::from_secs(6)).await;
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        n
+    };
+    let kill = async {
+        let mut checkpoints = Vec::new();
+        while !done.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut daemon = Daemon::spawn(PGFOLD, &["run", "--projector", name], env);
+            let pause = rand::rng().random_range(200..600);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            daemon.kill();
+            let row = client
+                .query_opt(
+                    "SELECT position_tx::text, position_id FROM pgfold.projectors WHERE name = $1",
+                    &[&name],
+                )
+                .await
+                .unwrap();
+            checkpoints.push(row.map_or(("0".into(), 0), |r| (r.get(0), r.get(1))));
+        }
+        checkpoints
+    };
+    let (committed, checkpoints) = tokio::join!(write, kill);
+    assert!(
+        checkpoints.len() >= 5,
+        "the writers finished too early to test anything"
+    );
+    (committed, checkpoints)
+}
+
+/// Appends `OrderPaid` events numbered `from..to`, spread over `streams`
+/// streams, one transaction each.
+pub async fn append_paid(db: &TestDb, from: usize, to: usize, streams: usize) {
+    let mut client = db.client().await;
+    for i in from..to {
+        store::append_next(
+            &mut client,
+            &NewEvent::new(
+                format!("order-{}", i % streams),
+                "order",
+                "OrderPaid",
+                json!({"i": i}),
+            ),
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// Four events, the third an `OrderShipped` of order-1 (the one the tests make
+/// the broker refuse), the others `OrderPaid`; their ids.
+pub async fn third_refused(db: &TestDb) -> Vec<i64> {
+    let mut client = db.client().await;
+    let mut ids = Vec::new();
+    for (stream, event_type) in [
+        ("order-1", "OrderPaid"),
+        ("order-2", "OrderPaid"),
+        ("order-1", "OrderShipped"),
+        ("order-2", "OrderPaid"),
+    ] {
+        let appended = store::append_next(
+            &mut client,
+            &NewEvent::new(stream, "order", event_type, json!({})),
+        )
+        .await
+        .unwrap();
+        ids.push(appended.id);
+    }
+    ids
+}
+
+/// `pgfold run --once` with `env` refuses to start: exit code 1, and one last
+/// line naming the sink and the problem.
+pub fn refused_at_start(env: &[(&str, &str)], sink: &str, problem: &str) {
+    let out = pgfold(&["run", "--once"], env);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("pgfold: ") && last.contains(sink) && last.contains(problem),
+        "{stderr}"
+    );
+}
+
+/// Waits until the outage of sink `name` shows in `/readyz` (on `http`) and in
+/// `status` (run with the sink's settings, `sink_env`), and checks that it is
+/// not taken for an event's failure; returns `/readyz`'s body and the status.
+pub async fn outage_shown(
+    http: &str,
+    db: &TestDb,
+    sink_env: &[(&str, &str)],
+    name: &str,
+) -> (String, Value) {
+    wait_for(
+        "/readyz to report the outage",
+        Duration::from_secs(30),
+        || async {
+            let (code, body) = get(http, "/readyz").await;
+            code == 503 && body.contains(name)
+        },
+    )
+    .await;
+    let (_, readyz) = get(http, "/readyz").await;
+    wait_for(
+        "status to show the outage",
+        Duration::from_secs(30),
+        || async {
+            let (_, status) = status_json(&db.url, sink_env);
+            projector_status(&status, name)["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("unavailable"))
+        },
+    )
+    .await;
+    let (_, status) = status_json(&db.url, sink_env);
+    let failing = &projector_status(&status, name)["failing_event"];
+    assert!(
+        failing.is_null(),
+        "an outage is not an event's failure: {failing}"
+    );
+    (readyz, status)
 }
 
 /// Checks messages received (event bodies, in arrival order): every event of

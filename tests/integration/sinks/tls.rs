@@ -35,23 +35,6 @@ fn certificates(dir: &Path) {
     std::fs::write(dir.join("server.key"), server_key.serialize_pem()).unwrap();
 }
 
-async fn orders(db: &TestDb, n: usize) {
-    let mut client = db.client().await;
-    for i in 0..n {
-        store::append_next(
-            &mut client,
-            &NewEvent::new(
-                format!("order-{}", i % 2),
-                "order",
-                "OrderPaid",
-                json!({"i": i}),
-            ),
-        )
-        .await
-        .unwrap();
-    }
-}
-
 #[tokio::test]
 async fn tls_to_nats_is_verified_against_the_root_certificate() {
     let dir = tempfile::tempdir().unwrap();
@@ -94,7 +77,7 @@ async fn tls_to_nats_is_verified_against_the_root_certificate() {
     .await
     .unwrap();
     let db = TestDb::new().await;
-    orders(&db, 4).await;
+    append_paid(&db, 0, 4, 2).await;
     let url = format!("tls://localhost:{port}");
     let ca = dir.path().join("ca.pem");
     let other = dir.path().join("other-ca.pem");
@@ -203,7 +186,7 @@ async fn https_to_a_webhook_is_verified_against_the_root_certificate() {
     certificates(dir.path());
     let (port, received) = https_receiver(dir.path());
     let db = database().await;
-    orders(&db, 3).await;
+    append_paid(&db, 0, 3, 2).await;
     let hook = |root: &Path| {
         sink(json!({
             "url": format!("https://localhost:{port}/hook"),

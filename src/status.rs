@@ -3,7 +3,8 @@
 use crate::db::Db;
 use serde::Serialize;
 
-use crate::daemon::checkpoint::{self, State};
+pub use crate::bookkeeping::RebuildProgress;
+use crate::bookkeeping::{self as checkpoint, State};
 use crate::feed::{self, Blocker};
 use crate::projector::Registry;
 
@@ -50,25 +51,6 @@ pub struct ProjectorStatus {
     /// A rebuild beside the live tables in progress, else `null`. The live
     /// projection keeps serving (and its own fields describe it) until the swap.
     pub rebuild: Option<RebuildProgress>,
-}
-
-/// How far a rebuild beside the live projection has come.
-#[derive(Debug, Serialize)]
-pub struct RebuildProgress {
-    /// Why it runs: `--rebuild`, or the definition that changed.
-    pub reason: Option<String>,
-    /// The definition it builds.
-    pub fingerprint: Option<String>,
-    /// Id of the last event the build consumed.
-    pub position: i64,
-    /// Committed events it consumes that the build has not applied yet.
-    pub lag_events: i64,
-    /// Events the build has applied.
-    pub events_applied: i64,
-    /// Events applied per second since the build began; `null` until known.
-    pub events_per_second: Option<f64>,
-    /// Seconds until it has caught up at that rate; `null` until known.
-    pub eta_seconds: Option<f64>,
 }
 
 /// How far a replay has come. Measured in event ids, as the daemon's progress is.
@@ -124,7 +106,7 @@ impl Status {
 
 /// Gathers the status. A transaction holding the horizon is reported once it has
 /// been open for `stall_after`: a short one is just a write in flight.
-/// Each projector's row and lag come from [`checkpoint::report`].
+/// Each projector's row and lag come from `bookkeeping::report`.
 pub async fn collect<C: Db>(
     client: &C,
     registry: &Registry,
@@ -136,8 +118,8 @@ pub async fn collect<C: Db>(
     let mut projectors = Vec::new();
     for p in registry.iter() {
         let report = checkpoint::report(client, p.as_ref()).await?;
-        let rebuild = crate::rebuild::progress(client, p.as_ref()).await?;
-        let fingerprint = crate::rebuild::stored_fingerprint(client, p.name()).await?;
+        let rebuild = checkpoint::rebuild_progress(client, p.as_ref()).await?;
+        let fingerprint = checkpoint::stored_fingerprint(client, p.name()).await?;
         let definition_changed = fingerprint.as_ref().is_some_and(|f| *f != p.fingerprint());
         projectors.push(match report {
             None => ProjectorStatus {

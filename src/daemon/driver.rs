@@ -10,12 +10,12 @@ use tokio_util::sync::CancellationToken;
 
 use super::cadence::{self, Cadence};
 use super::wakeup::Wakeups;
-use super::worker::{Step, Transient, Worker};
-use super::Failure;
+use crate::bookkeeping::Failure;
 use crate::config::DaemonSettings;
 use crate::feed::{Horizon, Position};
 use crate::ops::{metrics::Metrics, progress::Progress, Liveness};
 use crate::util::Backoff;
+use crate::worker::{Step, Transient, Worker};
 
 /// How long after its last batch a projector keeps polling rather than arming
 /// the wake-up flag, and how often it polls meanwhile.

@@ -12,13 +12,9 @@
 //! tasks, the waker, the HTTP server and the systemd watchdog.
 
 mod cadence;
-pub mod checkpoint;
 mod driver;
-mod pace;
-mod parts;
 mod prepare;
 mod wakeup;
-pub(crate) mod worker;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -31,11 +27,11 @@ use crate::config::{LogFormat, Settings};
 use crate::db;
 use crate::ops::{self, metrics::Metrics, progress::Progress, Liveness};
 use crate::projector::{Projector, Registry};
+use crate::worker::Worker;
 use driver::{Driver, Ops};
 use wakeup::Waker;
-use worker::Worker;
 
-pub use checkpoint::Failure;
+pub use crate::bookkeeping::Failure;
 pub use prepare::{migrate, select};
 pub use wakeup::CHANNEL;
 
@@ -198,7 +194,7 @@ impl Daemon {
                 &settings.daemon,
                 pool.clone(),
             )
-            .on_part(parts_progress(&ops.progress, &ops.liveness, p.name()));
+            .on_part(ops.progress.reporter(&ops.liveness, p.name()));
             ops.liveness.beat(p.name());
             let driver = Driver::new(
                 worker,
@@ -244,20 +240,6 @@ impl Daemon {
         pool.close();
         result
     }
-}
-
-/// Reports each part of a batch applied in parts (see `parts`) as progress, and
-/// as a sign of life: such a batch can run for minutes before it commits.
-pub(crate) fn parts_progress(
-    progress: &Arc<Progress>,
-    liveness: &Arc<Liveness>,
-    label: &str,
-) -> worker::OnPart {
-    let (progress, liveness, label) = (progress.clone(), liveness.clone(), label.to_string());
-    Arc::new(move |position, events| {
-        liveness.beat(&label);
-        progress.within_batch(&label, position, events);
-    })
 }
 
 /// Waits for every projector task; the first failure (an error or a panic)

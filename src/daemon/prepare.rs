@@ -8,8 +8,8 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use super::checkpoint;
 use super::RunOptions;
+use crate::bookkeeping::{self as checkpoint, record_fingerprint};
 use crate::config::Settings;
 use crate::db;
 use crate::feed::{self, Position};
@@ -162,7 +162,7 @@ async fn setup(client: &mut db::Client, p: &dyn Projector) -> anyhow::Result<()>
         .await
         .with_context(|| format!("failed to create the tables of projector {}", p.name()))?;
     if checkpoint::register(&tx, p.name()).await? {
-        crate::rebuild::record_fingerprint(&tx, p).await?;
+        record_fingerprint(&tx, p).await?;
     }
     checkpoint::record_filter(&tx, p).await?;
     tx.commit().await?;
@@ -178,7 +178,7 @@ async fn rewind(client: &mut db::Client, p: &dyn Projector) -> anyhow::Result<()
         .await
         .with_context(|| format!("failed to reset projector {}", p.name()))?;
     checkpoint::rewind(&tx, p.name(), target).await?;
-    crate::rebuild::record_fingerprint(&tx, p).await?;
+    record_fingerprint(&tx, p).await?;
     tx.commit().await?;
     tracing::info!(projector = p.name(), "replaying from the first event");
     Ok(())

@@ -83,6 +83,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "replay_stamp_when",
         sql: include_str!("../../migrations/V11__replay_stamp_when.sql"),
     },
+    Migration {
+        version: 12,
+        name: "applied_target_custom_plans",
+        sql: include_str!("../../migrations/V12__applied_target_custom_plans.sql"),
+    },
 ];
 
 /// Each DDL attempt waits at most this long for a lock before backing off.

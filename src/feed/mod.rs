@@ -4,6 +4,7 @@
 mod event;
 mod horizon;
 mod order;
+mod plans;
 mod position;
 mod range;
 mod reader;
@@ -11,6 +12,7 @@ mod reader;
 pub use event::{Event, EventFilter};
 pub use horizon::{blocker, horizon, kept_horizon, Blocker, Horizon, KeptHorizonWith};
 pub use order::{order_batch, OrderedBatch};
+pub use plans::{plan_mode, set_plan_mode, GENERIC_PLANS_FROM_BYTES};
 pub use position::{Position, POSITION_TX};
 pub use range::{EventRange, PART_PARAMS, RANGE_PARAMS};
 pub use reader::{

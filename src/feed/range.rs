@@ -25,6 +25,19 @@ pub struct EventRange {
     part: Option<(Option<String>, Option<String>)>,
 }
 
+/// The events delivered ahead, by id (`$ahead`), through the primary key. The
+/// array is nearly always empty, and the test of its length is a one-time
+/// filter: an empty array reads nothing at all, whatever plan the statement
+/// holds (a generic plan made while the log was a few pages long read all of it
+/// here, on every live batch, to find nothing; see `feed::plan_mode`).
+fn delivered_ahead(ahead: usize) -> String {
+    format!(
+        "(SELECT e.* FROM events e
+           WHERE cardinality(${ahead}::bigint[]) > 0 AND e.id = ANY(${ahead}::bigint[])
+          OFFSET 0)"
+    )
+}
+
 /// How many parameters [`EventRange::source`] takes.
 pub const RANGE_PARAMS: usize = 8;
 
@@ -58,7 +71,7 @@ impl EventRange {
     /// before)` (`None`: unbounded on that side), compared in the column's
     /// collation, the order of the `(stream_id, sequence)` index. A stream's
     /// events in the range, those delivered ahead included, all fall in the same
-    /// part, so parts can be folded one after another (see `daemon::parts`).
+    /// part, so parts can be folded one after another (see `worker::parts`).
     pub fn streams(&self, from: Option<String>, before: Option<String>) -> EventRange {
         EventRange {
             part: Some((from, before)),
@@ -106,10 +119,11 @@ impl EventRange {
                   WHERE {range} AND e.id <> ALL(${skip}::bigint[])
                  OFFSET 0)
                 UNION ALL
-                (SELECT e.* FROM events e WHERE e.id = ANY(${ahead}::bigint[]) OFFSET 0)) e
+                {ahead_branch}) e
               WHERE (${types}::text[] IS NULL OR e.event_type = ANY(${types}::text[]))
                 AND (${streams}::text[] IS NULL OR e.stream_type = ANY(${streams}::text[])))",
-            range = in_range_from("e", first)
+            range = in_range_from("e", first),
+            ahead_branch = delivered_ahead(ahead),
         )
     }
 
@@ -118,7 +132,7 @@ impl EventRange {
     /// inside the fence with the range, so that the planner can read a part of a
     /// long range through the `(stream_id, sequence)` index instead of the whole
     /// range through the position index; they are tested on the events delivered
-    /// ahead too. A part's statement runs with custom plans (`daemon::parts`), in
+    /// ahead too. A part's statement runs with custom plans (`worker::parts`), in
     /// which an unbounded side's `IS NULL` folds away.
     pub fn source_in_streams(first: usize) -> String {
         let (skip, ahead, types, streams) = (first + 4, first + 5, first + 6, first + 7);
@@ -133,11 +147,12 @@ impl EventRange {
                   WHERE {range} AND {keys} AND e.id <> ALL(${skip}::bigint[])
                  OFFSET 0)
                 UNION ALL
-                (SELECT e.* FROM events e WHERE e.id = ANY(${ahead}::bigint[]) OFFSET 0)) e
+                {ahead_branch}) e
               WHERE (${types}::text[] IS NULL OR e.event_type = ANY(${types}::text[]))
                 AND (${streams}::text[] IS NULL OR e.stream_type = ANY(${streams}::text[]))
                 AND {keys})",
-            range = in_range_from("e", first)
+            range = in_range_from("e", first),
+            ahead_branch = delivered_ahead(ahead),
         )
     }
 

@@ -267,7 +267,7 @@ pub async fn ahead_of_range<C: Db>(
     let sql = if to_newest {
         // The upper bound changes no result (every visible event's transaction is
         // below the snapshot's xmax) but gives the planner a closed range: with
-        // only a lower bound, a generic plan (see `daemon::worker`) takes the tail
+        // only a lower bound, a generic plan (see `worker`) takes the tail
         // for a third of the log and scans all of it. Each event of the tail looks
         // for a later event of its stream in the range by key, in a fenced
         // subquery, which also keeps the probe a per-row look-up.
@@ -485,7 +485,7 @@ fn build_set_batch_end_sql(exact: bool) -> String {
 /// key of the entry it stops at, or `None` when fewer are left. An index-only
 /// scan that reads keys only, over every event whatever its position or type: it
 /// counts, in events, how much of the log a part of a stream-set range reaches
-/// (see `daemon::parts`). The walk from the start searches from the smallest key
+/// (see `worker::parts`). The walk from the start searches from the smallest key
 /// there is (`''`, which sorts first in every collation), so that it is one
 /// statement, and one that the planner sees searching the index.
 ///

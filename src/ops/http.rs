@@ -126,8 +126,13 @@ async fn readyz(State(state): State<HttpState>) -> Response {
 async fn metrics(State(state): State<HttpState>) -> Response {
     // The in-process metrics are served even when the database is down.
     let refresh = async {
-        let client = state.pool.get().await.map_err(|e| anyhow::anyhow!(e))?;
-        crate::status::collect(&client, &state.registry, state.stall_after).await
+        let mut client = state.pool.get().await.map_err(|e| anyhow::anyhow!(e))?;
+        // Every scrape runs the same lag statements on a pooled connection:
+        // planned for their values, or a plan kept from a near-empty log would
+        // scan the whole of it on every scrape (see `feed::plan_mode`).
+        let tx = client.transaction().await?;
+        crate::feed::set_plan_mode(&tx, false).await?;
+        crate::status::collect(&tx, &state.registry, state.stall_after).await
     };
     match tokio::time::timeout(DB_TIMEOUT, refresh).await {
         Ok(Ok(status)) => state.metrics.observe(&status),

@@ -4,8 +4,8 @@
 //! up` summary either way.
 //!
 //! Progress moves when a batch commits; set-based catch-ups are cut into ranges of
-//! about a second for this (see `daemon::pace`). A stream-set catch-up is one
-//! range applied in parts of about a second (see `daemon::parts`), and moves after
+//! about a second for this (see `worker::pace`). A stream-set catch-up is one
+//! range applied in parts of about a second (see `worker::parts`), and moves after
 //! each part, before its batch commits. Until the first batch or part is done
 //! nothing is measured, and the ETA shows as `?`.
 //!
@@ -234,7 +234,22 @@ impl Progress {
         });
     }
 
-    /// Records a part of a batch applied in parts (see `daemon::parts`): the batch
+    /// What a worker calls after each part of a batch applied in parts: shows
+    /// it as progress of `label`, and as a sign of life, since such a batch can
+    /// run for minutes before it commits.
+    pub fn reporter(
+        self: &Arc<Progress>,
+        liveness: &Arc<super::Liveness>,
+        label: &str,
+    ) -> Arc<dyn Fn(i64, u64) + Send + Sync> {
+        let (progress, liveness, label) = (self.clone(), liveness.clone(), label.to_string());
+        Arc::new(move |position, events| {
+            liveness.beat(&label);
+            progress.within_batch(&label, position, events);
+        })
+    }
+
+    /// Records a part of a batch applied in parts (see `worker::parts`): the batch
     /// has come to `position_id` (short of its end), having consumed `events` so
     /// far. The batch's [`advance`](Progress::advance) then counts them for good.
     pub fn within_batch(&self, projector: &str, position_id: i64, events: u64) {

@@ -155,7 +155,11 @@ pub trait SetFold: Send + Sync {
     /// through the position index (`pgfold_events_position`) rather than
     /// scanning the log. Large batches (catch-up, replay) are always planned for
     /// their values, and so is every batch with `database.prepared_statements =
-    /// false`: an unnamed statement is planned anew each time anyway.
+    /// false` (an unnamed statement is planned anew each time anyway) and every
+    /// batch while `events` is smaller than [`feed::GENERIC_PLANS_FROM_BYTES`]
+    /// (a generic plan made on a near-empty log would scan it as it grows).
+    ///
+    /// [`feed::GENERIC_PLANS_FROM_BYTES`]: crate::feed::GENERIC_PLANS_FROM_BYTES
     fn generic_plans(&self) -> bool {
         false
     }

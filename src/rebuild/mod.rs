@@ -3,7 +3,7 @@
 //!
 //! - **Build beside.** The projector's tables are created in a schema of their
 //!   own, `pgfold_build_<name>`, and filled from the first event by an ordinary
-//!   worker (`daemon::worker`) under a checkpoint row of its own, `<name>.build` (with its own
+//!   worker (`worker`) under a checkpoint row of its own, `<name>.build` (with its own
 //!   advisory lock, delivered-ahead events and dead letters). Every build
 //!   transaction puts the build schema first on its `search_path`, so a projector
 //!   that addresses its tables by unqualified name (the rule for every projector)
@@ -28,24 +28,20 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_util::sync::CancellationToken;
 
+use crate::bookkeeping::{self as checkpoint, record_fingerprint, Failure};
 use crate::config::{DaemonSettings, ProjectorSettings};
-use crate::daemon::checkpoint;
-use crate::daemon::worker::{Step, Worker};
-use crate::daemon::Failure;
-use crate::db::{self, Db, Pool};
-use crate::feed::POSITION_TX;
+use crate::db::{self, Pool};
 use crate::ops::{metrics::Metrics, progress::Progress, Liveness};
 use crate::projector::Projector;
 use crate::util::Backoff;
+use crate::worker::{search_path_first, Step, Target, Worker};
 
 /// Longest projector name that leaves room for the schema prefixes within
 /// PostgreSQL's 63-byte identifiers.
 const MAX_NAME: usize = 63 - "pgfold_retired_".len();
 
 /// The checkpoint row (and advisory lock) of `name`'s build.
-pub fn key(name: &str) -> String {
-    format!("{name}.build")
-}
+pub use crate::bookkeeping::build_key as key;
 
 /// The schema a build of `name` creates its tables in.
 pub fn build_schema(name: &str) -> String {
@@ -55,106 +51,6 @@ pub fn build_schema(name: &str) -> String {
 /// The schema the replaced tables of `name` are kept in until its next rebuild.
 pub fn retired_schema(name: &str) -> String {
     format!("pgfold_retired_{name}")
-}
-
-/// For the rest of this transaction: names are looked up in `schema` first, then
-/// as the session would. Quoted by the server (`quote_ident`).
-pub async fn search_path_first<C: Db>(tx: &C, schema: &str) -> Result<(), tokio_postgres::Error> {
-    tx.execute(
-        "SELECT set_config('search_path',
-                           quote_ident($1::text) || ', ' || current_setting('search_path'), true)",
-        &[&schema],
-    )
-    .await?;
-    Ok(())
-}
-
-/// Puts a build's `schema` first on the `search_path` for the rest of the
-/// transaction, so that the projector's unqualified names reach its new tables.
-pub async fn enter<C: Db>(tx: &C, schema: &str) -> Result<(), tokio_postgres::Error> {
-    tx.execute(
-        "SELECT set_config('search_path', quote_ident($1::text) || ', ' || current_setting('search_path'), true)",
-        &[&schema],
-    )
-    .await?;
-    Ok(())
-}
-
-/// Records the definition a projector's tables were just built with (a new
-/// projector's first setup, a replay).
-pub async fn record_fingerprint<C: Db>(
-    tx: &C,
-    p: &dyn Projector,
-) -> Result<(), tokio_postgres::Error> {
-    tx.execute(
-        "UPDATE pgfold.projectors SET fingerprint = $2 WHERE name = $1",
-        &[&p.name(), &p.fingerprint()],
-    )
-    .await?;
-    Ok(())
-}
-
-/// The fingerprint a projector's live tables were built with, if recorded.
-pub async fn stored_fingerprint<C: Db>(
-    client: &C,
-    name: &str,
-) -> Result<Option<String>, tokio_postgres::Error> {
-    Ok(client
-        .query_opt(
-            "SELECT fingerprint FROM pgfold.projectors WHERE name = $1",
-            &[&name],
-        )
-        .await?
-        .and_then(|r| r.get(0)))
-}
-
-/// A rebuild of `p` in progress, for `status`: the build's checkpoint, its lag
-/// (counted as a projector's is), and its rate since it began. A batch in flight
-/// (applied in parts, see `pgfold.batch_progress`) counts for the position, the
-/// events applied and the ETA, not for the lag, which is what is committed.
-pub async fn progress<C: Db>(
-    client: &C,
-    p: &dyn Projector,
-) -> Result<Option<crate::status::RebuildProgress>, tokio_postgres::Error> {
-    let filter = p.filter();
-    let row = client
-        .query_opt(
-            &format!(
-                "SELECT greatest(b.position_id, f.position_id), lag.events,
-                        b.events_applied + coalesce(f.events, 0),
-                        extract(epoch FROM now() - b.build_started_at)::float8,
-                        b.build_reason, b.fingerprint, coalesce(f.events, 0)
-                   FROM pgfold.projectors b
-                   LEFT JOIN pgfold.batch_progress f
-                     ON f.name = b.name AND (f.from_tx, f.from_id) = (b.position_tx, b.position_id)
-                   CROSS JOIN LATERAL (
-                     SELECT count(*) AS events
-                       FROM (SELECT e.event_type, e.stream_type FROM events e
-                              WHERE ({POSITION_TX}, e.id) > (b.position_tx, b.position_id)
-                             OFFSET 0) e
-                      WHERE ($2::text[] IS NULL OR e.event_type = ANY($2))
-                        AND ($3::text[] IS NULL OR e.stream_type = ANY($3))) lag
-                  WHERE b.name = $1"
-            ),
-            &[&key(p.name()), &filter.event_types, &filter.stream_types],
-        )
-        .await?;
-    Ok(row.map(|r| {
-        let (lag_events, applied, in_flight): (i64, i64, i64) = (r.get(1), r.get(2), r.get(6));
-        let rate = r
-            .get::<_, Option<f64>>(3)
-            .filter(|s| *s > 0.0 && applied > 0)
-            .map(|s| applied as f64 / s);
-        crate::status::RebuildProgress {
-            position: r.get(0),
-            lag_events,
-            events_applied: applied,
-            events_per_second: rate.map(f64::round),
-            eta_seconds: rate.map(|v| ((lag_events - in_flight).max(0) as f64 / v).ceil()),
-            reason: r.get(4),
-            fingerprint: r.get(5),
-        }
-    }))
 }
 
 /// A build to run: which projector, from where.
@@ -356,13 +252,13 @@ pub async fn drive(
     let name = build.projector.name().to_string();
     let fingerprint = build.projector.fingerprint();
     let label = label(&name);
+    let target = Target::Beside {
+        key: build.key.clone(),
+        schema: build.schema.clone(),
+    };
     let mut worker = Worker::new(build.projector.clone(), settings, &daemon, pool.clone())
-        .beside(&build.key, &build.schema)
-        .on_part(crate::daemon::parts_progress(
-            &ops.progress,
-            &ops.liveness,
-            &label,
-        ));
+        .into(target)
+        .on_part(ops.progress.reporter(&ops.liveness, &label));
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     // Swap attempts that found the live projector's lock taken, or readers in
     // the way: retried soon, with a growing pause.

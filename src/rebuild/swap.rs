@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use tokio_postgres::error::SqlState;
 
 use super::{build_schema, key, retired_schema};
-use crate::daemon::checkpoint::{self, State};
+use crate::bookkeeping::{self as checkpoint, State};
 use crate::db::{Db, Pool};
 use crate::feed;
 use crate::projector::{Fold, Projector};

@@ -24,7 +24,7 @@ pub struct SqlProjection {
     /// `set` / `stream`: the statement as sent, over `batch`.
     apply: String,
     /// `stream`: the statement as sent over a part of a batch, a few of its
-    /// streams (see `daemon::parts`).
+    /// streams (see `worker::parts`).
     apply_in_streams: String,
     /// `event`: per event type, the statement as sent, over `event` bound at `$1`.
     handlers: BTreeMap<String, String>,

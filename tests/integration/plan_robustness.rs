@@ -57,6 +57,12 @@ struct Explaining<'a> {
     /// What the statements run next are called in the report.
     label: Mutex<String>,
     reads: Mutex<Vec<Read>>,
+    /// `None`: each statement is prepared afresh and explained with its custom
+    /// and its generic plan. `Some`: each is prepared once for the session
+    /// (statement text to name, kept across transactions) and explained as the
+    /// transaction's `plan_cache_mode` has it, reusing whatever plan the
+    /// statement has kept, as the daemon's connections do.
+    kept: Option<&'a Mutex<Vec<String>>>,
 }
 
 impl<'a> Explaining<'a> {
@@ -76,6 +82,15 @@ impl<'a> Explaining<'a> {
             events_indexes,
             label: Mutex::new(String::new()),
             reads: Mutex::new(Vec::new()),
+            kept: None,
+        }
+    }
+
+    /// An explainer whose statements stay prepared in `kept` (see the field).
+    async fn keeping(tx: &'a Transaction<'a>, kept: &'a Mutex<Vec<String>>) -> Explaining<'a> {
+        Explaining {
+            kept: Some(kept),
+            ..Explaining::new(tx).await
         }
     }
 
@@ -86,6 +101,9 @@ impl<'a> Explaining<'a> {
     /// Records the reads of `events` of `sql`'s custom and generic plans.
     async fn explain(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) {
         let statement = self.label.lock().unwrap().clone();
+        if let Some(kept) = self.kept {
+            return self.explain_kept(&statement, kept, sql).await;
+        }
         let custom: Value = self
             .tx
             .query_one(&format!("EXPLAIN (FORMAT JSON) {sql}"), params)
@@ -119,6 +137,45 @@ impl<'a> Explaining<'a> {
             .await
             .unwrap();
         self.record(&statement, "generic", &generic);
+    }
+
+    /// Records the reads of `events` of the plan `sql`'s kept prepared statement
+    /// runs with now (prepared on first sight), with every argument NULL: a
+    /// generic plan does not depend on them, and a custom plan is never kept.
+    async fn explain_kept(&self, statement: &str, kept: &Mutex<Vec<String>>, sql: &str) {
+        let known = kept.lock().unwrap().iter().position(|k| k == sql);
+        let name = match known {
+            Some(i) => format!("kept_{i}"),
+            None => {
+                let i = {
+                    let mut kept = kept.lock().unwrap();
+                    kept.push(sql.to_string());
+                    kept.len() - 1
+                };
+                self.tx
+                    .batch_execute(&format!("PREPARE kept_{i} AS {sql}"))
+                    .await
+                    .unwrap_or_else(|e| panic!("{statement}: PREPARE failed: {e}"));
+                format!("kept_{i}")
+            }
+        };
+        let n = self.tx.prepare(sql).await.unwrap().params().len();
+        let args = match n {
+            0 => String::new(),
+            n => format!("({})", vec!["NULL"; n].join(", ")),
+        };
+        // More than the five executions after which PostgreSQL's `auto` mode
+        // makes a generic plan of its own and keeps it.
+        let mut explained = Value::Null;
+        for _ in 0..6 {
+            explained = self
+                .tx
+                .query_one(&format!("EXPLAIN (FORMAT JSON) EXECUTE {name}{args}"), &[])
+                .await
+                .unwrap_or_else(|e| panic!("{statement}: EXPLAIN EXECUTE failed: {e}"))
+                .get(0);
+        }
+        self.record(statement, "kept", &explained);
     }
 
     fn record(&self, statement: &str, plan: &'static str, explained: &Value) {
@@ -162,8 +219,9 @@ impl<'a> Explaining<'a> {
             bad.is_empty(),
             "reads of events that do not go through the position index or a key:\n{bad:#?}"
         );
+        let plans: std::collections::BTreeSet<&str> = reads.iter().map(|r| r.plan).collect();
         for statement in ranges {
-            for plan in ["custom", "generic"] {
+            for &plan in &plans {
                 assert!(
                     reads.iter().any(|r| r.statement == *statement
                         && r.plan == plan
@@ -282,7 +340,7 @@ async fn explain_batches(x: &Explaining<'_>, after: Position, upto: Position) {
     x.label("order_snapshots");
     x.explain(&sql, &range.params()).await;
 
-    // A long stream-set range applied in parts (`daemon::parts`): the walk that
+    // A long stream-set range applied in parts (`worker::parts`): the walk that
     // finds each part's last stream, and a part, which may read its streams
     // through the stream index instead of the range through the position index.
     // Its offset can reach most of the log (here about 70,000 of 75,000 events).
@@ -438,4 +496,151 @@ async fn a_log_bulk_loaded_in_a_few_transactions_is_read_by_position() {
 
     // Assert
     x.assert_reads_by_position(&RANGE_READS);
+}
+
+/// Grows the log by whole orders until `events` is at least `bytes` on disk.
+async fn grow_to(client: &tokio_postgres::Client, bytes: i64) {
+    let mut next = 1_000_000;
+    loop {
+        let size: i64 = client
+            .query_one("SELECT pg_relation_size('events')", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if size >= bytes {
+            return;
+        }
+        pgfold::testkit::workload::load_orders(client, next, 500)
+            .await
+            .unwrap();
+        next += 500;
+    }
+}
+
+/// Issue 25: statements prepared on the connection of a new deployment, while
+/// `events` is empty, and run as live batches run them, then the log grown a
+/// hundredfold without ANALYZE and the same prepared statements explained
+/// again. A generic plan kept from the empty log read all of it with a
+/// sequential scan on every batch. `analysed`: the empty table was vacuumed
+/// and analysed first, so the planner knows it to be empty rather than
+/// guessing ten pages.
+async fn plans_kept_from_an_empty_log_read_by_position(analysed: bool) {
+    // Arrange: an empty, migrated log that autovacuum never analyses.
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    client
+        .batch_execute("ALTER TABLE events SET (autovacuum_enabled = false)")
+        .await
+        .unwrap();
+    if analysed {
+        client.batch_execute("VACUUM ANALYZE events").await.unwrap();
+    }
+    let kept = Mutex::new(Vec::new());
+    // A live batch's statements over (after, upto], under the plan setting a
+    // live batch asks for: returns whether it planned generically, and the reads.
+    async fn live_batch(
+        client: &mut tokio_postgres::Client,
+        kept: &Mutex<Vec<String>>,
+    ) -> (bool, Vec<Read>) {
+        let after = match feed::newest(&*client).await.unwrap() {
+            Some(p) => p,
+            None => Position::new(0, 0),
+        };
+        append_live(client).await;
+        let upto = newest(client).await;
+        let tx = client.transaction().await.unwrap();
+        let generic = feed::set_plan_mode(&tx, true).await.unwrap();
+        let x = Explaining::keeping(&tx, kept).await;
+        explain_batches(&x, after, upto).await;
+        // A custom plan is made for the values, which here are all NULL.
+        if generic {
+            x.assert_reads_by_position(&RANGE_READS);
+        }
+        let reads = x.reads.lock().unwrap().clone();
+        drop(x);
+        tx.commit().await.unwrap();
+        (generic, reads)
+    }
+
+    // Act: batches on the empty log, then just past the size from which live
+    // batches plan generically, then on a log a hundred times that.
+    let (generic_empty, _) = live_batch(&mut client, &kept).await;
+    grow_to(&client, feed::GENERIC_PLANS_FROM_BYTES).await;
+    let (generic_small, _) = live_batch(&mut client, &kept).await;
+    pgfold::testkit::workload::load_orders(&client, 1, 50_000)
+        .await
+        .unwrap();
+    let (generic_grown, reads) = live_batch(&mut client, &kept).await;
+
+    // Assert: no plan made on the empty log was kept, and the plans made at the
+    // threshold still read the grown log by position (checked in `live_batch`).
+    assert!(!generic_empty, "an empty log was planned generically");
+    assert!(
+        generic_small && generic_grown,
+        "a grown log was not planned generically"
+    );
+    let events: i64 = client
+        .query_one("SELECT count(*) FROM events", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(events >= 100_000, "the log holds only {events} events");
+    assert!(
+        reads.iter().any(|r| r.plan == "kept"),
+        "nothing was explained"
+    );
+}
+
+#[tokio::test]
+async fn plans_kept_from_a_new_empty_log_read_by_position() {
+    plans_kept_from_an_empty_log_read_by_position(false).await;
+}
+
+#[tokio::test]
+async fn plans_kept_from_an_analysed_empty_log_read_by_position() {
+    plans_kept_from_an_empty_log_read_by_position(true).await;
+}
+
+/// Issue 25, the application's side: `pgfold.applied` (behind `wait_for`) called
+/// on a session that began while the log was empty, then the log grown a
+/// hundredfold without ANALYZE. PL/pgSQL keeps its statements' plans for the
+/// session, and a generic one made on the empty log scanned all of it per call.
+/// The scans are counted in the calling transaction's own statistics.
+#[tokio::test]
+async fn read_your_writes_look_ups_made_on_an_empty_log_read_by_key() {
+    // Arrange: an empty log, analysed as such, never again; the projectors
+    // registered; one session that has called `applied` more than five times.
+    let db = TestDb::new().await;
+    let mut client = db.client().await;
+    for sql in [
+        "ALTER TABLE events SET (autovacuum_enabled = false)",
+        "VACUUM ANALYZE events",
+    ] {
+        client.batch_execute(sql).await.unwrap();
+    }
+    run_once(&db.settings(), pgfold::daemon::RunOptions::default()).await;
+    append_live(&mut client).await;
+    let applied = "SELECT pgfold.applied('order_snapshots', 'live-0', 1),
+                          pgfold.applied('daily_revenue', 'live-0', 2)";
+    for _ in 0..8 {
+        client.query_one(applied, &[]).await.unwrap();
+    }
+    pgfold::testkit::workload::load_orders(&client, 1, 50_000)
+        .await
+        .unwrap();
+
+    // Act
+    let tx = client.transaction().await.unwrap();
+    tx.query_one(applied, &[]).await.unwrap();
+    let scans: i64 = tx
+        .query_one(
+            "SELECT seq_scan FROM pg_stat_xact_user_tables WHERE relid = 'events'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+
+    // Assert
+    assert_eq!(scans, 0, "pgfold.applied scanned the log");
 }

@@ -83,6 +83,19 @@ async fn append_many(client: &Client, n: i64) {
         .unwrap();
 }
 
+/// Appends events until the log is past the size from which live batches may
+/// plan generically (`feed::GENERIC_PLANS_FROM_BYTES`); returns how many.
+async fn grow_past_generic_plans(client: &Client) -> i64 {
+    let mut appended = 0;
+    while scalar_i64(client, "SELECT pg_relation_size('events')").await
+        < pgfold::feed::GENERIC_PLANS_FROM_BYTES
+    {
+        append_many(client, 2_000).await;
+        appended += 2_000;
+    }
+    appended
+}
+
 /// Runs the probe once to the newest event; returns its batches since `after`
 /// (by row number): events, plan_cache_mode, jit.
 /// `prepared`: `database.prepared_statements`.
@@ -133,36 +146,49 @@ async fn small_batches_reuse_generic_plans_and_large_ones_are_planned() {
         "the test needs a server that plans per value"
     );
 
-    // A large first batch: well over the live size, planned for its values.
-    append_many(&client, 6_000).await;
+    // A live-sized batch on a log of a few pages (a new deployment): planned for
+    // its values, so that no generic plan is made from a near-empty log.
+    append_many(&client, 3).await;
     let batches = run_probe(&db, true, true, 0).await;
     assert_eq!(batches.len(), 1, "{batches:?}");
     assert_eq!(
+        (batches[0].0, batches[0].1.as_str()),
+        (3, "force_custom_plan"),
+        "a batch on a small log must be planned for its values"
+    );
+
+    // A large batch: well over the live size, planned for its values.
+    let grown = grow_past_generic_plans(&client).await;
+    let batches = run_probe(&db, true, true, 1).await;
+    assert_eq!(batches.len(), 1, "{batches:?}");
+    assert_eq!(
         batches[0],
-        (6_000, "force_custom_plan".to_string(), "off".to_string()),
+        (grown, "force_custom_plan".to_string(), "off".to_string()),
         "a large batch must be planned for its values"
     );
 
     // A live-sized batch: generic plan, no JIT.
     append_many(&client, 3).await;
-    let batches = run_probe(&db, true, true, 1).await;
+    let batches = run_probe(&db, true, true, 2).await;
     assert_eq!(
         batches,
         vec![(3, "force_generic_plan".to_string(), "off".to_string())]
     );
 }
 
-/// A live batch of 3 events runs under the server's own `plan_cache_mode`.
+/// A live batch of 3 events, on a log large enough for generic plans, is
+/// planned for its values.
 async fn assert_live_batch_planned_for_its_values(generic_plans: bool, prepared: bool) {
     let db = TestDb::new().await;
     let client = db.client().await;
-    let server_default = plan_cache_mode(&client).await;
+    grow_past_generic_plans(&client).await;
+    run_probe(&db, generic_plans, prepared, 0).await;
     append_many(&client, 3).await;
-    let batches = run_probe(&db, generic_plans, prepared, 0).await;
+    let batches = run_probe(&db, generic_plans, prepared, 1).await;
     assert_eq!(batches.len(), 1, "{batches:?}");
     assert_eq!(
         (batches[0].0, batches[0].1.as_str()),
-        (3, server_default.as_str())
+        (3, "force_custom_plan")
     );
 }
 
@@ -268,13 +294,13 @@ async fn a_batch_and_its_checkpoint_move_commit_as_one_transaction() {
 }
 
 /// A batch's first statement already asks for generic plans when the batch
-/// before it was live; a large batch after live ones must still run as
-/// configured, and a live one after it generically again.
+/// before it was live; a large batch after live ones must still be planned for
+/// its values, and a live one after it generically again.
 #[tokio::test]
 async fn a_large_batch_after_live_ones_is_not_planned_generically() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    let server_default = plan_cache_mode(&client).await;
+    let mut appended = grow_past_generic_plans(&client).await;
     let mut settings = db.settings();
     settings.projectors.clear();
     let registry = Registry::new().register(PlanProbe {
@@ -294,8 +320,8 @@ async fn a_large_batch_after_live_ones_is_not_planned_generically() {
             == 1
     })
     .await;
-    let mut appended = 0;
-    for n in [3, 3, 6_000, 3] {
+    // The log as it was at the start (0 appended first), then one batch each.
+    for n in [0, 3, 3, 6_000, 3] {
         append_many(&client, n).await;
         appended += n;
         wait_for(
@@ -325,12 +351,13 @@ async fn a_large_batch_after_live_ones_is_not_planned_generically() {
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
+    // After the catch-up of the log as it was when the daemon started.
     assert_eq!(
-        batches,
+        batches[1..],
         vec![
             (3, generic.clone()),
             (3, generic.clone()),
-            (6_000, server_default),
+            (6_000, "force_custom_plan".to_string()),
             (3, generic)
         ]
     );

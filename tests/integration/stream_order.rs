@@ -451,7 +451,7 @@ async fn append_long_stream(client: &Client) {
 }
 
 /// Issue 18: a long stream-set catch-up is applied in parts of a few streams each
-/// (`daemon::parts`), so that its progress shows. Each stream must be folded whole
+/// (`worker::parts`), so that its progress shows. Each stream must be folded whole
 /// in exactly one part, whatever its length and wherever its events lie:
 /// `order-edge`'s OrderPaid has the oldest transaction and the newest id, its
 /// OrderCreated the newest transaction, so the stream spans the whole range both
@@ -511,7 +511,7 @@ async fn a_long_stream_set_catch_up_in_parts_folds_every_stream_whole_once() {
             ("PGFOLD_DAEMON__PROJECTIONS_DIR", dir.to_string()),
             ("PGFOLD_DAEMON__SET_BATCH_SIZE", set_batch_size.to_string()),
             ("PGFOLD_LOG__FORMAT", "json".to_string()),
-            ("RUST_LOG", "info,pgfold::daemon::parts=debug".to_string()),
+            ("RUST_LOG", "info,pgfold::worker::parts=debug".to_string()),
         ]
     };
     pgfold_ok(

@@ -4,7 +4,7 @@
 //! A [`Fold::StreamSet`](crate::projector::Fold::StreamSet) batch runs to the
 //! horizon in one range, and one statement over it commits nothing, and so
 //! shows nothing, until the very end. Cutting it by position, as set folds are
-//! (`daemon::pace`), was tried: 4.1x slower, because every range probes each of
+//! (`worker::pace`), was tried: 4.1x slower, because every range probes each of
 //! its events for a later event of the same stream, and a stream that spans two
 //! ranges has its state written by the first and patched by the second.
 //!
@@ -23,7 +23,7 @@
 //! back as a failed batch would, and the worker narrows it (without parts) to
 //! isolate the failing event.
 //!
-//! Part boundaries are measured, like `daemon::pace`'s ranges: the first part
+//! Part boundaries are measured, like `worker::pace`'s ranges: the first part
 //! walks [`Pace`]'s first size of index entries of `(stream_id, sequence)`, and
 //! each next one is sized from how long the last took, to take about
 //! [`pace::TARGET`](super::pace::TARGET). The walk reads keys only (an
@@ -36,16 +36,17 @@
 
 use std::time::{Duration, Instant};
 
-use super::checkpoint;
+use super::apply::apply_set;
 use super::pace::Pace;
-use super::worker::{apply_set, Transaction, Transient};
+use super::{Transaction, Transient};
+use crate::bookkeeping as checkpoint;
 use crate::db::Pool;
 use crate::feed::{self, EventRange, Position};
 use crate::projector::{ProjectorError, SetFold};
 
 /// A stream-set batch spanning at least this many event ids is applied in parts:
 /// a few of them at least, each of about a second.
-pub const PARTS_FROM: i64 = 100_000;
+pub(super) const PARTS_FROM: i64 = 100_000;
 
 /// How long recording a part's progress may take, waiting for a connection
 /// included: it is worth less than the batch's time, and a pool whose every

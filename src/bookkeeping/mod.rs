@@ -1,5 +1,8 @@
-//! A projector's row in `pgfold.projectors`: its checkpoint, its health, and the
-//! lock that keeps two instances from working it at once.
+//! Every statement on `pgfold.projectors` and the tables beside it: each
+//! consumer's checkpoint, its health, the lock that keeps two instances from
+//! working it at once, its dead letters, the definition its tables were built
+//! with and the rebuilds in progress (`builds`). The daemon, the worker, rebuilds
+//! and `status` all keep their books through here, and this imports none of them.
 //!
 //! Coordination is a transaction-scoped advisory lock taken at the start of every
 //! batch transaction (`pg_try_advisory_xact_lock`). PostgreSQL releases it when the
@@ -9,12 +12,18 @@
 //! behind a transaction-pooling proxy. Taking it assigns no transaction id, so a
 //! batch reads the horizon without holding it back itself.
 
+mod builds;
+
 use std::collections::HashSet;
 
 use crate::db::Db;
 
 use crate::feed::{Position, POSITION_TX};
 use crate::projector::Projector;
+
+pub use builds::{
+    build_key, rebuild_progress, record_fingerprint, stored_fingerprint, RebuildProgress,
+};
 
 /// A projector's state column.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -267,7 +276,7 @@ pub async fn record_ahead<C: Db>(
 }
 
 /// The event a projector failed on: while it is retried, once it is parked
-/// (the daemon's [`Outcome`](super::Outcome) lists those), and in each dead letter.
+/// (the daemon's `Outcome` lists those), and in each dead letter.
 #[derive(Debug, Clone)]
 pub struct Failure {
     /// The projector's name.

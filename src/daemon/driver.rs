@@ -233,32 +233,30 @@ impl Driver {
     /// `daemon.connect_timeout_ms`.
     async fn failed(&mut self, e: Transient) -> anyhow::Result<Next> {
         self.ops.metrics.batch_failed(&self.name);
+        // A sink's broker, or the database.
+        let what = match &e {
+            Transient::Unavailable(why) => {
+                // For `status`: the batches that failed for it were rolled back.
+                self.worker.record_error(why).await;
+                "broker"
+            }
+            _ => "database",
+        };
         let since = *self.failing_since.get_or_insert_with(Instant::now);
         if self.target.is_some() && since.elapsed() >= self.settings.connect_timeout() {
             anyhow::bail!(
-                "projector {}: database unavailable for {} ms (daemon.connect_timeout_ms): {e}",
+                "projector {}: {what} unavailable for {} ms (daemon.connect_timeout_ms): {e}",
                 self.name,
                 since.elapsed().as_millis()
             );
         }
         let delay = self.backoff.next_delay();
-        if let Transient::Unavailable(why) = &e {
-            // For `status`: the batches that failed for it were rolled back.
-            self.worker.record_error(why).await;
-            tracing::warn!(
-                projector = %self.name,
-                error = %e,
-                retry_in_ms = delay.as_millis() as u64,
-                "unavailable; retrying"
-            );
-        } else {
-            tracing::warn!(
-                projector = %self.name,
-                error = %e,
-                retry_in_ms = delay.as_millis() as u64,
-                "database error; retrying"
-            );
-        }
+        tracing::warn!(
+            projector = %self.name,
+            error = %e,
+            retry_in_ms = delay.as_millis() as u64,
+            "{what} error; retrying"
+        );
         self.pause(Some(Instant::now() + delay), false).await;
         Ok(Next::Continue)
     }

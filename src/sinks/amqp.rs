@@ -285,10 +285,15 @@ impl Publisher for Amqp {
     }
 
     fn disconnected(&self) -> Option<String> {
-        self.down
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .as_ref()
+        let down = self.down.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        // A connection lost while idle, before a batch finds out (skipped
+        // while a batch holds it: that batch will tell).
+        let lost = self.open.try_lock().ok().and_then(|open| {
+            open.as_ref()
+                .filter(|(c, _)| !c.status().connected())
+                .map(|_| "the connection is closed".to_string())
+        });
+        down.or(lost)
             .map(|why| format!("RabbitMQ unreachable: {why}"))
     }
 }

@@ -179,11 +179,18 @@ pub fn error_text(e: &tokio_postgres::Error) -> String {
 
 /// Whether an error is about the connection or the server's state rather than the
 /// data: such errors are retried forever, never counted against an event.
+///
+/// A missing privilege is the operator's to grant, not the event's fault: counted
+/// against events, `on_error = "skip"` dead-lettered every event of a projection
+/// whose role lacked a grant on its table, and they were gone from the read model.
 pub fn is_transient(e: &tokio_postgres::Error) -> bool {
     let Some(code) = e.code() else {
         // No SQLSTATE: the socket closed, a timeout, a protocol error.
         return true;
     };
+    if *code == tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE {
+        return true;
+    }
     let class = &code.code()[..2];
     matches!(
         class,

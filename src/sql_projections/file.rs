@@ -1,6 +1,7 @@
 //! The projection file: its format, and the checks that need no database.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
@@ -66,7 +67,9 @@ pub fn read(path: &Path) -> anyhow::Result<Definition> {
             "{shown}: the file name must be lowercase letters, digits and _ (it is the projection's name)"
         );
     }
-    let text = std::fs::read_to_string(path)
+    let mut text = String::new();
+    super::trust::open(path)?
+        .read_to_string(&mut text)
         .map_err(|e| anyhow::anyhow!("{shown}: cannot read it: {e}"))?;
     let raw: Raw =
         toml::from_str(&text).map_err(|e| anyhow::anyhow!("{shown}: {}", one_line(e.message())))?;

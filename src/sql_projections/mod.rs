@@ -8,13 +8,15 @@
 //! order, poison handling, replay, several instances. No event data is ever
 //! spliced into them: the relations `batch` and `event` carry it.
 //!
-//! Checks happen in two places: `file::read` rejects what can be told from the
-//! file alone, at load; [`SqlProjection`]'s `validate` parses and plans every
+//! Checks happen in three places: `trust` refuses a file or directory someone
+//! other than pgfold's user or root could change; `file::read` rejects what can
+//! be told from the file alone, at load; [`SqlProjection`]'s `validate` parses and plans every
 //! statement against the database before anything runs.
 
 mod file;
 mod projection;
 mod scan;
+mod trust;
 
 use std::path::Path;
 
@@ -29,6 +31,7 @@ pub fn load(mut registry: Registry, dir: Option<&Path>) -> anyhow::Result<Regist
     let Some(dir) = dir else {
         return Ok(registry);
     };
+    trust::check_dir(dir)?;
     let entries = std::fs::read_dir(dir).map_err(|e| {
         anyhow::anyhow!(
             "daemon.projections_dir {}: cannot read it: {e}",

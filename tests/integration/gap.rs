@@ -14,12 +14,7 @@ async fn projected(db: &TestDb, stream: &str) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_with_a_lower_id_committed_after_a_processed_higher_one_is_still_projected() {
-    let db = TestDb::new().await;
-    db.client()
-        .await
-        .batch_execute("CREATE TABLE scratch (x int)")
-        .await
-        .unwrap();
+    let db = with_scratch().await;
     let daemon = RunningDaemon::start(db.settings(), RunOptions::default());
 
     // B takes its transaction id first (it writes elsewhere before appending)...

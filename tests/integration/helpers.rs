@@ -86,6 +86,21 @@ where
     }
 }
 
+/// The rows of `sql`, as pairs of their first two columns.
+pub async fn pairs<A, B>(client: &Client, sql: &str) -> Vec<(A, B)>
+where
+    A: for<'a> tokio_postgres::types::FromSql<'a>,
+    B: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    client
+        .query(sql, &[])
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 pub async fn scalar_i64(client: &Client, sql: &str) -> i64 {
     testkit::db::scalar_i64(client, sql)
         .await
@@ -259,4 +274,268 @@ pub fn custom_projector_binary() -> std::path::PathBuf {
         path.display()
     );
     path
+}
+
+// ---------------------------------------------------------------------------
+// SQL projection files, written as an operator installs them.
+
+/// Writes `dir/name.toml` with mode 0644 whatever the umask (pgfold refuses a
+/// projection file group or others may write). `dir` should come from
+/// `tempfile::tempdir()`, which only its owner may write.
+pub fn write_projection(dir: &std::path::Path, name: &str, text: &str) -> std::path::PathBuf {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o644)
+        .open(&path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    path
+}
+
+// ---------------------------------------------------------------------------
+// Poison events: a log holding one event a projector cannot fold.
+
+/// `db`'s settings with `projector` given `on_error` and `max_attempts`.
+pub fn with_policy(
+    db: &TestDb,
+    projector: &str,
+    on_error: pgfold::config::OnError,
+    max_attempts: u32,
+) -> Settings {
+    let mut settings = db.settings();
+    settings.projectors.insert(
+        projector.into(),
+        pgfold::config::ProjectorSettings {
+            max_attempts,
+            on_error,
+            enabled: true,
+        },
+    );
+    settings
+}
+
+/// (state, failing_event_id, attempts, last_error) of a projector's row.
+pub async fn projector_row(
+    client: &Client,
+    name: &str,
+) -> (String, Option<i64>, i32, Option<String>) {
+    let row = client
+        .query_one(
+            "SELECT state, failing_event_id, attempts, last_error FROM pgfold.projectors WHERE name = $1",
+            &[&name],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2), row.get(3))
+}
+
+/// A database of its own whose log holds one poison event for `projector`, and
+/// settings giving that projector a policy.
+pub struct Poisoned {
+    pub db: TestDb,
+    pub client: Client,
+    pub projector: &'static str,
+    /// The poison event's id.
+    pub bad_id: i64,
+    pub settings: Settings,
+    /// What the assertions name: the case.
+    pub case: String,
+}
+
+impl Poisoned {
+    /// Appends `events`, all committed before anything runs (so that they fall
+    /// into one batch); the poison is the one `poison` (a condition on `events`)
+    /// picks. `projector` fails on it under `on_error` after `max_attempts`.
+    pub async fn new(
+        case: String,
+        events: &[NewEvent],
+        poison: &str,
+        projector: &'static str,
+        on_error: pgfold::config::OnError,
+        max_attempts: u32,
+    ) -> Poisoned {
+        let db = TestDb::new().await;
+        let mut client = db.client().await;
+        append_all(&mut client, events).await;
+        let bad_id = scalar_i64(&client, &format!("SELECT id FROM events WHERE {poison}")).await;
+        let settings = with_policy(&db, projector, on_error, max_attempts);
+        Poisoned {
+            db,
+            client,
+            projector,
+            bad_id,
+            settings,
+            case,
+        }
+    }
+
+    /// `run --once` in-process under the policy.
+    pub async fn run_once(&self) -> Outcome {
+        run_once(&self.settings, RunOptions::default()).await
+    }
+
+    /// The run parked the projector, alone, on the poison `OrderPaid`, with an
+    /// error containing `clue`.
+    pub fn assert_parked(&self, outcome: &Outcome, clue: &str) {
+        let case = &self.case;
+        assert_eq!(outcome.parked.len(), 1, "{case}: {:?}", outcome.parked);
+        let parked = &outcome.parked[0];
+        assert_eq!(parked.projector, self.projector);
+        assert_eq!(parked.event_id, self.bad_id);
+        assert_eq!(parked.event_type, "OrderPaid");
+        assert!(
+            parked.error.contains(clue),
+            "{case}: the error does not say what is wrong: {:?}",
+            parked.error
+        );
+    }
+
+    /// The projector's row: failed on the poison after `attempts`; its last error.
+    pub async fn assert_failed(&self, attempts: i32) -> Option<String> {
+        let (state, failing, tried, error) = projector_row(&self.client, self.projector).await;
+        assert_eq!(
+            (state.as_str(), failing, tried),
+            ("failed", Some(self.bad_id), attempts),
+            "{}: (state, failing event, attempts)",
+            self.case
+        );
+        error
+    }
+
+    /// `pgfold status --json` exits 3 and shows the projector failed on the
+    /// poison `OrderPaid`, its last error containing `clue`; the status.
+    pub fn assert_status_failed(&self, clue: &str) -> Value {
+        let (code, status) = status_json(&self.db.url, &[]);
+        assert_eq!(code, Some(3), "{}: {status}", self.case);
+        let entry = projector_status(&status, self.projector);
+        assert_eq!(entry["state"], "failed", "{status}");
+        assert_eq!(entry["failing_event"]["id"], self.bad_id, "{status}");
+        assert_eq!(
+            entry["failing_event"]["event_type"], "OrderPaid",
+            "{status}"
+        );
+        assert!(
+            entry["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains(clue)),
+            "{status}"
+        );
+        status
+    }
+
+    /// When the projector last failed, as text.
+    pub async fn last_error_at(&self) -> String {
+        self.client
+            .query_one(
+                "SELECT last_error_at::text FROM pgfold.projectors WHERE name = $1",
+                &[&self.projector],
+            )
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// The binary's `run --once` with `max_attempts` 2: must exit non-zero, but
+    /// not 1, with a line naming the projector and the poison; returns that line.
+    pub fn run_once_binary_fails(&self) -> String {
+        let attempts_var = format!(
+            "PGFOLD_PROJECTORS__{}__MAX_ATTEMPTS",
+            self.projector.to_uppercase()
+        );
+        let out = pgfold(
+            &["run", "--once"],
+            &[("DATABASE_URL", &self.db.url), (&attempts_var, "2")],
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+        assert!(
+            !out.status.success(),
+            "run --once exited 0 with a parked projector; stderr {stderr:?}"
+        );
+        assert_ne!(
+            out.status.code(),
+            Some(1),
+            "exit 1 is for errors; a parked projector exits 3 (README): {stderr:?}"
+        );
+        let needle = format!("event {}", self.bad_id);
+        stderr
+            .lines()
+            .find(|l| l.contains(self.projector) && l.contains(&needle))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no line naming {} and {needle} in {stderr:?}",
+                    self.projector
+                )
+            })
+            .to_string()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Shared setups: databases of orders, projected or not, and replays.
+
+/// Appends `orders` orders numbered from `first` (testkit's workload); returns
+/// the newest event id.
+pub async fn append_orders(client: &Client, first: i64, orders: i64) -> i64 {
+    workload::load_orders(client, first, orders)
+        .await
+        .unwrap_or_else(|e| panic!("load {orders} orders from {first}: {e}"));
+    scalar_i64(client, "SELECT max(id) FROM events").await
+}
+
+/// A database of its own holding `orders` orders projected by one `run --once`:
+/// the live projections a replay or a rebuild starts from. A client to it.
+pub async fn projected_orders(orders: i64) -> (TestDb, Client) {
+    let db = TestDb::new().await;
+    let client = db.client().await;
+    append_orders(&client, 1, orders).await;
+    run_once(&db.settings(), RunOptions::default()).await;
+    (db, client)
+}
+
+/// Damages both built-in projections so that only a replay repairs them.
+pub async fn damage_projections(client: &Client) {
+    client
+        .batch_execute(
+            "UPDATE daily_revenue SET total = total + 1;
+             DELETE FROM order_snapshots WHERE stream_id LIKE 'order-1%';",
+        )
+        .await
+        .unwrap();
+}
+
+/// `run --once` in-process, replaying the projectors named (`all`: every one).
+pub async fn replay_once(settings: &Settings, replay: &[&str]) -> Outcome {
+    let options = RunOptions {
+        replay: replay.iter().map(|name| name.to_string()).collect(),
+        ..RunOptions::default()
+    };
+    run_once(settings, options).await
+}
+
+/// A database with a table `scratch`, where a writer can take its transaction
+/// id before it appends.
+pub async fn with_scratch() -> TestDb {
+    let db = TestDb::new().await;
+    db.client()
+        .await
+        .batch_execute("CREATE TABLE scratch (x int)")
+        .await
+        .unwrap();
+    db
+}
+
+/// A connection to a database [`with_scratch`] that has taken its transaction
+/// id by writing to `scratch`.
+pub async fn early_writer(db: &TestDb) -> Client {
+    let client = db.client().await;
+    client
+        .batch_execute("BEGIN; INSERT INTO scratch VALUES (1)")
+        .await
+        .unwrap();
+    client
 }

@@ -16,6 +16,7 @@ mod poison;
 mod pooler;
 mod privilege;
 mod progress;
+mod projection_trust;
 mod projections;
 mod read_your_writes;
 mod rebuild;

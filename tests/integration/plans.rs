@@ -40,13 +40,12 @@ impl Projector for PlanProbe {
                plan_cache_mode TEXT NOT NULL, jit TEXT NOT NULL,
                synchronous_commit TEXT NOT NULL)",
         )
-        .await?;
-        Ok(())
+        .await
+        .map_err(Into::into)
     }
 
     async fn reset(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
-        tx.batch_execute("TRUNCATE plan_probe").await?;
-        Ok(())
+        Ok(tx.batch_execute("TRUNCATE plan_probe").await?)
     }
 }
 
@@ -341,16 +340,11 @@ async fn a_large_batch_after_live_ones_is_not_planned_generically() {
     daemon.stop().await.unwrap();
 
     let generic = "force_generic_plan".to_string();
-    let batches: Vec<(i64, String)> = client
-        .query(
-            "SELECT events, plan_cache_mode FROM plan_probe ORDER BY n",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let batches: Vec<(i64, String)> = pairs(
+        &client,
+        "SELECT events, plan_cache_mode FROM plan_probe ORDER BY n",
+    )
+    .await;
     // After the catch-up of the log as it was when the daemon started.
     assert_eq!(
         batches[1..],

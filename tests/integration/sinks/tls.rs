@@ -100,7 +100,10 @@ async fn tls_to_nats_is_verified_against_the_root_certificate() {
 
     // Under another CA, the server is not trusted: nothing is published.
     let wrong = env(&other);
-    let out = pgfold(&["run", "--once", "--projector", "to_nats"], &env_pairs(&wrong));
+    let out = pgfold(
+        &["run", "--once", "--projector", "to_nats"],
+        &env_pairs(&wrong),
+    );
     assert_ne!(
         out.status.code(),
         Some(0),
@@ -110,7 +113,10 @@ async fn tls_to_nats_is_verified_against_the_root_certificate() {
     assert_eq!(stream.info().await.unwrap().state.messages, 0);
 
     let right = env(&ca);
-    pgfold_ok(&["run", "--once", "--projector", "to_nats"], &env_pairs(&right));
+    pgfold_ok(
+        &["run", "--once", "--projector", "to_nats"],
+        &env_pairs(&right),
+    );
     assert_eq!(stream.info().await.unwrap().state.messages, 4);
     let _ = server.kill();
     let _ = server.wait();

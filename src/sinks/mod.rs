@@ -71,8 +71,10 @@ trait Publisher: Send + Sync {
     async fn check(&self) -> Result<(), PublishError>;
 
     /// Publishes `events` in order and returns once the broker has acknowledged
-    /// each one. On a refused event, the events before it are acknowledged and
-    /// none after it has been sent, where the protocol allows it.
+    /// each one. On a refused event, the events before it are acknowledged; the
+    /// ones after it may have been sent too (AMQP learns that a message was
+    /// unroutable only once the batch is on its way), and are sent again, in
+    /// order, once the failure is dealt with.
     async fn publish(&self, events: &[Event]) -> Result<(), PublishError>;
 
     /// Whether the connection is down now, as the client library sees it.
@@ -510,6 +512,54 @@ mod tests {
         assert!(e.contains("unknown placeholder {stream}"), "{e}");
         assert!(Subject::parse("events.{event_type").is_err());
         assert!(Subject::parse("events.}").is_err());
+    }
+
+    fn settings(keys: serde_json::Value) -> BTreeMap<String, SinkSettings> {
+        serde_json::from_value(keys).unwrap()
+    }
+
+    fn load_error(keys: serde_json::Value) -> String {
+        let registry = crate::projectors::builtin();
+        match load(registry, &settings(keys)) {
+            Ok(_) => panic!("loaded"),
+            Err(e) => format!("{e:#}"),
+        }
+    }
+
+    #[test]
+    fn bad_sinks_are_one_line_errors_naming_them() {
+        let e = load_error(serde_json::json!({"daily_revenue": {"url": "http://h/x"}}));
+        assert!(
+            e.contains("sink daily_revenue: the name is taken by a projector"),
+            "{e}"
+        );
+        let e = load_error(serde_json::json!({"out": {"url": "kafka://h:9092"}}));
+        assert!(e.contains("sink out: url scheme \"kafka\""), "{e}");
+        let e = load_error(serde_json::json!({"out": {"url": "nats://h:4222"}}));
+        assert!(
+            e.contains("sink out: subject is required for a NATS sink"),
+            "{e}"
+        );
+        let e = load_error(serde_json::json!({"out": {"url": "amqp://h", "subject": "x"}}));
+        assert!(e.contains("sink out: exchange is required"), "{e}");
+        let e = load_error(serde_json::json!({"Out": {"url": "http://h/x"}}));
+        assert!(e.contains("lowercase"), "{e}");
+    }
+
+    #[test]
+    fn a_loaded_sink_has_no_tables_and_its_errors_hide_the_password() {
+        let registry = load(
+            crate::projectors::builtin(),
+            &settings(serde_json::json!({
+                "out": {"url": "amqp://app:hunter2@rabbit/shop", "subject": "x", "exchange": "e"}
+            })),
+        )
+        .unwrap();
+        let sink = registry.get("out").unwrap();
+        assert!(!sink.has_tables());
+        assert_eq!(sink.unavailable(), None, "not connected yet, not down");
+        let e = load_error(serde_json::json!({"out": {"url": "kafka://u:hunter2@h"}}));
+        assert!(!e.contains("hunter2"), "{e}");
     }
 
     #[test]

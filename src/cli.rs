@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::config::Settings;
 use crate::daemon::{self, RunOptions};
+use crate::feed::Upcasters;
 use crate::projector::Registry;
 use crate::{db, status, telemetry};
 
@@ -115,8 +116,13 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref())?;
     let registry =
         crate::sql_projections::load(registry, settings.daemon.projections_dir.as_deref())?;
-    let registry = crate::sinks::load(registry, &settings.sinks)?;
+    // Sinks publish events as the upcasters make them, like projectors fold them.
+    let registry = crate::sinks::load(registry, &settings.sinks)?
+        .with_upcasters(&Upcasters::new(&settings.upcasters)?);
     telemetry::init(&settings.log);
+    for unused in registry.unused_upcasters() {
+        tracing::warn!(upcaster = %unused, "no projector consumes this upcaster's event type: it applies to nothing");
+    }
     if !settings.ignored_env.is_empty() {
         tracing::debug!(
             variables = %settings.ignored_env.join(" "),

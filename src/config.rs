@@ -42,6 +42,10 @@ pub struct Settings {
     /// webhook (see `crate::sinks`).
     #[serde(default)]
     pub sinks: BTreeMap<String, SinkSettings>,
+    /// `[[upcasters]]`: events read in the shape of their newest version; see
+    /// [`Settings::upcasters`].
+    #[serde(default)]
+    pub upcasters: Vec<Upcaster>,
     /// `PGFOLD_*` environment variables that were not read as configuration (no
     /// `__`), for a debug line once logging is up.
     #[serde(skip)]
@@ -129,6 +133,90 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+/// One `[[upcasters]]` entry: the payload of `event_type` at `from_version`
+/// rewritten to `to_version` (see `feed::upcast`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Upcaster {
+    /// The event type whose payload it rewrites.
+    pub event_type: String,
+    /// The version it reads.
+    pub from_version: i32,
+    /// The version it produces: `from_version + 1`.
+    pub to_version: i32,
+    /// A SQL expression of type `jsonb` over the event's unqualified columns
+    /// (`payload`, `metadata`, `occurred_at`, ...): the payload at `to_version`.
+    pub payload: String,
+}
+
+impl Upcaster {
+    /// The upcaster of `event_type` from `from_version` to `to_version`.
+    pub fn new(event_type: &str, from_version: i32, to_version: i32, payload: &str) -> Upcaster {
+        Upcaster {
+            event_type: event_type.into(),
+            from_version,
+            to_version,
+            payload: payload.into(),
+        }
+    }
+
+    /// How errors and rebuild reasons name it: `OrderPaid 1->2`.
+    pub fn label(&self) -> String {
+        format!(
+            "{} {}->{}",
+            self.event_type, self.from_version, self.to_version
+        )
+    }
+}
+
+/// Checks `[[upcasters]]`: each moves one version up, so that a type's upcasters
+/// form one chain, with no duplicate, gap or cycle; every field is there. The
+/// error is one line naming the upcaster. (Their expressions are planned against
+/// the database at start, by each projector that reads through them.)
+pub fn check_upcasters(list: &[Upcaster]) -> anyhow::Result<()> {
+    let mut chains: BTreeMap<&str, Vec<&Upcaster>> = BTreeMap::new();
+    for u in list {
+        let name = format!("[[upcasters]] {}", u.label());
+        if u.event_type.trim().is_empty() {
+            bail!("{name}: event_type is empty");
+        }
+        if u.payload.trim().is_empty() {
+            bail!("{name}: payload is empty");
+        }
+        if u.to_version <= u.from_version {
+            bail!("{name}: to_version must be from_version + 1 (an upcaster that goes back or stays would make a cycle)");
+        }
+        if Some(u.to_version) != u.from_version.checked_add(1) {
+            bail!("{name}: to_version must be from_version + 1: write one upcaster per version (payload = \"payload\" for a version that changed nothing)");
+        }
+        chains.entry(u.event_type.as_str()).or_default().push(u);
+    }
+    for chain in chains.values_mut() {
+        chain.sort_by_key(|u| u.from_version);
+        for pair in chain.windows(2) {
+            let (a, b) = (pair[0], pair[1]);
+            if a.from_version == b.from_version {
+                bail!(
+                    "[[upcasters]] {}: a duplicate: two upcasters read {} version {}",
+                    b.label(),
+                    b.event_type,
+                    b.from_version
+                );
+            }
+            if b.from_version != a.to_version {
+                bail!(
+                    "[[upcasters]] {}: a gap in the chain of {}: nothing upcasts version {} to {}",
+                    b.label(),
+                    b.event_type,
+                    a.to_version,
+                    b.from_version
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `[projectors.<name>]`.
@@ -304,6 +392,7 @@ impl Settings {
                 bail!("sinks.{name}: the name is taken by [projectors.{name}]; sinks and projectors share names");
             }
         }
+        check_upcasters(&self.upcasters)?;
         Ok(())
     }
 
@@ -386,6 +475,28 @@ mod tests {
                 "PGFOLD_TEST_ADMIN_URL"
             ]
         );
+    }
+
+    use Upcaster as U;
+
+    #[test]
+    fn a_chain_of_upcasters_moves_one_version_at_a_time() {
+        let err = |list: &[Upcaster]| check_upcasters(list).unwrap_err().to_string();
+        assert!(
+            check_upcasters(&[U::new("P", 2, 3, "payload"), U::new("P", 1, 2, "payload")]).is_ok()
+        );
+        assert_eq!(
+            err(&[U::new("P", 1, 2, "payload"), U::new("P", 3, 4, "payload")]),
+            "[[upcasters]] P 3->4: a gap in the chain of P: nothing upcasts version 2 to 3"
+        );
+        let dup = err(&[
+            U::new("P", 1, 2, "payload"),
+            U::new("P", 1, 2, "payload || '{}'"),
+        ]);
+        assert!(dup.contains("P 1->2: a duplicate"), "{dup}");
+        assert!(err(&[U::new("P", 2, 1, "payload")]).contains("P 2->1: to_version must be"));
+        assert!(err(&[U::new("P", 1, 3, "payload")]).contains("P 1->3: to_version must be"));
+        assert!(err(&[U::new("P", 1, 2, " ")]).contains("payload is empty"));
     }
 
     #[test]

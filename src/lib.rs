@@ -14,7 +14,8 @@
 //! - [`store`]: the application side: appending events with optimistic concurrency,
 //!   and waiting until a projector has applied them (`pgfold.wait_for`).
 //! - [`feed`]: reading the log gap-free, in an order that respects each stream,
-//!   and how a batch's statements are planned.
+//!   through the configured upcasters (`[[upcasters]]`, `feed::upcast`), and
+//!   how a batch's statements are planned.
 //! - [`projector`]: the contract a projector implements ([`Projector`], [`Fold`]),
 //!   and the registry of projectors by name. What an author needs is re-exported
 //!   here at the root.

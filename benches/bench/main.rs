@@ -81,6 +81,10 @@ struct Cli {
     /// reported figures)
     #[arg(long)]
     reuse: bool,
+    /// replay phase: also replay each built-in with an upcaster on every OrderPaid
+    /// (`[[upcasters]]`, issue 27), against the same replay without
+    #[arg(long)]
+    upcast: bool,
     /// write-side B rounds: run only these projectors (default: all), to see what
     /// each one costs the writers
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
@@ -112,6 +116,7 @@ struct Args {
     db: String,
     only: Vec<String>,
     reuse: bool,
+    upcast: bool,
     write_projectors: Vec<String>,
     live_cost_sizes: Vec<u64>,
 }
@@ -170,6 +175,7 @@ impl TryFrom<Cli> for Args {
             db: cli.db,
             only: list(cli.only),
             reuse: cli.reuse,
+            upcast: cli.upcast,
             write_projectors: list(cli.write_projectors),
             live_cost_sizes: list(cli.live_cost_sizes)
                 .iter()

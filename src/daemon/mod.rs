@@ -94,6 +94,7 @@ impl Daemon {
         pg: db::PgConfig,
         session: db::PgConfig,
     ) -> anyhow::Result<Daemon> {
+        let registry = registry.with_upcasters(&crate::feed::Upcasters::new(&settings.upcasters)?);
         let selected = select(&settings, &registry, &options)?;
         Ok(Daemon {
             settings,

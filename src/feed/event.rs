@@ -3,7 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
-use super::Position;
+use super::{Position, Upcasters};
 
 /// One event of the log, as a projector receives it.
 #[derive(Debug, Clone)]
@@ -18,7 +18,9 @@ pub struct Event {
     pub stream_type: String,
     /// The kind of fact (`OrderPaid`, ...).
     pub event_type: String,
-    /// The version of the payload's schema, as the application wrote it.
+    /// The version of the payload's schema: as the application wrote it, or the
+    /// last version of its type's chain of upcasters (`[[upcasters]]`), which
+    /// have already rewritten `payload` to that version.
     pub event_version: i32,
     /// Numbers keep their exact decimal text (serde_json's `arbitrary_precision`):
     /// parse money with `rust_decimal`, never through `f64`.
@@ -31,14 +33,19 @@ pub struct Event {
     pub sequence: i64,
 }
 
-/// Which events a projector consumes. Filtering happens in the query, so a
-/// projector is not woken, nor its checkpoint moved, by events it ignores.
+/// Which events a projector consumes, and the upcasters they are read through.
+/// Filtering happens in the query, so a projector is not woken, nor its
+/// checkpoint moved, by events it ignores.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct EventFilter {
     /// `None`: every event type.
     pub event_types: Option<Vec<String>>,
     /// `None`: every stream type.
     pub stream_types: Option<Vec<String>>,
+    /// The upcasters of the event types it consumes. A projector leaves this
+    /// empty: the registry sets it from the configuration (see
+    /// [`crate::projector::Registry::with_upcasters`]).
+    pub upcasters: Upcasters,
 }
 
 impl EventFilter {
@@ -51,7 +58,7 @@ impl EventFilter {
     pub fn event_types(types: &[&str]) -> EventFilter {
         EventFilter {
             event_types: Some(types.iter().map(|t| t.to_string()).collect()),
-            stream_types: None,
+            ..EventFilter::default()
         }
     }
 

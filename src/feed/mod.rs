@@ -1,5 +1,6 @@
 //! Reading the log: positions, the horizon below which reading is final, the
-//! queries, and the repair that keeps each stream in `sequence` order.
+//! queries, the repair that keeps each stream in `sequence` order, and the
+//! upcasters every read applies.
 
 mod event;
 mod horizon;
@@ -8,6 +9,7 @@ mod plans;
 mod position;
 mod range;
 mod reader;
+mod upcast;
 
 pub use event::{Event, EventFilter};
 pub use horizon::{blocker, horizon, kept_horizon, Blocker, Horizon, KeptHorizonWith};
@@ -19,3 +21,4 @@ pub use reader::{
     ahead_of_range, newest, read_events, ready_set_batch_end, set_batch_end, stream_key_after,
     ReadBatch, ReadRow,
 };
+pub use upcast::{changed_upcasters, Upcaster, Upcasters, COLUMNS_SQL};

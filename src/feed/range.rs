@@ -3,7 +3,7 @@
 use tokio_postgres::types::ToSql;
 
 use super::reader::in_range_from;
-use super::{EventFilter, Position};
+use super::{EventFilter, Position, Upcasters};
 
 /// The events of one set batch: those whose position is in `(after, upto]`, less
 /// those delivered ahead by an earlier batch, plus those this batch delivers ahead
@@ -23,6 +23,8 @@ pub struct EventRange {
     stream_types: Option<Vec<String>>,
     /// A part's stream ids, `[from, before)`; `None` on either side: unbounded.
     part: Option<(Option<String>, Option<String>)>,
+    /// What the batch's events are read through (see `feed::upcast`).
+    upcasters: Upcasters,
 }
 
 /// The events delivered ahead, by id (`$ahead`), through the primary key. The
@@ -64,6 +66,7 @@ impl EventRange {
             event_types: filter.event_types.clone(),
             stream_types: filter.stream_types.clone(),
             part: None,
+            upcasters: filter.upcasters.clone(),
         }
     }
 
@@ -93,6 +96,13 @@ impl EventRange {
     /// The position the batch ends at.
     pub fn upto(&self) -> Position {
         self.upto
+    }
+
+    /// What the batch's events are read through: a statement that reads
+    /// `events` itself reads it through [`Upcasters::layer`] to see them as
+    /// `batch` shows them.
+    pub fn upcasters(&self) -> &Upcasters {
+        &self.upcasters
     }
 
     /// The ids of the events delivered ahead with this batch.
@@ -157,16 +167,19 @@ impl EventRange {
     }
 
     /// The source this range is read with: [`EventRange::source`], or for a part
-    /// [`EventRange::source_in_streams`]; its placeholders numbered from `$first`.
-    /// A fold that builds its own statements over [`SetBatch::range`] reads it
-    /// with this, since a stream-set batch may come in parts.
+    /// [`EventRange::source_in_streams`], read through the upcasters of the
+    /// projector's filter (none: the source as it is); its placeholders numbered
+    /// from `$first`. A fold that builds its own statements over
+    /// [`SetBatch::range`] reads it with this, since a stream-set batch may come
+    /// in parts.
     ///
     /// [`SetBatch::range`]: crate::projector::SetBatch::range
     pub fn source_for(&self, first: usize) -> String {
-        match self.part {
+        let source = match self.part {
             Some(_) => EventRange::source_in_streams(first),
             None => EventRange::source(first),
-        }
+        };
+        self.upcasters.layer(&source)
     }
 
     /// The values for the placeholders of [`EventRange::source_for`], in order.

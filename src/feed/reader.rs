@@ -17,7 +17,7 @@ use tokio_postgres::Row;
 
 use crate::db::Db;
 
-use super::{Event, EventFilter};
+use super::{Event, EventFilter, Upcasters};
 use super::{Horizon, Position, POSITION_TX};
 use tokio_postgres::types::ToSql;
 
@@ -75,12 +75,21 @@ pub struct ReadBatch {
 /// The window sees no payload on purpose: its tuplestore would spill large values
 /// to disk, and a spilled window reads its whole input before returning a row,
 /// which would render every payload up to the count limit on every batch.
-fn within_budget(read: &str, order: &str, budget: u8, first_always: bool) -> String {
+///
+/// The rows that fit are fetched through `upcasters` (see `feed::upcast`).
+fn within_budget(
+    read: &str,
+    order: &str,
+    budget: u8,
+    first_always: bool,
+    upcasters: &Upcasters,
+) -> String {
     let first = if first_always {
         "OR row_number() OVER w = 1"
     } else {
         ""
     };
+    let fetch = upcasters.layer("(SELECT * FROM events x WHERE r.fits AND x.id = r.id LIMIT 1)");
     format!(
         "SELECT {COLUMNS}, r.predecessor_later, r.bytes, r.fits
            FROM (
@@ -88,9 +97,7 @@ fn within_budget(read: &str, order: &str, budget: u8, first_always: bool) -> Str
                FROM ({read}) r
              WINDOW w AS (ORDER BY {order} ROWS UNBOUNDED PRECEDING)
            ) r
-           LEFT JOIN LATERAL (
-             SELECT * FROM events x WHERE r.fits AND x.id = r.id LIMIT 1
-           ) x ON true
+           LEFT JOIN LATERAL {fetch} x ON true
           ORDER BY {order}"
     )
 }
@@ -198,7 +205,7 @@ pub async fn read_events<C: Db>(
     let rows = async {
         client
             .for_each_row(
-                &within_budget(&read, "r.tx, r.id", 7, true),
+                &within_budget(&read, "r.tx, r.id", 7, true, &filter.upcasters),
                 &[
                     &after.tx_text(),
                     &after.id,
@@ -350,7 +357,7 @@ pub(super) async fn later_predecessors<C: Db>(
     let mut fit = true;
     client
         .for_each_row(
-            &within_budget(&read, "r.sequence", 7, false),
+            &within_budget(&read, "r.sequence", 7, false, &filter.upcasters),
             &[
                 &event.stream_id,
                 &event.sequence,

@@ -33,6 +33,7 @@
 mod registry;
 mod set_batch;
 mod tx;
+mod upcast;
 
 pub(crate) use registry::valid_name;
 pub use registry::Registry;

@@ -2,13 +2,19 @@
 
 use std::sync::Arc;
 
+use super::upcast::Upcast;
 use super::Projector;
+use crate::feed::Upcasters;
 
 /// The projectors a daemon knows. The built-in ones come from
 /// [`crate::projectors::builtin`]; an application adds its own with [`Registry::register`].
 #[derive(Clone, Default)]
 pub struct Registry {
+    /// As handed out: read through the upcasters that concern each.
     projectors: Vec<Arc<dyn Projector>>,
+    /// As registered.
+    plain: Vec<Arc<dyn Projector>>,
+    upcasters: Upcasters,
 }
 
 impl Registry {
@@ -20,7 +26,7 @@ impl Registry {
     /// [`Registry::register`] for a projector defined at run time (a SQL
     /// projection's file): a name that clashes with another, or is not lowercase
     /// letters, digits and underscores, is an error naming the problem.
-    pub fn try_register(mut self, projector: impl Projector) -> Result<Registry, String> {
+    pub fn try_register(self, projector: impl Projector) -> Result<Registry, String> {
         if self.get(projector.name()).is_some() {
             return Err(format!(
                 "the name {} is taken by another projector (built-in, or another file)",
@@ -33,15 +39,14 @@ impl Registry {
                 projector.name()
             ));
         }
-        self.projectors.push(Arc::new(projector));
-        Ok(self)
+        Ok(self.add(Arc::new(projector)))
     }
 
     /// Adds a projector compiled into the program. Names are checkpoint keys, so
     /// a duplicate (or a name other than lowercase letters, digits and
     /// underscores) is a programming error: it panics at start-up rather than
     /// being left to corrupt a checkpoint.
-    pub fn register(mut self, projector: impl Projector) -> Registry {
+    pub fn register(self, projector: impl Projector) -> Registry {
         assert!(
             self.get(projector.name()).is_none(),
             "projector {:?} is registered twice",
@@ -52,8 +57,44 @@ impl Registry {
             "projector name {:?} must be lowercase letters, digits and underscores",
             projector.name()
         );
-        self.projectors.push(Arc::new(projector));
+        self.add(Arc::new(projector))
+    }
+
+    fn add(mut self, projector: Arc<dyn Projector>) -> Registry {
+        self.projectors
+            .push(read_through(projector.clone(), &self.upcasters));
+        self.plain.push(projector);
         self
+    }
+
+    /// Every projector, from now on, reads its events through the upcasters of
+    /// the event types it consumes (`[[upcasters]]`, see [`Upcasters`]), which
+    /// join its fingerprint; a projector that consumes none of those types is
+    /// left exactly as it was. Replaces the upcasters given before, if any.
+    pub fn with_upcasters(mut self, upcasters: &Upcasters) -> Registry {
+        self.upcasters = upcasters.clone();
+        self.projectors = self
+            .plain
+            .iter()
+            .map(|p| read_through(p.clone(), upcasters))
+            .collect();
+        self
+    }
+
+    /// The upcasters no projector reads through: of event types none consumes.
+    pub fn unused_upcasters(&self) -> Vec<String> {
+        self.upcasters
+            .iter()
+            .filter(|u| {
+                !self.projectors.iter().any(|p| {
+                    p.filter()
+                        .upcasters
+                        .iter()
+                        .any(|w| w.event_type == u.event_type)
+                })
+            })
+            .map(|u| u.label())
+            .collect()
     }
 
     /// The projector named `name`.
@@ -92,6 +133,18 @@ impl Registry {
         }
         Ok(out)
     }
+}
+
+/// `p`, read through those of `upcasters` that concern it.
+fn read_through(p: Arc<dyn Projector>, upcasters: &Upcasters) -> Arc<dyn Projector> {
+    let concerning = upcasters.consumed_by(&p.filter());
+    if concerning.is_empty() {
+        return p;
+    }
+    Arc::new(Upcast {
+        inner: p,
+        upcasters: concerning,
+    })
 }
 
 /// Lowercase letters, digits and `_`, at most 63 bytes: a projector name is a

@@ -51,11 +51,17 @@ impl<'a> SetBatch<'a> {
         with_first(&batch, sql)
     }
 
-    /// The statement for `sql` over this batch: [`SetBatch::statement`], or
-    /// [`SetBatch::statement_in_streams`] for a part.
-    fn statement_for(&self, sql: &str, own_params: usize) -> String {
-        let batch = format!("batch AS {}", self.range.source_for(own_params + 1));
+    /// The statement the daemon sends for `sql` over a batch of `range`:
+    /// [`SetBatch::statement`], or [`SetBatch::statement_in_streams`] for a part,
+    /// read through the upcasters of the filter the range was made with
+    /// ([`EventRange::source_for`]). Public so that its plans can be checked.
+    pub fn statement_over(range: &EventRange, sql: &str, own_params: usize) -> String {
+        let batch = format!("batch AS {}", range.source_for(own_params + 1));
         with_first(&batch, sql)
+    }
+
+    fn statement_for(&self, sql: &str, own_params: usize) -> String {
+        SetBatch::statement_over(self.range, sql, own_params)
     }
 
     /// Runs `sql` over the batch; how many rows it wrote.

@@ -3,6 +3,7 @@
 use tokio_postgres::Row;
 
 use crate::db::{Db, Params};
+use crate::feed::Upcasters;
 
 /// The daemon's transaction, as a projector sees it: setup, reset and every batch
 /// alike. Statements are sent as `database.prepared_statements` says: by default
@@ -16,13 +17,37 @@ use crate::db::{Db, Params};
 #[derive(Clone, Copy)]
 pub struct Tx<'a> {
     db: &'a dyn Db,
+    upcasters: Option<&'a Upcasters>,
 }
 
 impl<'a> Tx<'a> {
     /// The daemon wraps its transaction; public so that tests and tools can drive
     /// a projector in a transaction of their own.
     pub fn new(db: &'a dyn Db) -> Tx<'a> {
-        Tx { db }
+        Tx {
+            db,
+            upcasters: None,
+        }
+    }
+
+    /// This transaction, for a projector whose events are read through
+    /// `upcasters`.
+    pub(crate) fn with_upcasters<'b>(&self, upcasters: &'b Upcasters) -> Tx<'b>
+    where
+        'a: 'b,
+    {
+        Tx {
+            db: self.db,
+            upcasters: Some(upcasters),
+        }
+    }
+
+    /// The upcasters the projector's events are read through (see
+    /// [`crate::feed::Upcasters`]): a statement that reads `events` itself, rather
+    /// than the events it was handed, reads it through
+    /// [`Upcasters::layer`] to see the events as the projector does.
+    pub fn upcasters(&self) -> Upcasters {
+        self.upcasters.cloned().unwrap_or_default()
     }
 
     /// The rows of `sql`.

@@ -12,6 +12,7 @@
 
 use async_trait::async_trait;
 
+use crate::feed::Upcasters;
 use crate::projector::{EventFilter, Fold, Projector, ProjectorError, SetBatch, SetFold, Tx};
 
 /// Each order stream's current state; see the module documentation.
@@ -42,6 +43,18 @@ impl OrderSnapshots {
     /// Public so that its plans can be checked
     /// (`tests/integration/plan_robustness.rs`, with [`SetBatch::statement`]).
     pub fn statement() -> String {
+        OrderSnapshots::statement_through(&Upcasters::none())
+    }
+
+    /// [`OrderSnapshots::statement`] for events read through `upcasters`: the
+    /// payloads it looks up by id (a stream with two `OrderCreated` in one
+    /// batch) are read through them too, as `batch` is.
+    pub fn statement_through(upcasters: &Upcasters) -> String {
+        let by_id = |alias: &str, id: &str| {
+            upcasters.layer(&format!(
+                "(SELECT {alias}.* FROM events {alias} WHERE {alias}.id = {id})"
+            ))
+        };
         format!(
             r#"
 WITH ev AS (
@@ -78,10 +91,10 @@ FROM ev
 picked AS (
   SELECT a.*,
      CASE WHEN cardinality(a.created_payloads) = 1 THEN a.created_payloads[1]
-          ELSE (SELECT c.payload FROM events c WHERE c.id = a.created[2]) END AS c,
+          ELSE (SELECT c.payload FROM {created} c) END AS c,
      CASE WHEN a.addressed[1] > coalesce(a.created[1], 0) THEN
        CASE WHEN cardinality(a.addresses) = 1 THEN a.addresses[1]
-            ELSE (SELECT d.payload->'address' FROM events d WHERE d.id = a.addressed[2]) END
+            ELSE (SELECT d.payload->'address' FROM {addressed} d) END
      END AS address
 FROM agg a
 ),
@@ -138,6 +151,8 @@ SELECT coalesce(sum(events), 0)::bigint,
 "#,
             paid_at = timestamp("a.paid[2]"),
             shipped_at = timestamp("a.shipped[2]"),
+            created = by_id("c", "a.created[2]"),
+            addressed = by_id("d", "a.addressed[2]"),
         )
     }
 }
@@ -187,7 +202,8 @@ impl SetFold for OrderSnapshots {
         // here is not an OrderCreated merges its keys into the stored state, which
         // must exist: every part of the statement sees the table as it was before
         // it, so the check at the end sees what the batch started from.
-        let row = batch.query_one(tx, &Self::statement(), &[]).await?;
+        let statement = Self::statement_through(batch.range().upcasters());
+        let row = batch.query_one(tx, &statement, &[]).await?;
         batch.counted(row.get::<_, i64>(0) as u64);
         Ok(())
     }

@@ -79,7 +79,14 @@ pub async fn prepare(
     explicit: &[Arc<dyn Projector>],
 ) -> anyhow::Result<Vec<Build>> {
     let mut builds = Vec::new();
-    for p in selected.iter().filter(|p| p.has_tables()) {
+    for p in selected {
+        if !p.has_tables() {
+            // Nothing to build beside (a sink): a changed definition, such as
+            // an upcaster added for what it publishes, holds from its next
+            // event on.
+            record_fingerprint(&**client, p.as_ref()).await?;
+            continue;
+        }
         let name = p.name();
         let current = p.fingerprint();
         let row = client
@@ -104,9 +111,12 @@ pub async fn prepare(
         let reason = if explicit.iter().any(|e| e.name() == name) {
             "requested with --rebuild".to_string()
         } else if stored != current {
-            format!(
-                "definition changed: tables built with {stored}, the projector is now {current}"
-            )
+            match crate::feed::changed_upcasters(&stored, &current) {
+                Some(upcasters) => format!("definition changed: {upcasters}"),
+                None => format!(
+                    "definition changed: tables built with {stored}, the projector is now {current}"
+                ),
+            }
         } else if building.is_some() {
             building_reason.unwrap_or_else(|| "resuming a rebuild".into())
         } else {

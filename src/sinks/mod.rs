@@ -144,6 +144,7 @@ impl Sink {
         let filter = EventFilter {
             event_types: settings.event_types.clone(),
             stream_types: settings.stream_types.clone(),
+            ..EventFilter::all()
         };
         Ok(Sink {
             name: name.to_string(),

@@ -58,6 +58,7 @@ impl Nats {
             filter: EventFilter {
                 event_types: settings.event_types.clone(),
                 stream_types: settings.stream_types.clone(),
+                ..EventFilter::all()
             },
             timeout: settings.timeout(),
             redactor: redactor.clone(),

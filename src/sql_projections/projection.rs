@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use super::file::{Definition, Order};
 use super::scan;
 use crate::db;
-use crate::feed::{EventFilter, EventRange, Position};
+use crate::feed::{EventFilter, EventRange, Position, Upcasters};
 use crate::projector::{
     with_first, Event, EventFold, Fold, Projector, ProjectorError, SetBatch, SetFold, Tx,
 };
@@ -21,13 +21,6 @@ use crate::projector::{
 pub struct SqlProjection {
     def: Definition,
     filter: EventFilter,
-    /// `set` / `stream`: the statement as sent, over `batch`.
-    apply: String,
-    /// `stream`: the statement as sent over a part of a batch, a few of its
-    /// streams (see `worker::parts`).
-    apply_in_streams: String,
-    /// `event`: per event type, the statement as sent, over `event` bound at `$1`.
-    handlers: BTreeMap<String, String>,
     fingerprint: String,
     /// Whether `apply` reports how many events it consumed (a column named
     /// [`EVENTS_COLUMN`]): learnt from its first batch, since a statement's
@@ -39,8 +32,14 @@ pub struct SqlProjection {
 /// batch it consumed, sparing the daemon a second read of the batch to count them.
 pub const EVENTS_COLUMN: &str = "pgfold_events";
 
-/// The one-row relation an `event` handler reads.
-const EVENT_CTE: &str = "event AS (SELECT e.* FROM events e WHERE e.id = $1::bigint)";
+/// The one-row relation an `event` handler reads, through the upcasters the
+/// projector's events are read through.
+fn event_cte(upcasters: &Upcasters) -> String {
+    format!(
+        "event AS {}",
+        upcasters.layer("(SELECT e.* FROM events e WHERE e.id = $1::bigint)")
+    )
+}
 
 /// What a statement over `batch` or `event` may start with.
 const READS_OR_WRITES: [&str; 7] = [
@@ -79,28 +78,12 @@ impl SqlProjection {
         let filter = EventFilter {
             event_types: def.event_types.clone(),
             stream_types: def.stream_types.clone(),
+            ..EventFilter::default()
         };
-        let apply = def
-            .apply
-            .as_deref()
-            .map(|sql| SetBatch::statement(sql, 0))
-            .unwrap_or_default();
-        let apply_in_streams = match (&def.apply, def.order) {
-            (Some(sql), Order::Stream) => SetBatch::statement_in_streams(sql, 0),
-            _ => String::new(),
-        };
-        let handlers = def
-            .handlers
-            .iter()
-            .map(|(event_type, sql)| (event_type.clone(), with_first(EVENT_CTE, sql)))
-            .collect();
         let fingerprint = fingerprint(&def);
         Ok(SqlProjection {
             def,
             filter,
-            apply,
-            apply_in_streams,
-            handlers,
             fingerprint,
             reports_count: OnceLock::new(),
         })
@@ -203,29 +186,28 @@ impl Projector for SqlProjection {
                 missing.join(", ")
             )));
         }
-        // Parsed, analysed and planned as the daemon will send them; EXPLAIN
-        // runs nothing.
-        if self.def.apply.is_some() {
-            let range = EventRange::new(
-                Position::START,
-                Position::START,
-                vec![],
-                vec![],
-                &self.filter,
-            );
-            tx.query(&format!("EXPLAIN {}", self.apply), &range.params())
-                .await
-                .map_err(|e| self.error("apply", &e))?;
+        // Parsed, analysed and planned as the daemon will send them, through
+        // the upcasters; EXPLAIN runs nothing.
+        let filter = EventFilter {
+            upcasters: tx.upcasters(),
+            ..self.filter.clone()
+        };
+        if let Some(apply) = &self.def.apply {
+            let range = EventRange::new(Position::START, Position::START, vec![], vec![], &filter);
+            let mut ranges = vec![range.clone()];
             if self.def.order == Order::Stream {
-                let part = range.streams(None, None);
-                let sql = format!("EXPLAIN {}", self.apply_in_streams);
-                tx.query(&sql, &part.params())
+                ranges.push(range.streams(None, None));
+            }
+            for range in ranges {
+                let sql = format!("EXPLAIN {}", SetBatch::statement_over(&range, apply, 0));
+                tx.query(&sql, &range.params())
                     .await
                     .map_err(|e| self.error("apply", &e))?;
             }
         }
-        for (event_type, sql) in &self.handlers {
-            tx.query(&format!("EXPLAIN {sql}"), &[&0i64])
+        let cte = event_cte(&filter.upcasters);
+        for (event_type, sql) in &self.def.handlers {
+            tx.query(&format!("EXPLAIN {}", with_first(&cte, sql)), &[&0i64])
                 .await
                 .map_err(|e| self.error(&format!("handlers.{event_type}"), &e))?;
         }
@@ -236,19 +218,15 @@ impl Projector for SqlProjection {
 #[async_trait]
 impl SetFold for SqlProjection {
     async fn apply(&self, tx: &Tx<'_>, batch: &SetBatch<'_>) -> Result<(), ProjectorError> {
-        let params = batch.range().params();
-        let apply = match batch.range().is_part() {
-            true => &self.apply_in_streams,
-            false => &self.apply,
-        };
+        let apply = self.def.apply.as_deref().unwrap_or_default();
         if self.reports_count.get() == Some(&true) {
-            let rows = tx.query(apply, &params).await?;
+            let rows = batch.query(tx, apply, &[]).await?;
             batch.counted(reported(&rows).unwrap_or_default());
             return Ok(());
         }
         // The count rides in the same round trip, right behind the statement.
         let (applied, count) = tokio::join!(
-            tx.query(apply, &params),
+            batch.query(tx, apply, &[]),
             batch.query_one(tx, "SELECT count(*) FROM batch", &[]),
         );
         // The statement's own error, not the count's "transaction is aborted".
@@ -269,15 +247,18 @@ impl EventFold for SqlProjection {
         let mut used: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
         used.sort_unstable();
         used.dedup();
-        let readied = used
+        let cte = event_cte(&tx.upcasters());
+        let handlers: BTreeMap<&str, String> = used
             .iter()
-            .filter_map(|t| self.handlers.get(*t))
-            .map(|sql| tx.prepare(sql, &[&0i64]));
+            .filter_map(|t| Some((*t, with_first(&cte, self.def.handlers.get(*t)?))))
+            .collect();
+        let readied = handlers.values().map(|sql| tx.prepare(sql, &[&0i64]));
         for result in join_all(readied).await {
             result?;
         }
+        let handlers = &handlers;
         let sent = events.iter().map(|e| async move {
-            let sql = self.handlers.get(&e.event_type).ok_or_else(|| {
+            let sql = handlers.get(e.event_type.as_str()).ok_or_else(|| {
                 ProjectorError::event(e, format!("no handler for event type {}", e.event_type))
             })?;
             tx.execute(sql, &[&e.id])

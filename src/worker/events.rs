@@ -4,9 +4,14 @@
 use super::isolate::{rolled_back, Isolated, SAVEPOINT};
 use super::{Step, Transaction, Transient, Worker};
 use crate::bookkeeping::Checkpoint;
-use crate::db::Db;
-use crate::feed::{self, Horizon};
+use crate::db::{self, Db};
+use crate::feed::{self, EventFilter, Horizon, Upcasters};
 use crate::projector::{EventFold, ProjectorError, Tx};
+use crate::util::one_line;
+
+/// Where a read through upcasters is rolled back to when they fail on an event.
+const READ_SAVEPOINT: &str = "SAVEPOINT read";
+const ROLLBACK_TO_READ_SAVEPOINT: &str = "ROLLBACK TO SAVEPOINT read";
 
 impl Worker {
     pub(super) async fn events_batch(
@@ -17,7 +22,14 @@ impl Worker {
         fold: &dyn EventFold,
     ) -> Result<Step, Transient> {
         let filter = self.projector.filter();
-        let read = feed::read_events(
+        // An upcaster can fail on an event (a cast of a malformed value): the
+        // read fails, and the event is found and isolated like one the fold
+        // rejects, rather than the read retried for ever.
+        let upcast = !filter.upcasters.is_empty();
+        if upcast {
+            Db::execute(&tx, READ_SAVEPOINT, &[]).await?;
+        }
+        let read = match feed::read_events(
             &tx,
             ck.position,
             horizon,
@@ -25,7 +37,13 @@ impl Worker {
             self.limit,
             self.batch_bytes,
         )
-        .await?;
+        .await
+        {
+            Err(e) if upcast && !db::is_transient(&e) => {
+                return self.upcast_failed(tx, ck, horizon, e).await;
+            }
+            read => read?,
+        };
         if read.rows.is_empty() {
             return Ok(Step::Idle {
                 horizon,
@@ -39,7 +57,12 @@ impl Worker {
             self.warn_cut_by_bytes(&read.rows);
         }
         let cut = read.cut_by_bytes;
-        let batch = feed::order_batch(&tx, read, &ck.ahead, &filter, self.batch_bytes).await?;
+        let batch = match feed::order_batch(&tx, read, &ck.ahead, &filter, self.batch_bytes).await {
+            Err(e) if upcast && !db::is_transient(&e) => {
+                return self.upcast_failed(tx, ck, horizon, e).await;
+            }
+            batch => batch?,
+        };
         let read = batch.rows;
         let full = cut || read >= self.limit as usize;
         Db::execute(&tx, SAVEPOINT, &[]).await?;
@@ -90,6 +113,74 @@ impl Worker {
         };
         self.isolate(tx, e, &ck, isolated, batch.upto, &batch.ahead)
             .await
+    }
+
+    /// The read of a batch failed in the projector's upcasters (`e`): finds the
+    /// first event of the batch they fail on, probing each as stored, and
+    /// isolates it as if the fold had rejected it. When none fails alone (the
+    /// failure was in an earlier event of a stream, delivered ahead), `e` is
+    /// returned, and the read retried.
+    async fn upcast_failed(
+        &mut self,
+        tx: Transaction<'_>,
+        ck: Checkpoint,
+        horizon: Horizon,
+        e: tokio_postgres::Error,
+    ) -> Result<Step, Transient> {
+        Db::execute(&tx, ROLLBACK_TO_READ_SAVEPOINT, &[]).await?;
+        let filter = self.projector.filter();
+        let stored = EventFilter {
+            upcasters: Upcasters::none(),
+            ..filter.clone()
+        };
+        let rows = feed::read_events(
+            &tx,
+            ck.position,
+            horizon,
+            &stored,
+            self.limit,
+            self.batch_bytes,
+        )
+        .await?
+        .rows;
+        let probe = filter.upcasters.probe();
+        for (index, row) in rows.iter().enumerate() {
+            Db::execute(&tx, READ_SAVEPOINT, &[]).await?;
+            let Err(failed) = Db::query(&tx, &probe, &[&row.event.id]).await else {
+                continue;
+            };
+            if db::is_transient(&failed) {
+                return Err(failed.into());
+            }
+            Db::execute(&tx, ROLLBACK_TO_READ_SAVEPOINT, &[]).await?;
+            let event = &row.event;
+            let rejected = ProjectorError::event(
+                event,
+                format!(
+                    "upcasting {} from version {}: {}",
+                    event.event_type,
+                    event.event_version,
+                    one_line(&db::error_text(&failed))
+                ),
+            );
+            // The events before it are applied first, on their own.
+            let (isolated, upto) = match index {
+                0 => (
+                    Isolated::Alone {
+                        event_id: event.id,
+                        event_type: event.event_type.clone(),
+                        others: Vec::new(),
+                    },
+                    event.position,
+                ),
+                keep => (
+                    Isolated::Narrow(keep as u32),
+                    rows.last().map_or(event.position, |r| r.event.position),
+                ),
+            };
+            return self.isolate(tx, rejected, &ck, isolated, upto, &[]).await;
+        }
+        Err(e.into())
     }
 
     /// Warns, once per event, that `row` alone exceeds the byte budget: it is

@@ -27,3 +27,4 @@ mod sql_projections;
 mod stall;
 mod stream_order;
 mod tls;
+mod upcast;

@@ -359,13 +359,55 @@ async fn explain_batches(x: &Explaining<'_>, after: Position, upto: Position) {
         &part.params(),
     )
     .await;
+
+    // The same reads through upcasters of every type the built-ins consume
+    // (`feed::upcast`): their layer sits above the fenced reads, which keep
+    // their index.
+    let upcasters = crate::upcast::upcasters_of_every_kind();
+    let upcast = |filter: &EventFilter| EventFilter {
+        upcasters: upcasters.consumed_by(filter),
+        ..filter.clone()
+    };
+    for (name, filter) in &filters[1..] {
+        x.label(&format!("read_events [{name}, upcast]"));
+        feed::read_events(x, after, limited, &upcast(filter), 2000, 16 << 20)
+            .await
+            .unwrap();
+    }
+    let range = EventRange::new(after, upto, vec![1, 2], vec![3], &upcast(&filters[1].1));
+    assert!(!range.upcasters().is_empty());
+    x.label("daily_revenue, upcast");
+    x.explain(
+        &SetBatch::statement_over(&range, DailyRevenue::STATEMENT, 0),
+        &range.params(),
+    )
+    .await;
+    let range = EventRange::new(after, upto, vec![1, 2], vec![3], &upcast(&filters[2].1));
+    let statement = OrderSnapshots::statement_through(range.upcasters());
+    x.label("order_snapshots, upcast");
+    x.explain(
+        &SetBatch::statement_over(&range, &statement, 0),
+        &range.params(),
+    )
+    .await;
+    let part = range.streams(Some("order-1".into()), Some("order-2".into()));
+    x.label("order_snapshots, a part, upcast");
+    x.explain(
+        &SetBatch::statement_over(&part, &statement, 0),
+        &part.params(),
+    )
+    .await;
 }
 
 /// The statements above that read a range of the log.
-const RANGE_READS: [&str; 10] = [
+const RANGE_READS: [&str; 14] = [
     "read_events [all events]",
     "read_events [daily_revenue]",
     "read_events [order_snapshots]",
+    "read_events [daily_revenue, upcast]",
+    "read_events [order_snapshots, upcast]",
+    "daily_revenue, upcast",
+    "order_snapshots, upcast",
     "ahead_of_range cut at its size [daily_revenue]",
     "ahead_of_range to the newest [daily_revenue]",
     "set_batch_end exact",

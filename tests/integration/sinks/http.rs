@@ -230,3 +230,44 @@ async fn a_replay_posts_every_event_again_in_order_and_a_rebuild_is_refused() {
         "pgfold: to_hook is a sink: it has no tables to rebuild beside the live ones; use --replay to_hook to publish every event again"
     );
 }
+
+#[tokio::test]
+async fn an_upcaster_added_later_shapes_what_a_sink_posts_from_then_on() {
+    let db = database().await;
+    let client = db.client().await;
+    let (receiver, url) = Receiver::serve(ok()).await;
+    append_paid(&db, 0, 2, 1).await;
+    let mut settings = with_sink(db.settings(), "to_hook", webhook(&url, "stop"));
+    run_once_sink(&settings, "to_hook").await;
+    append_paid(&db, 2, 3, 1).await;
+
+    // A sink has no tables to rebuild: the changed definition holds at once,
+    // rather than leaving the sink waiting for a rebuild that never comes.
+    settings.upcasters = vec![pgfold::feed::Upcaster::new(
+        "OrderPaid",
+        1,
+        2,
+        "payload || jsonb_build_object('currency', 'EUR')",
+    )];
+    let registry = pgfold::sinks::load(pgfold::projectors::builtin(), &settings.sinks)
+        .unwrap()
+        .with_upcasters(&pgfold::feed::Upcasters::new(&settings.upcasters).unwrap());
+    let options = RunOptions {
+        once: true,
+        projectors: vec!["to_hook".into()],
+        ..RunOptions::default()
+    };
+    let run = daemon::run(&settings, &registry, &options, std::future::pending());
+    let outcome = tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the sink caught up")
+        .unwrap();
+
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    let accepted = receiver.accepted();
+    assert_eq!(accepted.len(), 3);
+    assert!(accepted[1]["payload"].get("currency").is_none());
+    assert_eq!(accepted[2]["payload"]["currency"], "EUR");
+    assert_eq!(accepted[2]["event_version"], 2);
+    assert_complete_in_order(&client, &accepted, true).await;
+}

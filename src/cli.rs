@@ -141,8 +141,10 @@ pub fn main(registry: Registry) -> ExitCode {
 async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
     let settings = Settings::load(cli.config.as_deref())?;
     let registry =
-        crate::sql_projections::load(registry, settings.daemon.projections_dir.as_deref())?
-            .with_upcasters(&Upcasters::new(&settings.upcasters)?);
+        crate::sql_projections::load(registry, settings.daemon.projections_dir.as_deref())?;
+    // Sinks publish events as the upcasters make them, like projectors fold them.
+    let registry = crate::sinks::load(registry, &settings.sinks)?
+        .with_upcasters(&Upcasters::new(&settings.upcasters)?);
     telemetry::init(&settings.log);
     for unused in registry.unused_upcasters() {
         tracing::warn!(upcaster = %unused, "no projector consumes this upcaster's event type: it applies to nothing");

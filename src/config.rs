@@ -41,6 +41,10 @@ pub struct Settings {
     /// `[archive]`: old events moved to object storage; `None`: never.
     #[serde(default)]
     pub archive: Option<ArchiveSettings>,
+    /// `[sinks.<name>]`: consumers that publish each event to a broker or a
+    /// webhook (see `crate::sinks`).
+    #[serde(default)]
+    pub sinks: BTreeMap<String, SinkSettings>,
     /// `[[upcasters]]`: events read in the shape of their newest version; see
     /// [`Settings::upcasters`].
     #[serde(default)]
@@ -360,6 +364,66 @@ impl ArchiveSettings {
     }
 }
 
+/// `[sinks.<name>]`: where and what a sink publishes. The protocol is the URL's
+/// scheme: `nats`/`tls` (NATS JetStream), `amqp`/`amqps` (RabbitMQ), `http`/`https`
+/// (a webhook).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SinkSettings {
+    /// The broker or the webhook. A password in it is never logged nor shown.
+    pub url: String,
+    /// Only events of streams of these types (`None`: all).
+    #[serde(default)]
+    pub stream_types: Option<Vec<String>>,
+    /// Only events of these types (`None`: all).
+    #[serde(default)]
+    pub event_types: Option<Vec<String>>,
+    /// The NATS subject, or the AMQP routing key; may use `{stream_type}`,
+    /// `{event_type}` and `{stream_id}`.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// AMQP only: the exchange, which must exist (pgfold never declares it).
+    #[serde(default)]
+    pub exchange: Option<String>,
+    /// A PEM file of root certificates to verify the server against, instead
+    /// of the system's.
+    #[serde(default)]
+    pub root_certificate: Option<std::path::PathBuf>,
+    /// How long to wait for the broker's acknowledgement (or the webhook's
+    /// answer) before treating the broker as unavailable.
+    #[serde(default = "default_sink_timeout_ms")]
+    pub timeout_ms: u64,
+    /// As for projectors.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// As for projectors: attempts at an event the broker refuses.
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// As for projectors.
+    #[serde(default = "default_on_error")]
+    pub on_error: OnError,
+}
+
+fn default_sink_timeout_ms() -> u64 {
+    10_000
+}
+fn default_true() -> bool {
+    true
+}
+fn default_max_attempts() -> u32 {
+    ProjectorSettings::default().max_attempts
+}
+fn default_on_error() -> OnError {
+    ProjectorSettings::default().on_error
+}
+
+impl SinkSettings {
+    /// `timeout_ms`.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
 /// What happens to a projector once an event has failed `max_attempts` times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -443,12 +507,32 @@ impl Settings {
         if let Some(archive) = &self.archive {
             archive.validate()?;
         }
+        for (name, s) in &self.sinks {
+            if s.max_attempts == 0 {
+                bail!("sinks.{name}.max_attempts must be at least 1");
+            }
+            if s.timeout_ms == 0 {
+                bail!("sinks.{name}.timeout_ms must be at least 1");
+            }
+            if self.projectors.contains_key(name) {
+                bail!("sinks.{name}: the name is taken by [projectors.{name}]; sinks and projectors share names");
+            }
+        }
         check_upcasters(&self.upcasters)?;
         Ok(())
     }
 
     /// The settings of one projector (defaults for one the file does not mention).
+    /// A sink's come from its `[sinks.<name>]`.
     pub fn projector(&self, name: &str) -> ProjectorSettings {
+        if let Some(sink) = self.sinks.get(name) {
+            return ProjectorSettings {
+                enabled: sink.enabled,
+                max_attempts: sink.max_attempts,
+                on_error: sink.on_error,
+                history: History::All,
+            };
+        }
         self.projectors.get(name).cloned().unwrap_or_default()
     }
 }
@@ -551,5 +635,30 @@ mod tests {
         // The prefix in any case, as before.
         let settings = load(&[("pgfold_log__level", "debug")]).unwrap();
         assert_eq!(settings.log.level, "debug");
+    }
+
+    #[test]
+    fn a_sink_is_configured_from_the_environment() {
+        let settings = load(&[
+            ("PGFOLD_SINKS__ORDER_EVENTS__URL", "nats://127.0.0.1:4222"),
+            ("PGFOLD_SINKS__ORDER_EVENTS__SUBJECT", "events.{event_type}"),
+            ("PGFOLD_SINKS__ORDER_EVENTS__ON_ERROR", "skip"),
+        ])
+        .unwrap();
+        let sink = &settings.sinks["order_events"];
+        assert_eq!(sink.url, "nats://127.0.0.1:4222");
+        assert_eq!(sink.subject.as_deref(), Some("events.{event_type}"));
+        assert_eq!(settings.projector("order_events").on_error, OnError::Skip);
+        assert_eq!(settings.projector("order_events").max_attempts, 5);
+    }
+
+    #[test]
+    fn a_sink_named_like_a_projector_is_an_error() {
+        let err =
+            load(&[("PGFOLD_SINKS__DAILY_REVENUE__URL", "http://127.0.0.1/hook")]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("sinks.daily_revenue: the name is taken"),
+            "{err:#}"
+        );
     }
 }

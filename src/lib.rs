@@ -9,7 +9,7 @@
 //!        │          │           │          ├─ archive ─ bookkeeping
 //!        │          │           │          └─ bookkeeping ─ feed ─ db ─ config
 //!        │          └───────────┴─ ops ─ status ─ archive · bookkeeping
-//!        └─ archive · status · demo · store
+//!        └─ sinks ─ projector · archive · status · demo · store
 //! ```
 //!
 //! - [`store`]: the application side: appending events with optimistic concurrency,
@@ -24,6 +24,10 @@
 //!   here at the root.
 //! - [`projectors`]: the built-in projectors, `daily_revenue` and `order_snapshots`.
 //! - [`sql_projections`]: projections defined in files of SQL (`daemon.projections_dir`).
+//! - [`sinks`]: consumers that publish each event to NATS JetStream, RabbitMQ or
+//!   a webhook (`[sinks.<name>]`), under the projector contract: their fold
+//!   returns once the broker has acknowledged, and an unreachable broker is
+//!   `ProjectorError::Unavailable`, retried without counting against an event.
 //! - `bookkeeping`: every statement on `pgfold.projectors`: checkpoints, the
 //!   advisory lock, failures and dead letters, fingerprints, rebuilds in progress.
 //! - `worker`: one batch transaction of one projector against a target (its live
@@ -64,6 +68,7 @@ pub mod ops;
 pub mod projector;
 pub mod projectors;
 pub mod rebuild;
+pub mod sinks;
 pub mod sql_projections;
 pub mod status;
 pub mod store;

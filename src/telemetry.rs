@@ -20,7 +20,13 @@ use crate::ops::progress;
 pub fn init(settings: &LogSettings) {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&settings.level))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        // async-nats writes its CONNECT message, a sink's password in it, at
+        // trace, and lapin may write a frame of its login: never below debug,
+        // whatever the filter asks (a directive for the same target replaces
+        // the filter's own).
+        .add_directive("async_nats::connection=debug".parse().expect("a directive"))
+        .add_directive("lapin=debug".parse().expect("a directive"));
     let no_color = std::env::var_os("NO_COLOR").is_some_and(|v| !v.is_empty());
     let writer = if progress::bars_wanted(settings.format == LogFormat::Text) {
         BoxMakeWriter::new(progress::AboveBars)

@@ -9,7 +9,8 @@
 //! See `docs/benchmark.md` for every option and what the report means. Progress
 //! goes to stderr as it runs; the report is printed to stdout at the end.
 //!
-//! One file per phase (`load`, `replay`, `sql`, `live`, `write`, `livecost`, `large`);
+//! One file per phase (`load`, `replay`, `sql`, `live`, `write`, `livecost`, `large`,
+//! `sinks`);
 //! what several phases use is in `common`, what the tests use too in
 //! `pgfold::testkit`.
 
@@ -19,6 +20,7 @@ mod live;
 mod livecost;
 mod load;
 mod replay;
+mod sinks;
 mod sql;
 mod write;
 
@@ -40,7 +42,7 @@ const ADMIN_URL: &str = "PGFOLD_BENCH_ADMIN_URL";
 #[command(
     name = "bench",
     override_usage = "cargo bench --bench bench -- [options]",
-    about = "pgfold's benchmark: rebuild speed, live latency, write-side cost, live cost, large payloads",
+    about = "pgfold's benchmark: rebuild speed, live latency, write-side cost, live cost, large payloads, sinks",
     after_help = "environment: PGFOLD_BENCH_ADMIN_URL (default \"postgres://postgres@127.0.0.1:5432/postgres\")"
 )]
 struct Cli {
@@ -70,7 +72,7 @@ struct Cli {
     /// (kept), large payloads' NAME_large
     #[arg(long, value_name = "NAME", default_value = "pgfold_bench")]
     db: String,
-    /// run only these phases: replay,sql,live,write,livecost,large (--only load: just
+    /// run only these phases: replay,sql,live,write,livecost,large,sinks (--only load: just
     /// create and load the database; write, livecost and large alone do not load
     /// it: they use databases of their own)
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
@@ -126,7 +128,7 @@ impl Args {
 
     /// The 1 M-event benchmark database is loaded only for the phases that use it.
     fn wants_main_db(&self) -> bool {
-        ["load", "replay", "sql", "live"]
+        ["load", "replay", "sql", "live", "sinks"]
             .iter()
             .any(|p| self.wants(p))
     }
@@ -199,11 +201,13 @@ impl TryFrom<Cli> for Args {
         }
         for p in &args.only {
             if ![
-                "load", "replay", "sql", "live", "write", "livecost", "large",
+                "load", "replay", "sql", "live", "write", "livecost", "large", "sinks",
             ]
             .contains(&p.as_str())
             {
-                bail!("--only takes load, replay, sql, live, write, livecost, large; not {p:?}");
+                bail!(
+                    "--only takes load, replay, sql, live, write, livecost, large, sinks; not {p:?}"
+                );
             }
         }
         Ok(args)
@@ -296,6 +300,9 @@ async fn run(args: Args) -> Result<()> {
     }
     if env.args.wants("large") {
         large::large_payloads(&mut env).await?;
+    }
+    if env.args.wants("sinks") {
+        sinks::sinks(&mut env).await?;
     }
     writeln!(
         env.report,

@@ -369,12 +369,23 @@ pub async fn dead_letter<C: Db>(tx: &C, f: &Failure) -> Result<(), tokio_postgre
         &f.params(),
     )
     .await?;
+    record_error(
+        tx,
+        &f.projector,
+        &format!("event {} ({}): {}", f.event_id, f.event_type, f.error),
+    )
+    .await
+}
+
+/// Sets the projector's last error, which `status` shows.
+pub async fn record_error<C: Db>(
+    tx: &C,
+    name: &str,
+    error: &str,
+) -> Result<(), tokio_postgres::Error> {
     tx.execute(
         "UPDATE pgfold.projectors SET last_error = $2, last_error_at = now() WHERE name = $1",
-        &[
-            &f.projector,
-            &format!("event {} ({}): {}", f.event_id, f.event_type, f.error),
-        ],
+        &[&name, &error],
     )
     .await?;
     Ok(())

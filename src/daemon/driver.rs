@@ -231,14 +231,23 @@ impl Driver {
         Next::Continue
     }
 
-    /// A database error: retried with backoff; with a target, for at most
+    /// A database (or broker) error: retried with backoff; with a target, for at most
     /// `daemon.connect_timeout_ms`.
     async fn failed(&mut self, e: Transient) -> anyhow::Result<Next> {
         self.ops.metrics.batch_failed(&self.name);
+        // A sink's broker, or the database.
+        let what = match &e {
+            Transient::Unavailable(why) => {
+                // For `status`: the batches that failed for it were rolled back.
+                self.worker.record_error(why).await;
+                "broker"
+            }
+            _ => "database",
+        };
         let since = *self.failing_since.get_or_insert_with(Instant::now);
         if self.target.is_some() && since.elapsed() >= self.settings.connect_timeout() {
             anyhow::bail!(
-                "projector {}: database unavailable for {} ms (daemon.connect_timeout_ms): {e}",
+                "projector {}: {what} unavailable for {} ms (daemon.connect_timeout_ms): {e}",
                 self.name,
                 since.elapsed().as_millis()
             );
@@ -248,7 +257,7 @@ impl Driver {
             projector = %self.name,
             error = %e,
             retry_in_ms = delay.as_millis() as u64,
-            "database error; retrying"
+            "{what} error; retrying"
         );
         self.pause(Some(Instant::now() + delay), false).await;
         Ok(Next::Continue)

@@ -35,6 +35,15 @@ pub fn select(
     }
     let replay = registry.resolve(&options.replay)?;
     let rebuild = registry.resolve(&options.rebuild)?;
+    if let Some(name) = options
+        .rebuild
+        .iter()
+        .find(|n| registry.get(n).is_some_and(|p| !p.has_tables()))
+    {
+        anyhow::bail!(
+            "{name} is a sink: it has no tables to rebuild beside the live ones; use --replay {name} to publish every event again"
+        );
+    }
     if let Some(p) = rebuild
         .iter()
         .find(|p| replay.iter().any(|r| r.name() == p.name()))
@@ -54,7 +63,10 @@ pub fn select(
         registry.resolve(&options.projectors)?
     };
     // A replayed or rebuilt projector runs, even if it was not otherwise selected.
-    for p in replay.into_iter().chain(rebuild) {
+    for p in replay
+        .into_iter()
+        .chain(rebuild.into_iter().filter(|p| p.has_tables()))
+    {
         if !selected.iter().any(|q| q.name() == p.name()) {
             selected.push(p);
         }

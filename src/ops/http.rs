@@ -2,7 +2,8 @@
 //!
 //! - `/healthz`: the projector tasks are coming round their loops (liveness: a
 //!   wedged daemon should be restarted).
-//! - `/readyz`: the database answers and its schema is migrated (readiness).
+//! - `/readyz`: the database answers and its schema is migrated, and every
+//!   sink's broker is reachable (readiness).
 //! - `/metrics`: Prometheus text format.
 //! - `/wait`: `pgfold.wait_for` for clients not connected to PostgreSQL.
 
@@ -102,7 +103,15 @@ async fn readyz(State(state): State<HttpState>) -> Response {
         }
     };
     match tokio::time::timeout(DB_TIMEOUT, check).await {
-        Ok(Ok(())) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Ok(())) => match state.registry.iter().find_map(|p| p.unavailable()) {
+            None => (StatusCode::OK, "ready\n").into_response(),
+            // A sink's broker.
+            Some(why) => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {why}\n"),
+            )
+                .into_response(),
+        },
         Ok(Err(e)) => {
             (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {e}\n")).into_response()
         }

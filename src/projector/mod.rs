@@ -102,6 +102,20 @@ pub trait Projector: Send + Sync + 'static {
         let _ = tx;
         Ok(())
     }
+
+    /// Why it cannot work now although the database can (a sink whose broker
+    /// is unreachable), for `/readyz`; `None` when nothing outside the
+    /// database is missing.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
+
+    /// Whether it keeps tables that a rebuild can build beside the live ones
+    /// (`--rebuild`). A sink publishes instead, and has none: it is never
+    /// rebuilt, only replayed.
+    fn has_tables(&self) -> bool {
+        true
+    }
 }
 
 /// How a projector folds its batches: the variant names the way the batch arrives,
@@ -179,6 +193,11 @@ pub enum ProjectorError {
     /// Anything else, treated like a bad event once the batch has been narrowed.
     #[error(transparent)]
     Other(#[from] anyhow::Error),
+    /// Something outside the database that the batch needs is unreachable (a
+    /// sink's broker): not the events' fault. The batch is rolled back and
+    /// retried with backoff, without limit and without counting attempts.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl ProjectorError {

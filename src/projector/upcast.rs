@@ -40,6 +40,14 @@ impl Projector for Upcast {
         self.upcasters.fingerprint(&self.inner.fingerprint())
     }
 
+    fn unavailable(&self) -> Option<String> {
+        self.inner.unavailable()
+    }
+
+    fn has_tables(&self) -> bool {
+        self.inner.has_tables()
+    }
+
     fn fold(&self) -> Fold<'_> {
         match self.inner.fold() {
             // Its statements may read `events` by id (a SQL projection's `event`):

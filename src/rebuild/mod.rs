@@ -80,6 +80,13 @@ pub async fn prepare(
 ) -> anyhow::Result<Vec<Build>> {
     let mut builds = Vec::new();
     for p in selected {
+        if !p.has_tables() {
+            // Nothing to build beside (a sink): a changed definition, such as
+            // an upcaster added for what it publishes, holds from its next
+            // event on.
+            record_fingerprint(&**client, p.as_ref()).await?;
+            continue;
+        }
         let name = p.name();
         let current = p.fingerprint();
         let row = client

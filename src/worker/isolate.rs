@@ -144,7 +144,7 @@ pub(super) fn named_event(e: &ProjectorError) -> Option<i64> {
         ProjectorError::Database(pg) => {
             bad_event_parts(pg.as_db_error()?.message()).map(|(id, _)| id)
         }
-        ProjectorError::Other(_) => None,
+        ProjectorError::Other(_) | ProjectorError::Unavailable(_) => None,
     }
 }
 
@@ -199,6 +199,7 @@ pub(super) async fn rolled_back(
 ) -> Result<ProjectorError, Transient> {
     match e {
         ProjectorError::Database(pg) if db::is_transient(&pg) => Err(Transient::Database(pg)),
+        ProjectorError::Unavailable(why) => Err(Transient::Unavailable(why)),
         e => {
             Db::execute(tx, ROLLBACK_TO_SAVEPOINT, &[]).await?;
             Ok(e)
@@ -212,6 +213,7 @@ fn message_of(e: &ProjectorError) -> String {
         ProjectorError::Database(pg) => db::error_text(pg),
         ProjectorError::Event { message, .. } => message.clone(),
         ProjectorError::Other(e) => format!("{e:#}"),
+        ProjectorError::Unavailable(why) => why.clone(),
     };
     // SQL raised through pgfold.bad_event already names the event.
     let problem = bad_event_parts(&text).map(|(_, problem)| problem.to_owned());

@@ -81,6 +81,11 @@ pub enum Transient {
     Database(#[from] tokio_postgres::Error),
     #[error("{}", pool_error_text(.0))]
     Pool(#[from] deadpool_postgres::PoolError),
+    /// The projector's [`ProjectorError::Unavailable`]: a sink's broker.
+    ///
+    /// [`ProjectorError::Unavailable`]: crate::projector::ProjectorError::Unavailable
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 fn pool_error_text(e: &deadpool_postgres::PoolError) -> String {
@@ -350,6 +355,15 @@ impl Worker {
         tx.commit_behind(last).await?;
         self.seen = Some(upto);
         Ok(Step::Applied { events, upto, full })
+    }
+
+    /// Records `why` as the projector's last error, outside any batch: for an
+    /// error whose batches were rolled back (a sink's broker is unreachable), so
+    /// that `status` shows it. Best effort: the database may be what is down.
+    pub async fn record_error(&self, why: &str) {
+        if let Ok(client) = self.pool.get().await {
+            let _ = checkpoint::record_error(&client, &self.key, why).await;
+        }
     }
 
     /// Logs who holds the horizon back, once it has done so for `for_how_long`.

@@ -23,6 +23,7 @@ mod read_your_writes;
 mod rebuild;
 mod reconnect;
 mod replay;
+mod sinks;
 mod sql_projections;
 mod stall;
 mod stream_order;

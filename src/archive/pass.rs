@@ -131,6 +131,9 @@ async fn pass(
     if dry_run {
         return Ok(outcome);
     }
+    if outcome.policies.iter().any(|m| m.events > 0) {
+        install_guard(client).await?;
+    }
     let mut after = 0i64;
     loop {
         let Some(last) = segment_end(&**client, after).await? else {
@@ -364,6 +367,54 @@ async fn upload(store: &Store, bytes: bytes::Bytes, summary: &Summary) -> anyhow
         store.describe(&Store::key(summary.first_id, summary.last_id, 0))
     )
 }
+
+/// Creates the append guard's trigger on `events` (migration V13's function)
+/// unless it is there: before the first rows leave, so that no append can start
+/// an archived stream again, and only then, so that a deployment that never
+/// archives pays nothing on its appends. `CREATE TRIGGER` waits for the writers
+/// in flight and queues those behind it while it waits, so it asks for its lock
+/// with a short `lock_timeout`, again and again, rather than once for long.
+async fn install_guard(client: &mut Client) -> anyhow::Result<()> {
+    let exists = "SELECT EXISTS (SELECT 1 FROM pg_trigger
+                    WHERE tgrelid = 'events'::regclass AND tgname = 'pgfold_archived_append')";
+    let mut backoff = crate::util::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
+    for attempt in 1..=GUARD_ATTEMPTS {
+        if client.query_one(exists, &[]).await?.get::<_, bool>(0) {
+            return Ok(());
+        }
+        let tx = client.transaction().await?;
+        let created = tx
+            .batch_execute(
+                "SET LOCAL lock_timeout = '50ms';
+                 CREATE OR REPLACE TRIGGER pgfold_archived_append
+                   BEFORE INSERT ON events
+                   FOR EACH ROW EXECUTE FUNCTION pgfold.guard_archived_append()",
+            )
+            .await;
+        match created {
+            Ok(()) => {
+                tx.commit().await?;
+                tracing::info!("archive: the append guard on events is in place");
+                return Ok(());
+            }
+            Err(e)
+                if e.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+                    && attempt < GUARD_ATTEMPTS =>
+            {
+                drop(tx);
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+            Err(e) => anyhow::bail!(
+                "cannot create the append guard on events ({}); nothing archived",
+                crate::util::one_line(&crate::db::error_text(&e))
+            ),
+        }
+    }
+    unreachable!("the last attempt returns")
+}
+
+/// How often [`install_guard`] asks for its lock before the pass gives up.
+const GUARD_ATTEMPTS: u32 = 40;
 
 /// One transaction: records the segment and its streams, deletes its rows in
 /// batches, and raises every projector to it, or changes nothing. Retried when a

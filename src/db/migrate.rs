@@ -89,9 +89,9 @@ const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../../migrations/V12__applied_target_custom_plans.sql"),
     },
     Migration {
-        version: 20,
+        version: 13,
         name: "archive",
-        sql: include_str!("../../migrations/V20__archive.sql"),
+        sql: include_str!("../../migrations/V13__archive.sql"),
     },
 ];
 

@@ -267,7 +267,18 @@ async fn a_rebuild_and_a_replay_after_archiving_equal_the_projections_before() {
 #[tokio::test]
 async fn an_append_to_a_stream_archived_whole_fails_with_55000_naming_it() {
     let s = setup(None).await;
+    // Appends pay for the guard only once archiving has begun: a dry run (or a
+    // deployment that never archives) leaves events without its trigger.
+    let guards = "SELECT count(*) FROM pg_trigger
+                   WHERE tgrelid = 'events'::regclass AND tgname = 'pgfold_archived_append'";
+    s.pgfold_ok(&["archive", "--dry-run"], &[]);
+    assert_eq!(
+        count(&s.client, guards).await,
+        0,
+        "the guard came before any pass"
+    );
     s.pgfold_ok(&["archive"], &[]);
+    assert_eq!(count(&s.client, guards).await, 1);
     let row = s
         .client
         .query_one(

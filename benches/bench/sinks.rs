@@ -21,7 +21,7 @@ use lapin::options::{
     BasicConsumeOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
     QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
 use pgfold::testkit::db::{connect, scalar_i64};
 use pgfold::testkit::process::{vm_rss_kib, Daemon, Spawn};
 use tokio::sync::oneshot;
@@ -81,15 +81,7 @@ pub async fn sinks(env: &mut Env) -> Result<()> {
             limits,
         )
         .await?;
-    channel
-        .queue_bind(
-            exchange.as_str().into(),
-            exchange.as_str().into(),
-            "bench.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    bind(&channel, exchange.as_str().into(), &exchange).await?;
 
     let subject = format!("{subject_prefix}.{{stream_type}}.{{event_type}}");
     let sinks: [(&str, Vec<(&str, &str)>); 2] = [
@@ -188,15 +180,7 @@ pub async fn sinks(env: &mut Env) -> Result<()> {
             FieldTable::default(),
         )
         .await?;
-    channel
-        .queue_bind(
-            queue.name().clone(),
-            exchange.as_str().into(),
-            "bench.#".into(),
-            QueueBindOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    bind(&channel, queue.name().clone(), &exchange).await?;
     channel
         .queue_delete(exchange.as_str().into(), QueueDeleteOptions::default())
         .await?;
@@ -255,6 +239,20 @@ pub async fn sinks(env: &mut Env) -> Result<()> {
         )?;
     }
     report_live(env, &live)?;
+    Ok(())
+}
+
+/// Binds `queue` to every message the sinks publish to `exchange`.
+async fn bind(channel: &lapin::Channel, queue: ShortString, exchange: &str) -> Result<()> {
+    channel
+        .queue_bind(
+            queue,
+            exchange.into(),
+            "bench.#".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
     Ok(())
 }
 
@@ -381,8 +379,9 @@ struct Arrivals {
     duplicates: usize,
     /// First arrivals whose sequence did not follow their stream's previous one.
     out_of_order: usize,
-    /// Messages of events these writers did not commit.
-    foreign: usize,
+    /// Messages of events these writers did not commit: those the daemon
+    /// published while catching up at its start (the previous sink's live run).
+    earlier: usize,
 }
 
 fn arrivals(
@@ -402,7 +401,7 @@ fn arrivals(
             .context("sequence is not a number")?;
         let stream = field("stream_id")?.as_str().context("stream_id")?;
         if !commits.contains_key(&id) {
-            a.foreign += 1;
+            a.earlier += 1;
         } else if !seen.insert(id) {
             a.duplicates += 1;
         } else {
@@ -461,14 +460,15 @@ fn report_live(env: &mut Env, live: &[(&str, Live)]) -> Result<()> {
         let x = &l.arrivals;
         writeln!(
             r,
-            "   {name}: {:.0} events/s committed; missing {}, duplicates {}, out of order {}, \
-             not ours {}; {} arrived before COMMIT returned (0 ms){}",
+            "   {name}: {:.0} events/s committed; missing {}, duplicates {}, out of order {} \
+             (must be 0); {} arrived before COMMIT returned (0 ms);\n     {} earlier events \
+             published while catching up at the start, not counted{}",
             l.rate,
             x.missing,
             x.duplicates,
             x.out_of_order,
-            x.foreign,
             l.early,
+            x.earlier,
             if x.missing + x.duplicates + x.out_of_order > 0 {
                 "\n   !!! not every event arrived exactly once and in order"
             } else {
@@ -478,7 +478,7 @@ fn report_live(env: &mut Env, live: &[(&str, Live)]) -> Result<()> {
         if l.rate < 0.95 * a.rate as f64 {
             writeln!(
                 r,
-                "   !!! the writers could not hold the requested rate; latencies are for the achieved rate"
+                "   !!! {name}: the writers could not hold the requested rate; latencies are for the achieved rate"
             )?;
         }
     }

@@ -341,10 +341,21 @@ pub async fn running_daemon(
     args: Vec<String>,
     only: &[String],
 ) -> Result<Daemon> {
+    running_daemon_of(Daemon::command(PGFOLD), client, url, args, only).await
+}
+
+/// The same with `program` (pgfold with settings in its environment, for one).
+pub async fn running_daemon_of(
+    program: Spawn,
+    client: &Client,
+    url: &str,
+    args: Vec<String>,
+    only: &[String],
+) -> Result<Daemon> {
     let url = url.to_string();
     let mut daemon = tokio::task::spawn_blocking(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        spawn_daemon(Daemon::command(PGFOLD), &url, &args)
+        spawn_daemon(program, &url, &args)
     })
     .await??;
     wait_caught_up(client, &mut daemon, only, Duration::from_secs(3600)).await?;

@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -165,8 +165,10 @@ async fn live_writer(
 /// Runs the paced live writers (`--writers`, `--rate`, `--seconds`) to the end and
 /// merges what they saw; also returns the seconds from their start to their end.
 /// With `sample_waits`, one writer in [`WAIT_SAMPLE_EVERY`] also calls `wait_for`.
+/// Each call writes new streams of its own, starting at sequence 1.
 pub async fn live_writers(url: &str, a: &Args, sample_waits: bool) -> Result<(LiveWriter, f64)> {
-    let tag = run_nonce().to_string();
+    static CALLS: AtomicU64 = AtomicU64::new(0);
+    let tag = format!("{}.{}", run_nonce(), CALLS.fetch_add(1, Ordering::Relaxed));
     let start = tokio::time::Instant::now() + Duration::from_millis(200);
     let mut tasks = Vec::new();
     for w in 0..a.writers {

@@ -49,13 +49,13 @@ struct Cli {
     /// events to load (10M, 500k accepted)
     #[arg(long, value_name = "N", default_value = "1000000", value_parser = parse_count)]
     events: u64,
-    /// live and live-cost phases: total append rate, events/s
+    /// live, live-cost and sinks phases: total append rate, events/s
     #[arg(long, value_name = "R", default_value = "2000", value_parser = parse_count)]
     rate: u64,
-    /// live and live-cost phases: concurrent writers
+    /// live, live-cost and sinks phases: concurrent writers
     #[arg(long, value_name = "W", default_value = "8", value_parser = parse_count)]
     writers: u64,
-    /// live and live-cost phases: duration in seconds
+    /// live, live-cost and sinks phases: duration in seconds
     #[arg(long, value_name = "T", default_value = "20", value_parser = parse_count)]
     seconds: u64,
     /// write-side phase: seconds per round

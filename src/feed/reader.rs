@@ -540,21 +540,27 @@ fn position(row: &Row, tx: usize, id: usize) -> Position {
     )
 }
 
+/// The event in the first ten columns of `row`, in [`COLUMNS`]' order (the
+/// transaction as text): every reader of whole events decodes them here.
+pub(crate) fn event_from_row(row: &Row) -> Event {
+    Event {
+        id: row.get(0),
+        position: position(row, 1, 0),
+        stream_id: row.get(2),
+        stream_type: row.get(3),
+        event_type: row.get(4),
+        event_version: row.get(5),
+        payload: row.get(6),
+        metadata: row.get(7),
+        occurred_at: row.get(8),
+        sequence: row.get(9),
+    }
+}
+
 /// A row of [`within_budget`] that fits.
 fn read_row(row: &Row) -> ReadRow {
     ReadRow {
-        event: Event {
-            id: row.get(0),
-            position: position(row, 1, 0),
-            stream_id: row.get(2),
-            stream_type: row.get(3),
-            event_type: row.get(4),
-            event_version: row.get(5),
-            payload: row.get(6),
-            metadata: row.get(7),
-            occurred_at: row.get(8),
-            sequence: row.get(9),
-        },
+        event: event_from_row(row),
         predecessor_later: row.get(10),
         bytes: row.get(11),
     }

@@ -205,24 +205,7 @@ async fn staged_upcast<C: Db>(
             &[],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            let tx: String = r.get(1);
-            Event {
-                id: r.get(0),
-                position: Position::new(Position::parse_tx(&tx).unwrap_or(0), r.get(0)),
-                stream_id: r.get(2),
-                stream_type: r.get(3),
-                event_type: r.get(4),
-                event_version: r.get(5),
-                payload: r.get(6),
-                metadata: r.get(7),
-                occurred_at: r.get(8),
-                sequence: r.get(9),
-            }
-        })
-        .collect())
+    Ok(rows.iter().map(feed::event_from_row).collect())
 }
 
 /// Copies `rows` into the staging table, as arrays unnested server-side.

@@ -178,13 +178,26 @@ async fn pass(
 }
 
 /// A test-only hook (documented in tests/integration/archive.rs): with
-/// `PGFOLD_TEST_ARCHIVE_PAUSE` set to a step's name, the pass says so on stderr
-/// and waits there forever, for a test to kill the process at that step.
-fn test_pause(step: &str) {
+/// `PGFOLD_TEST_ARCHIVE_PAUSE` set to a step's name, the process says so on
+/// stderr and waits there: forever, for a test to kill it at that step; or, with
+/// `PGFOLD_TEST_ARCHIVE_RESUME` naming a file, until that file exists, for a
+/// test to act while the step is held (a writer racing an open recording
+/// transaction, a connection killed in a replay's segment) and then let it go
+/// on. Once the file exists the step no longer pauses: a retry runs through.
+/// Blocks its thread, as a process stopped there would.
+pub(crate) fn test_pause(step: &str) {
     if std::env::var("PGFOLD_TEST_ARCHIVE_PAUSE").is_ok_and(|s| s == step) {
+        let resume = std::env::var_os("PGFOLD_TEST_ARCHIVE_RESUME").map(std::path::PathBuf::from);
+        if resume.as_ref().is_some_and(|f| f.exists()) {
+            return;
+        }
         eprintln!("pgfold: test pause at {step}");
         loop {
-            std::thread::sleep(Duration::from_secs(3600));
+            match &resume {
+                Some(f) if f.exists() => return,
+                Some(_) => std::thread::sleep(Duration::from_millis(20)),
+                None => std::thread::sleep(Duration::from_secs(3600)),
+            }
         }
     }
 }
@@ -368,7 +381,8 @@ async fn upload(store: &Store, bytes: bytes::Bytes, summary: &Summary) -> anyhow
     )
 }
 
-/// Creates the append guard's trigger on `events` (migration V13's function)
+/// Creates the append guard's trigger on `events` (migration V13's function, as
+/// V14 made it safe against a writer racing a recording transaction)
 /// unless it is there: before the first rows leave, so that no append can start
 /// an archived stream again, and only then, so that a deployment that never
 /// archives pays nothing on its appends. `CREATE TRIGGER` waits for the writers

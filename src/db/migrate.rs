@@ -93,6 +93,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "archive",
         sql: include_str!("../../migrations/V13__archive.sql"),
     },
+    Migration {
+        version: 14,
+        name: "archive_guard_race",
+        sql: include_str!("../../migrations/V14__archive_guard_race.sql"),
+    },
 ];
 
 /// Each DDL attempt waits at most this long for a lock before backing off.

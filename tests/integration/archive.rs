@@ -9,7 +9,10 @@
 //! `pgfold: test pause at <step>` and waits there forever, so that a test can
 //! SIGKILL the real binary at that step. Steps: `uploaded` (the object written,
 //! not yet read back), `verified` (read back, nothing recorded), `deleted` (inside
-//! the recording transaction, rows deleted, not committed), `recorded` (committed).
+//! the recording transaction, rows deleted and streams recorded, not committed),
+//! `recorded` (committed). With `PGFOLD_TEST_ARCHIVE_RESUME=<file>` as well, it
+//! waits only until that file exists, and then goes on (and no longer pauses),
+//! so that a test can act while the step is held.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -790,4 +793,164 @@ payload = "jsonb_set(payload, '{items,0,qty}', '7'::jsonb)"
             assert!(a == b, "{args:?}: projection {i} differs, first {first:?}");
         }
     }
+}
+
+/// A pass run by the real binary, held at `step` (see the test-only hook above)
+/// until the file returned exists; `deleted` holds its recording transaction open
+/// with the segment's rows deleted and its streams recorded.
+async fn held_pass(s: &Setup, step: &str) -> (Daemon, PathBuf) {
+    let resume = s.dir.join(format!("resume-{step}"));
+    let config = s.config().to_string();
+    let pass = Daemon::spawn(
+        &s.bin,
+        &["--config", &config, "archive"],
+        &[
+            ("PGFOLD_TEST_ARCHIVE_PAUSE", step),
+            ("PGFOLD_TEST_ARCHIVE_RESUME", resume.to_str().unwrap()),
+        ],
+    );
+    let pause = format!("test pause at {step}");
+    wait_for(&pause, Duration::from_secs(60), || {
+        let seen = pass.lines().iter().any(|l| l.contains(&pause));
+        async move { seen }
+    })
+    .await;
+    (pass, resume)
+}
+
+/// Lets a held pass go on, and waits for it to succeed.
+fn resume(mut pass: Daemon, file: &Path) {
+    std::fs::write(file, "").unwrap();
+    let status = pass.wait().unwrap();
+    assert!(status.success(), "the pass: {}", pass.output());
+}
+
+/// An order stream whose every event a pass of the setup's policies moves (so
+/// that it is archived whole), and its last sequence.
+async fn a_stream_to_archive_whole(client: &Client) -> (String, i64) {
+    let row = client
+        .query_one(
+            "SELECT stream_id, max(sequence) FROM events WHERE stream_type = 'order'
+              GROUP BY stream_id HAVING max(occurred_at) < now() - interval '300 days'
+              ORDER BY stream_id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Backends of this database waiting for a lock while appending.
+async fn appends_waiting(client: &Client) -> i64 {
+    count(
+        client,
+        "SELECT count(*) FROM pg_stat_activity
+          WHERE datname = current_database() AND wait_event_type = 'Lock'
+            AND query LIKE 'INSERT INTO events%'",
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_stale_append_racing_a_pass_that_deletes_its_key_is_refused_never_stored_twice() {
+    let s = setup(None).await;
+    let total = count(&s.client, "SELECT count(*) FROM events").await;
+    let (stream, last) = a_stream_to_archive_whole(&s.client).await;
+    let (pass, file) = held_pass(&s, "deleted").await;
+    // Stale writers: each read its stream before the pass and appends at a
+    // sequence the table still holds, whose row the open recording transaction
+    // has deleted. One stream leaves whole, the log stream in part.
+    let stale = |stream: String, stream_type: &'static str, sequence: i64| {
+        let db = &s.db;
+        async move {
+            let writer = db.client().await;
+            tokio::spawn(async move {
+                let e = NewEvent::new(&stream, stream_type, "Noted", json!({}));
+                store::append(&writer, &e, sequence).await
+            })
+        }
+    };
+    let whole = stale(stream.clone(), "order", 1).await;
+    let in_part = stale("log-1".into(), "log", 2).await;
+    wait_for(
+        "both appends to wait for the recording transaction",
+        Duration::from_secs(30),
+        || async { appends_waiting(&s.client).await == 2 },
+    )
+    .await;
+    resume(pass, &file);
+
+    // Archived whole: refused as archived (55000), naming the stream and its last
+    // archived sequence; never a conflict the article's loop would retry forever.
+    match whole.await.unwrap() {
+        Err(AppendError::Archived { stream_id, message }) => {
+            assert_eq!(stream_id, stream);
+            assert!(
+                message.contains(&stream) && message.contains(&last.to_string()),
+                "{message}"
+            );
+        }
+        other => panic!("the stale append to {stream} (archived whole): {other:?}"),
+    }
+    // Archived in part: the conflict it would have met had the row stayed.
+    match in_part.await.unwrap() {
+        Err(AppendError::Conflict { sequence: 2, .. }) => {}
+        other => panic!("the stale append to log-1 (archived in part): {other:?}"),
+    }
+    assert_eq!(
+        count(
+            &s.client,
+            &format!("SELECT count(*) FROM events WHERE stream_id = '{stream}'")
+        )
+        .await,
+        0
+    );
+    let (table, archived) = accounted(&s.client).await;
+    assert!(archived > 0);
+    assert_eq!(table + archived, total, "an event is in both places");
+}
+
+#[tokio::test]
+async fn an_append_after_the_newest_event_racing_a_pass_keeps_the_history_consistent() {
+    let s = setup(None).await;
+    let (stream, last) = a_stream_to_archive_whole(&s.client).await;
+    let (pass, file) = held_pass(&s, "deleted").await;
+    // A writer that read the stream before the pass deleted it appends after its
+    // newest event: no row of the pass's stands in its way, so it commits while
+    // the pass, which cannot see it, records the stream as having left whole.
+    let mut writer = s.db.client().await;
+    let e = NewEvent::new(&stream, "order", "OrderCancelled", json!({}));
+    store::append(&writer, &e, last + 1).await.unwrap();
+    resume(pass, &file);
+
+    // One history, the archive's and then the table's: the head counts it, `archive
+    // show` prints it, and the stream goes on after it.
+    let head: i64 = s
+        .client
+        .query_one("SELECT pgfold.stream_head($1)", &[&stream])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(head, last + 1);
+    let shown: Vec<(i64, bool)> = s
+        .pgfold_ok(&["archive", "show", &stream], &[])
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap();
+            (
+                v["sequence"].as_i64().unwrap(),
+                v["archived"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    let expected: Vec<(i64, bool)> = (1..=last + 1).map(|q| (q, q <= last)).collect();
+    assert_eq!(shown, expected);
+    let next = store::append_next(&mut writer, &e).await;
+    assert_eq!(next.unwrap().sequence, last + 2);
+    // A stale append into its archived part conflicts, and is retried from the
+    // table's newest event, as for a stream archived in part.
+    assert!(matches!(
+        store::append(&writer, &e, last).await,
+        Err(AppendError::Conflict { .. })
+    ));
 }

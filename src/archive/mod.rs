@@ -19,8 +19,9 @@ use serde::Serialize;
 
 use crate::db::Db;
 
+pub(crate) use pass::test_pause;
 pub use pass::{check_policies, run as run_pass, Moved, Outcome};
-pub use store::Store;
+pub use store::{FetchError, Store};
 
 /// A recorded segment.
 #[derive(Debug, Clone, Serialize)]
@@ -79,17 +80,19 @@ pub async fn segments<C: Db>(
 
 /// Fetches `segment` and checks it against its record: its row count, id range,
 /// size and checksum. The error is one line naming the segment.
-pub async fn fetch_verified(store: &Store, segment: &Segment) -> anyhow::Result<Bytes> {
-    let bytes = store
-        .get(&segment.object_key)
-        .await
-        .map_err(|e| anyhow::anyhow!("segment {}: {e}", segment.segment))?;
+pub async fn fetch_verified(store: &Store, segment: &Segment) -> Result<Bytes, FetchError> {
+    let bytes = store.get(&segment.object_key).await.map_err(|e| match e {
+        FetchError::Unavailable(e) => {
+            FetchError::Unavailable(format!("segment {}: {e}", segment.segment))
+        }
+        FetchError::Bad(e) => FetchError::Bad(format!("segment {}: {e}", segment.segment)),
+    })?;
     let label = segment.label(store);
     let got = segment::summarize(bytes.clone()).map_err(|e| {
-        anyhow::anyhow!(
+        FetchError::Bad(format!(
             "{label} is corrupt: {}",
             crate::util::one_line(&e.to_string())
-        )
+        ))
     })?;
     let want = segment::Summary {
         events: segment.events,
@@ -99,11 +102,11 @@ pub async fn fetch_verified(store: &Store, segment: &Segment) -> anyhow::Result<
         bytes: segment.bytes,
     };
     if got != want {
-        anyhow::bail!(
+        return Err(FetchError::Bad(format!(
             "{label} does not match its record: {} events, ids {}..{}, {} bytes, checksum {} (recorded: {} events, ids {}..{}, {} bytes, checksum {})",
             got.events, got.first_id, got.last_id, got.bytes, got.checksum,
             want.events, want.first_id, want.last_id, want.bytes, want.checksum
-        );
+        )));
     }
     Ok(bytes)
 }

@@ -107,17 +107,40 @@ impl Store {
     }
 
     /// The bytes of `key`.
-    pub async fn get(&self, key: &str) -> anyhow::Result<Bytes> {
+    pub async fn get(&self, key: &str) -> Result<Bytes, FetchError> {
         let got = async { self.store.get(&self.path(key)).await?.bytes().await };
         got.await.map_err(|e| match e {
-            object_store::Error::NotFound { .. } => {
-                anyhow::anyhow!("{} is missing from the archive", self.describe(key))
+            object_store::Error::NotFound { .. } => FetchError::Bad(format!(
+                "{} is missing from the archive",
+                self.describe(key)
+            )),
+            e => {
+                let text = format!(
+                    "cannot read {}: {}",
+                    self.describe(key),
+                    one_line(&e.to_string())
+                );
+                match e {
+                    object_store::Error::InvalidPath { .. }
+                    | object_store::Error::NotSupported { .. }
+                    | object_store::Error::NotImplemented { .. }
+                    | object_store::Error::UnknownConfigurationKey { .. } => FetchError::Bad(text),
+                    // Refused connections, timeouts, 5xx, and credentials the
+                    // operator may yet fix: the store may answer next time.
+                    _ => FetchError::Unavailable(text),
+                }
             }
-            e => anyhow::anyhow!(
-                "cannot read {}: {}",
-                self.describe(key),
-                one_line(&e.to_string())
-            ),
         })
     }
+}
+
+/// Why a segment could not be had. One line, naming the segment or its object.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// The store did not answer, or failed: another try may succeed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Missing, corrupt, or not the segment that was recorded: no retry helps.
+    #[error("{0}")]
+    Bad(String),
 }

@@ -15,7 +15,7 @@ use crate::config::DaemonSettings;
 use crate::feed::{Horizon, Position};
 use crate::ops::{metrics::Metrics, progress::Progress, Liveness};
 use crate::util::Backoff;
-use crate::worker::{Step, Transient, Worker};
+use crate::worker::{ArchiveError, Step, Transient, Worker};
 
 /// How long after its last batch a projector keeps polling rather than arming
 /// the wake-up flag, and how often it polls meanwhile.
@@ -98,15 +98,29 @@ impl Driver {
     }
 
     async fn drive(&mut self) -> anyhow::Result<Option<Failure>> {
-        self.ops.liveness.beat(&self.name);
-        self.worker.read_archive().await?;
+        // The archive comes before the table's first batch; its transient errors
+        // are retried as a batch's are.
+        let mut archive_read = false;
         while !self.token.is_cancelled() {
             self.ops.liveness.beat(&self.name);
             // A wake-up that arrives while we work must not be lost, and one that
             // arrived before we started this round is already accounted for.
             self.wakeups.mark_seen();
             let started = std::time::Instant::now();
-            let step = self.worker.step().await;
+            let step = if archive_read {
+                self.worker.step().await
+            } else {
+                match self.worker.read_archive().await {
+                    Ok(_) => {
+                        archive_read = true;
+                        self.failing_since = None;
+                        self.backoff.reset();
+                        continue;
+                    }
+                    Err(ArchiveError::Transient(e)) => Err(e),
+                    Err(ArchiveError::Fatal(e)) => return Err(e),
+                }
+            };
             if step.is_ok() {
                 self.failing_since = None;
             }
@@ -235,12 +249,16 @@ impl Driver {
     /// `daemon.connect_timeout_ms`.
     async fn failed(&mut self, e: Transient) -> anyhow::Result<Next> {
         self.ops.metrics.batch_failed(&self.name);
-        // A sink's broker, or the database.
+        // A sink's broker, the archive's store, or the database.
         let what = match &e {
             Transient::Unavailable(why) => {
                 // For `status`: the batches that failed for it were rolled back.
                 self.worker.record_error(why).await;
                 "broker"
+            }
+            Transient::Archive(why) => {
+                self.worker.record_error(why).await;
+                "archive"
             }
             _ => "database",
         };

@@ -34,7 +34,7 @@ use crate::db::{self, Pool};
 use crate::ops::{metrics::Metrics, progress::Progress, Liveness};
 use crate::projector::Projector;
 use crate::util::Backoff;
-use crate::worker::{search_path_first, Step, Target, Worker};
+use crate::worker::{search_path_first, ArchiveError, Step, Target, Transient, Worker};
 
 /// Longest projector name that leaves room for the schema prefixes within
 /// PostgreSQL's 63-byte identifiers.
@@ -272,13 +272,10 @@ pub async fn drive(
         .into(target)
         .on_part(ops.progress.reporter(&ops.liveness, &label))
         .with_archive(archive);
-    // The build's history starts in the archive; a missing or corrupt segment
-    // stops the build here, long before its swap.
-    ops.liveness.beat(&label);
-    if let Err(e) = worker.read_archive().await {
-        ops.liveness.retire(&label);
-        return Err(e.context(format!("rebuild of {name}")));
-    }
+    // The build's history starts in the archive: read before its first batch.
+    // A missing or corrupt segment stops the build there, long before its swap;
+    // an unreachable database or store is retried as a batch's error is.
+    let mut archive_read = false;
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     // Swap attempts that found the live projector's lock taken, or readers in
     // the way: retried soon, with a growing pause.
@@ -291,7 +288,20 @@ pub async fn drive(
         }
         ops.liveness.beat(&label);
         let started = std::time::Instant::now();
-        let step = worker.step().await;
+        let step = if archive_read {
+            worker.step().await
+        } else {
+            match worker.read_archive().await {
+                Ok(_) => {
+                    archive_read = true;
+                    failing_since = None;
+                    backoff.reset();
+                    continue;
+                }
+                Err(ArchiveError::Transient(e)) => Err(e),
+                Err(ArchiveError::Fatal(e)) => break Err(e.context(format!("rebuild of {name}"))),
+            }
+        };
         if step.is_ok() {
             failing_since = None;
         }
@@ -368,15 +378,19 @@ pub async fn drive(
                 break Ok(None);
             }
             Err(e) => {
+                let what = match e {
+                    Transient::Archive(_) => "archive",
+                    _ => "database",
+                };
                 let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
                 if once && since.elapsed() >= daemon.connect_timeout() {
                     break Err(anyhow::anyhow!(
-                        "rebuild of {name}: database unavailable for {} ms (daemon.connect_timeout_ms): {e}",
+                        "rebuild of {name}: {what} unavailable for {} ms (daemon.connect_timeout_ms): {e}",
                         since.elapsed().as_millis()
                     ));
                 }
                 let delay = backoff.next_delay();
-                tracing::warn!(projector = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "rebuild: database error; retrying");
+                tracing::warn!(projector = %name, error = %e, retry_in_ms = delay.as_millis() as u64, "rebuild: {what} error; retrying");
                 delay
             }
         };

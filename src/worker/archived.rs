@@ -9,23 +9,73 @@
 //! columns of `events` ([`feed::STAGED_TABLE`]), through the same range
 //! machinery as a batch of the table.
 
-use anyhow::Context;
-
 use super::apply::apply_set;
-use super::Worker;
-use crate::archive::{self, segment, Segment, Store};
+use super::{Transient, Worker};
+use crate::archive::{self, segment, FetchError, Segment, Store};
 use crate::bookkeeping::{self as checkpoint, advance_archive, archive_applied};
 use crate::config::History;
-use crate::db::Db;
+use crate::db::{self, Db};
 use crate::feed::{self, Event, EventFilter, EventRange, Position};
-use crate::projector::{Fold, Tx};
+use crate::projector::{Fold, ProjectorError, Tx};
 use crate::util::one_line;
+
+/// Why reading the archive stopped short.
+#[derive(Debug)]
+pub enum ArchiveError {
+    /// The database or the archive's store is unreachable for now: retried with
+    /// backoff, as a batch's error is. Safe: each segment is applied in one
+    /// transaction that records it as consumed, so a retry starts again at the
+    /// segment that failed, with nothing of it applied.
+    Transient(Transient),
+    /// A missing or corrupt segment, or a projector that fails on an archived
+    /// event: no retry helps. One line, naming the segment.
+    Fatal(anyhow::Error),
+}
+
+impl From<Transient> for ArchiveError {
+    fn from(e: Transient) -> ArchiveError {
+        ArchiveError::Transient(e)
+    }
+}
+
+impl From<tokio_postgres::Error> for ArchiveError {
+    fn from(e: tokio_postgres::Error) -> ArchiveError {
+        if db::is_transient(&e) {
+            ArchiveError::Transient(Transient::Database(e))
+        } else {
+            ArchiveError::Fatal(anyhow::anyhow!(one_line(&db::error_text(&e))))
+        }
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for ArchiveError {
+    fn from(e: deadpool_postgres::PoolError) -> ArchiveError {
+        ArchiveError::Transient(Transient::Pool(e))
+    }
+}
+
+impl From<FetchError> for ArchiveError {
+    fn from(e: FetchError) -> ArchiveError {
+        match e {
+            FetchError::Unavailable(why) => ArchiveError::Transient(Transient::Archive(why)),
+            FetchError::Bad(why) => ArchiveError::Fatal(anyhow::anyhow!(why)),
+        }
+    }
+}
+
+impl From<anyhow::Error> for ArchiveError {
+    fn from(e: anyhow::Error) -> ArchiveError {
+        ArchiveError::Fatal(e)
+    }
+}
 
 impl Worker {
     /// Applies every archived segment this projector has not consumed yet; how
     /// many events that was. A missing or corrupt segment stops it with an error
-    /// naming the segment, before the segment's transaction changes anything.
-    pub async fn read_archive(&mut self) -> anyhow::Result<u64> {
+    /// naming the segment, before the segment's transaction changes anything;
+    /// an unreachable database or store is [`ArchiveError::Transient`], for the
+    /// caller to retry.
+    pub async fn read_archive(&mut self) -> Result<u64, ArchiveError> {
         let store = self.archive.clone();
         let store = store.as_ref();
         let mut applied_events = 0;
@@ -48,13 +98,14 @@ impl Worker {
                 );
                 continue;
             }
-            let store = store.with_context(|| {
-                format!(
+            let Some(store) = store else {
+                return Err(ArchiveError::Fatal(anyhow::anyhow!(
                     "projector {} must first read {} archived segment(s), and [archive] url is not set",
                     self.name(),
                     pending.len()
-                )
-            })?;
+                )));
+            };
+            archive::test_pause("replay-fetch");
             let bytes = archive::fetch_verified(store, next).await?;
             applied_events += self.apply_segment(store, next, applied, bytes).await?;
             // The replay's progress (and the task's heartbeat): the archive read up
@@ -71,7 +122,7 @@ impl Worker {
         seg: &Segment,
         applied: i64,
         bytes: bytes::Bytes,
-    ) -> anyhow::Result<u64> {
+    ) -> Result<u64, ArchiveError> {
         let label = seg.label(store);
         let mut conn = self.pool.get().await?;
         let tx = conn.transaction().await?;
@@ -86,12 +137,19 @@ impl Worker {
         let projector = self.projector.clone();
         let groups = segment::row_groups(&bytes)?;
         let mut events = 0u64;
-        let failed = |e: &dyn std::fmt::Display| {
-            anyhow::anyhow!(
+        // A connection lost or a broker down is not the events' fault.
+        let failed = |e: ProjectorError| match e {
+            ProjectorError::Database(pg) if db::is_transient(&pg) => {
+                ArchiveError::Transient(Transient::Database(pg))
+            }
+            ProjectorError::Unavailable(why) => {
+                ArchiveError::Transient(Transient::Unavailable(why))
+            }
+            e => ArchiveError::Fatal(anyhow::anyhow!(
                 "projector {} failed on the archived events of {label}: {}",
                 self.projector.name(),
                 one_line(&e.to_string())
-            )
+            )),
         };
         // Staged for every fold: a set fold reads them as `batch`, and a fold of
         // decoded events may read an event back by id (a SQL projection's `event`).
@@ -126,7 +184,7 @@ impl Worker {
                     events += decoded.len() as u64;
                     fold.apply(&Tx::staged(&tx), &decoded)
                         .await
-                        .map_err(|e| failed(&e))?;
+                        .map_err(failed)?;
                 }
             }
             Fold::Set(fold) | Fold::StreamSet(fold) => {
@@ -138,14 +196,15 @@ impl Worker {
                     stage(&tx, &rows).await?;
                 }
                 let range = EventRange::staged(&filter);
-                events = apply_set(&tx, fold, &range).await.map_err(|e| failed(&e))?;
+                events = apply_set(&tx, fold, &range).await.map_err(failed)?;
             }
         }
+        archive::test_pause("replay-apply");
         if !advance_archive(&tx, &self.key, applied, seg.segment).await? {
-            anyhow::bail!(
+            return Err(ArchiveError::Fatal(anyhow::anyhow!(
                 "projector {}: its archive position moved during {label}",
                 self.name()
-            );
+            )));
         }
         tx.commit().await?;
         tracing::info!(

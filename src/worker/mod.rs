@@ -44,6 +44,7 @@ use crate::util::one_line;
 use pace::Pace;
 use tokio_postgres::types::ToSql;
 
+pub use archived::ArchiveError;
 pub use target::{search_path_first, Target};
 
 /// The pooled transaction a batch runs in.
@@ -86,6 +87,9 @@ pub enum Transient {
     /// [`ProjectorError::Unavailable`]: crate::projector::ProjectorError::Unavailable
     #[error("{0}")]
     Unavailable(String),
+    /// The archive's store did not answer for a segment a replay must read.
+    #[error("{0}")]
+    Archive(String),
 }
 
 fn pool_error_text(e: &deadpool_postgres::PoolError) -> String {

@@ -10,7 +10,10 @@
 //! SIGKILL the real binary at that step. Steps: `uploaded` (the object written,
 //! not yet read back), `verified` (read back, nothing recorded), `deleted` (inside
 //! the recording transaction, rows deleted and streams recorded, not committed),
-//! `recorded` (committed). With `PGFOLD_TEST_ARCHIVE_RESUME=<file>` as well, it
+//! `recorded` (committed); and in a projector reading the archive,
+//! `replay-fetch` (before it fetches a segment) and `replay-apply` (inside the
+//! segment's transaction, its events applied, not committed). With
+//! `PGFOLD_TEST_ARCHIVE_RESUME=<file>` as well, it
 //! waits only until that file exists, and then goes on (and no longer pauses),
 //! so that a test can act while the step is held.
 
@@ -953,4 +956,153 @@ async fn an_append_after_the_newest_event_racing_a_pass_keeps_the_history_consis
         store::append(&writer, &e, last).await,
         Err(AppendError::Conflict { .. })
     ));
+}
+
+/// Waits, without blocking the runtime (a proxy may run on it), for `daemon` to
+/// exit; its output if it failed.
+async fn exited_ok(daemon: &mut Daemon, within: Duration) -> Result<(), String> {
+    wait_for("pgfold to exit", within, || {
+        let running = daemon.is_running();
+        async move { !running }
+    })
+    .await;
+    match daemon.wait().unwrap().success() {
+        true => Ok(()),
+        false => Err(daemon.output()),
+    }
+}
+
+#[tokio::test]
+async fn a_replay_whose_connection_is_killed_inside_an_archived_segment_retries_it() {
+    let s = setup(None).await;
+    s.pgfold_ok(&["archive"], &[]);
+    let before = projections(&s.client).await;
+    let resume = s.dir.join("resume-replay-apply");
+    let config = s.config().to_string();
+    // Held inside a segment's transaction, some of the segment applied.
+    let mut replay = Daemon::spawn(
+        &s.bin,
+        &["--config", &config, "run", "--once", "--replay", "all"],
+        &[
+            ("PGFOLD_TEST_ARCHIVE_PAUSE", "replay-apply"),
+            ("PGFOLD_TEST_ARCHIVE_RESUME", resume.to_str().unwrap()),
+        ],
+    );
+    wait_for("the pause in a segment", Duration::from_secs(60), || {
+        let seen = replay
+            .lines()
+            .iter()
+            .any(|l| l.contains("test pause at replay-apply"));
+        async move { seen }
+    })
+    .await;
+    let killed = super::helpers::terminate_daemon_backends(&s.client, &s.db.name).await;
+    assert!(killed > 0);
+    std::fs::write(&resume, "").unwrap();
+    exited_ok(&mut replay, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|out| panic!("the replay failed:\n{out}"));
+    let out = replay.output();
+    assert!(out.contains("database error; retrying"), "{out}");
+    assert_eq!(projections(&s.client).await, before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_that_finds_the_s3_server_down_for_a_moment_retries_and_completes() {
+    let endpoint = std::env::var("PGFOLD_TEST_S3_ENDPOINT")
+        .unwrap_or_else(|_| "http://127.0.0.1:5599".to_string());
+    // The S3 server behind a proxy that can be cut and restored: the server goes
+    // away for a moment and comes back with its objects.
+    let mut proxy = super::helpers::Proxy::start(endpoint.trim_start_matches("http://")).await;
+    let bucket = format!("b{}", &uuid_like());
+    create_bucket(&endpoint, &bucket);
+    let s = setup(Some(&format!("s3://{bucket}/events"))).await;
+    let env = s3_env(&format!("http://127.0.0.1:{}", proxy.port));
+    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    s.pgfold_ok(&["archive"], &env);
+    assert!(accounted(&s.client).await.1 > 0);
+    let before = projections(&s.client).await;
+
+    let resume = s.dir.join("resume-replay-fetch");
+    env.push(("PGFOLD_TEST_ARCHIVE_PAUSE", "replay-fetch"));
+    env.push(("PGFOLD_TEST_ARCHIVE_RESUME", resume.to_str().unwrap()));
+    let config = s.config().to_string();
+    let mut replay = Daemon::spawn(
+        &s.bin,
+        &["--config", &config, "run", "--once", "--replay", "all"],
+        &env,
+    );
+    // Past the check of every segment at start: about to fetch one to apply it.
+    wait_for("the pause before a fetch", Duration::from_secs(60), || {
+        let seen = replay
+            .lines()
+            .iter()
+            .any(|l| l.contains("test pause at replay-fetch"));
+        async move { seen }
+    })
+    .await;
+    proxy.cut().await;
+    std::fs::write(&resume, "").unwrap();
+    wait_for("a retried archive error", Duration::from_secs(60), || {
+        let seen = replay
+            .lines()
+            .iter()
+            .any(|l| l.contains("archive error; retrying"));
+        let running = replay.is_running();
+        async move { seen || !running }
+    })
+    .await;
+    assert!(
+        replay.is_running(),
+        "the replay gave up: {}",
+        replay.output()
+    );
+    proxy.restore().await;
+    exited_ok(&mut replay, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|out| panic!("the replay failed:\n{out}"));
+    assert_eq!(projections(&s.client).await, before);
+}
+
+#[tokio::test]
+async fn a_segment_missing_when_a_new_projector_reads_the_archive_stops_it_at_once_in_one_line() {
+    let s = setup(None).await;
+    s.pgfold_ok(&["archive"], &[]);
+    let key: String = s
+        .client
+        .query_one("SELECT object_key FROM pgfold.archive_segments", &[])
+        .await
+        .unwrap()
+        .get(0);
+    std::fs::remove_file(s.archive_dir().join(&key)).unwrap();
+    // Not a replay, so nothing checks the segments at start: daily_revenue, new
+    // again, meets the missing one when it reads the archive. No retry brings it
+    // back: the run stops at once, naming it.
+    s.client
+        .execute(
+            "DELETE FROM pgfold.projectors WHERE name = 'daily_revenue'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let out = s.pgfold(
+        &["run", "--once", "--projector", "daily_revenue"],
+        &[
+            ("RUST_LOG", "off"),
+            ("PGFOLD_DAEMON__CONNECT_TIMEOUT_MS", "30000"),
+        ],
+    );
+    assert!(!out.status.success());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "retried for {:?}",
+        started.elapsed()
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("segment 1") && stderr.contains(&key) && stderr.contains("missing"),
+        "{stderr}"
+    );
 }

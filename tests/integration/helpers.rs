@@ -253,6 +253,58 @@ pub async fn get(address: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// A TCP proxy to `upstream` that a test can cut (every connection closed,
+/// nothing listening) and restore on the same port: a server that goes away for
+/// a moment and comes back with its state (RabbitMQ's queues, S3's objects).
+pub struct Proxy {
+    /// Where clients connect.
+    pub port: u16,
+    upstream: String,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Proxy {
+    pub async fn start(upstream: &str) -> Proxy {
+        let mut p = Proxy {
+            port: free_port(),
+            upstream: upstream.to_string(),
+            task: None,
+        };
+        p.restore().await;
+        p
+    }
+
+    pub async fn restore(&mut self) {
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
+            .await
+            .expect("bind the proxy");
+        let upstream = self.upstream.clone();
+        self.task = Some(tokio::spawn(async move {
+            let mut connections = tokio::task::JoinSet::new();
+            loop {
+                let Ok((mut inbound, _)) = listener.accept().await else {
+                    break;
+                };
+                let upstream = upstream.clone();
+                connections.spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        }));
+    }
+
+    /// Aborting the task drops the listener and, with the JoinSet, every
+    /// connection.
+    pub async fn cut(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

@@ -310,64 +310,13 @@ async fn a_missing_exchange_is_refused_at_start_in_one_line() {
     );
 }
 
-/// A TCP proxy to RabbitMQ that the test can cut (every connection closed,
-/// nothing listening) and restore on the same port.
-struct Proxy {
-    port: u16,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl Proxy {
-    async fn start() -> Proxy {
-        let mut p = Proxy {
-            port: free_port(),
-            task: None,
-        };
-        p.restore().await;
-        p
-    }
-
-    async fn restore(&mut self) {
-        let listener = tokio::net::TcpListener::bind(("127.0.0.1", self.port))
-            .await
-            .expect("bind the proxy");
-        self.task = Some(tokio::spawn(async move {
-            let mut connections = tokio::task::JoinSet::new();
-            loop {
-                let Ok((mut inbound, _)) = listener.accept().await else {
-                    break;
-                };
-                connections.spawn(async move {
-                    if let Ok(mut outbound) = tokio::net::TcpStream::connect("127.0.0.1:5672").await
-                    {
-                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                    }
-                });
-            }
-        }));
-    }
-
-    /// Aborting the task drops the listener and, with the JoinSet, every
-    /// connection.
-    async fn cut(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-            let _ = task.await;
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.port)
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_connection_cut_and_restored_loses_nothing_and_shows_the_outage() {
     let db = database().await;
     let client = db.client().await;
     let ex = TestExchange::create("pgfold.#").await;
-    let mut proxy = Proxy::start().await;
-    let url = proxy.url();
+    let mut proxy = Proxy::start("127.0.0.1:5672").await;
+    let url = format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port);
     let http = format!("127.0.0.1:{}", free_port());
     let env = [
         ("DATABASE_URL", db.url.as_str()),

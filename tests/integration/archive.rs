@@ -973,38 +973,40 @@ async fn exited_ok(daemon: &mut Daemon, within: Duration) -> Result<(), String> 
 }
 
 #[tokio::test]
-async fn a_replay_whose_connection_is_killed_inside_an_archived_segment_retries_it() {
+async fn a_replay_or_rebuild_whose_connection_is_killed_inside_an_archived_segment_retries_it() {
     let s = setup(None).await;
     s.pgfold_ok(&["archive"], &[]);
     let before = projections(&s.client).await;
-    let resume = s.dir.join("resume-replay-apply");
     let config = s.config().to_string();
-    // Held inside a segment's transaction, some of the segment applied.
-    let mut replay = Daemon::spawn(
-        &s.bin,
-        &["--config", &config, "run", "--once", "--replay", "all"],
-        &[
-            ("PGFOLD_TEST_ARCHIVE_PAUSE", "replay-apply"),
-            ("PGFOLD_TEST_ARCHIVE_RESUME", resume.to_str().unwrap()),
-        ],
-    );
-    wait_for("the pause in a segment", Duration::from_secs(60), || {
-        let seen = replay
-            .lines()
-            .iter()
-            .any(|l| l.contains("test pause at replay-apply"));
-        async move { seen }
-    })
-    .await;
-    let killed = super::helpers::terminate_daemon_backends(&s.client, &s.db.name).await;
-    assert!(killed > 0);
-    std::fs::write(&resume, "").unwrap();
-    exited_ok(&mut replay, Duration::from_secs(120))
-        .await
-        .unwrap_or_else(|out| panic!("the replay failed:\n{out}"));
-    let out = replay.output();
-    assert!(out.contains("database error; retrying"), "{out}");
-    assert_eq!(projections(&s.client).await, before);
+    for how in ["--replay", "--rebuild"] {
+        let resume = s.dir.join(format!("resume{how}"));
+        // Held inside a segment's transaction, some of the segment applied.
+        let mut run = Daemon::spawn(
+            &s.bin,
+            &["--config", &config, "run", "--once", how, "all"],
+            &[
+                ("PGFOLD_TEST_ARCHIVE_PAUSE", "replay-apply"),
+                ("PGFOLD_TEST_ARCHIVE_RESUME", resume.to_str().unwrap()),
+            ],
+        );
+        wait_for("the pause in a segment", Duration::from_secs(60), || {
+            let seen = run
+                .lines()
+                .iter()
+                .any(|l| l.contains("test pause at replay-apply"));
+            async move { seen }
+        })
+        .await;
+        let killed = super::helpers::terminate_daemon_backends(&s.client, &s.db.name).await;
+        assert!(killed > 0);
+        std::fs::write(&resume, "").unwrap();
+        exited_ok(&mut run, Duration::from_secs(120))
+            .await
+            .unwrap_or_else(|out| panic!("{how} failed:\n{out}"));
+        let out = run.output();
+        assert!(out.contains("database error; retrying"), "{how}: {out}");
+        assert_eq!(projections(&s.client).await, before, "{how}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

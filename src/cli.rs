@@ -165,8 +165,13 @@ async fn execute(cli: Cli, registry: Registry) -> anyhow::Result<ExitCode> {
         Command::Status { json } => {
             let pg = db::configs(&settings.database)?.url;
             let client = db::connect(&pg).await?;
-            let report =
-                status::collect(&client, &registry, settings.daemon.stall_warn_after()).await?;
+            let report = status::collect(
+                &client,
+                &registry,
+                settings.daemon.stall_warn_after(),
+                settings.archive.as_ref(),
+            )
+            .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {

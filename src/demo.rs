@@ -170,7 +170,7 @@ async fn show(
                 &[],
             )
             .await?;
-        let report = status::collect(&client, registry, Duration::from_secs(30)).await?;
+        let report = status::collect(&client, registry, Duration::from_secs(30), None).await?;
         let mut out = String::new();
         if terminal {
             out.push_str("\x1b[2J\x1b[H");

@@ -110,10 +110,14 @@ impl Status {
 /// Gathers the status. A transaction holding the horizon is reported once it has
 /// been open for `stall_after`: a short one is just a write in flight.
 /// Each projector's row and lag come from `bookkeeping::report`.
+///
+/// With `archive`'s policies, what holds archiving back is worked out now;
+/// without them (a scrape of `/metrics`), it is what the last pass found.
 pub async fn collect<C: Db>(
     client: &C,
     registry: &Registry,
     stall_after: std::time::Duration,
+    archive: Option<&crate::config::ArchiveSettings>,
 ) -> anyhow::Result<Status> {
     if !crate::db::migrate::is_current(client).await? {
         anyhow::bail!("the database is not migrated: run `pgfold migrate`");
@@ -186,7 +190,7 @@ pub async fn collect<C: Db>(
     Ok(Status {
         projectors,
         horizon_blocked_by,
-        archive: crate::archive::report(client).await?,
+        archive: crate::archive::report(client, archive.map(|a| &a.policy[..])).await?,
     })
 }
 
@@ -291,7 +295,7 @@ archive: {} segments, {} events, {} bytes; last pass {}{}
         ));
         if let Some(holder) = &a.held_back_by {
             out.push_str(&format!(
-                "archiving is held back by {holder}: events it has yet to consume stay in the table\n"
+                "archiving is held back by {holder}: old events not yet consumed stay in the table\n"
             ));
         }
     }

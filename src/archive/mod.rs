@@ -10,6 +10,7 @@
 //!
 //! Replays read the segments through `worker::archived`, which sits above this.
 
+mod holders;
 mod pass;
 pub mod segment;
 mod store;
@@ -126,12 +127,17 @@ pub struct Report {
     pub last_pass_events: Option<i64>,
     /// Seconds since the last pass ended.
     pub last_pass_age_seconds: Option<f64>,
-    /// The projector whose checkpoint bounds what may leave the table.
+    /// The projectors whose checkpoints keep in the table events that would
+    /// otherwise leave; `None` when nothing does.
     pub held_back_by: Option<String>,
 }
 
-/// The archive's totals and last pass, and who holds it back now.
-pub async fn report<C: Db>(client: &C) -> Result<Report, tokio_postgres::Error> {
+/// The archive's totals and last pass, and who holds it back: now, under
+/// `policies`, or without them as the last pass found.
+pub async fn report<C: Db>(
+    client: &C,
+    policies: Option<&[crate::config::ArchivePolicy]>,
+) -> Result<Report, tokio_postgres::Error> {
     let row = client
         .query_one(
             "SELECT count(*), coalesce(sum(events), 0)::bigint, coalesce(sum(bytes), 0)::bigint,
@@ -139,12 +145,19 @@ pub async fn report<C: Db>(client: &C) -> Result<Report, tokio_postgres::Error> 
                        FROM pgfold.archive_passes WHERE id = 1),
                     (SELECT events FROM pgfold.archive_passes WHERE id = 1),
                     (SELECT extract(epoch FROM now() - finished_at)::float8
-                       FROM pgfold.archive_passes WHERE id = 1)
+                       FROM pgfold.archive_passes WHERE id = 1),
+                    (SELECT held_back_by FROM pgfold.archive_passes WHERE id = 1)
                FROM pgfold.archive_segments",
             &[],
         )
         .await?;
-    let holder = crate::bookkeeping::oldest_checkpoint(client).await?;
+    let held_back_by = match policies {
+        Some(policies) => {
+            let has_class = pass::has_retention_class(client).await?;
+            holders::describe(&holders::holders(client, policies, has_class).await?)
+        }
+        None => row.get(6),
+    };
     Ok(Report {
         segments: row.get(0),
         events: row.get(1),
@@ -152,7 +165,7 @@ pub async fn report<C: Db>(client: &C) -> Result<Report, tokio_postgres::Error> 
         last_pass_at: row.get(3),
         last_pass_events: row.get(4),
         last_pass_age_seconds: row.get(5),
-        held_back_by: holder.map(|(name, p)| format!("{name} (at event {})", p.id)),
+        held_back_by,
     })
 }
 

@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio_postgres::types::ToSql;
 
+use super::holders::{class_filter, describe, holders};
 use super::segment::{self, ArchivedEvent, Summary};
 use super::store::{Created, Store};
 use crate::bookkeeping::{claim_segment, oldest_checkpoint};
@@ -55,7 +56,8 @@ pub struct Outcome {
     pub events: i64,
     /// The segments' size in the archive.
     pub bytes: i64,
-    /// The projector with the oldest checkpoint: nothing after it may leave.
+    /// The projectors whose checkpoints keep events in the table that would
+    /// otherwise leave (`None`: nothing does).
     pub held_back_by: Option<String>,
 }
 
@@ -96,12 +98,11 @@ async fn pass(
 ) -> anyhow::Result<Outcome> {
     let mut outcome = Outcome::default();
     check_policies(&**client, &settings.policy).await?;
-    let Some((holder, oldest)) = oldest_checkpoint(&**client).await? else {
+    if oldest_checkpoint(&**client).await?.is_none() {
         outcome.policies = vec![Moved::default(); settings.policy.len()];
         outcome.held_back_by = Some("no projector has run yet".into());
         return Ok(outcome);
-    };
-    outcome.held_back_by = Some(format!("{holder} (at event {})", oldest.id));
+    }
     client
         .batch_execute(
             "DROP TABLE IF EXISTS pg_temp.pgfold_archive_chosen;
@@ -128,6 +129,7 @@ async fn pass(
             bytes: row.get(2),
         });
     }
+    outcome.held_back_by = describe(&holders(&**client, &settings.policy, has_class).await?);
     if dry_run {
         return Ok(outcome);
     }
@@ -202,7 +204,7 @@ pub(crate) fn test_pause(step: &str) {
     }
 }
 
-async fn has_retention_class<C: Db>(client: &C) -> Result<bool, tokio_postgres::Error> {
+pub(super) async fn has_retention_class<C: Db>(client: &C) -> Result<bool, tokio_postgres::Error> {
     Ok(client
         .query_one(
             "SELECT EXISTS (SELECT 1 FROM pg_attribute
@@ -252,11 +254,7 @@ async fn choose<C: Db>(
     n: i32,
     has_class: bool,
 ) -> Result<(), tokio_postgres::Error> {
-    let class = match (has_class, policy.retention_class.is_some()) {
-        (true, true) => "AND e.retention_class = $4 AND e.retention_class <> 'hot'",
-        (true, false) => "AND e.retention_class IS DISTINCT FROM 'hot' AND $4::text IS NULL",
-        (false, _) => "AND $4::text IS NULL",
-    };
+    let class = class_filter("e", "$4", has_class, policy.retention_class.is_some());
     let qualifies = format!(
         "(e.occurred_at < now() - $2::text::interval {class}
           AND NOT EXISTS (

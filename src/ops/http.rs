@@ -132,7 +132,7 @@ async fn metrics(State(state): State<HttpState>) -> Response {
         // scan the whole of it on every scrape (see `feed::plan_mode`).
         let tx = client.transaction().await?;
         crate::feed::set_plan_mode(&tx, false).await?;
-        crate::status::collect(&tx, &state.registry, state.stall_after).await
+        crate::status::collect(&tx, &state.registry, state.stall_after, None).await
     };
     match tokio::time::timeout(DB_TIMEOUT, refresh).await {
         Ok(Ok(status)) => state.metrics.observe(&status),

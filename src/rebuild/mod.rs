@@ -200,11 +200,23 @@ async fn begin(
         );
     }
     checkpoint::register(&tx, &key).await?;
+    // The build consumes what the projector does: with its filter recorded, the
+    // build's checkpoint holds back from archiving only those events (a row
+    // without one holds back every event).
+    let filter = p.filter();
     tx.execute(
         "UPDATE pgfold.projectors
-            SET build_of = $2, fingerprint = $3, build_reason = $4, build_started_at = now()
+            SET build_of = $2, fingerprint = $3, build_reason = $4, build_started_at = now(),
+                event_types = $5, stream_types = $6
           WHERE name = $1",
-        &[&key, &name, &p.fingerprint(), &reason],
+        &[
+            &key,
+            &name,
+            &p.fingerprint(),
+            &reason,
+            &filter.event_types,
+            &filter.stream_types,
+        ],
     )
     .await?;
     tx.commit().await?;

@@ -77,7 +77,7 @@ async fn an_open_older_transaction_holds_newer_events_back_and_status_names_it()
         "status to name A's backend",
         Duration::from_secs(10),
         || async {
-            let status = pgfold::status::collect(&b, &registry, Duration::ZERO)
+            let status = pgfold::status::collect(&b, &registry, Duration::ZERO, None)
                 .await
                 .unwrap();
             status

@@ -277,7 +277,12 @@ async fn archive(
                 .as_ref()
                 .context("pgfold archive needs an [archive] section with url and [[archive.policy]] in the configuration")?;
             let store = store.expect("opened with its settings");
-            let outcome = crate::archive::run_pass(&mut client, archive, &store, dry_run).await?;
+            let progress = crate::ops::progress::Progress::new(
+                settings.log.format == crate::config::LogFormat::Text,
+            );
+            let outcome =
+                crate::archive::run_pass(&mut client, archive, &store, dry_run, Some(&progress))
+                    .await?;
             for (i, (policy, moved)) in archive.policy.iter().zip(&outcome.policies).enumerate() {
                 println!(
                     "policy {} ({}, after {}{}{}): {} streams, {} events, {} bytes{}",

@@ -21,7 +21,7 @@ use serde::Serialize;
 use crate::db::Db;
 
 pub(crate) use pass::test_pause;
-pub use pass::{check_policies, run as run_pass, Moved, Outcome};
+pub use pass::{check_policies, run as run_pass, Moved, Outcome, PROGRESS_LABEL};
 pub use store::{FetchError, Store};
 
 /// A recorded segment.

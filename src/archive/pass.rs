@@ -19,6 +19,7 @@ use crate::bookkeeping::{claim_segment, oldest_checkpoint};
 use crate::config::{ArchivePolicy, ArchiveSettings};
 use crate::db::{Client, Db};
 use crate::feed::Position;
+use crate::ops::progress::{Progress, Words};
 
 /// A segment closes at this many events…
 const SEGMENT_EVENTS: i64 = 100_000;
@@ -61,13 +62,19 @@ pub struct Outcome {
     pub held_back_by: Option<String>,
 }
 
+/// How a pass shows in `progress`: a bar on a terminal, log lines otherwise.
+pub const PROGRESS_LABEL: &str = "archive pass";
+
 /// Runs a pass over `client` (a dedicated connection: the pass keeps a temporary
 /// table and a session lock on it). With `dry_run`, only chooses and counts.
+/// With `progress`, the pass shows how far it has come through the events it
+/// chose, segment by segment, as [`PROGRESS_LABEL`].
 pub async fn run(
     client: &mut Client,
     settings: &ArchiveSettings,
     store: &Store,
     dry_run: bool,
+    progress: Option<&Progress>,
 ) -> anyhow::Result<Outcome> {
     // A pass killed a moment ago holds the lock until the server notices: wait a
     // little for it.
@@ -80,7 +87,10 @@ pub async fn run(
         }
         return Err(e.into());
     }
-    let outcome = pass(client, settings, store, dry_run).await;
+    let outcome = pass(client, settings, store, dry_run, progress).await;
+    if let Some(progress) = progress {
+        progress.finish(PROGRESS_LABEL);
+    }
     client
         .batch_execute(
             "SELECT pg_advisory_unlock(hashtext('pgfold.archive_pass'));
@@ -95,6 +105,7 @@ async fn pass(
     settings: &ArchiveSettings,
     store: &Store,
     dry_run: bool,
+    progress: Option<&Progress>,
 ) -> anyhow::Result<Outcome> {
     let mut outcome = Outcome::default();
     check_policies(&**client, &settings.policy).await?;
@@ -135,6 +146,16 @@ async fn pass(
     }
     if outcome.policies.iter().any(|m| m.events > 0) {
         install_guard(client).await?;
+        if let Some(progress) = progress {
+            let row = client
+                .query_one(
+                    "SELECT min(id), max(id) FROM pg_temp.pgfold_archive_chosen",
+                    &[],
+                )
+                .await?;
+            let (first, last): (i64, i64) = (row.get(0), row.get(1));
+            progress.begin_as(PROGRESS_LABEL, first - 1, last, Words::ARCHIVE);
+        }
     }
     let mut after = 0i64;
     loop {
@@ -156,6 +177,9 @@ async fn pass(
         test_pause("verified");
         record(client, &key, &summary, after, last).await?;
         test_pause("recorded");
+        if let Some(progress) = progress {
+            progress.advance(PROGRESS_LABEL, last, summary.events as u64);
+        }
         tracing::info!(
             segment = %store.describe(&key),
             events = summary.events,

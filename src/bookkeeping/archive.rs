@@ -23,18 +23,22 @@ pub async fn archive_applied<C: Db>(client: &C, name: &str) -> Result<i64, tokio
 }
 
 /// Records that `name` has consumed segments up to `segment`, if it stood at
-/// `from`; whether it did (another instance may have got there first).
+/// `from`, and applied `events` of them (counted in `events_applied`, which a
+/// replay's progress in `status` goes by); whether it did (another instance may
+/// have got there first).
 pub async fn advance_archive<C: Db>(
     tx: &C,
     name: &str,
     from: i64,
     segment: i64,
+    events: i64,
 ) -> Result<bool, tokio_postgres::Error> {
     let n = tx
         .execute(
-            "UPDATE pgfold.projectors SET archive_applied = $3, updated_at = now()
+            "UPDATE pgfold.projectors
+                SET archive_applied = $3, events_applied = events_applied + $4, updated_at = now()
               WHERE name = $1 AND archive_applied = $2",
-            &[&name, &from, &segment],
+            &[&name, &from, &segment, &events],
         )
         .await?;
     Ok(n == 1)

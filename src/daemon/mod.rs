@@ -202,7 +202,7 @@ impl Daemon {
                     session.clone(),
                     a.clone(),
                     store.clone(),
-                    ops.metrics.clone(),
+                    (ops.metrics.clone(), ops.progress.clone()),
                     token.clone(),
                 ));
             }
@@ -219,6 +219,7 @@ impl Daemon {
                 pool.clone(),
             )
             .on_part(ops.progress.reporter(&ops.liveness, p.name()))
+            .on_segment(ops.progress.segment_reporter(&ops.liveness, p.name()))
             .with_archive(archive.clone());
             ops.liveness.beat(p.name());
             let driver = Driver::new(
@@ -276,7 +277,7 @@ async fn archive_every(
     session: db::PgConfig,
     settings: crate::config::ArchiveSettings,
     store: crate::archive::Store,
-    metrics: Arc<Metrics>,
+    (metrics, progress): (Arc<Metrics>, Arc<Progress>),
     token: CancellationToken,
 ) {
     loop {
@@ -286,7 +287,7 @@ async fn archive_every(
         }
         let pass = async {
             let mut client = db::connect(&session).await?;
-            crate::archive::run_pass(&mut client, &settings, &store, false).await
+            crate::archive::run_pass(&mut client, &settings, &store, false, Some(&progress)).await
         };
         let outcome = tokio::select! {
             _ = token.cancelled() => return,

@@ -85,7 +85,32 @@ pub struct Progress {
     tracked: Mutex<HashMap<String, Tracked>>,
 }
 
+/// How a tracked piece of work is told: a catch-up (a replay, a rebuild, a
+/// `--once` run) or an archive pass, whose lines would be wrong as "catching
+/// up".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Words {
+    /// The periodic log line's message.
+    pub doing: &'static str,
+    /// The summary's, once done.
+    pub done: &'static str,
+}
+
+impl Words {
+    /// A projector catching up.
+    pub const CATCH_UP: Words = Words {
+        doing: "catching up",
+        done: "caught up",
+    };
+    /// An archive pass moving events out of the table.
+    pub const ARCHIVE: Words = Words {
+        doing: "archiving",
+        done: "archived",
+    };
+}
+
 struct Tracked {
+    words: Words,
     started: Instant,
     /// When the last `catching up` line was logged; `None` before the first.
     last_log: Option<Instant>,
@@ -193,6 +218,11 @@ impl Progress {
 
     /// Starts tracking `projector` from event id `from` up to `target`.
     pub fn begin(&self, projector: &str, from: i64, target: i64) {
+        self.begin_as(projector, from, target, Words::CATCH_UP);
+    }
+
+    /// [`Progress::begin`] for work told in `words`.
+    pub fn begin_as(&self, projector: &str, from: i64, target: i64, words: Words) {
         if target <= from {
             return;
         }
@@ -213,6 +243,7 @@ impl Progress {
         tracked.insert(
             projector.to_string(),
             Tracked {
+                words,
                 started: now,
                 recent: VecDeque::from([(now, 0)]),
                 last_log: None,
@@ -242,10 +273,29 @@ impl Progress {
         liveness: &Arc<super::Liveness>,
         label: &str,
     ) -> Arc<dyn Fn(i64, u64) + Send + Sync> {
+        self.reporting(liveness, label, Progress::within_batch)
+    }
+
+    /// What a worker calls after each archived segment it applied: counted for
+    /// good, like a committed batch ([`Progress::advance`]), and a sign of life.
+    pub fn segment_reporter(
+        self: &Arc<Progress>,
+        liveness: &Arc<super::Liveness>,
+        label: &str,
+    ) -> Arc<dyn Fn(i64, u64) + Send + Sync> {
+        self.reporting(liveness, label, Progress::advance)
+    }
+
+    fn reporting(
+        self: &Arc<Progress>,
+        liveness: &Arc<super::Liveness>,
+        label: &str,
+        record: fn(&Progress, &str, i64, u64),
+    ) -> Arc<dyn Fn(i64, u64) + Send + Sync> {
         let (progress, liveness, label) = (self.clone(), liveness.clone(), label.to_string());
         Arc::new(move |position, events| {
             liveness.beat(&label);
-            progress.within_batch(&label, position, events);
+            record(&progress, &label, position, events);
         })
     }
 
@@ -295,7 +345,8 @@ impl Progress {
                 events_applied = t.applied + t.in_batch,
                 events_per_second = estimate.events_per_second.round() as u64,
                 eta_seconds = estimate.eta_seconds.map(f64::ceil),
-                "catching up"
+                "{}",
+                t.words.doing
             );
         }
         if t.position_id >= t.target_id {
@@ -320,8 +371,9 @@ impl Progress {
             bar.bar.finish_and_clear();
             bars.remove(&bar.bar);
             let _ = bars.println(format!(
-                "{projector:>16} [{}] 100% {total}/{total} ids  caught up: {} events in {elapsed:.1} s, {} events/s",
+                "{projector:>16} [{}] 100% {total}/{total} ids  {}: {} events in {elapsed:.1} s, {} events/s",
                 "=".repeat(BAR_WIDTH),
+                t.words.done,
                 HumanCount(t.applied),
                 HumanCount(rate)
             ));
@@ -332,7 +384,8 @@ impl Progress {
             events_applied = t.applied,
             seconds = (elapsed * 10.0).round() / 10.0,
             events_per_second = rate,
-            "caught up"
+            "{}",
+            t.words.done
         );
     }
 

@@ -283,6 +283,7 @@ pub async fn drive(
     let mut worker = Worker::new(build.projector.clone(), settings, &daemon, pool.clone())
         .into(target)
         .on_part(ops.progress.reporter(&ops.liveness, &label))
+        .on_segment(ops.progress.segment_reporter(&ops.liveness, &label))
         .with_archive(archive);
     // The build's history starts in the archive: read before its first batch.
     // A missing or corrupt segment stops the build there, long before its swap;

@@ -90,7 +90,7 @@ impl Worker {
             if self.settings.history == History::Hot {
                 let last = pending.last().map_or(applied, |s| s.segment);
                 let client = self.pool.get().await?;
-                advance_archive(&client, &self.key, applied, last).await?;
+                advance_archive(&client, &self.key, applied, last, 0).await?;
                 tracing::info!(
                     projector = self.name(),
                     segments = pending.len(),
@@ -106,12 +106,14 @@ impl Worker {
                 )));
             };
             archive::test_pause("replay-fetch");
+            archive::test_pause(&format!("replay-fetch-{}", next.segment));
             let bytes = archive::fetch_verified(store, next).await?;
-            applied_events += self.apply_segment(store, next, applied, bytes).await?;
+            let events = self.apply_segment(store, next, applied, bytes).await?;
+            applied_events += events;
             // The replay's progress (and the task's heartbeat): the archive read up
-            // to this segment's last id.
-            if let Some(report) = &self.on_part {
-                report(next.last_id, applied_events);
+            // to this segment's last id, its events applied for good.
+            if let Some(report) = &self.on_segment {
+                report(next.last_id, events);
             }
         }
     }
@@ -132,6 +134,9 @@ impl Worker {
             // Another instance applied it meanwhile.
             return Ok(0);
         }
+        // Where the checkpoint stands while the archive is read: what `status`
+        // takes this segment's progress to start from.
+        let from = checkpoint::load(&tx, &self.key).await?.position;
         self.target.enter(&tx).await?;
         let filter = self.projector.filter();
         let projector = self.projector.clone();
@@ -185,6 +190,11 @@ impl Worker {
                     fold.apply(&Tx::staged(&tx), &decoded)
                         .await
                         .map_err(failed)?;
+                    // A segment of large events takes a while: its row groups
+                    // show as parts of it.
+                    if let (Some(report), Some(last)) = (&self.on_part, decoded.last()) {
+                        report(last.id, events);
+                    }
                 }
             }
             Fold::Set(fold) | Fold::StreamSet(fold) => {
@@ -200,13 +210,16 @@ impl Worker {
             }
         }
         archive::test_pause("replay-apply");
-        if !advance_archive(&tx, &self.key, applied, seg.segment).await? {
+        if !advance_archive(&tx, &self.key, applied, seg.segment, events as i64).await? {
             return Err(ArchiveError::Fatal(anyhow::anyhow!(
                 "projector {}: its archive position moved during {label}",
                 self.name()
             )));
         }
         tx.commit().await?;
+        // For `status` and the metrics of every instance: the checkpoint moves
+        // only with the table's first batch.
+        super::parts::record_in_flight(&self.pool, &self.key, from, seg.last_id, 0).await;
         tracing::info!(
             projector = self.name(),
             segment = seg.segment,

@@ -154,6 +154,9 @@ pub struct Worker {
     /// Told of each part of a batch applied in parts (see `worker::parts`), before
     /// the batch commits: (position, events consumed so far in the batch).
     on_part: Option<OnPart>,
+    /// Told of each archived segment applied (committed): (its last event id,
+    /// the events it applied).
+    on_segment: Option<OnPart>,
     /// Where archived segments are read from (`archive.url`), if configured.
     archive: Option<crate::archive::Store>,
 }
@@ -201,6 +204,7 @@ impl Worker {
             synchronous_commit: daemon.synchronous_commit,
             generic_plans: false,
             on_part: None,
+            on_segment: None,
             archive: None,
         }
     }
@@ -210,6 +214,15 @@ impl Worker {
     /// progress of a long stream-set catch-up, which commits only at its end.
     pub fn on_part(mut self, report: OnPart) -> Worker {
         self.on_part = Some(report);
+        self
+    }
+
+    /// Calls `report` after each archived segment applied, with its last event
+    /// id and the events it applied, counted for good (see
+    /// [`Worker::read_archive`]); a segment's row groups go to
+    /// [`Worker::on_part`] while it is applied.
+    pub fn on_segment(mut self, report: OnPart) -> Worker {
+        self.on_segment = Some(report);
         self
     }
 

@@ -113,7 +113,13 @@ pub(super) async fn apply_in_parts(
 
 /// Writes a part's progress to `pgfold.batch_progress`, best effort: a batch
 /// never waits more than [`RECORD_WITHIN`] for it, nor fails for it.
-async fn record_in_flight(pool: &Pool, name: &str, from: Position, position: i64, events: u64) {
+pub(super) async fn record_in_flight(
+    pool: &Pool,
+    name: &str,
+    from: Position,
+    position: i64,
+    events: u64,
+) {
     let record = async {
         let client = pool.get().await?;
         checkpoint::record_in_flight(&client, name, from, position, events).await?;

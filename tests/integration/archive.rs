@@ -11,7 +11,8 @@
 //! not yet read back), `verified` (read back, nothing recorded), `deleted` (inside
 //! the recording transaction, rows deleted and streams recorded, not committed),
 //! `recorded` (committed); and in a projector reading the archive,
-//! `replay-fetch` (before it fetches a segment) and `replay-apply` (inside the
+//! `replay-fetch` (before it fetches a segment; `replay-fetch-N`, before it
+//! fetches segment N) and `replay-apply` (inside the
 //! segment's transaction, its events applied, not committed). With
 //! `PGFOLD_TEST_ARCHIVE_RESUME=<file>` as well, it
 //! waits only until that file exists, and then goes on (and no longer pauses),
@@ -1213,4 +1214,183 @@ async fn held_back_by_names_the_rows_whose_checkpoints_keep_old_events_and_nothi
     let status = rebuild.wait().unwrap();
     assert!(status.success(), "{}", rebuild.output());
     assert_eq!(dry_run_holders(&s), None);
+}
+
+/// The JSON log lines of `pgfold ARGS` run with JSON logs at info.
+fn json_log(s: &Setup, args: &[&str]) -> Vec<Value> {
+    let out = s.pgfold(
+        args,
+        &[("PGFOLD_LOG__FORMAT", "json"), ("RUST_LOG", "info")],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_pass_shows_its_progress_as_a_bar_on_a_terminal_and_in_the_logs_otherwise() {
+    let s = setup(None).await;
+    // Without a terminal: the summary line of the work, with what it moved.
+    let lines = json_log(&s, &["archive"]);
+    let (archived, last_id) = {
+        let row = s
+            .client
+            .query_one(
+                "SELECT sum(events)::bigint, max(last_id) FROM pgfold.archive_segments",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, i64>(0), row.get::<_, i64>(1))
+    };
+    let done = lines
+        .iter()
+        .find(|l| l["projector"] == "archive pass" && l["message"] == "archived")
+        .unwrap_or_else(|| panic!("no summary of the pass in {lines:?}"));
+    assert_eq!(done["events_applied"].as_i64(), Some(archived), "{done}");
+    assert_eq!(done["position"].as_i64(), Some(last_id), "{done}");
+
+    // On a terminal: a bar, left at 100 % with the summary. Old events again,
+    // for a second pass to move.
+    s.client
+        .execute(
+            "UPDATE events SET occurred_at = occurred_at - interval '1 year'
+              WHERE stream_type = 'order'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let config = s.config().to_string();
+    let (code, chunks) = tokio::task::spawn_blocking(move || {
+        super::progress::run_on_a_terminal(&["--config", &config, "archive"], &[])
+    })
+    .await
+    .unwrap();
+    let screen = super::progress::last_screen(&chunks);
+    assert_eq!(code, 0, "{screen}");
+    assert!(
+        screen.lines().any(|l| l.contains("archive pass [")
+            && l.contains("100%")
+            && l.contains("archived: ")),
+        "{screen}"
+    );
+}
+
+#[tokio::test]
+async fn a_replay_counts_the_archived_events_it_applies_in_its_progress_and_status() {
+    let s = setup(None).await;
+    let paid = count(
+        &s.client,
+        "SELECT count(*) FROM events WHERE event_type = 'OrderPaid'",
+    )
+    .await;
+    s.pgfold_ok(&["archive"], &[]);
+    let in_table = count(
+        &s.client,
+        "SELECT count(*) FROM events WHERE event_type = 'OrderPaid'",
+    )
+    .await;
+    assert!(in_table < paid, "some payments were archived");
+
+    let lines = json_log(&s, &["run", "--once", "--replay", "daily_revenue"]);
+    let done = lines
+        .iter()
+        .find(|l| l["projector"] == "daily_revenue" && l["message"] == "caught up")
+        .unwrap_or_else(|| panic!("no summary of the replay in {lines:?}"));
+    assert_eq!(done["events_applied"].as_i64(), Some(paid), "{done}");
+    assert_eq!(
+        count(
+            &s.client,
+            "SELECT events_applied FROM pgfold.projectors WHERE name = 'daily_revenue'"
+        )
+        .await,
+        paid
+    );
+}
+
+#[tokio::test]
+async fn status_shows_a_replay_moving_through_the_archive_before_its_checkpoint_moves() {
+    let s = setup(None).await;
+    let paid = "SELECT count(*) FROM events WHERE event_type = 'OrderPaid'";
+    let before = count(&s.client, paid).await;
+    s.pgfold_ok(&["archive"], &[]);
+    let in_first = before - count(&s.client, paid).await;
+    assert!(in_first > 0);
+    // The orders left in the table grow old: a second segment.
+    s.client
+        .execute(
+            "UPDATE events SET occurred_at = occurred_at - interval '1 year'
+              WHERE stream_type = 'order'",
+            &[],
+        )
+        .await
+        .unwrap();
+    s.pgfold_ok(&["archive"], &[]);
+    let first_last_id = count(
+        &s.client,
+        "SELECT last_id FROM pgfold.archive_segments WHERE segment = 1",
+    )
+    .await;
+    assert_eq!(
+        count(&s.client, "SELECT count(*) FROM pgfold.archive_segments").await,
+        2
+    );
+
+    // Held after the first segment, before the second.
+    let resume = s.dir.join("resume-replay-fetch-2");
+    let config = s.config().to_string();
+    let mut replay = Daemon::spawn(
+        &s.bin,
+        &[
+            "--config",
+            &config,
+            "run",
+            "--once",
+            "--replay",
+            "daily_revenue",
+            "--projector",
+            "daily_revenue",
+        ],
+        &[
+            ("PGFOLD_TEST_ARCHIVE_PAUSE", "replay-fetch-2"),
+            ("PGFOLD_TEST_ARCHIVE_RESUME", resume.to_str().unwrap()),
+        ],
+    );
+    wait_for(
+        "the pause before segment 2",
+        Duration::from_secs(60),
+        || {
+            let seen = replay
+                .lines()
+                .iter()
+                .any(|l| l.contains("test pause at replay-fetch-2"));
+            let running = replay.is_running();
+            async move { seen || !running }
+        },
+    )
+    .await;
+    let status: Value =
+        serde_json::from_slice(&s.pgfold(&["status", "--json"], &[]).stdout).unwrap();
+    let p = status["projectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "daily_revenue")
+        .unwrap();
+    assert_eq!(p["state"], "replaying", "{p}");
+    assert_eq!(p["replay"]["position"], first_last_id, "{p}");
+    assert_eq!(p["events_applied"], in_first, "{p}");
+    std::fs::write(&resume, "").unwrap();
+    assert!(replay.wait().unwrap().success(), "{}", replay.output());
+    assert_eq!(
+        count(
+            &s.client,
+            "SELECT events_applied FROM pgfold.projectors WHERE name = 'daily_revenue'"
+        )
+        .await,
+        before
+    );
 }

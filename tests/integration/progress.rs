@@ -77,7 +77,10 @@ fn parse_eta(text: &str) -> Option<f64> {
 
 /// Runs `pgfold ARGS` on a 140×40 pseudo-terminal until it exits; returns its
 /// exit code and what it wrote, in chunks stamped with when they arrived.
-fn run_on_a_terminal(args: &[&str], env: &[(&str, &str)]) -> (u32, Vec<(Duration, Vec<u8>)>) {
+pub(crate) fn run_on_a_terminal(
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> (u32, Vec<(Duration, Vec<u8>)>) {
     let pty = native_pty_system()
         .openpty(PtySize {
             rows: 40,
@@ -116,6 +119,17 @@ fn run_on_a_terminal(args: &[&str], env: &[(&str, &str)]) -> (u32, Vec<(Duration
     reading.join().unwrap();
     let chunks = std::mem::take(&mut *chunks.lock().unwrap());
     (status.exit_code(), chunks)
+}
+
+/// The screen once every chunk has been drawn, through a terminal emulator.
+pub(crate) fn last_screen(chunks: &[(Duration, Vec<u8>)]) -> String {
+    let size = |n| std::num::NonZeroU16::new(n).unwrap();
+    let mut parser = vt100::Parser::new(size(40), size(140), 0);
+    for (_, bytes) in chunks {
+        parser.process(bytes);
+    }
+    let rows: Vec<String> = parser.screen().rows(0, 140).collect();
+    rows.join("\n")
 }
 
 /// The screen after each chunk, through a terminal emulator: every bar drawn, and

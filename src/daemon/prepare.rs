@@ -13,9 +13,12 @@ use crate::bookkeeping::{self as checkpoint, record_fingerprint};
 use crate::config::Settings;
 use crate::db;
 use crate::feed::{self, Position};
-use crate::ops::progress::Progress;
+use crate::ops::progress::{Progress, Words};
 use crate::projector::{Projector, ProjectorError, Registry, Tx};
 use crate::util::one_line;
+
+/// How the check of the archive before a replay shows in the progress.
+const CHECK_LABEL: &str = "archive check";
 
 /// Selects the projectors to run: `--projector` names, or every enabled one.
 /// Unknown names, in the options or the configuration, are errors.
@@ -105,7 +108,15 @@ pub(super) async fn prepare(
             .context("the database needs migrating and this role cannot (run `pgfold migrate` with a role that has DDL rights)")?;
     }
     validate(client, selected).await?;
-    check_archive(client, settings, registry, options, selected, archive).await?;
+    check_archive(
+        client,
+        (settings, progress),
+        registry,
+        options,
+        selected,
+        archive,
+    )
+    .await?;
     for p in selected {
         if !checkpoint::exists(client, p.name()).await? {
             setup(client, p.as_ref()).await?;
@@ -137,7 +148,7 @@ pub(super) async fn prepare(
 /// stops the run here, in one line naming it.
 pub(super) async fn check_archive(
     client: &db::Client,
-    settings: &Settings,
+    (settings, progress): (&Settings, &Progress),
     registry: &Registry,
     options: &RunOptions,
     selected: &[Arc<dyn Projector>],
@@ -171,9 +182,17 @@ pub(super) async fn check_archive(
             segments.len()
         )
     })?;
+    // Every segment is read whole: for a large archive in object storage, the
+    // first long wait of the replay.
+    let total: i64 = segments.iter().map(|s| s.events).sum();
+    progress.begin_as(CHECK_LABEL, 0, total, Words::CHECK);
+    let mut checked = 0;
     for s in &segments {
         crate::archive::fetch_verified(store, s).await?;
+        checked += s.events;
+        progress.advance(CHECK_LABEL, checked, s.events as u64);
     }
+    progress.finish(CHECK_LABEL);
     tracing::info!(
         segments = segments.len(),
         "archived segments verified before the replay"

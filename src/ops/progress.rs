@@ -94,6 +94,8 @@ pub struct Words {
     pub doing: &'static str,
     /// The summary's, once done.
     pub done: &'static str,
+    /// What the bar counts.
+    pub unit: &'static str,
 }
 
 impl Words {
@@ -101,11 +103,21 @@ impl Words {
     pub const CATCH_UP: Words = Words {
         doing: "catching up",
         done: "caught up",
+        unit: "ids",
     };
     /// An archive pass moving events out of the table.
     pub const ARCHIVE: Words = Words {
         doing: "archiving",
         done: "archived",
+        unit: "ids",
+    };
+    /// The archived segments fetched and checked before a replay reads them:
+    /// counted in events, since segments of several passes need not follow
+    /// each other in id order.
+    pub const CHECK: Words = Words {
+        doing: "checking the archive",
+        done: "archive checked",
+        unit: "events",
     };
 }
 
@@ -192,9 +204,9 @@ fn eta(seconds: f64) -> String {
 
 const BAR_WIDTH: usize = 30;
 
-fn bar_style(status: Arc<Mutex<String>>) -> ProgressStyle {
+fn bar_style(status: Arc<Mutex<String>>, unit: &str) -> ProgressStyle {
     ProgressStyle::with_template(&format!(
-        "{{prefix:>16}} [{{bar:{BAR_WIDTH}}}] {{percent:>3}}% {{human_pos}}/{{human_len}} ids  {{status}}"
+        "{{prefix:>16}} [{{bar:{BAR_WIDTH}}}] {{percent:>3}}% {{human_pos}}/{{human_len}} {unit}  {{status}}"
     ))
     .unwrap_or_else(|_| ProgressStyle::default_bar())
     .with_key(
@@ -229,7 +241,7 @@ impl Progress {
         let bar = self.bars.as_ref().map(|m| {
             let status = Arc::new(Mutex::new("? events/s  eta ?".to_string()));
             let bar = m.add(ProgressBar::new((target - from) as u64));
-            bar.set_style(bar_style(status.clone()));
+            bar.set_style(bar_style(status.clone(), words.unit));
             bar.set_prefix(projector.to_string());
             Bar { bar, status }
         });
@@ -371,8 +383,9 @@ impl Progress {
             bar.bar.finish_and_clear();
             bars.remove(&bar.bar);
             let _ = bars.println(format!(
-                "{projector:>16} [{}] 100% {total}/{total} ids  {}: {} events in {elapsed:.1} s, {} events/s",
+                "{projector:>16} [{}] 100% {total}/{total} {}  {}: {} events in {elapsed:.1} s, {} events/s",
                 "=".repeat(BAR_WIDTH),
+                t.words.unit,
                 t.words.done,
                 HumanCount(t.applied),
                 HumanCount(rate)

@@ -802,27 +802,36 @@ payload = "jsonb_set(payload, '{items,0,qty}', '7'::jsonb)"
     }
 }
 
-/// A pass run by the real binary, held at `step` (see the test-only hook above)
-/// until the file returned exists; `deleted` holds its recording transaction open
-/// with the segment's rows deleted and its streams recorded.
-async fn held_pass(s: &Setup, step: &str) -> (Daemon, PathBuf) {
-    let resume = s.dir.join(format!("resume-{step}"));
+/// `pgfold ARGS` (the real binary, with the setup's configuration and `env`),
+/// held at `step` (see the test-only hook above) until the file returned exists.
+/// A pass held at `deleted` holds its recording transaction open with the
+/// segment's rows deleted and its streams recorded.
+async fn held(s: &Setup, args: &[&str], step: &str, env: &[(&str, &str)]) -> (Daemon, PathBuf) {
+    let resume = s.dir.join(format!("resume-{step}-{}", args.join("_")));
     let config = s.config().to_string();
-    let pass = Daemon::spawn(
-        &s.bin,
-        &["--config", &config, "archive"],
-        &[
-            ("PGFOLD_TEST_ARCHIVE_PAUSE", step),
-            ("PGFOLD_TEST_ARCHIVE_RESUME", resume.to_str().unwrap()),
-        ],
-    );
-    let pause = format!("test pause at {step}");
-    wait_for(&pause, Duration::from_secs(60), || {
-        let seen = pass.lines().iter().any(|l| l.contains(&pause));
-        async move { seen }
+    let mut all = vec!["--config", config.as_str()];
+    all.extend_from_slice(args);
+    let mut env = env.to_vec();
+    env.push(("PGFOLD_TEST_ARCHIVE_PAUSE", step));
+    env.push(("PGFOLD_TEST_ARCHIVE_RESUME", resume.to_str().unwrap()));
+    let mut held = Daemon::spawn(&s.bin, &all, &env);
+    still_running_after(&mut held, &format!("test pause at {step}")).await;
+    (held, resume)
+}
+
+/// Waits for `daemon` to write a line with `text`; fails if it exits first.
+async fn still_running_after(daemon: &mut Daemon, text: &str) {
+    wait_for(text, Duration::from_secs(60), || {
+        let seen = daemon.lines().iter().any(|l| l.contains(text));
+        let running = daemon.is_running();
+        async move { seen || !running }
     })
     .await;
-    (pass, resume)
+    assert!(
+        daemon.is_running(),
+        "exited before {text:?}: {}",
+        daemon.output()
+    );
 }
 
 /// Lets a held pass go on, and waits for it to succeed.
@@ -847,6 +856,18 @@ async fn a_stream_to_archive_whole(client: &Client) -> (String, i64) {
     (row.get(0), row.get(1))
 }
 
+/// An append at `sequence`, on a connection of its own, left running.
+async fn spawn_append(
+    db: &TestDb,
+    stream: &str,
+    stream_type: &str,
+    sequence: i64,
+) -> tokio::task::JoinHandle<Result<i64, AppendError>> {
+    let writer = db.client().await;
+    let e = NewEvent::new(stream, stream_type, "Noted", json!({}));
+    tokio::spawn(async move { store::append(&writer, &e, sequence).await })
+}
+
 /// Backends of this database waiting for a lock while appending.
 async fn appends_waiting(client: &Client) -> i64 {
     count(
@@ -863,22 +884,12 @@ async fn a_stale_append_racing_a_pass_that_deletes_its_key_is_refused_never_stor
     let s = setup(None).await;
     let total = count(&s.client, "SELECT count(*) FROM events").await;
     let (stream, last) = a_stream_to_archive_whole(&s.client).await;
-    let (pass, file) = held_pass(&s, "deleted").await;
+    let (pass, file) = held(&s, &["archive"], "deleted", &[]).await;
     // Stale writers: each read its stream before the pass and appends at a
     // sequence the table still holds, whose row the open recording transaction
     // has deleted. One stream leaves whole, the log stream in part.
-    let stale = |stream: String, stream_type: &'static str, sequence: i64| {
-        let db = &s.db;
-        async move {
-            let writer = db.client().await;
-            tokio::spawn(async move {
-                let e = NewEvent::new(&stream, stream_type, "Noted", json!({}));
-                store::append(&writer, &e, sequence).await
-            })
-        }
-    };
-    let whole = stale(stream.clone(), "order", 1).await;
-    let in_part = stale("log-1".into(), "log", 2).await;
+    let whole = spawn_append(&s.db, &stream, "order", 1).await;
+    let in_part = spawn_append(&s.db, "log-1", "log", 2).await;
     wait_for(
         "both appends to wait for the recording transaction",
         Duration::from_secs(30),
@@ -921,7 +932,7 @@ async fn a_stale_append_racing_a_pass_that_deletes_its_key_is_refused_never_stor
 async fn an_append_after_the_newest_event_racing_a_pass_keeps_the_history_consistent() {
     let s = setup(None).await;
     let (stream, last) = a_stream_to_archive_whole(&s.client).await;
-    let (pass, file) = held_pass(&s, "deleted").await;
+    let (pass, file) = held(&s, &["archive"], "deleted", &[]).await;
     // A writer that read the stream before the pass deleted it appends after its
     // newest event: no row of the pass's stands in its way, so it commits while
     // the pass, which cannot see it, records the stream as having left whole.
@@ -981,26 +992,9 @@ async fn a_replay_or_rebuild_whose_connection_is_killed_inside_an_archived_segme
     let s = setup(None).await;
     s.pgfold_ok(&["archive"], &[]);
     let before = projections(&s.client).await;
-    let config = s.config().to_string();
     for how in ["--replay", "--rebuild"] {
-        let resume = s.dir.join(format!("resume{how}"));
         // Held inside a segment's transaction, some of the segment applied.
-        let mut run = Daemon::spawn(
-            &s.bin,
-            &["--config", &config, "run", "--once", how, "all"],
-            &[
-                ("PGFOLD_TEST_ARCHIVE_PAUSE", "replay-apply"),
-                ("PGFOLD_TEST_ARCHIVE_RESUME", resume.to_str().unwrap()),
-            ],
-        );
-        wait_for("the pause in a segment", Duration::from_secs(60), || {
-            let seen = run
-                .lines()
-                .iter()
-                .any(|l| l.contains("test pause at replay-apply"));
-            async move { seen }
-        })
-        .await;
+        let (mut run, resume) = held(&s, &["run", "--once", how, "all"], "replay-apply", &[]).await;
         let killed = super::helpers::terminate_daemon_backends(&s.client, &s.db.name).await;
         assert!(killed > 0);
         std::fs::write(&resume, "").unwrap();
@@ -1024,45 +1018,22 @@ async fn a_replay_that_finds_the_s3_server_down_for_a_moment_retries_and_complet
     create_bucket(&endpoint, &bucket);
     let s = setup(Some(&format!("s3://{bucket}/events"))).await;
     let env = s3_env(&format!("http://127.0.0.1:{}", proxy.port));
-    let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     s.pgfold_ok(&["archive"], &env);
     assert!(accounted(&s.client).await.1 > 0);
     let before = projections(&s.client).await;
 
-    let resume = s.dir.join("resume-replay-fetch");
-    env.push(("PGFOLD_TEST_ARCHIVE_PAUSE", "replay-fetch"));
-    env.push(("PGFOLD_TEST_ARCHIVE_RESUME", resume.to_str().unwrap()));
-    let config = s.config().to_string();
-    let mut replay = Daemon::spawn(
-        &s.bin,
-        &["--config", &config, "run", "--once", "--replay", "all"],
-        &env,
-    );
     // Past the check of every segment at start: about to fetch one to apply it.
-    wait_for("the pause before a fetch", Duration::from_secs(60), || {
-        let seen = replay
-            .lines()
-            .iter()
-            .any(|l| l.contains("test pause at replay-fetch"));
-        async move { seen }
-    })
+    let (mut replay, resume) = held(
+        &s,
+        &["run", "--once", "--replay", "all"],
+        "replay-fetch",
+        &env,
+    )
     .await;
     proxy.cut().await;
     std::fs::write(&resume, "").unwrap();
-    wait_for("a retried archive error", Duration::from_secs(60), || {
-        let seen = replay
-            .lines()
-            .iter()
-            .any(|l| l.contains("archive error; retrying"));
-        let running = replay.is_running();
-        async move { seen || !running }
-    })
-    .await;
-    assert!(
-        replay.is_running(),
-        "the replay gave up: {}",
-        replay.output()
-    );
+    still_running_after(&mut replay, "archive error; retrying").await;
     proxy.restore().await;
     exited_ok(&mut replay, Duration::from_secs(120))
         .await
@@ -1165,31 +1136,8 @@ async fn held_back_by_names_the_rows_whose_checkpoints_keep_old_events_and_nothi
     // A rebuild beside daily_revenue, held before it reads the archive: its row
     // stands at the first event. It holds back the old orders with a payment,
     // the only events it consumes; the old orders without one may leave.
-    let resume = s.dir.join("resume-rebuild");
-    let config = s.config().to_string();
-    let mut rebuild = Daemon::spawn(
-        &s.bin,
-        &[
-            "--config",
-            &config,
-            "run",
-            "--once",
-            "--rebuild",
-            "daily_revenue",
-        ],
-        &[
-            ("PGFOLD_TEST_ARCHIVE_PAUSE", "replay-fetch"),
-            ("PGFOLD_TEST_ARCHIVE_RESUME", resume.to_str().unwrap()),
-        ],
-    );
-    wait_for("the rebuild's pause", Duration::from_secs(60), || {
-        let seen = rebuild
-            .lines()
-            .iter()
-            .any(|l| l.contains("test pause at replay-fetch"));
-        async move { seen }
-    })
-    .await;
+    let args = ["run", "--once", "--rebuild", "daily_revenue"];
+    let (mut rebuild, resume) = held(&s, &args, "replay-fetch", &[]).await;
     let building = "daily_revenue (rebuild) (at event 0)";
     assert_eq!(held_back_by(&s), building);
     let unpaid = count(
@@ -1215,6 +1163,21 @@ async fn held_back_by_names_the_rows_whose_checkpoints_keep_old_events_and_nothi
     assert!(status.success(), "{}", rebuild.output());
     assert_eq!(dry_run_holders(&s), None);
 }
+
+/// The orders left in the table grow a year older, for another pass to move.
+async fn age_the_orders_left(client: &Client) {
+    client
+        .execute(
+            "UPDATE events SET occurred_at = occurred_at - interval '1 year'
+              WHERE stream_type = 'order'",
+            &[],
+        )
+        .await
+        .unwrap();
+}
+
+/// The payments in the table: what daily_revenue consumes.
+const PAID: &str = "SELECT count(*) FROM events WHERE event_type = 'OrderPaid'";
 
 /// The JSON log lines of `pgfold ARGS` run with JSON logs at info.
 fn json_log(s: &Setup, args: &[&str]) -> Vec<Value> {
@@ -1255,14 +1218,7 @@ async fn a_pass_shows_its_progress_as_a_bar_on_a_terminal_and_in_the_logs_otherw
 
     // On a terminal: a bar, left at 100 % with the summary. Old events again,
     // for a second pass to move.
-    s.client
-        .execute(
-            "UPDATE events SET occurred_at = occurred_at - interval '1 year'
-              WHERE stream_type = 'order'",
-            &[],
-        )
-        .await
-        .unwrap();
+    age_the_orders_left(&s.client).await;
     let config = s.config().to_string();
     let (code, chunks) = tokio::task::spawn_blocking(move || {
         super::progress::run_on_a_terminal(&["--config", &config, "archive"], &[])
@@ -1282,17 +1238,9 @@ async fn a_pass_shows_its_progress_as_a_bar_on_a_terminal_and_in_the_logs_otherw
 #[tokio::test]
 async fn a_replay_counts_the_archived_events_it_applies_in_its_progress_and_status() {
     let s = setup(None).await;
-    let paid = count(
-        &s.client,
-        "SELECT count(*) FROM events WHERE event_type = 'OrderPaid'",
-    )
-    .await;
+    let paid = count(&s.client, PAID).await;
     s.pgfold_ok(&["archive"], &[]);
-    let in_table = count(
-        &s.client,
-        "SELECT count(*) FROM events WHERE event_type = 'OrderPaid'",
-    )
-    .await;
+    let in_table = count(&s.client, PAID).await;
     assert!(in_table < paid, "some payments were archived");
 
     let lines = json_log(&s, &["run", "--once", "--replay", "daily_revenue"]);
@@ -1325,20 +1273,12 @@ async fn a_replay_counts_the_archived_events_it_applies_in_its_progress_and_stat
 #[tokio::test]
 async fn status_shows_a_replay_moving_through_the_archive_before_its_checkpoint_moves() {
     let s = setup(None).await;
-    let paid = "SELECT count(*) FROM events WHERE event_type = 'OrderPaid'";
-    let before = count(&s.client, paid).await;
+    let before = count(&s.client, PAID).await;
     s.pgfold_ok(&["archive"], &[]);
-    let in_first = before - count(&s.client, paid).await;
+    let in_first = before - count(&s.client, PAID).await;
     assert!(in_first > 0);
     // The orders left in the table grow old: a second segment.
-    s.client
-        .execute(
-            "UPDATE events SET occurred_at = occurred_at - interval '1 year'
-              WHERE stream_type = 'order'",
-            &[],
-        )
-        .await
-        .unwrap();
+    age_the_orders_left(&s.client).await;
     s.pgfold_ok(&["archive"], &[]);
     let first_last_id = count(
         &s.client,
@@ -1351,38 +1291,15 @@ async fn status_shows_a_replay_moving_through_the_archive_before_its_checkpoint_
     );
 
     // Held after the first segment, before the second.
-    let resume = s.dir.join("resume-replay-fetch-2");
-    let config = s.config().to_string();
-    let mut replay = Daemon::spawn(
-        &s.bin,
-        &[
-            "--config",
-            &config,
-            "run",
-            "--once",
-            "--replay",
-            "daily_revenue",
-            "--projector",
-            "daily_revenue",
-        ],
-        &[
-            ("PGFOLD_TEST_ARCHIVE_PAUSE", "replay-fetch-2"),
-            ("PGFOLD_TEST_ARCHIVE_RESUME", resume.to_str().unwrap()),
-        ],
-    );
-    wait_for(
-        "the pause before segment 2",
-        Duration::from_secs(60),
-        || {
-            let seen = replay
-                .lines()
-                .iter()
-                .any(|l| l.contains("test pause at replay-fetch-2"));
-            let running = replay.is_running();
-            async move { seen || !running }
-        },
-    )
-    .await;
+    let args = [
+        "run",
+        "--once",
+        "--replay",
+        "daily_revenue",
+        "--projector",
+        "daily_revenue",
+    ];
+    let (mut replay, resume) = held(&s, &args, "replay-fetch-2", &[]).await;
     let status: Value =
         serde_json::from_slice(&s.pgfold(&["status", "--json"], &[]).stdout).unwrap();
     let p = status["projectors"]

@@ -448,12 +448,7 @@ async fn an_upcaster_that_fails_on_one_event_makes_it_a_poison_event_on_every_pa
     // Assert: that event, and only that one, is a dead letter of each, named
     // with what failed; every other OrderPaid is folded.
     assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
-    let letters: Vec<String> = column(
-        &client,
-        "SELECT projector || ' ' || event_id || ' ' || error FROM pgfold.dead_letters ORDER BY 1",
-    )
-    .await
-    .unwrap();
+    let letters = dead_letters(&client).await;
     assert_eq!(letters.len(), 2, "{letters:?}");
     assert!(letters[0].starts_with(&format!("paid_by_event {poison} upcasting OrderPaid from version 1: invalid input syntax for type integer")), "{letters:?}");
     assert!(
@@ -472,6 +467,16 @@ async fn an_upcaster_that_fails_on_one_event_makes_it_a_poison_event_on_every_pa
             "{table}"
         );
     }
+}
+
+/// Every dead letter, as "projector event_id error", in that order.
+async fn dead_letters(client: &Client) -> Vec<String> {
+    column(
+        client,
+        "SELECT projector || ' ' || event_id || ' ' || error FROM pgfold.dead_letters ORDER BY 1",
+    )
+    .await
+    .unwrap()
 }
 
 /// Settings for [`write_recording_projections`]' two projections, run alone,
@@ -567,12 +572,7 @@ async fn an_upcaster_that_fails_on_an_earlier_event_delivered_ahead_isolates_tha
     // stream's later event delivered with it is recorded as skipped with it (the
     // set fold, which keeps no order, folds it); order-2 is folded by both.
     assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
-    let letters: Vec<String> = column(
-        &client,
-        "SELECT projector || ' ' || event_id || ' ' || error FROM pgfold.dead_letters ORDER BY 1",
-    )
-    .await
-    .unwrap();
+    let letters = dead_letters(&client).await;
     assert_eq!(letters.len(), 3, "{letters:?}");
     let by_event = format!(
         "paid_by_event {} upcasting OrderPaid from version 1: ",

@@ -60,6 +60,12 @@ pub(super) struct Driver {
     last_progress: Instant,
     /// How long between live batches, by the rate of the log.
     cadence: Cadence,
+    /// Cancelled once this run's rebuild of the projector ends (swapped, parked
+    /// or failed); `None` when this run rebuilds nothing of it.
+    rebuild_done: Option<CancellationToken>,
+    /// With a target, the tables were found built with another definition after
+    /// that rebuild had ended.
+    outdated_after_rebuild: bool,
 }
 
 impl Driver {
@@ -87,7 +93,15 @@ impl Driver {
                 .checked_sub(LINGER)
                 .unwrap_or_else(Instant::now),
             cadence: Cadence::default(),
+            rebuild_done: None,
+            outdated_after_rebuild: false,
         }
+    }
+
+    /// `done` is cancelled when this run's rebuild of the projector ends.
+    pub fn rebuilt_beside(mut self, done: CancellationToken) -> Driver {
+        self.rebuild_done = Some(done);
+        self
     }
 
     /// Steps until shutdown, parking, or (with a target) caught up.
@@ -130,6 +144,7 @@ impl Driver {
                 }
                 Ok(Step::Idle { horizon, position }) => self.idle(horizon, position).await,
                 Ok(Step::Busy) => self.busy().await,
+                Ok(Step::Outdated) => self.outdated().await,
                 Ok(Step::Parked(failure)) => Next::Stop(Some(failure)),
                 Ok(Step::Retry(delay)) => self.retry(delay).await,
                 Err(e) => self.failed(e).await?,
@@ -235,6 +250,33 @@ impl Driver {
         let next = Instant::now() + self.settings.poll_interval();
         self.pause(Some(next), true).await;
         Next::Continue
+    }
+
+    /// The tables wait for a rebuild to swap in this definition. A run waits for
+    /// it; a catch-up (`--once`) waits only while its own rebuild of them runs,
+    /// and looks once more after it ends (a swap made them current), since no one
+    /// else is bound to swap them within the run.
+    async fn outdated(&mut self) -> Next {
+        match &self.rebuild_done {
+            Some(done) if !done.is_cancelled() => {
+                let done = done.clone();
+                tokio::select! {
+                    _ = done.cancelled() => {}
+                    _ = self.busy() => {}
+                }
+                return Next::Continue;
+            }
+            _ if self.target.is_none() => return self.busy().await,
+            _ => {}
+        }
+        if !std::mem::replace(&mut self.outdated_after_rebuild, true) {
+            return Next::Continue;
+        }
+        tracing::warn!(
+            projector = %self.name,
+            "its tables were built with another definition and this run swaps none in: left as they are"
+        );
+        Next::Stop(None)
     }
 
     async fn retry(&mut self, delay: Duration) -> Next {

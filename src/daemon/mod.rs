@@ -211,6 +211,11 @@ impl Daemon {
         services.spawn(waker.run(token.clone()));
 
         let mut drivers = JoinSet::new();
+        // Each rebuild's end, for the live projector waiting on its swap.
+        let rebuild_done: std::collections::HashMap<String, CancellationToken> = builds
+            .iter()
+            .map(|b| (b.projector.name().to_string(), CancellationToken::new()))
+            .collect();
         for p in selected {
             let worker = Worker::new(
                 p.clone(),
@@ -222,7 +227,7 @@ impl Daemon {
             .on_segment(ops.progress.segment_reporter(&ops.liveness, p.name()))
             .with_archive(archive.clone());
             ops.liveness.beat(p.name());
-            let driver = Driver::new(
+            let mut driver = Driver::new(
                 worker,
                 settings.daemon.clone(),
                 wakeups.clone(),
@@ -230,12 +235,16 @@ impl Daemon {
                 target,
                 ops.clone(),
             );
+            if let Some(done) = rebuild_done.get(p.name()) {
+                driver = driver.rebuilt_beside(done.clone());
+            }
             drivers.spawn(driver.run());
         }
         let swaps = Arc::new(std::sync::Mutex::new(Vec::new()));
         for build in builds {
             let name = build.projector.name().to_string();
-            drivers.spawn(crate::rebuild::drive(
+            let done = rebuild_done.get(&name).cloned().unwrap_or_default();
+            let drive = crate::rebuild::drive(
                 build,
                 settings.projector(&name),
                 settings.daemon.clone(),
@@ -249,7 +258,11 @@ impl Daemon {
                     swaps: swaps.clone(),
                 },
                 archive.clone(),
-            ));
+            );
+            drivers.spawn(async move {
+                let _done = done.drop_guard();
+                drive.await
+            });
         }
         tracing::info!(projectors = drivers.len(), "running");
         ops::systemd::ready();

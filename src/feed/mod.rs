@@ -13,7 +13,7 @@ mod upcast;
 
 pub use event::{Event, EventFilter};
 pub use horizon::{blocker, horizon, kept_horizon, Blocker, Horizon, KeptHorizonWith};
-pub use order::{order_batch, OrderedBatch};
+pub use order::{delivered_ahead_of, order_batch, OrderedBatch};
 pub use plans::{plan_mode, set_plan_mode, GENERIC_PLANS_FROM_BYTES};
 pub use position::{Position, POSITION_TX};
 pub use range::{EventRange, PART_PARAMS, RANGE_PARAMS, STAGED_TABLE};

@@ -119,3 +119,16 @@ pub async fn order_batch<C: Db>(
     batch.ahead.retain(|(_, position)| *position > upto);
     Ok(batch)
 }
+
+/// The events the repair delivers ahead of `event` (its stream's earlier events
+/// with later positions), whatever they weigh, in `sequence` order: to find which
+/// event of a batch a read through upcasters failed on, read with `filter` as
+/// stored.
+pub async fn delivered_ahead_of<C: Db>(
+    tx: &C,
+    event: &Event,
+    filter: &EventFilter,
+) -> Result<Vec<Event>, tokio_postgres::Error> {
+    let (earlier, _) = later_predecessors(tx, event, filter, i64::MAX).await?;
+    Ok(earlier.into_iter().map(|row| row.event).collect())
+}

@@ -202,6 +202,17 @@ impl EventRange {
         )
     }
 
+    /// The log as a statement over this range looks events up in it (by id, or
+    /// by stream and sequence): `events`, and while a replay reads an archived
+    /// segment, the staged segment too, whose events are no longer in `events`.
+    pub fn log(&self) -> String {
+        if self.staged {
+            format!("(SELECT * FROM {STAGED_TABLE} UNION ALL SELECT * FROM events)")
+        } else {
+            "events".into()
+        }
+    }
+
     /// Whether this is a staged range ([`EventRange::staged`]).
     pub fn is_staged(&self) -> bool {
         self.staged

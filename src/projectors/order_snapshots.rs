@@ -43,16 +43,17 @@ impl OrderSnapshots {
     /// Public so that its plans can be checked
     /// (`tests/integration/plan_robustness.rs`, with [`SetBatch::statement`]).
     pub fn statement() -> String {
-        OrderSnapshots::statement_through(&Upcasters::none())
+        OrderSnapshots::statement_through(&Upcasters::none(), "events")
     }
 
-    /// [`OrderSnapshots::statement`] for events read through `upcasters`: the
-    /// payloads it looks up by id (a stream with two `OrderCreated` in one
-    /// batch) are read through them too, as `batch` is.
-    pub fn statement_through(upcasters: &Upcasters) -> String {
+    /// [`OrderSnapshots::statement`] for events read through `upcasters`, which
+    /// looks events up in `log` ([`crate::feed::EventRange::log`]): the payloads
+    /// it looks up by id (a stream with two `OrderCreated` in one batch) are read
+    /// through the upcasters too, as `batch` is.
+    pub fn statement_through(upcasters: &Upcasters, log: &str) -> String {
         let by_id = |alias: &str, id: &str| {
             upcasters.layer(&format!(
-                "(SELECT {alias}.* FROM events {alias} WHERE {alias}.id = {id})"
+                "(SELECT {alias}.* FROM {log} {alias} WHERE {alias}.id = {id})"
             ))
         };
         format!(
@@ -142,7 +143,7 @@ SELECT coalesce(sum(events), 0)::bigint,
    (SELECT pgfold.bad_event(e.id, format('%s on stream %s before its OrderCreated',
                                          e.event_type, e.stream_id))::text
       FROM folded f
-      JOIN events e ON e.stream_id = f.stream_id AND e.sequence = f.first_seq
+      JOIN {log} e ON e.stream_id = f.stream_id AND e.sequence = f.first_seq
      WHERE (f.first_created_seq IS NULL OR f.first_seq < f.first_created_seq)
        AND NOT EXISTS (SELECT 1 FROM order_snapshots o WHERE o.stream_id = f.stream_id)
      ORDER BY e.id
@@ -202,7 +203,8 @@ impl SetFold for OrderSnapshots {
         // here is not an OrderCreated merges its keys into the stored state, which
         // must exist: every part of the statement sees the table as it was before
         // it, so the check at the end sees what the batch started from.
-        let statement = Self::statement_through(batch.range().upcasters());
+        let range = batch.range();
+        let statement = Self::statement_through(range.upcasters(), &range.log());
         let row = batch.query_one(tx, &statement, &[]).await?;
         batch.counted(row.get::<_, i64>(0) as u64);
         Ok(())

@@ -379,11 +379,13 @@ pub async fn drive(
                     }
                 }
             }
-            Ok(Step::Busy) if !build_is_ours(&pool, &build.key, &fingerprint).await => {
+            Ok(Step::Busy | Step::Outdated)
+                if !build_is_ours(&pool, &build.key, &fingerprint).await =>
+            {
                 tracing::info!(projector = %name, "another instance swapped the rebuild in, or took it over");
                 break Ok(None);
             }
-            Ok(Step::Busy) => daemon.poll_interval(),
+            Ok(Step::Busy | Step::Outdated) => daemon.poll_interval(),
             Ok(Step::Parked(failure)) => break Ok(Some(failure)),
             Ok(Step::Retry(delay)) => delay,
             Err(_) if !build_is_ours(&pool, &build.key, &fingerprint).await => {

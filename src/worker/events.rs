@@ -116,10 +116,11 @@ impl Worker {
     }
 
     /// The read of a batch failed in the projector's upcasters (`e`): finds the
-    /// first event of the batch they fail on, probing each as stored, and
-    /// isolates it as if the fold had rejected it. When none fails alone (the
-    /// failure was in an earlier event of a stream, delivered ahead), `e` is
-    /// returned, and the read retried.
+    /// first event of the batch they fail on, probing each as stored in delivery
+    /// order (a row's stream's earlier events delivered ahead for it, then the
+    /// row), and isolates it as if the fold had rejected it. `e` is returned, and
+    /// the read retried, only when no event fails alone: the failure was not the
+    /// events'.
     async fn upcast_failed(
         &mut self,
         tx: Transaction<'_>,
@@ -145,40 +146,58 @@ impl Worker {
         .rows;
         let probe = filter.upcasters.probe();
         for (index, row) in rows.iter().enumerate() {
-            Db::execute(&tx, READ_SAVEPOINT, &[]).await?;
-            let Err(failed) = Db::query(&tx, &probe, &[&row.event.id]).await else {
-                continue;
-            };
-            if db::is_transient(&failed) {
-                return Err(failed.into());
+            let mut delivered = Vec::new();
+            if row.predecessor_later {
+                delivered = feed::delivered_ahead_of(&tx, &row.event, &stored).await?;
+                delivered.retain(|ahead| !ck.ahead.contains(&ahead.id));
             }
-            Db::execute(&tx, ROLLBACK_TO_READ_SAVEPOINT, &[]).await?;
-            let event = &row.event;
-            let rejected = ProjectorError::event(
-                event,
-                format!(
-                    "upcasting {} from version {}: {}",
-                    event.event_type,
-                    event.event_version,
-                    one_line(&db::error_text(&failed))
-                ),
-            );
-            // The events before it are applied first, on their own.
-            let (isolated, upto) = match index {
-                0 => (
-                    Isolated::Alone {
-                        event_id: event.id,
-                        event_type: event.event_type.clone(),
-                        others: Vec::new(),
-                    },
-                    event.position,
-                ),
-                keep => (
-                    Isolated::Narrow(keep as u32),
-                    rows.last().map_or(event.position, |r| r.event.position),
-                ),
-            };
-            return self.isolate(tx, rejected, &ck, isolated, upto, &[]).await;
+            delivered.push(row.event.clone());
+            for event in &delivered {
+                Db::execute(&tx, READ_SAVEPOINT, &[]).await?;
+                let Err(failed) = Db::query(&tx, &probe, &[&event.id]).await else {
+                    continue;
+                };
+                if db::is_transient(&failed) {
+                    return Err(failed.into());
+                }
+                Db::execute(&tx, ROLLBACK_TO_READ_SAVEPOINT, &[]).await?;
+                let rejected = ProjectorError::event(
+                    event,
+                    format!(
+                        "upcasting {} from version {}: {}",
+                        event.event_type,
+                        event.event_version,
+                        one_line(&db::error_text(&failed))
+                    ),
+                );
+                if index > 0 {
+                    // The rows before it are applied first, on their own.
+                    let upto = rows.last().map_or(row.event.position, |r| r.event.position);
+                    return self
+                        .isolate(tx, rejected, &ck, Isolated::Narrow(index as u32), upto, &[])
+                        .await;
+                }
+                // The row and the events delivered ahead for it fail together;
+                // those beyond the row are recorded as delivered, so that the
+                // checkpoint passes them once they are dealt with.
+                let isolated = Isolated::Alone {
+                    event_id: event.id,
+                    event_type: event.event_type.clone(),
+                    others: delivered
+                        .iter()
+                        .filter(|other| other.id != event.id)
+                        .map(|other| (other.id, other.event_type.clone()))
+                        .collect(),
+                };
+                let ahead: Vec<_> = delivered
+                    .iter()
+                    .filter(|ahead| ahead.id != row.event.id)
+                    .map(|ahead| (ahead.id, ahead.position))
+                    .collect();
+                return self
+                    .isolate(tx, rejected, &ck, isolated, row.event.position, &ahead)
+                    .await;
+            }
         }
         Err(e.into())
     }

@@ -67,6 +67,9 @@ pub enum Step {
     },
     /// Another instance holds the projector.
     Busy,
+    /// The tables were built with another definition of the projector: nothing
+    /// is applied to them until a rebuild swaps in this one.
+    Outdated,
     /// The projector is parked on a failed event.
     Parked(Failure),
     /// An event failed and will be retried after the delay.
@@ -317,7 +320,7 @@ impl Worker {
                     "the tables were built with another definition of this projector: not applying batches until a rebuild swaps in this one (or run the definition they hold)"
                 );
             }
-            return Ok(Step::Busy);
+            return Ok(Step::Outdated);
         }
         if ck.state == State::Failed {
             return Ok(Step::Parked(checkpoint::failure(&tx, &name).await?));

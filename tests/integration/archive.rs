@@ -1322,3 +1322,85 @@ async fn status_shows_a_replay_moving_through_the_archive_before_its_checkpoint_
         before
     );
 }
+
+#[tokio::test]
+async fn a_stream_created_and_shipped_twice_rebuilds_from_the_archive_as_from_the_table() {
+    // Arrange: an old order, archived whole, created again and shipped twice
+    // more, so that one segment holds two OrderCreated and several addresses of
+    // it: order_snapshots then looks the last payload and address up by id,
+    // which during an archive replay are no longer in `events`.
+    let s = setup(None).await;
+    let order: String = s
+        .client
+        .query_one(
+            "SELECT stream_id FROM events WHERE stream_type = 'order' AND stream_id !~ '[05]$'
+              ORDER BY id LIMIT 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let mut writer = s.db.client().await;
+    let again = NewEvent::new(
+        order.as_str(),
+        "order",
+        "OrderCreated",
+        json!({"orderId": order, "customerId": "c-again", "items": []}),
+    );
+    for e in [
+        again,
+        super::helpers::shipped(&order, "1 First Street"),
+        super::helpers::shipped(&order, "2 Second Street"),
+    ] {
+        store::append_next(&mut writer, &e).await.unwrap();
+    }
+    s.client
+        .execute(
+            "UPDATE events SET occurred_at = (SELECT min(occurred_at) FROM events WHERE stream_id = $1)
+              WHERE stream_id = $1",
+            &[&order],
+        )
+        .await
+        .unwrap();
+    s.pgfold_ok(&["run", "--once"], &[]);
+    let snapshot = "SELECT state::text FROM order_snapshots WHERE stream_id = $1";
+    let before: String = s
+        .client
+        .query_one(snapshot, &[&order])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        before.contains("2 Second Street") && before.contains("c-again"),
+        "{before}"
+    );
+
+    // Act
+    s.pgfold_ok(&["archive"], &[]);
+    let left = count(
+        &s.client,
+        &format!("SELECT count(*) FROM events WHERE stream_id = '{order}'"),
+    )
+    .await;
+    assert_eq!(left, 0, "the order was archived whole");
+    s.pgfold_ok(
+        &[
+            "run",
+            "--once",
+            "--rebuild",
+            "order_snapshots",
+            "--projector",
+            "order_snapshots",
+        ],
+        &[],
+    );
+
+    // Assert
+    let after: String = s
+        .client
+        .query_one(snapshot, &[&order])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(after, before);
+}

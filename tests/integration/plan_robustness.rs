@@ -383,7 +383,7 @@ async fn explain_batches(x: &Explaining<'_>, after: Position, upto: Position) {
     )
     .await;
     let range = EventRange::new(after, upto, vec![1, 2], vec![3], &upcast(&filters[2].1));
-    let statement = OrderSnapshots::statement_through(range.upcasters());
+    let statement = OrderSnapshots::statement_through(range.upcasters(), &range.log());
     x.label("order_snapshots, upcast");
     x.explain(
         &SetBatch::statement_over(&range, &statement, 0),

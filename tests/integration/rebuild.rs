@@ -385,6 +385,53 @@ async fn a_bumped_version_is_rebuilt_by_itself_and_a_missing_fingerprint_adopted
     );
 }
 
+#[tokio::test]
+async fn run_once_ends_when_the_rebuild_beside_parks() {
+    // Arrange: the live daily_revenue (v1) has folded every event; an OrderPaid
+    // is then damaged, so that v2's build beside parks on it.
+    let (db, client) = projected_orders(500).await;
+    let poison = scalar_i64(
+        &client,
+        "UPDATE events SET payload = jsonb_set(payload, '{items}', '\"none\"')
+          WHERE id = (SELECT min(id) FROM events WHERE event_type = 'OrderPaid') RETURNING id",
+    )
+    .await;
+    let mut settings = db.settings();
+    settings.projectors.insert(
+        "daily_revenue".into(),
+        pgfold::config::ProjectorSettings {
+            max_attempts: 1,
+            enabled: true,
+            ..Default::default()
+        },
+    );
+    let bumped = Registry::new()
+        .register(Versioned(DailyRevenue, 2))
+        .register(OrderSnapshots);
+
+    // Act: the live tables wait for a swap that the parked build never makes.
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(60),
+        run_once_with(&settings, &bumped, RunOptions::default()),
+    )
+    .await
+    .expect("run --once waited for ever on live tables whose rebuild had parked");
+
+    // Assert: the build is reported parked on that event, and nothing swapped.
+    assert!(outcome.swaps.is_empty(), "{:?}", outcome.swaps);
+    assert_eq!(outcome.parked.len(), 1, "{:?}", outcome.parked);
+    assert_eq!(outcome.parked[0].event_id, poison);
+    assert_eq!(
+        scalar_opt_text(
+            &client,
+            "SELECT fingerprint FROM pgfold.projectors WHERE name = 'daily_revenue'"
+        )
+        .await
+        .as_deref(),
+        Some("v1")
+    );
+}
+
 /// A projector defined outside pgfold (examples/custom_projector.rs: two tables,
 /// decoded events, folded in Rust) rebuilds beside its live tables too: it only
 /// has to address them by unqualified name.

@@ -441,6 +441,56 @@ async fn an_upcaster_that_fails_on_one_event_makes_it_a_poison_event_on_every_pa
           WHERE event_type = 'OrderPaid' AND stream_id = 'order-50' RETURNING id",
     )
     .await;
+    let (settings, registry, options, _dir) = recording_with_a_failing_upcaster(&db);
+    // Act
+    let outcome = run_once_with(&settings, &registry, options).await;
+
+    // Assert: that event, and only that one, is a dead letter of each, named
+    // with what failed; every other OrderPaid is folded.
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    let letters = dead_letters(&client).await;
+    assert_eq!(letters.len(), 2, "{letters:?}");
+    assert!(letters[0].starts_with(&format!("paid_by_event {poison} upcasting OrderPaid from version 1: invalid input syntax for type integer")), "{letters:?}");
+    assert!(
+        letters[1].starts_with(&format!("paid_in_batch {poison} ")),
+        "{letters:?}"
+    );
+    let paid = scalar_i64(
+        &client,
+        "SELECT count(*) FROM events WHERE event_type = 'OrderPaid'",
+    )
+    .await;
+    for table in ["paid_in_batch", "paid_by_event"] {
+        assert_eq!(
+            scalar_i64(&client, &format!("SELECT count(*) FROM {table}")).await,
+            paid - 1,
+            "{table}"
+        );
+    }
+}
+
+/// Every dead letter, as "projector event_id error", in that order.
+async fn dead_letters(client: &Client) -> Vec<String> {
+    column(
+        client,
+        "SELECT projector || ' ' || event_id || ' ' || error FROM pgfold.dead_letters ORDER BY 1",
+    )
+    .await
+    .unwrap()
+}
+
+/// Settings for [`write_recording_projections`]' two projections, run alone,
+/// each dead-lettering an event at its first failure, through an upcaster of
+/// `OrderPaid` that fails where `bonus` is not an integer. The directory holds
+/// the projection files.
+fn recording_with_a_failing_upcaster(
+    db: &TestDb,
+) -> (
+    pgfold::config::Settings,
+    pgfold::projector::Registry,
+    RunOptions,
+    tempfile::TempDir,
+) {
     let dir = tempfile::tempdir().unwrap();
     write_recording_projections(dir.path());
     let registry =
@@ -466,35 +516,86 @@ async fn an_upcaster_that_fails_on_one_event_makes_it_a_poison_event_on_every_pa
         projectors: vec!["paid_in_batch".into(), "paid_by_event".into()],
         ..RunOptions::default()
     };
+    (settings, registry, options, dir)
+}
 
-    // Act
-    let outcome = run_once_with(&settings, &registry, options).await;
-
-    // Assert: that event, and only that one, is a dead letter of each, named
-    // with what failed; every other OrderPaid is folded.
-    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
-    let letters: Vec<String> = column(
+#[tokio::test]
+async fn an_upcaster_that_fails_on_an_earlier_event_delivered_ahead_isolates_that_event() {
+    // Arrange: order-1's second OrderPaid took its transaction id before its
+    // first, which the upcaster cannot cast, committed: read in position order,
+    // sequence 2 comes first and brings sequence 1 ahead of it. order-2 follows.
+    let db = with_scratch().await;
+    let mut client = db.client().await;
+    client
+        .batch_execute("ALTER TABLE events ADD COLUMN tenant text DEFAULT 'acme'")
+        .await
+        .unwrap();
+    let late = early_writer(&db).await;
+    let mut bad = paid("order-1", "books", serde_json::json!("1.00"), 1);
+    bad.payload["bonus"] = "x".into();
+    append_all(&mut client, &[bad]).await;
+    let second = paid("order-1", "books", serde_json::json!("2.00"), 1);
+    pgfold::store::append(&late, &second, 2).await.unwrap();
+    late.batch_execute("COMMIT").await.unwrap();
+    append_all(
+        &mut client,
+        &[paid("order-2", "books", serde_json::json!("3.00"), 1)],
+    )
+    .await;
+    let ids: Vec<i64> = column(
         &client,
-        "SELECT projector || ' ' || event_id || ' ' || error FROM pgfold.dead_letters ORDER BY 1",
+        "SELECT id FROM events ORDER BY stream_id, sequence",
     )
     .await
     .unwrap();
-    assert_eq!(letters.len(), 2, "{letters:?}");
-    assert!(letters[0].starts_with(&format!("paid_by_event {poison} upcasting OrderPaid from version 1: invalid input syntax for type integer")), "{letters:?}");
-    assert!(
-        letters[1].starts_with(&format!("paid_in_batch {poison} ")),
-        "{letters:?}"
-    );
-    let paid = scalar_i64(
+    let inverted = scalar_i64(
         &client,
-        "SELECT count(*) FROM events WHERE event_type = 'OrderPaid'",
+        "SELECT count(*) FROM events a JOIN events b ON b.stream_id = a.stream_id
+          AND b.sequence = a.sequence + 1 WHERE b.tx_id < a.tx_id",
     )
     .await;
-    for table in ["paid_in_batch", "paid_by_event"] {
-        assert_eq!(
-            scalar_i64(&client, &format!("SELECT count(*) FROM {table}")).await,
-            paid - 1,
-            "{table}"
-        );
-    }
+    assert_eq!(
+        inverted, 1,
+        "the test did not build the inversion it means to"
+    );
+    let (settings, registry, options, _dir) = recording_with_a_failing_upcaster(&db);
+
+    // Act: the read fails on an event no row read is, until it is found.
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(60),
+        run_once_with(&settings, &registry, options),
+    )
+    .await
+    .expect("the run retried the failing read for ever instead of isolating the event");
+
+    // Assert: the event the upcaster fails on is the dead letter, and the
+    // stream's later event delivered with it is recorded as skipped with it (the
+    // set fold, which keeps no order, folds it); order-2 is folded by both.
+    assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);
+    let letters = dead_letters(&client).await;
+    assert_eq!(letters.len(), 3, "{letters:?}");
+    let by_event = format!(
+        "paid_by_event {} upcasting OrderPaid from version 1: ",
+        ids[0]
+    );
+    assert!(letters[0].starts_with(&by_event), "{letters:?}");
+    let with = format!("paid_by_event {} skipped with event {}", ids[1], ids[0]);
+    assert!(letters[1].starts_with(&with), "{letters:?}");
+    assert!(
+        letters[2].starts_with(&format!("paid_in_batch {} ", ids[0])),
+        "{letters:?}"
+    );
+    let folded = |table: &str| format!("SELECT array_agg(id ORDER BY id) FROM {table}");
+    let by_event: Vec<i64> = client
+        .query_one(&folded("paid_by_event"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(by_event, [ids[2]]);
+    let in_batch: Vec<i64> = client
+        .query_one(&folded("paid_in_batch"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(in_batch, [ids[1], ids[2]]);
 }

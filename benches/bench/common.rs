@@ -207,9 +207,24 @@ pub const fn replay_args(name: &str) -> [&str; 6] {
 
 /// The same with another program built on pgfold's command line.
 pub async fn once_of(program: Spawn, url: &str, args: &[&str]) -> Result<(f64, u64)> {
+    let (secs, peak, output) = output_of(program, url, args).await?;
+    let warnings = output.lines().filter(|l| !l.trim().is_empty()).count();
+    if warnings > 0 {
+        log(format!(
+            "pgfold {} logged {warnings} line(s):\n{}",
+            args.join(" "),
+            tail(&output, 10)
+        ));
+    }
+    Ok((secs, peak))
+}
+
+/// One run of `program ARGS` to its end, which must be a success: wall time
+/// from spawn to exit, peak RSS, and what it wrote (stdout and stderr).
+pub async fn output_of(program: Spawn, url: &str, args: &[&str]) -> Result<(f64, u64, String)> {
     let url = url.to_string();
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    tokio::task::spawn_blocking(move || -> Result<(f64, u64)> {
+    tokio::task::spawn_blocking(move || -> Result<(f64, u64, String)> {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let start = Instant::now();
         let mut daemon = spawn_daemon(program, &url, &args)?;
@@ -223,15 +238,7 @@ pub async fn once_of(program: Spawn, url: &str, args: &[&str]) -> Result<(f64, u
                 tail(&output, 30)
             );
         }
-        let warnings = output.lines().filter(|l| !l.trim().is_empty()).count();
-        if warnings > 0 {
-            log(format!(
-                "pgfold {} logged {warnings} line(s):\n{}",
-                args.join(" "),
-                tail(&output, 10)
-            ));
-        }
-        Ok((secs, peak))
+        Ok((secs, peak, output))
     })
     .await?
 }

@@ -70,14 +70,11 @@ impl pgfold::EventFold for NotesLength {
     }
 }
 
-/// `pgfold run --once --replay` of [`NotesLength`] over events of 2 MB each, in a
-/// database of their own (NAME_large), at the default `daemon.batch_bytes`.
-pub async fn large_payloads(env: &mut Env) -> Result<()> {
-    let db = format!("{}_large", env.args.db);
-    let (admin, url) = bare_database(&env.admin, &db).await?;
-    let client = connect(&url).await?;
+/// Appends [`LARGE_EVENTS`] `OrderNoted` events, one per stream, each with a
+/// `notes` string of about [`LARGE_NOTES_BYTES`].
+pub async fn load_large(client: &tokio_postgres::Client) -> Result<()> {
     log(format!(
-        "large: appending {LARGE_EVENTS} events of {} MB",
+        "appending {LARGE_EVENTS} events of {} MB",
         LARGE_NOTES_BYTES / 1_000_000
     ));
     client
@@ -89,6 +86,19 @@ pub async fn large_payloads(env: &mut Env) -> Result<()> {
             &[&LARGE_EVENTS, &LARGE_NOTES_BYTES],
         )
         .await?;
+    Ok(())
+}
+
+/// The events [`load_large`] appends, and the bytes of each one's `notes`.
+pub const LARGE: (i32, i32) = (LARGE_EVENTS, LARGE_NOTES_BYTES);
+
+/// `pgfold run --once --replay` of [`NotesLength`] over events of 2 MB each, in a
+/// database of their own (NAME_large), at the default `daemon.batch_bytes`.
+pub async fn large_payloads(env: &mut Env) -> Result<()> {
+    let db = format!("{}_large", env.args.db);
+    let (admin, url) = bare_database(&env.admin, &db).await?;
+    let client = connect(&url).await?;
+    load_large(&client).await?;
     const REPLAY: &[&str] = &["run", "--once", "--replay", "notes_length"];
     let this = std::env::current_exe()?;
     let mut runs = Vec::new();

@@ -10,10 +10,11 @@
 //! goes to stderr as it runs; the report is printed to stdout at the end.
 //!
 //! One file per phase (`load`, `replay`, `sql`, `live`, `write`, `livecost`, `large`,
-//! `sinks`);
+//! `sinks`, `archive`);
 //! what several phases use is in `common`, what the tests use too in
 //! `pgfold::testkit`.
 
+mod archive;
 mod common;
 mod large;
 mod live;
@@ -42,17 +43,17 @@ const ADMIN_URL: &str = "PGFOLD_BENCH_ADMIN_URL";
 #[command(
     name = "bench",
     override_usage = "cargo bench --bench bench -- [options]",
-    about = "pgfold's benchmark: rebuild speed, live latency, write-side cost, live cost, large payloads, sinks",
+    about = "pgfold's benchmark: rebuild speed, live latency, write-side cost, live cost, large payloads, sinks, archive",
     after_help = "environment: PGFOLD_BENCH_ADMIN_URL (default \"postgres://postgres@127.0.0.1:5432/postgres\")"
 )]
 struct Cli {
     /// events to load (10M, 500k accepted)
     #[arg(long, value_name = "N", default_value = "1000000", value_parser = parse_count)]
     events: u64,
-    /// live, live-cost and sinks phases: total append rate, events/s
+    /// live, live-cost, sinks and archive phases: total append rate, events/s
     #[arg(long, value_name = "R", default_value = "2000", value_parser = parse_count)]
     rate: u64,
-    /// live, live-cost and sinks phases: concurrent writers
+    /// live, live-cost, sinks and archive phases: concurrent writers
     #[arg(long, value_name = "W", default_value = "8", value_parser = parse_count)]
     writers: u64,
     /// live, live-cost and sinks phases: duration in seconds
@@ -64,17 +65,18 @@ struct Cli {
     /// write-side phase: concurrent writers
     #[arg(long, value_name = "K", default_value = "8", value_parser = parse_count)]
     write_writers: u64,
-    /// replay runs and write-side rounds
+    /// replay runs, write-side rounds and archive rounds
     #[arg(long, value_name = "K", default_value = "3", value_parser = parse_count)]
     runs: u64,
     /// benchmark database, dropped and recreated; the write side's are
     /// NAME_wa/_wm/_wb/_wt (dropped at the end), the live cost's NAME_lc<size>
-    /// (kept), large payloads' NAME_large
+    /// (kept), large payloads' NAME_large, the archive phase's NAME_as and NAME_ar
+    /// (kept) and NAME_ap/_aw/_al (dropped)
     #[arg(long, value_name = "NAME", default_value = "pgfold_bench")]
     db: String,
-    /// run only these phases: replay,sql,live,write,livecost,large,sinks (--only load: just
-    /// create and load the database; write, livecost and large alone do not load
-    /// it: they use databases of their own)
+    /// run only these phases: replay,sql,live,write,livecost,large,sinks,archive (--only
+    /// load: just create and load the database; write, livecost, large and archive
+    /// alone do not load it: they use databases of their own)
     #[arg(long, value_name = "LIST", value_delimiter = ',')]
     only: Vec<String>,
     /// keep an already loaded NAME (skip drop/create/load; for profiling, not for
@@ -201,12 +203,12 @@ impl TryFrom<Cli> for Args {
         }
         for p in &args.only {
             if ![
-                "load", "replay", "sql", "live", "write", "livecost", "large", "sinks",
+                "load", "replay", "sql", "live", "write", "livecost", "large", "sinks", "archive",
             ]
             .contains(&p.as_str())
             {
                 bail!(
-                    "--only takes load, replay, sql, live, write, livecost, large, sinks; not {p:?}"
+                    "--only takes load, replay, sql, live, write, livecost, large, sinks, archive; not {p:?}"
                 );
             }
         }
@@ -303,6 +305,9 @@ async fn run(args: Args) -> Result<()> {
     }
     if env.args.wants("sinks") {
         sinks::sinks(&mut env).await?;
+    }
+    if env.args.wants("archive") {
+        archive::archive(&mut env).await?;
     }
     writeln!(
         env.report,

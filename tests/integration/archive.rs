@@ -1377,11 +1377,15 @@ async fn a_stream_created_and_shipped_twice_rebuilds_from_the_archive_as_from_th
 
     // Act
     s.pgfold_ok(&["archive"], &[]);
-    let left = count(
-        &s.client,
-        &format!("SELECT count(*) FROM events WHERE stream_id = '{order}'"),
-    )
-    .await;
+    let left: i64 = s
+        .client
+        .query_one(
+            "SELECT count(*) FROM events WHERE stream_id = $1",
+            &[&order],
+        )
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(left, 0, "the order was archived whole");
     s.pgfold_ok(
         &[

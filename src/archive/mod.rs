@@ -22,7 +22,7 @@ use crate::db::Db;
 
 pub(crate) use pass::test_pause;
 pub use pass::{check_policies, run as run_pass, Moved, Outcome, PROGRESS_LABEL};
-pub use store::{FetchError, Store};
+pub use store::{Created, FetchError, Store};
 
 /// A recorded segment.
 #[derive(Debug, Clone, Serialize)]

@@ -1,7 +1,8 @@
-//! Where segments live: `archive.url`, a local directory (`file:///…`) or an
+//! Where segments live: `archive.url`, a local directory (`file:///…`), an
 //! S3-compatible bucket (`s3://bucket/prefix`, configured by the standard `AWS_*`
-//! variables, `AWS_ENDPOINT_URL` and `AWS_ALLOW_HTTP` included). Objects are
-//! created once, with a conditional create, and never overwritten.
+//! variables, `AWS_ENDPOINT_URL` and `AWS_ALLOW_HTTP` included) or an Azure
+//! Blob Storage container (`az://container/prefix`, `AZURE_*`). Objects are created once, with
+//! a conditional create, and never overwritten.
 
 use std::sync::Arc;
 
@@ -20,6 +21,48 @@ pub struct Store {
     url: String,
 }
 
+/// A few quick retries: a server that is down fails the pass in seconds, not
+/// after object_store's default three minutes.
+fn retry() -> object_store::RetryConfig {
+    object_store::RetryConfig {
+        backoff: object_store::BackoffConfig::default(),
+        max_retries: 3,
+        retry_timeout: std::time::Duration::from_secs(20),
+    }
+}
+
+/// The bucket (`s3`) or container (`az`), configured as each cloud's own tools
+/// are: from the standard `AWS_*` and `AZURE_*` variables,
+/// then `vars` (`AWS_ENDPOINT_URL`, say) over them.
+fn cloud(
+    scheme: &str,
+    bucket: &str,
+    vars: &[(String, String)],
+) -> object_store::Result<Arc<dyn ObjectStore>> {
+    // Only this cloud's keys: another's are not errors, just not ours.
+    fn keys<K: std::str::FromStr>(vars: &[(String, String)]) -> Vec<(K, String)> {
+        vars.iter()
+            .filter_map(|(k, v)| Some((k.to_ascii_lowercase().parse().ok()?, v.clone())))
+            .collect()
+    }
+    Ok(match scheme {
+        "az" => {
+            let mut b = object_store::azure::MicrosoftAzureBuilder::from_env();
+            for (k, v) in keys(vars) {
+                b = b.with_config(k, v);
+            }
+            Arc::new(b.with_container_name(bucket).with_retry(retry()).build()?)
+        }
+        _ => {
+            let mut b = object_store::aws::AmazonS3Builder::from_env();
+            for (k, v) in keys(vars) {
+                b = b.with_config(k, v);
+            }
+            Arc::new(b.with_bucket_name(bucket).with_retry(retry()).build()?)
+        }
+    })
+}
+
 /// What a conditional create found.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Created {
@@ -32,6 +75,13 @@ pub enum Created {
 impl Store {
     /// Opens `url` (checked with [`check_url`]). A local directory is created if missing.
     pub fn open(url: &str) -> anyhow::Result<Store> {
+        Store::open_with(url, &[])
+    }
+
+    /// [`Store::open`], with `vars` (`AWS_ENDPOINT_URL`, `AZURE_STORAGE_USE_EMULATOR`
+    /// …) taken over the process's environment: a program that opens stores of
+    /// several endpoints needs no process-wide variable for each.
+    pub fn open_with(url: &str, vars: &[(String, String)]) -> anyhow::Result<Store> {
         crate::config::check_archive_url(url)?;
         let (store, prefix): (Arc<dyn ObjectStore>, Path) =
             if let Some(dir) = url.strip_prefix("file://") {
@@ -41,24 +91,16 @@ impl Store {
                     .with_context(|| format!("cannot open the archive directory {dir}"))?;
                 (Arc::new(fs), Path::default())
             } else {
-                // HTTPS to S3 goes through rustls with ring (see Cargo.toml): the
+                // HTTPS goes through rustls with ring (see Cargo.toml): the
                 // process-wide provider, unless one is installed already.
                 let _ = rustls::crypto::ring::default_provider().install_default();
-                let rest = url.strip_prefix("s3://").unwrap_or_default();
+                let (scheme, rest) = url.split_once("://").unwrap_or_default();
                 let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
-                // A few quick retries: a server that is down fails the pass in
-                // seconds, not after object_store's default three minutes.
-                let retry = object_store::RetryConfig {
-                    backoff: object_store::BackoffConfig::default(),
-                    max_retries: 3,
-                    retry_timeout: std::time::Duration::from_secs(20),
-                };
-                let s3 = object_store::aws::AmazonS3Builder::from_env()
-                    .with_bucket_name(bucket)
-                    .with_retry(retry)
-                    .build()
-                    .with_context(|| format!("cannot open the archive {url}"))?;
-                (Arc::new(s3), Path::from(prefix.trim_matches('/')))
+                (
+                    cloud(scheme, bucket, vars)
+                        .with_context(|| format!("cannot open the archive {url}"))?,
+                    Path::from(prefix.trim_matches('/')),
+                )
             };
         Ok(Store {
             store,

@@ -34,9 +34,9 @@ use super::helpers::{free_port, wait_for, TestDb, PGFOLD};
 /// streams and keeps the others, written in the same transactions.
 const ORDERS: i64 = 1_500;
 
-struct Setup {
+pub(super) struct Setup {
     db: TestDb,
-    client: Client,
+    pub(super) client: Client,
     dir: PathBuf,
     config: PathBuf,
     /// The binary run: pgfold's, or one with more projectors.
@@ -65,7 +65,7 @@ impl Setup {
         pgfold::testkit::process::run(&self.bin, &all, env)
     }
 
-    fn pgfold_ok(&self, args: &[&str], env: &[(&str, &str)]) -> String {
+    pub(super) fn pgfold_ok(&self, args: &[&str], env: &[(&str, &str)]) -> String {
         let out = self.pgfold(args, env);
         assert!(
             out.status.success(),
@@ -80,7 +80,12 @@ impl Setup {
 /// A database with [`ORDERS`] orders and a few log streams, projected by the
 /// built-ins and two SQL projections, and a configuration archiving to `url`
 /// (a local directory when `None`).
-async fn setup(url: Option<&str>) -> Setup {
+pub(super) async fn setup(url: Option<&str>) -> Setup {
+    setup_in(url, &[]).await
+}
+
+/// [`setup`], running pgfold with `env` (the store's credentials).
+pub(super) async fn setup_in(url: Option<&str>, env: &[(&str, &str)]) -> Setup {
     let db = TestDb::new().await;
     let client = db.client().await;
     pgfold::testkit::workload::load_orders(&client, 1, ORDERS)
@@ -143,7 +148,7 @@ whole_streams = false
         config,
         bin: PGFOLD.into(),
     };
-    s.pgfold_ok(&["migrate"], &[]);
+    s.pgfold_ok(&["migrate"], env);
     // A log-like stream: its first three events are old.
     let mut writer = s.db.client().await;
     for n in 1..=5 {
@@ -158,12 +163,12 @@ whole_streams = false
         )
         .await
         .unwrap();
-    s.pgfold_ok(&["run", "--once"], &[]);
+    s.pgfold_ok(&["run", "--once"], env);
     s
 }
 
 /// Every projection's rows, as text, in a stable order.
-async fn projections(client: &Client) -> Vec<String> {
+pub(super) async fn projections(client: &Client) -> Vec<String> {
     let mut all = Vec::new();
     for sql in [
         "SELECT day::text || ' ' || category || ' ' || total::text FROM daily_revenue ORDER BY 1",
@@ -194,12 +199,12 @@ async fn projections(client: &Client) -> Vec<String> {
     all
 }
 
-async fn count(client: &Client, sql: &str) -> i64 {
+pub(super) async fn count(client: &Client, sql: &str) -> i64 {
     super::helpers::scalar_i64(client, sql).await
 }
 
 /// Events in the table and in recorded segments: together, every event, once.
-async fn accounted(client: &Client) -> (i64, i64) {
+pub(super) async fn accounted(client: &Client) -> (i64, i64) {
     (
         count(client, "SELECT count(*) FROM events").await,
         count(
@@ -461,7 +466,7 @@ async fn a_sigkill_at_each_step_of_a_pass_loses_nothing_and_counts_nothing_twice
     }
 }
 
-fn s3_env(endpoint: &str) -> Vec<(&'static str, String)> {
+pub(super) fn s3_env(endpoint: &str) -> Vec<(&'static str, String)> {
     vec![
         ("AWS_ENDPOINT_URL", endpoint.to_string()),
         ("AWS_ALLOW_HTTP", "true".into()),
@@ -487,7 +492,7 @@ async fn with_the_s3_server_down_a_pass_fails_in_one_line_and_deletes_nothing() 
 }
 
 /// Creates `bucket` on the S3 server (moto accepts an unsigned PUT).
-fn create_bucket(endpoint: &str, bucket: &str) {
+pub(super) fn create_bucket(endpoint: &str, bucket: &str) {
     let host = endpoint.trim_start_matches("http://");
     let mut conn = std::net::TcpStream::connect(host).unwrap_or_else(|e| {
         panic!("the S3 server at {endpoint} is not running (.ci/run starts it): {e}")
@@ -524,7 +529,12 @@ async fn a_pass_to_an_s3_server_and_a_rebuild_from_it() {
     assert_eq!(projections(&s.client).await, before);
 }
 
-fn uuid_like() -> String {
+/// The S3 server's address: `PGFOLD_TEST_S3_ENDPOINT`, or moto's default.
+pub(super) fn s3_endpoint() -> String {
+    std::env::var("PGFOLD_TEST_S3_ENDPOINT").unwrap_or_else(|_| "http://127.0.0.1:5599".to_string())
+}
+
+pub(super) fn uuid_like() -> String {
     format!(
         "{:x}{:x}",
         std::process::id(),

@@ -3,6 +3,7 @@
 
 mod append;
 mod archive;
+mod archive_cloud;
 mod cli;
 mod crash;
 mod deploy;

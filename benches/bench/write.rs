@@ -21,7 +21,7 @@ use crate::Env;
 pub const BARE_SCHEMA: &str = include_str!("../../migrations/V1__events.sql");
 
 /// The write-side configurations, in the order each round runs them.
-const WRITE_CONFIGS: [&str; 4] = ["A", "M", "B", "T"];
+const WRITE_CONFIGS: [&str; 5] = ["A", "M", "G", "B", "T"];
 
 /// Configuration T: both read models kept inline by row triggers on `events`, as a
 /// team without pgfold would write them. They must produce exactly the rows of
@@ -194,6 +194,20 @@ const STARTS: [Start; 2] = [
     },
 ];
 
+/// G: what a deployment that archives has on `events` once its first pass ran
+/// (src/archive/pass.rs creates the trigger): the append guard, with archived
+/// streams for it to probe (none of them the writers' own, whose appends must
+/// succeed).
+const ARCHIVE_GUARD: &str = "
+INSERT INTO pgfold.archive_segments (first_id, last_id, events, bytes, checksum, object_key)
+VALUES (1, 10000, 10000, 1, 'bench', 'bench.parquet');
+INSERT INTO pgfold.archived_streams (stream_id, last_sequence, segment, first_segment, whole)
+SELECT 'archived-' || n, 3, 1, 1, true FROM generate_series(1, 10000) n;
+ANALYZE pgfold.archived_streams;
+CREATE TRIGGER pgfold_archived_append BEFORE INSERT ON events
+  FOR EACH ROW EXECUTE FUNCTION pgfold.guard_archived_append();
+";
+
 /// Configuration `k`'s database for one round, dropped and created again as
 /// `start` has it, with the writers' connections.
 async fn fresh_config(
@@ -214,6 +228,10 @@ async fn fresh_config(
                 .await?
                 .batch_execute(&format!("{BARE_SCHEMA}\n{INLINE_TRIGGERS}"))
                 .await?
+        }
+        "G" => {
+            db::migrate(&url).await?;
+            connect(&url).await?.batch_execute(ARCHIVE_GUARD).await?
         }
         _ => db::migrate(&url).await?,
     }
@@ -321,7 +339,7 @@ fn write_report(env: &mut Env, measured: &[(Start, Measured)]) -> Result<()> {
         "\n4. Write-side cost: {} writers (own connections) placing new orders as the article's appendEvent \
          does:\n   OrderCreated (sequence 1), then OrderPaid (sequence 2), each BEGIN; INSERT at the expected \
          sequence\n   (pgfold::store::append); COMMIT; 1-5 items in 20 categories, occurred_at = now(). {} s per \
-         round,\n   rounds interleaved A M B T x {}, medians; every round on fresh databases of its own \
+         round,\n   rounds interleaved A M G B T x {}, medians; every round on fresh databases of its own \
          ({}_wa ...),\n   from each start below: an empty log, and 20,000 orders loaded and analysed.",
         a.write_writers, a.write_seconds, a.runs, a.db
     )?;
@@ -329,6 +347,7 @@ fn write_report(env: &mut Env, measured: &[(Start, Measured)]) -> Result<()> {
         r,
         "   A = bare events table (migrations/V1__events.sql: table + 3 indexes), no read models\n   \
          M = pgfold-migrated (tx_id column, position index, wake-up trigger), no daemon\n   \
+         G = M with the archive's append guard on events, as after a first archive pass (10,000 archived streams)\n   \
          B = pgfold-migrated, `pgfold run` keeping the built-ins current (caught up before each round)\n   \
          T = bare table + both read models kept inline by AFTER INSERT FOR EACH ROW triggers (plpgsql), no pgfold"
     )?;
@@ -395,7 +414,7 @@ fn write_start(r: &mut String, start: &Start, m: &Measured) -> Result<()> {
     writeln!(
         r,
         "   ratios (median events/s; in brackets the median of per-round ratios):\n   \
-         B/A = {:.2}x ({:.2}x)   B/T = {:.2}x ({:.2}x)   T/A = {:.2}x ({:.2}x)   M/A = {:.2}x ({:.2}x)\n   \
+         B/A = {:.2}x ({:.2}x)   B/T = {:.2}x ({:.2}x)   T/A = {:.2}x ({:.2}x)   M/A = {:.2}x ({:.2}x)   G/A = {:.2}x ({:.2}x)   G/M = {:.2}x ({:.2}x)\n   \
          targets (issues 11 and 25, from either start): B/T >= 1.2 (stretch 1.3), B/A >= 0.8",
         med("B") / med("A"),
         per_round("B", "A"),
@@ -405,6 +424,10 @@ fn write_start(r: &mut String, start: &Start, m: &Measured) -> Result<()> {
         per_round("T", "A"),
         med("M") / med("A"),
         per_round("M", "A"),
+        med("G") / med("A"),
+        per_round("G", "A"),
+        med("G") / med("M"),
+        per_round("G", "M"),
     )?;
     Ok(())
 }

@@ -247,7 +247,7 @@ async fn archive(
             let mut bad = 0;
             let segments = crate::archive::segments(&client, 0).await?;
             for s in &segments {
-                match crate::archive::fetch_verified(&store, s).await {
+                match crate::archive::fetch_verified(&store, s, crate::archive::Check::Full).await {
                     Ok(_) => println!(
                         "ok {}: {} events, ids {}..{}",
                         s.label(&store),

@@ -10,13 +10,18 @@ use std::sync::Arc;
 use arrow_array::builder::{
     Int32Builder, Int64Builder, StringBuilder, TimestampMicrosecondBuilder,
 };
+use arrow_array::BooleanArray;
 use arrow_array::{
     Array, ArrayRef, Int32Array, Int64Array, RecordBatch, StringArray, TimestampMicrosecondArray,
 };
 use arrow_schema::{DataType, Field, Schema, TimeUnit};
 use bytes::Bytes;
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::arrow::arrow_reader::{
+    ArrowPredicateFn, ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+    RowFilter,
+};
 use parquet::arrow::ArrowWriter;
+use parquet::arrow::ProjectionMask;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::WriterProperties;
 use sha2::{Digest, Sha256};
@@ -86,6 +91,20 @@ impl ArchivedEvent {
         chrono::DateTime::from_timestamp_micros(self.occurred_at).unwrap_or_default()
     }
 }
+
+/// The columns a segment must have.
+const COLUMN_NAMES: [&str; 10] = [
+    "id",
+    "stream_id",
+    "stream_type",
+    "event_type",
+    "event_version",
+    "payload",
+    "metadata",
+    "occurred_at",
+    "sequence",
+    "tx_id",
+];
 
 fn schema() -> Arc<Schema> {
     Arc::new(Schema::new(vec![
@@ -251,27 +270,150 @@ fn to_batch(rows: &[ArchivedEvent]) -> Result<RecordBatch, parquet::errors::Parq
     Ok(RecordBatch::try_new(schema(), columns)?)
 }
 
+/// A segment opened for reading: its footer parsed once, its row groups read one
+/// at a time, each within one row group's worth of memory.
+pub struct Reader {
+    bytes: Bytes,
+    meta: ArrowReaderMetadata,
+}
+
+/// Which events a reader keeps: a projector's event and stream types (`None`:
+/// all). The rows it drops are never materialised, their payloads not even
+/// copied out of the decoded pages.
+#[derive(Debug, Clone, Default)]
+pub struct Keep {
+    /// `event_type` in these.
+    pub event_types: Option<Vec<String>>,
+    /// `stream_type` in these.
+    pub stream_types: Option<Vec<String>>,
+}
+
+impl Keep {
+    /// Every event.
+    pub fn all() -> Keep {
+        Keep::default()
+    }
+
+    fn everything(&self) -> bool {
+        self.event_types.is_none() && self.stream_types.is_none()
+    }
+}
+
+impl Reader {
+    /// Parses the footer; fails on anything that is not a Parquet object.
+    pub fn new(bytes: Bytes) -> anyhow::Result<Reader> {
+        let meta = ArrowReaderMetadata::load(&bytes, ArrowReaderOptions::default())?;
+        for name in COLUMN_NAMES {
+            if meta.schema().field_with_name(name).is_err() {
+                anyhow::bail!("not a pgfold segment: column {name} is missing");
+            }
+        }
+        Ok(Reader { bytes, meta })
+    }
+
+    /// How many row groups.
+    pub fn row_groups(&self) -> usize {
+        self.meta.metadata().num_row_groups()
+    }
+
+    /// How many rows, as the footer says.
+    pub fn rows(&self) -> i64 {
+        self.meta.metadata().file_metadata().num_rows()
+    }
+
+    fn builder(&self) -> ParquetRecordBatchReaderBuilder<Bytes> {
+        ParquetRecordBatchReaderBuilder::new_with_metadata(self.bytes.clone(), self.meta.clone())
+    }
+
+    /// The rows of row group `group` that `keep` keeps, in `id` order, as one
+    /// batch (`None`: it keeps none).
+    pub fn batch(&self, group: usize, keep: &Keep) -> anyhow::Result<Option<RecordBatch>> {
+        let rows = self.meta.metadata().row_group(group).num_rows().max(1) as usize;
+        let mut builder = self
+            .builder()
+            .with_row_groups(vec![group])
+            .with_batch_size(rows);
+        if !keep.everything() {
+            let mask =
+                ProjectionMask::columns(builder.parquet_schema(), ["event_type", "stream_type"]);
+            let keep = keep.clone();
+            let predicate = ArrowPredicateFn::new(mask, move |batch: RecordBatch| {
+                let types = |name: &str| {
+                    batch
+                        .column_by_name(name)
+                        .and_then(|c| c.as_any().downcast_ref::<StringArray>())
+                        .ok_or_else(|| {
+                            arrow_schema::ArrowError::SchemaError(format!(
+                                "not a pgfold segment: column {name} is not text"
+                            ))
+                        })
+                };
+                let (event_type, stream_type) = (types("event_type")?, types("stream_type")?);
+                let within = |set: &Option<Vec<String>>, v: &str| {
+                    set.as_ref().is_none_or(|s| s.iter().any(|t| t == v))
+                };
+                Ok((0..batch.num_rows())
+                    .map(|i| {
+                        Some(
+                            within(&keep.event_types, event_type.value(i))
+                                && within(&keep.stream_types, stream_type.value(i)),
+                        )
+                    })
+                    .collect::<BooleanArray>())
+            });
+            builder = builder.with_row_filter(RowFilter::new(vec![Box::new(predicate)]));
+        }
+        let mut batches = Vec::new();
+        for batch in builder.build()? {
+            let batch = batch?;
+            if batch.num_rows() > 0 {
+                batches.push(batch);
+            }
+        }
+        Ok(match batches.len() {
+            0 => None,
+            1 => batches.pop(),
+            _ => Some(concat(&batches)?),
+        })
+    }
+
+    /// The ids of every row, read from the `id` column alone, in file order.
+    pub fn ids(&self) -> anyhow::Result<Vec<i64>> {
+        let mask = ProjectionMask::columns(self.meta.parquet_schema(), ["id"]);
+        let mut ids = Vec::with_capacity(self.rows().max(0) as usize);
+        for batch in self.builder().with_projection(mask).build()? {
+            ids.extend(
+                column::<Int64Array>(&batch?, "id")?
+                    .values()
+                    .iter()
+                    .copied(),
+            );
+        }
+        Ok(ids)
+    }
+}
+
+/// Concatenates batches of one schema (a row group read in several batches).
+fn concat(batches: &[RecordBatch]) -> anyhow::Result<RecordBatch> {
+    let mut events = Vec::new();
+    for b in batches {
+        events.extend(from_batch(b)?);
+    }
+    Ok(to_batch(&events)?)
+}
+
 /// How many row groups a segment has (reading only its footer).
 pub fn row_groups(bytes: &Bytes) -> anyhow::Result<usize> {
-    Ok(ParquetRecordBatchReaderBuilder::try_new(bytes.clone())?
-        .metadata()
-        .num_row_groups())
+    Ok(Reader::new(bytes.clone())?.row_groups())
 }
 
 /// The events of row group `group`, in `id` order: one row group's worth of
 /// memory at a time.
 pub fn row_group(bytes: &Bytes, group: usize) -> anyhow::Result<Vec<ArchivedEvent>> {
-    let builder = ParquetRecordBatchReaderBuilder::try_new(bytes.clone())?;
-    let rows = builder.metadata().row_group(group).num_rows().max(1) as usize;
-    let mut events = Vec::with_capacity(rows);
-    for batch in builder
-        .with_row_groups(vec![group])
-        .with_batch_size(rows)
-        .build()?
-    {
-        events.extend(from_batch(&batch?)?);
+    match Reader::new(bytes.clone())?.batch(group, &Keep::all())? {
+        Some(batch) => from_batch(&batch),
+        None => Ok(Vec::new()),
     }
-    Ok(events)
 }
 
 /// Reads a segment's events back, one row group at a time, handing each group's
@@ -280,8 +422,12 @@ pub fn read(
     bytes: Bytes,
     mut each: impl FnMut(Vec<ArchivedEvent>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    for group in 0..row_groups(&bytes)? {
-        each(row_group(&bytes, group)?)?;
+    let reader = Reader::new(bytes)?;
+    for group in 0..reader.row_groups() {
+        each(match reader.batch(group, &Keep::all())? {
+            Some(batch) => from_batch(&batch)?,
+            None => Vec::new(),
+        })?;
     }
     Ok(())
 }
@@ -295,31 +441,107 @@ fn column<'a, T: 'static>(batch: &'a RecordBatch, name: &str) -> anyhow::Result<
         })
 }
 
-fn from_batch(batch: &RecordBatch) -> anyhow::Result<Vec<ArchivedEvent>> {
-    let id = column::<Int64Array>(batch, "id")?;
-    let stream_id = column::<StringArray>(batch, "stream_id")?;
-    let stream_type = column::<StringArray>(batch, "stream_type")?;
-    let event_type = column::<StringArray>(batch, "event_type")?;
-    let event_version = column::<Int32Array>(batch, "event_version")?;
-    let payload = column::<StringArray>(batch, "payload")?;
-    let metadata = column::<StringArray>(batch, "metadata")?;
-    let occurred_at = column::<TimestampMicrosecondArray>(batch, "occurred_at")?;
-    let sequence = column::<Int64Array>(batch, "sequence")?;
-    let tx_id = column::<Int64Array>(batch, "tx_id")?;
-    Ok((0..batch.num_rows())
+/// A batch's columns, typed: what a reader takes each row's values from without
+/// copying them.
+pub struct Columns<'a> {
+    /// `id`.
+    pub id: &'a Int64Array,
+    /// `tx_id`, nullable.
+    pub tx_id: &'a Int64Array,
+    /// `stream_id`.
+    pub stream_id: &'a StringArray,
+    /// `stream_type`.
+    pub stream_type: &'a StringArray,
+    /// `event_type`.
+    pub event_type: &'a StringArray,
+    /// `event_version`.
+    pub event_version: &'a Int32Array,
+    /// `payload`, JSON text.
+    pub payload: &'a StringArray,
+    /// `metadata`, JSON text.
+    pub metadata: &'a StringArray,
+    /// `occurred_at`, microseconds since the epoch.
+    pub occurred_at: &'a TimestampMicrosecondArray,
+    /// `sequence`.
+    pub sequence: &'a Int64Array,
+}
+
+impl<'a> Columns<'a> {
+    /// The columns of `batch`, or an error if it is not a segment's.
+    pub fn of(batch: &'a RecordBatch) -> anyhow::Result<Columns<'a>> {
+        Ok(Columns {
+            id: column(batch, "id")?,
+            tx_id: column(batch, "tx_id")?,
+            stream_id: column(batch, "stream_id")?,
+            stream_type: column(batch, "stream_type")?,
+            event_type: column(batch, "event_type")?,
+            event_version: column(batch, "event_version")?,
+            payload: column(batch, "payload")?,
+            metadata: column(batch, "metadata")?,
+            occurred_at: column(batch, "occurred_at")?,
+            sequence: column(batch, "sequence")?,
+        })
+    }
+
+    /// How many rows.
+    pub fn len(&self) -> usize {
+        self.id.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.id.is_empty()
+    }
+
+    /// `tx_id` of row `i`.
+    pub fn tx_id(&self, i: usize) -> Option<i64> {
+        (!self.tx_id.is_null(i)).then(|| self.tx_id.value(i))
+    }
+}
+
+/// The events of `batch`, as owned values.
+pub fn from_batch(batch: &RecordBatch) -> anyhow::Result<Vec<ArchivedEvent>> {
+    let c = Columns::of(batch)?;
+    Ok((0..c.len())
         .map(|i| ArchivedEvent {
-            id: id.value(i),
-            tx_id: (!tx_id.is_null(i)).then(|| tx_id.value(i)),
-            stream_id: stream_id.value(i).to_string(),
-            stream_type: stream_type.value(i).to_string(),
-            event_type: event_type.value(i).to_string(),
-            event_version: event_version.value(i),
-            payload: payload.value(i).to_string(),
-            metadata: metadata.value(i).to_string(),
-            occurred_at: occurred_at.value(i),
-            sequence: sequence.value(i),
+            id: c.id.value(i),
+            tx_id: c.tx_id(i),
+            stream_id: c.stream_id.value(i).to_string(),
+            stream_type: c.stream_type.value(i).to_string(),
+            event_type: c.event_type.value(i).to_string(),
+            event_version: c.event_version.value(i),
+            payload: c.payload.value(i).to_string(),
+            metadata: c.metadata.value(i).to_string(),
+            occurred_at: c.occurred_at.value(i),
+            sequence: c.sequence.value(i),
         })
         .collect())
+}
+
+/// What a segment holds as far as its footer and `id` column say, without
+/// decoding its other columns: row count, id range (ids must ascend), size and
+/// checksum. Enough at read time: the size and the checksum prove the bytes are
+/// those the pass read back in full and verified before it deleted anything.
+pub fn check(bytes: Bytes) -> anyhow::Result<Summary> {
+    let reader = Reader::new(bytes.clone())?;
+    let ids = reader.ids()?;
+    if let Some(w) = ids.windows(2).find(|w| w[1] <= w[0]) {
+        anyhow::bail!("ids out of order at {}", w[1]);
+    }
+    if ids.len() as i64 != reader.rows() {
+        anyhow::bail!(
+            "its footer counts {} rows, its id column {}",
+            reader.rows(),
+            ids.len()
+        );
+    }
+    Ok(Summary {
+        events: ids.len() as i64,
+        first_id: ids.first().copied().unwrap_or(0),
+        last_id: ids.last().copied().unwrap_or(0),
+        checksum: checksum(&bytes),
+        bytes: bytes.len() as i64,
+    })
 }
 
 /// Reads `bytes` through and says what they hold: the row count, the id range

@@ -156,15 +156,21 @@ impl Daemon {
             Some(a) => Some(crate::archive::Store::open(&a.url)?),
             None => None,
         };
-        let newest = prepare::prepare(
+        let Some(newest) = prepare::prepare(
             &mut client,
             &registry,
             &options,
             &selected,
             &progress,
             (&settings, archive.as_ref()),
+            &token,
         )
-        .await?;
+        .await?
+        else {
+            // Stopped while the archive's store was unreachable, before
+            // anything was emptied.
+            return Ok(Outcome::default());
+        };
         let target = options.once.then_some(newest);
         let rebuilds = registry.resolve(&options.rebuild)?;
         let builds = crate::rebuild::prepare(&mut client, &selected, &rebuilds).await?;

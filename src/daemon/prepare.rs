@@ -5,17 +5,20 @@
 //! what a daemon does once connected, before its first batch.
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use tokio_util::sync::CancellationToken;
 
 use super::RunOptions;
+use crate::archive::{Check, FetchError};
 use crate::bookkeeping::{self as checkpoint, record_fingerprint};
 use crate::config::Settings;
 use crate::db;
 use crate::feed::{self, Position};
 use crate::ops::progress::{Progress, Words};
 use crate::projector::{Projector, ProjectorError, Registry, Tx};
-use crate::util::one_line;
+use crate::util::{one_line, Backoff};
 
 /// How the check of the archive before a replay shows in the progress.
 const CHECK_LABEL: &str = "archive check";
@@ -101,22 +104,26 @@ pub(super) async fn prepare(
     selected: &[Arc<dyn Projector>],
     progress: &Progress,
     (settings, archive): (&Settings, Option<&crate::archive::Store>),
-) -> anyhow::Result<Position> {
+    token: &CancellationToken,
+) -> anyhow::Result<Option<Position>> {
     if !db::migrate::is_current(client).await? {
         db::migrate::run(client)
             .await
             .context("the database needs migrating and this role cannot (run `pgfold migrate` with a role that has DDL rights)")?;
     }
     validate(client, selected).await?;
-    check_archive(
+    let checked = check_archive(
         client,
         (settings, progress),
         registry,
         options,
         selected,
-        archive,
+        (archive, token),
     )
     .await?;
+    if checked == Checked::Stopped {
+        return Ok(None);
+    }
     for p in selected {
         if !checkpoint::exists(client, p.name()).await? {
             setup(client, p.as_ref()).await?;
@@ -138,22 +145,34 @@ pub(super) async fn prepare(
             progress.begin(p.name(), from, newest.id);
         }
     }
-    Ok(newest)
+    Ok(Some(newest))
+}
+
+/// How [`check_archive`] ended, if not in an error.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Checked {
+    /// Nothing stands in the way of the replays asked for.
+    Ready,
+    /// Shutdown came while the store was unreachable: nothing was checked in
+    /// full, and nothing may be emptied.
+    Stopped,
 }
 
 /// Before anything is emptied: checks the archive settings against the server,
 /// warns about SQL projections that read `events` themselves beside archiving,
 /// and, when a projector is to be replayed or rebuilt from the first event,
 /// fetches and verifies every archived segment, so that a missing or corrupt one
-/// stops the run here, in one line naming it.
+/// stops the run here, in one line naming it. A store that does not answer is
+/// retried with backoff, as the workers retry it: nothing has been emptied yet
+/// (with `--once`, for at most `daemon.connect_timeout_ms`).
 pub(super) async fn check_archive(
     client: &db::Client,
     (settings, progress): (&Settings, &Progress),
     registry: &Registry,
     options: &RunOptions,
     selected: &[Arc<dyn Projector>],
-    store: Option<&crate::archive::Store>,
-) -> anyhow::Result<()> {
+    (store, token): (Option<&crate::archive::Store>, &CancellationToken),
+) -> anyhow::Result<Checked> {
     if let Some(archive) = &settings.archive {
         crate::archive::check_policies(client, &archive.policy).await?;
         for p in selected.iter().filter(|p| p.reads_events()) {
@@ -170,11 +189,11 @@ pub(super) async fn check_archive(
         .filter(|p| settings.projector(p.name()).history == crate::config::History::All)
         .collect();
     if from_first.is_empty() {
-        return Ok(());
+        return Ok(Checked::Ready);
     }
     let segments = crate::archive::segments(client, 0).await?;
     if segments.is_empty() {
-        return Ok(());
+        return Ok(Checked::Ready);
     }
     let store = store.with_context(|| {
         format!(
@@ -182,13 +201,45 @@ pub(super) async fn check_archive(
             segments.len()
         )
     })?;
-    // Every segment is read whole: for a large archive in object storage, the
-    // first long wait of the replay.
+    // Every segment is fetched whole (its size, checksum and ids checked): for a
+    // large archive in object storage, the first long wait of the replay.
     let total: i64 = segments.iter().map(|s| s.events).sum();
     progress.begin_as(CHECK_LABEL, 0, total, Words::CHECK);
+    let give_up_after = options.once.then(|| settings.daemon.connect_timeout());
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     let mut checked = 0;
+    crate::archive::test_pause("replay-check");
     for s in &segments {
-        crate::archive::fetch_verified(store, s).await?;
+        let mut failing_since = None;
+        loop {
+            match crate::archive::fetch_verified(store, s, Check::Footer).await {
+                Ok(_) => break,
+                Err(FetchError::Unavailable(why)) => {
+                    let since = *failing_since.get_or_insert_with(Instant::now);
+                    if let Some(limit) = give_up_after.filter(|l| since.elapsed() >= *l) {
+                        anyhow::bail!(
+                            "the archive's store has been unavailable for {} ms (daemon.connect_timeout_ms), before the replay: {why}",
+                            limit.as_millis()
+                        );
+                    }
+                    let delay = backoff.next_delay();
+                    tracing::warn!(
+                        error = %why,
+                        retry_in_ms = delay.as_millis() as u64,
+                        "archive check: archive error; retrying"
+                    );
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = token.cancelled() => {
+                            progress.finish(CHECK_LABEL);
+                            return Ok(Checked::Stopped);
+                        }
+                    }
+                }
+                Err(e @ FetchError::Bad(_)) => return Err(e.into()),
+            }
+        }
+        backoff.reset();
         checked += s.events;
         progress.advance(CHECK_LABEL, checked, s.events as u64);
     }
@@ -197,7 +248,7 @@ pub(super) async fn check_archive(
         segments = segments.len(),
         "archived segments verified before the replay"
     );
-    Ok(())
+    Ok(Checked::Ready)
 }
 
 /// Checks every projector's statements against the database before anything

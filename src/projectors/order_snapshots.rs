@@ -138,14 +138,22 @@ patched AS (
  SET state = o.state || f.state, sequence = f.sequence, projected_at = now()
 FROM folded f
    WHERE NOT f.is_full AND o.stream_id = f.stream_id
+),
+-- Planned on its own, for all its rows: under the LIMIT below, the planner
+-- would walk the log in id order hoping for an early match, and there is
+-- nearly never one (over a staged segment, whose union with `events` has no
+-- statistics, that walk was quadratic).
+offending AS MATERIALIZED (
+  SELECT e.id, e.event_type, e.stream_id
+FROM folded f
+JOIN {log} e ON e.stream_id = f.stream_id AND e.sequence = f.first_seq
+   WHERE (f.first_created_seq IS NULL OR f.first_seq < f.first_created_seq)
+ AND NOT EXISTS (SELECT 1 FROM order_snapshots o WHERE o.stream_id = f.stream_id)
 )
 SELECT coalesce(sum(events), 0)::bigint,
    (SELECT pgfold.bad_event(e.id, format('%s on stream %s before its OrderCreated',
                                          e.event_type, e.stream_id))::text
-      FROM folded f
-      JOIN {log} e ON e.stream_id = f.stream_id AND e.sequence = f.first_seq
-     WHERE (f.first_created_seq IS NULL OR f.first_seq < f.first_created_seq)
-       AND NOT EXISTS (SELECT 1 FROM order_snapshots o WHERE o.stream_id = f.stream_id)
+      FROM offending e
      ORDER BY e.id
      LIMIT 1)
   FROM folded

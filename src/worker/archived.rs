@@ -11,7 +11,9 @@
 
 use super::apply::apply_set;
 use super::{Transient, Worker};
-use crate::archive::{self, segment, FetchError, Segment, Store};
+use std::sync::Arc;
+
+use crate::archive::{self, segment, Check, FetchError, Segment, Store};
 use crate::bookkeeping::{self as checkpoint, advance_archive, archive_applied};
 use crate::config::History;
 use crate::db::{self, Db};
@@ -107,7 +109,7 @@ impl Worker {
             };
             archive::test_pause("replay-fetch");
             archive::test_pause(&format!("replay-fetch-{}", next.segment));
-            let bytes = archive::fetch_verified(store, next).await?;
+            let bytes = archive::fetch_verified(store, next, Check::Footer).await?;
             let events = self.apply_segment(store, next, applied, bytes).await?;
             applied_events += events;
             // The replay's progress (and the task's heartbeat): the archive read up
@@ -127,6 +129,7 @@ impl Worker {
     ) -> Result<u64, ArchiveError> {
         let label = seg.label(store);
         let mut conn = self.pool.get().await?;
+        room_for_a_segment(&conn).await?;
         let tx = conn.transaction().await?;
         // Waits for another instance's batch of this projector to end.
         checkpoint::lock(&tx, &self.key).await?;
@@ -140,7 +143,15 @@ impl Worker {
         self.target.enter(&tx).await?;
         let filter = self.projector.filter();
         let projector = self.projector.clone();
-        let groups = segment::row_groups(&bytes)?;
+        // Only the events this projector consumes leave the segment's pages.
+        let keep = segment::Keep {
+            event_types: filter.event_types.clone(),
+            stream_types: filter.stream_types.clone(),
+        };
+        let reader =
+            Arc::new(segment::Reader::new(bytes).map_err(|e| {
+                anyhow::anyhow!("{label} is corrupt: {}", one_line(&e.to_string()))
+            })?);
         let mut events = 0u64;
         // A connection lost or a broker down is not the events' fault.
         let failed = |e: ProjectorError| match e {
@@ -158,25 +169,32 @@ impl Worker {
         };
         // Staged for every fold: a set fold reads them as `batch`, and a fold of
         // decoded events may read an event back by id (a SQL projection's `event`).
+        // No JIT: the staged table's true size and a set-returning function's
+        // guessed 100 rows per event put a fold's estimates past the JIT
+        // thresholds, and compiling cost a quarter of a second per segment, more
+        // than it saved.
         tx.batch_execute(&format!(
-            "CREATE TEMPORARY TABLE IF NOT EXISTS pgfold_archive_batch (LIKE events INCLUDING DEFAULTS) ON COMMIT DROP;
+            "SET LOCAL jit = off;
+             CREATE TEMPORARY TABLE IF NOT EXISTS pgfold_archive_batch (LIKE events INCLUDING DEFAULTS) ON COMMIT DROP;
              TRUNCATE {}",
             feed::STAGED_TABLE
         ))
         .await?;
+        let binary = staged_as_the_article(&tx).await?;
         match projector.fold() {
             Fold::Events(fold) => {
-                for group in 0..groups {
-                    let rows: Vec<_> = segment::row_group(&bytes, group)?
-                        .into_iter()
-                        .filter(|e| passes(&filter, e))
-                        .collect();
-                    if rows.is_empty() {
+                index_staged(&tx, false).await?;
+                for group in 0..reader.row_groups() {
+                    let Some(batch) = reader.batch(group, &keep)? else {
                         continue;
-                    }
+                    };
                     tx.batch_execute(&format!("TRUNCATE {}", feed::STAGED_TABLE))
                         .await?;
-                    stage(&tx, &rows).await?;
+                    let rows = segment::from_batch(&batch)?;
+                    match binary {
+                        true => stage_copy(&tx, move |out| encode(&batch, out)).await?,
+                        false => stage(&tx, &rows).await?,
+                    }
                     // Through the projector's upcasters, as a read of the table
                     // would be: read back from the staging table.
                     let decoded = match filter.upcasters.is_empty() {
@@ -198,13 +216,30 @@ impl Worker {
                 }
             }
             Fold::Set(fold) | Fold::StreamSet(fold) => {
-                for group in 0..groups {
-                    let rows: Vec<_> = segment::row_group(&bytes, group)?
-                        .into_iter()
-                        .filter(|e| passes(&filter, e))
-                        .collect();
-                    stage(&tx, &rows).await?;
+                match binary {
+                    // Decoded on a thread of its own while the server takes in
+                    // what came before: the two overlap.
+                    true => {
+                        let reader = reader.clone();
+                        stage_copy(&tx, move |send| {
+                            for group in 0..reader.row_groups() {
+                                if let Some(batch) = reader.batch(group, &keep)? {
+                                    encode(&batch, send)?;
+                                }
+                            }
+                            Ok(())
+                        })
+                        .await?;
+                    }
+                    false => {
+                        for group in 0..reader.row_groups() {
+                            if let Some(batch) = reader.batch(group, &keep)? {
+                                stage(&tx, &segment::from_batch(&batch)?).await?;
+                            }
+                        }
+                    }
                 }
+                index_staged(&tx, true).await?;
                 let range = EventRange::staged(&filter);
                 events = apply_set(&tx, fold, &range).await.map_err(failed)?;
             }
@@ -228,17 +263,6 @@ impl Worker {
         );
         Ok(events)
     }
-}
-
-fn passes(filter: &EventFilter, e: &segment::ArchivedEvent) -> bool {
-    filter
-        .event_types
-        .as_ref()
-        .is_none_or(|t| t.contains(&e.event_type))
-        && filter
-            .stream_types
-            .as_ref()
-            .is_none_or(|t| t.contains(&e.stream_type))
 }
 
 fn decode(e: segment::ArchivedEvent) -> anyhow::Result<Event> {
@@ -327,4 +351,177 @@ async fn stage<C: Db>(
     )
     .await?;
     Ok(())
+}
+
+/// Whether the staging table has the article's column types, which the binary
+/// `COPY` of [`encode`] writes; an `events` table of other types is staged
+/// through [`stage`], its values cast by the server.
+async fn staged_as_the_article<C: Db>(tx: &C) -> Result<bool, tokio_postgres::Error> {
+    let row = tx
+        .query_one(
+            &format!(
+                "SELECT count(*) = 10 FROM pg_attribute a
+                  WHERE a.attrelid = '{}'::regclass AND a.attnum > 0 AND NOT a.attisdropped
+                    AND (a.attname::text, format_type(a.atttypid, NULL)) IN
+                        (('id', 'bigint'), ('tx_id', 'xid8'), ('stream_id', 'text'),
+                         ('stream_type', 'text'), ('event_type', 'text'),
+                         ('event_version', 'integer'), ('payload', 'jsonb'),
+                         ('metadata', 'jsonb'), ('occurred_at', 'timestamp with time zone'),
+                         ('sequence', 'bigint'))",
+                feed::STAGED_TABLE
+            ),
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+/// A chunk of `COPY` data is handed over once it holds this much.
+const COPY_CHUNK: usize = 1 << 20;
+
+/// Chunks of binary `COPY` data on their way from the decoding thread.
+type Chunks = tokio::sync::mpsc::Sender<anyhow::Result<bytes::Bytes>>;
+
+/// Where [`encode`] writes: the chunk in progress, and where full ones go.
+struct CopyOut<'a> {
+    buf: bytes::BytesMut,
+    send: &'a Chunks,
+}
+
+impl CopyOut<'_> {
+    fn flush(&mut self, at_least: usize) -> anyhow::Result<()> {
+        if self.buf.len() >= at_least && !self.buf.is_empty() {
+            let chunk = self.buf.split().freeze();
+            self.send
+                .blocking_send(Ok(chunk))
+                .map_err(|_| anyhow::anyhow!("the staging COPY ended early"))?;
+        }
+        Ok(())
+    }
+}
+
+/// Stages what `produce` encodes (on a blocking thread, with [`encode`]) through
+/// one binary `COPY` into the staging table, while the server takes in the
+/// chunks already sent. At most a few chunks wait between the two.
+async fn stage_copy(
+    tx: &super::Transaction<'_>,
+    produce: impl FnOnce(&mut CopyOut<'_>) -> anyhow::Result<()> + Send + 'static,
+) -> Result<(), ArchiveError> {
+    use futures_util::SinkExt;
+    let (send, mut recv) = tokio::sync::mpsc::channel(2);
+    let producer = tokio::task::spawn_blocking(move || {
+        let mut out = CopyOut {
+            buf: bytes::BytesMut::with_capacity(COPY_CHUNK + (64 << 10)),
+            send: &send,
+        };
+        // The binary COPY header: signature, flags, no extension.
+        out.buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
+        out.buf.extend_from_slice(&0i32.to_be_bytes());
+        out.buf.extend_from_slice(&0i32.to_be_bytes());
+        let done = produce(&mut out).and_then(|()| {
+            out.buf.extend_from_slice(&(-1i16).to_be_bytes());
+            out.flush(0)
+        });
+        if let Err(e) = done {
+            let _ = send.blocking_send(Err(e));
+        }
+    });
+    let sink = tx
+        .copy_in::<_, bytes::Bytes>(&format!(
+            "COPY {} (id, tx_id, stream_id, stream_type, event_type, event_version,
+                      payload, metadata, occurred_at, sequence) FROM STDIN (FORMAT binary)",
+            feed::STAGED_TABLE
+        ))
+        .await?;
+    futures_util::pin_mut!(sink);
+    while let Some(chunk) = recv.recv().await {
+        sink.send(chunk?).await?;
+    }
+    producer
+        .await
+        .map_err(|e| anyhow::anyhow!("staging an archived segment: {e}"))?;
+    sink.finish().await?;
+    Ok(())
+}
+
+/// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
+const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
+
+/// Appends `batch`'s rows to `out` as binary `COPY` tuples of the staging
+/// table's columns, in [`stage_copy`]'s order, straight from the decoded
+/// columns: no value is copied but into the chunk.
+fn encode(batch: &arrow_array::RecordBatch, out: &mut CopyOut<'_>) -> anyhow::Result<()> {
+    let c = segment::Columns::of(batch)?;
+    for i in 0..c.len() {
+        let buf = &mut out.buf;
+        buf.extend_from_slice(&10i16.to_be_bytes());
+        let int8 = |buf: &mut bytes::BytesMut, v: i64| {
+            buf.extend_from_slice(&8i32.to_be_bytes());
+            buf.extend_from_slice(&v.to_be_bytes());
+        };
+        let text = |buf: &mut bytes::BytesMut, v: &str| {
+            buf.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            buf.extend_from_slice(v.as_bytes());
+        };
+        // jsonb's binary form: a version byte, then the text.
+        let jsonb = |buf: &mut bytes::BytesMut, v: &str| {
+            buf.extend_from_slice(&(v.len() as i32 + 1).to_be_bytes());
+            buf.extend_from_slice(&[1]);
+            buf.extend_from_slice(v.as_bytes());
+        };
+        int8(buf, c.id.value(i));
+        match c.tx_id(i) {
+            Some(t) => int8(buf, t),
+            None => buf.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+        text(buf, c.stream_id.value(i));
+        text(buf, c.stream_type.value(i));
+        text(buf, c.event_type.value(i));
+        buf.extend_from_slice(&4i32.to_be_bytes());
+        buf.extend_from_slice(&c.event_version.value(i).to_be_bytes());
+        jsonb(buf, c.payload.value(i));
+        jsonb(buf, c.metadata.value(i));
+        int8(buf, c.occurred_at.value(i) - PG_EPOCH_MICROS);
+        int8(buf, c.sequence.value(i));
+        out.flush(COPY_CHUNK)?;
+    }
+    Ok(())
+}
+
+/// Gives the staging table the keys of `events`, so that a fold's lookups in
+/// [`EventRange::log`] (by id, by stream and sequence) go through an index on
+/// both sides of the union, as they do in `events` alone; with `analyze`, its
+/// statistics too: a temporary table has none, and a fold's plan must not
+/// guess its size. Built once the segment is staged: cheaper than kept up
+/// row by row.
+async fn index_staged<C: Db>(tx: &C, analyze: bool) -> Result<(), tokio_postgres::Error> {
+    let t = feed::STAGED_TABLE;
+    tx.batch_execute(&format!(
+        "ALTER TABLE {t} ADD PRIMARY KEY (id);
+         CREATE UNIQUE INDEX ON {t} (stream_id, sequence);
+         {}",
+        // Not the JSON columns: sampling them cost more than the rest together,
+        // and no plan turns on them.
+        if analyze {
+            format!("ANALYZE {t} (id, stream_id, stream_type, event_type, sequence, occurred_at)")
+        } else {
+            String::new()
+        }
+    ))
+    .await
+}
+
+/// Local buffers for a staged segment (16 MiB of JSON text at most, as jsonb,
+/// with its keys): with the default 8 MB, staging, indexing and folding it
+/// wrote it out and read it back. Taken once per session, before its first
+/// temporary table: a session that already had one keeps what it has.
+const TEMP_BUFFERS: &str = "SET temp_buffers = '64MB'";
+
+async fn room_for_a_segment<C: Db>(conn: &C) -> Result<(), tokio_postgres::Error> {
+    match conn.batch_execute(TEMP_BUFFERS).await {
+        Err(e) if e.code() == Some(&tokio_postgres::error::SqlState::INVALID_PARAMETER_VALUE) => {
+            Ok(())
+        }
+        other => other,
+    }
 }

@@ -1051,6 +1051,40 @@ async fn a_replay_that_finds_the_s3_server_down_for_a_moment_retries_and_complet
     assert_eq!(projections(&s.client).await, before);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_check_before_a_replay_retries_an_s3_server_down_for_a_moment() {
+    let endpoint = std::env::var("PGFOLD_TEST_S3_ENDPOINT")
+        .unwrap_or_else(|_| "http://127.0.0.1:5599".to_string());
+    let mut proxy = super::helpers::Proxy::start(endpoint.trim_start_matches("http://")).await;
+    let bucket = format!("b{}", &uuid_like());
+    create_bucket(&endpoint, &bucket);
+    let s = setup(Some(&format!("s3://{bucket}/events"))).await;
+    let env = s3_env(&format!("http://127.0.0.1:{}", proxy.port));
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    s.pgfold_ok(&["archive"], &env);
+    assert!(accounted(&s.client).await.1 > 0);
+    let before = projections(&s.client).await;
+
+    // About to check the segments, before anything is emptied: the store goes
+    // away for a moment and comes back. The check waits for it, then the
+    // replay runs.
+    let (mut replay, resume) = held(
+        &s,
+        &["run", "--once", "--replay", "all"],
+        "replay-check",
+        &env,
+    )
+    .await;
+    proxy.cut().await;
+    std::fs::write(&resume, "").unwrap();
+    still_running_after(&mut replay, "archive check: archive error; retrying").await;
+    proxy.restore().await;
+    exited_ok(&mut replay, Duration::from_secs(120))
+        .await
+        .unwrap_or_else(|out| panic!("the replay failed:\n{out}"));
+    assert_eq!(projections(&s.client).await, before);
+}
+
 #[tokio::test]
 async fn a_segment_missing_when_a_new_projector_reads_the_archive_stops_it_at_once_in_one_line() {
     let s = setup(None).await;

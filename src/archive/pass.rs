@@ -508,14 +508,18 @@ async fn write_segment<C: Db>(client: &C, after: i64, last: i64) -> anyhow::Resu
     let (bytes, summary) = writer
         .finish()?
         .context("the chosen events left the table during the pass")?;
+    let mut streams: Vec<(String, i64, bool)> = streams
+        .into_iter()
+        .map(|(stream, (sequence, whole, last))| (stream, sequence, whole && last))
+        .collect();
+    // In key order, archived_streams' index takes them leaf after leaf rather
+    // than all over.
+    streams.sort_unstable();
     Ok(Written {
         bytes,
         summary,
         ids,
-        streams: streams
-            .into_iter()
-            .map(|(stream, (sequence, whole, last))| (stream, sequence, whole && last))
-            .collect(),
+        streams,
         newest: newest
             .into_iter()
             .map(|((event_type, stream_type), position)| (event_type, stream_type, position))

@@ -24,10 +24,7 @@ use crate::ops::progress::{Progress, Words};
 
 /// A segment closes at this many events…
 const SEGMENT_EVENTS: i64 = 100_000;
-/// …or once its events' JSON reaches this, as the table stores it
-/// (`pg_column_size`: compressed when TOASTed, about what the segment's zstd
-/// makes of it): what a pass holds in memory. Measuring the text instead would
-/// cost a `payload::text` of every chosen event before any is written.
+/// …or once its events' JSON text reaches this: what a pass holds in memory.
 const SEGMENT_BYTES: i64 = 16 << 20;
 /// Rows deleted per statement in the recording transaction.
 const DELETE_BATCH: usize = 5_000;
@@ -350,7 +347,9 @@ async fn choose<C: Db>(
                     AND (p.event_types IS NULL OR e.event_type = ANY(p.event_types))
                     AND (p.stream_types IS NULL OR e.stream_type = ANY(p.stream_types)))))"
     );
-    let bytes = "pg_column_size(e.payload)::bigint + pg_column_size(e.metadata)";
+    // The text, not the stored size: TOAST compresses a repetitive 2 MB payload
+    // to a few kB, and a segment cut by that held 400 MB of JSON.
+    let bytes = "octet_length(e.payload::text)::bigint + octet_length(e.metadata::text)";
     // The first policy's rows go into the table before its index exists.
     let conflict = if n > 1 {
         "ON CONFLICT (id) DO NOTHING"

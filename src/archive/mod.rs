@@ -83,8 +83,8 @@ pub async fn segments<C: Db>(
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Check {
     /// Its size, its checksum, its footer's row count and its `id` column: the
-    /// bytes are then those the pass read back in full and verified before it
-    /// deleted anything. What a replay needs, at a fraction of a full read.
+    /// bytes are then those the pass wrote, checked the same way and recorded.
+    /// What a replay needs, at a fraction of a full read.
     Footer,
     /// Every row decoded as well (`archive verify`).
     Full,

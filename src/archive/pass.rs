@@ -7,7 +7,8 @@
 //! the ones it would write, or writes beside it. Once it commits, the segment is
 //! recorded, verified, and its rows are gone, all at once.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tokio_postgres::types::ToSql;
@@ -108,25 +109,41 @@ async fn pass(
     progress: Option<&Progress>,
 ) -> anyhow::Result<Outcome> {
     let mut outcome = Outcome::default();
+    let mut steps = Steps::default();
     check_policies(&**client, &settings.policy).await?;
-    if oldest_checkpoint(&**client).await?.is_none() {
+    let Some((_, oldest)) = oldest_checkpoint(&**client).await? else {
         outcome.policies = vec![Moved::default(); settings.policy.len()];
         outcome.held_back_by = Some("no projector has run yet".into());
         return Ok(outcome);
-    }
+    };
+    // The chosen events of a million-event log take some 40 MB of temporary
+    // table: in the session's own buffers rather than spilled to files. Only
+    // allowed before the session's first temporary table, hence best effort.
+    let _ = client.batch_execute("SET temp_buffers = '64MB'").await;
+    // The pass's statements are few and long: compiling them costs more than
+    // it saves (half a second for the choice alone on a 1 M-event log).
     client
         .batch_execute(
-            "DROP TABLE IF EXISTS pg_temp.pgfold_archive_chosen;
+            "SET jit = off;
+             DROP TABLE IF EXISTS pg_temp.pgfold_archive_chosen;
              CREATE TEMPORARY TABLE pgfold_archive_chosen (
-               id BIGINT PRIMARY KEY, stream_id TEXT NOT NULL, sequence BIGINT NOT NULL,
-               whole BOOLEAN NOT NULL, bytes BIGINT NOT NULL, policy INT NOT NULL,
-               pos_tx xid8 NOT NULL, event_type TEXT NOT NULL, stream_type TEXT NOT NULL)",
+               id BIGINT NOT NULL, stream_id TEXT NOT NULL, whole BOOLEAN NOT NULL,
+               stream_last BOOLEAN NOT NULL, bytes BIGINT NOT NULL, policy INT NOT NULL)",
         )
         .await?;
     let has_class = has_retention_class(&**client).await?;
     for (i, policy) in settings.policy.iter().enumerate() {
         let n = i as i32 + 1;
-        choose(&**client, policy, n, has_class).await?;
+        let t = Instant::now();
+        choose(&**client, policy, n, has_class, oldest).await?;
+        if i == 0 {
+            // Built once the first policy's rows are in (a bulk build, not one
+            // insertion per row); the later policies' rows meet it as a conflict.
+            client
+                .batch_execute("CREATE UNIQUE INDEX ON pg_temp.pgfold_archive_chosen (id)")
+                .await?;
+        }
+        steps.choose += t.elapsed();
         let row = client
             .query_one(
                 "SELECT count(DISTINCT stream_id), count(*), coalesce(sum(bytes), 0)::bigint
@@ -140,42 +157,50 @@ async fn pass(
             bytes: row.get(2),
         });
     }
+    // A temporary table has no statistics until it is analysed: the plans that
+    // read it by id ranges should know its size.
+    client
+        .batch_execute("ANALYZE pg_temp.pgfold_archive_chosen")
+        .await?;
+    let t = Instant::now();
     outcome.held_back_by = describe(&holders(&**client, &settings.policy, has_class).await?);
+    steps.holders += t.elapsed();
     if dry_run {
         return Ok(outcome);
     }
-    if outcome.policies.iter().any(|m| m.events > 0) {
+    let t = Instant::now();
+    let segments = segment_bounds(&**client).await?;
+    steps.plan += t.elapsed();
+    if let (Some(&(first, _)), Some(&(_, last))) = (segments.first(), segments.last()) {
         install_guard(client).await?;
         if let Some(progress) = progress {
-            let row = client
-                .query_one(
-                    "SELECT min(id), max(id) FROM pg_temp.pgfold_archive_chosen",
-                    &[],
-                )
-                .await?;
-            let (first, last): (i64, i64) = (row.get(0), row.get(1));
-            progress.begin_as(PROGRESS_LABEL, first - 1, last, Words::ARCHIVE);
+            progress.begin_as(PROGRESS_LABEL, first, last, Words::ARCHIVE);
         }
     }
-    let mut after = 0i64;
-    loop {
-        let Some(last) = segment_end(&**client, after).await? else {
-            break;
-        };
-        let (bytes, summary) = write_segment(&**client, after, last).await?;
-        let key = upload(store, bytes, &summary).await?;
+    for (after, last) in segments {
+        let t = Instant::now();
+        let written = write_segment(&**client, after, last).await?;
+        steps.write += t.elapsed();
+        let summary = &written.summary;
+        let t = Instant::now();
+        let key = upload(store, written.bytes.clone(), summary).await?;
+        steps.upload += t.elapsed();
         test_pause("uploaded");
-        let back = segment::summarize(store.get(&key).await?)
+        let t = Instant::now();
+        let back = segment::check(store.get(&key).await?)
             .with_context(|| format!("segment {} does not read back", store.describe(&key)))?;
-        if back != summary {
+        if back != *summary {
             anyhow::bail!(
                 "segment {} read back as {} events, ids {}..{}, checksum {} (written: {} events, ids {}..{}, checksum {}); nothing deleted",
                 store.describe(&key), back.events, back.first_id, back.last_id, back.checksum,
                 summary.events, summary.first_id, summary.last_id, summary.checksum
             );
         }
+        steps.verify += t.elapsed();
         test_pause("verified");
-        record(client, &key, &summary, after, last).await?;
+        let t = Instant::now();
+        record(client, &key, &written).await?;
+        steps.record += t.elapsed();
         test_pause("recorded");
         if let Some(progress) = progress {
             progress.advance(PROGRESS_LABEL, last, summary.events as u64);
@@ -189,7 +214,6 @@ async fn pass(
         outcome.segments += 1;
         outcome.events += summary.events;
         outcome.bytes += summary.bytes;
-        after = last;
     }
     client
         .execute(
@@ -200,7 +224,37 @@ async fn pass(
             &[&outcome.segments, &outcome.events, &outcome.bytes, &outcome.held_back_by],
         )
         .await?;
+    steps.log();
     Ok(outcome)
+}
+
+/// Where a pass spent its time, logged at debug level when it ends: what to
+/// look at first when a pass is slow.
+#[derive(Default)]
+struct Steps {
+    choose: Duration,
+    holders: Duration,
+    plan: Duration,
+    write: Duration,
+    upload: Duration,
+    verify: Duration,
+    record: Duration,
+}
+
+impl Steps {
+    fn log(&self) {
+        let s = |d: Duration| format!("{:.3}", d.as_secs_f64());
+        tracing::debug!(
+            choose = s(self.choose),
+            holders = s(self.holders),
+            plan = s(self.plan),
+            write = s(self.write),
+            upload = s(self.upload),
+            verify = s(self.verify),
+            record = s(self.record),
+            "archive pass: seconds per step"
+        );
+    }
 }
 
 /// A test-only hook (documented in tests/integration/archive.rs): with
@@ -272,112 +326,204 @@ pub async fn check_policies<C: Db>(client: &C, policies: &[ArchivePolicy]) -> an
 /// never `hot`. Whole streams: every event of the
 /// stream qualifies. One by one: a stream's qualifying prefix, less its newest
 /// event, which stays so that an append's `currentMax + 1` stays right.
+///
+/// `oldest` is the oldest checkpoint of all: an event at or before it is
+/// consumed by every projector, which spares the per-projector test for all but
+/// the log's tail. The cut-off time is computed once, not per row.
 async fn choose<C: Db>(
     client: &C,
     policy: &ArchivePolicy,
     n: i32,
     has_class: bool,
+    oldest: Position,
 ) -> Result<(), tokio_postgres::Error> {
     let class = class_filter("e", "$4", has_class, policy.retention_class.is_some());
     let qualifies = format!(
-        "(e.occurred_at < now() - $2::text::interval {class}
-          AND NOT EXISTS (
-            SELECT 1 FROM pgfold.projectors p
-             WHERE (COALESCE(e.tx_id, '0'::xid8), e.id) > (p.position_tx, p.position_id)
-               AND (p.event_types IS NULL OR e.event_type = ANY(p.event_types))
-               AND (p.stream_types IS NULL OR e.stream_type = ANY(p.stream_types))))"
+        "(e.occurred_at < $2 {class}
+          AND ((COALESCE(e.tx_id, '0'::xid8), e.id) <= ($5::text::xid8, $6::bigint)
+               OR NOT EXISTS (
+                 SELECT 1 FROM pgfold.projectors p
+                  WHERE (COALESCE(e.tx_id, '0'::xid8), e.id) > (p.position_tx, p.position_id)
+                    AND (p.event_types IS NULL OR e.event_type = ANY(p.event_types))
+                    AND (p.stream_types IS NULL OR e.stream_type = ANY(p.stream_types)))))"
     );
+    // The text, not the stored size: TOAST compresses a repetitive 2 MB payload
+    // to a few kB, and a segment cut by that held 400 MB of JSON.
     let bytes = "octet_length(e.payload::text)::bigint + octet_length(e.metadata::text)";
+    // The first policy's rows go into the table before its index exists.
+    let conflict = if n > 1 {
+        "ON CONFLICT (id) DO NOTHING"
+    } else {
+        ""
+    };
+    // One read of the policy's stream types, in stream order (through the
+    // unique index on (stream_id, sequence)): each stream's verdict is a window
+    // over its own rows, where a GROUP BY and a join back would read it twice.
     let sql = if policy.whole_streams {
         format!(
-            "INSERT INTO pg_temp.pgfold_archive_chosen
-                    (id, stream_id, sequence, whole, bytes, policy, pos_tx, event_type, stream_type)
-             SELECT e.id, e.stream_id, e.sequence, true, {bytes}, $3,
-                    COALESCE(e.tx_id, '0'::xid8), e.event_type, e.stream_type
-               FROM events e
-              WHERE e.stream_type = ANY($1) AND e.stream_id IN (
-                    SELECT e.stream_id FROM events e WHERE e.stream_type = ANY($1)
-                     GROUP BY e.stream_id HAVING bool_and({qualifies}))
-             ON CONFLICT (id) DO NOTHING"
+            "INSERT INTO pg_temp.pgfold_archive_chosen (id, stream_id, whole, stream_last, bytes, policy)
+             SELECT q.id, q.stream_id, true, q.id = q.newest, q.bytes, $3
+               FROM (SELECT e.id, e.stream_id, {bytes} AS bytes,
+                            bool_and({qualifies}) OVER s AS ok, max(e.id) OVER s AS newest
+                       FROM events e WHERE e.stream_type = ANY($1)
+                     WINDOW s AS (PARTITION BY e.stream_id)) q
+              WHERE q.ok
+             {conflict}"
         )
     } else {
         format!(
-            "WITH q AS (
-               SELECT e.id, e.stream_id, e.sequence, {bytes} AS bytes, {qualifies} AS ok,
-                      COALESCE(e.tx_id, '0'::xid8) AS pos_tx, e.event_type, e.stream_type
-                 FROM events e WHERE e.stream_type = ANY($1)),
-             cut AS (
-               SELECT stream_id, coalesce(min(sequence) FILTER (WHERE NOT ok), max(sequence)) AS keep_from
-                 FROM q GROUP BY stream_id)
-             INSERT INTO pg_temp.pgfold_archive_chosen
-                    (id, stream_id, sequence, whole, bytes, policy, pos_tx, event_type, stream_type)
-             SELECT q.id, q.stream_id, q.sequence, false, q.bytes, $3, q.pos_tx, q.event_type, q.stream_type
-               FROM q JOIN cut USING (stream_id)
-              WHERE q.ok AND q.sequence < cut.keep_from
-             ON CONFLICT (id) DO NOTHING"
+            "INSERT INTO pg_temp.pgfold_archive_chosen (id, stream_id, whole, stream_last, bytes, policy)
+             SELECT q.id, q.stream_id, false, false, q.bytes, $3
+               FROM (SELECT e.id, e.stream_id, e.sequence, {bytes} AS bytes,
+                            coalesce(min(e.sequence) FILTER (WHERE NOT {qualifies})
+                                       OVER (PARTITION BY e.stream_id),
+                                     max(e.sequence) OVER (PARTITION BY e.stream_id)) AS keep_from
+                       FROM events e WHERE e.stream_type = ANY($1)) q
+              WHERE q.sequence < q.keep_from
+             {conflict}"
         )
     };
-    let params: [&(dyn ToSql + Sync); 4] = [
+    let cutoff: chrono::DateTime<chrono::Utc> = client
+        .query_one("SELECT now() - $1::text::interval", &[&policy.after])
+        .await?
+        .get(0);
+    let oldest_tx = oldest.tx_text();
+    let params: [&(dyn ToSql + Sync); 6] = [
         &policy.stream_types,
-        &policy.after,
+        &cutoff,
         &n,
         &policy.retention_class,
+        &oldest_tx,
+        &oldest.id,
     ];
     client.execute(&sql, &params).await?;
     Ok(())
 }
 
-/// The last id of the next segment after `after`: up to [`SEGMENT_EVENTS`]
-/// events or [`SEGMENT_BYTES`] bytes (at least one event).
-async fn segment_end<C: Db>(client: &C, after: i64) -> Result<Option<i64>, tokio_postgres::Error> {
-    let row = client
-        .query_one(
-            "SELECT coalesce(max(id) FILTER (WHERE running <= $2 OR n = 1), 0)
-               FROM (SELECT id, (sum(bytes) OVER w)::bigint AS running, row_number() OVER w AS n
-                       FROM (SELECT id, bytes FROM pg_temp.pgfold_archive_chosen
-                              WHERE id > $1 ORDER BY id LIMIT $3) c
-                     WINDOW w AS (ORDER BY id)) r",
-            &[&after, &SEGMENT_BYTES, &SEGMENT_EVENTS],
+/// The chosen events cut into segments, in id order: `(after, last)`, each up
+/// to [`SEGMENT_EVENTS`] events or [`SEGMENT_BYTES`] bytes (at least one event).
+/// One ordered read of the chosen ids and sizes.
+async fn segment_bounds<C: Db>(client: &C) -> Result<Vec<(i64, i64)>, tokio_postgres::Error> {
+    let mut bounds = Vec::new();
+    let (mut after, mut last, mut events, mut bytes) = (None::<i64>, 0i64, 0i64, 0i64);
+    client
+        .for_each_row(
+            "SELECT id, bytes FROM pg_temp.pgfold_archive_chosen ORDER BY id",
+            &[],
+            &mut |row| {
+                let (id, size): (i64, i64) = (row.get(0), row.get(1));
+                let start = *after.get_or_insert(id - 1);
+                if events > 0 && (events == SEGMENT_EVENTS || bytes + size > SEGMENT_BYTES) {
+                    bounds.push((start, last));
+                    after = Some(last);
+                    (events, bytes) = (0, 0);
+                }
+                (last, events, bytes) = (id, events + 1, bytes + size);
+                true
+            },
         )
         .await?;
-    let last: i64 = row.get(0);
-    Ok((last > 0).then_some(last))
+    if let (Some(start), true) = (after, events > 0) {
+        bounds.push((start, last));
+    }
+    Ok(bounds)
+}
+
+/// One segment, written, with what its recording transaction needs to know of
+/// its rows, gathered as they went by.
+struct Written {
+    bytes: bytes::Bytes,
+    summary: Summary,
+    /// Its events' ids, ascending: the rows to delete.
+    ids: Vec<i64>,
+    /// Per stream: its id, newest sequence here, and whether it leaves whole
+    /// with this segment: all its events here were chosen whole, and the
+    /// newest of them (its newest event when it was chosen) is here.
+    streams: Vec<(String, i64, bool)>,
+    /// Per kind of event (event type, stream type), the newest position here:
+    /// what each projector must have consumed, unless its filter passes that
+    /// kind not.
+    newest: Vec<(String, String, Position)>,
 }
 
 /// Reads the chosen events in `(after, last]` from the table, in id order, into
-/// a segment.
-async fn write_segment<C: Db>(
-    client: &C,
-    after: i64,
-    last: i64,
-) -> anyhow::Result<(bytes::Bytes, Summary)> {
+/// a segment. The join reads `events` only in that id range, whatever the plan.
+async fn write_segment<C: Db>(client: &C, after: i64, last: i64) -> anyhow::Result<Written> {
     let mut writer = segment::Writer::new()?;
     let mut failed = None;
+    let mut ids = Vec::new();
+    let mut streams: HashMap<String, (i64, bool, bool)> = HashMap::new();
+    let mut newest: HashMap<(String, String), Position> = HashMap::new();
     client
         .for_each_row(
             &format!(
-                "SELECT {} FROM pg_temp.pgfold_archive_chosen c JOIN events e ON e.id = c.id
-                  WHERE c.id > $1 AND c.id <= $2
+                "SELECT {}, COALESCE(e.tx_id, '0'::xid8)::text, c.whole, c.stream_last
+                   FROM pg_temp.pgfold_archive_chosen c JOIN events e ON e.id = c.id
+                  WHERE c.id > $1 AND c.id <= $2 AND e.id > $1 AND e.id <= $2
                   ORDER BY e.id",
                 segment::COLUMNS
             ),
             &[&after, &last],
-            &mut |row| match writer.push(ArchivedEvent::from_row(&row)) {
-                Ok(()) => true,
-                Err(e) => {
-                    failed = Some(e);
-                    false
+            &mut |row| {
+                let event = ArchivedEvent::from_row(&row);
+                let tx: String = row.get(segment::COLUMN_COUNT);
+                let whole: bool = row.get(segment::COLUMN_COUNT + 1);
+                let stream_last: bool = row.get(segment::COLUMN_COUNT + 2);
+                let position = match Position::parse_tx(&tx) {
+                    Ok(tx) => Position::new(tx, event.id),
+                    Err(e) => {
+                        failed = Some(anyhow::anyhow!("event {}: tx_id {tx:?}: {e}", event.id));
+                        return false;
+                    }
+                };
+                ids.push(event.id);
+                let stream = streams.entry(event.stream_id.clone()).or_insert((
+                    event.sequence,
+                    whole,
+                    false,
+                ));
+                *stream = (
+                    stream.0.max(event.sequence),
+                    stream.1 && whole,
+                    stream.2 || stream_last,
+                );
+                let kind = newest
+                    .entry((event.event_type.clone(), event.stream_type.clone()))
+                    .or_insert(position);
+                *kind = (*kind).max(position);
+                match writer.push(event) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        failed = Some(e.into());
+                        false
+                    }
                 }
             },
         )
         .await?;
     if let Some(e) = failed {
-        return Err(e.into());
+        return Err(e);
     }
     let (bytes, summary) = writer
         .finish()?
         .context("the chosen events left the table during the pass")?;
-    Ok((bytes, summary))
+    let mut streams: Vec<(String, i64, bool)> = streams
+        .into_iter()
+        .map(|(stream, (sequence, whole, last))| (stream, sequence, whole && last))
+        .collect();
+    // In key order, archived_streams' index takes them leaf after leaf rather
+    // than all over.
+    streams.sort_unstable();
+    Ok(Written {
+        bytes,
+        summary,
+        ids,
+        streams,
+        newest: newest
+            .into_iter()
+            .map(|((event_type, stream_type), position)| (event_type, stream_type, position))
+            .collect(),
+    })
 }
 
 /// Creates the segment's object, never overwriting one: an object already there
@@ -455,16 +601,10 @@ const GUARD_ATTEMPTS: u32 = 40;
 /// One transaction: records the segment and its streams, deletes its rows in
 /// batches, and raises every projector to it, or changes nothing. Retried when a
 /// lock is not granted within [`LOCK_TIMEOUT`].
-async fn record(
-    client: &mut Client,
-    key: &str,
-    summary: &Summary,
-    after: i64,
-    last: i64,
-) -> anyhow::Result<()> {
+async fn record(client: &mut Client, key: &str, written: &Written) -> anyhow::Result<()> {
     let mut backoff = crate::util::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     for attempt in 1..=RECORD_ATTEMPTS {
-        match record_once(client, key, summary, after, last).await {
+        match record_once(client, key, written).await {
             Ok(()) => return Ok(()),
             Err(Retry::Lock(e)) if attempt < RECORD_ATTEMPTS => {
                 tracing::warn!(segment = key, error = %e, "archive: a lock was not granted in time; trying again");
@@ -496,13 +636,8 @@ impl From<tokio_postgres::Error> for Retry {
     }
 }
 
-async fn record_once(
-    client: &mut Client,
-    key: &str,
-    summary: &Summary,
-    after: i64,
-    last: i64,
-) -> Result<(), Retry> {
+async fn record_once(client: &mut Client, key: &str, written: &Written) -> Result<(), Retry> {
+    let summary = &written.summary;
     let tx = client.transaction().await?;
     tx.batch_execute(&format!("SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
         .await?;
@@ -521,23 +656,32 @@ async fn record_once(
         )
         .await?
         .get(0);
-    let mut cursor = after;
+    // Whether a stream left whole is known from the chosen rows (see
+    // `Written::streams`), with no look at `events`: a probe per stream found
+    // its just-deleted rows scattered over the heap, seconds per pass. An
+    // append that raced the choice may have put an event of such a stream back
+    // in the table; the append guard (V14) counts a stream as archived whole
+    // only while the table holds none of its events, so the flag errs safely,
+    // exactly as for an append racing this transaction.
+    let stream_ids: Vec<&str> = written.streams.iter().map(|s| s.0.as_str()).collect();
+    let sequences: Vec<i64> = written.streams.iter().map(|s| s.1).collect();
+    let whole: Vec<bool> = written.streams.iter().map(|s| s.2).collect();
+    tx.execute(
+        "INSERT INTO pgfold.archived_streams AS a (stream_id, last_sequence, segment, first_segment, whole)
+         SELECT s.stream_id, s.last_sequence, $1, $1, s.whole
+           FROM unnest($2::text[], $3::bigint[], $4::boolean[]) AS s(stream_id, last_sequence, whole)
+         ON CONFLICT (stream_id) DO UPDATE
+            SET segment = CASE WHEN EXCLUDED.last_sequence > a.last_sequence THEN EXCLUDED.segment ELSE a.segment END,
+                last_sequence = greatest(a.last_sequence, EXCLUDED.last_sequence),
+                whole = EXCLUDED.whole",
+        &[&segment, &stream_ids, &sequences, &whole],
+    )
+    .await?;
     let mut deleted = 0u64;
-    loop {
-        let ids: Vec<i64> = tx
-            .query(
-                "SELECT id FROM pg_temp.pgfold_archive_chosen WHERE id > $1 AND id <= $2 ORDER BY id LIMIT $3",
-                &[&cursor, &last, &(DELETE_BATCH as i64)],
-            )
-            .await?
-            .iter()
-            .map(|r| r.get(0))
-            .collect();
-        let Some(&end) = ids.last() else { break };
+    for ids in written.ids.chunks(DELETE_BATCH) {
         deleted += tx
             .execute("DELETE FROM events WHERE id = ANY($1)", &[&ids])
             .await?;
-        cursor = end;
     }
     if deleted != summary.events as u64 {
         return Err(Retry::Fatal(anyhow::anyhow!(
@@ -545,40 +689,8 @@ async fn record_once(
             summary.events
         )));
     }
-    tx.execute(
-        "INSERT INTO pgfold.archived_streams AS a (stream_id, last_sequence, segment, first_segment, whole)
-         SELECT c.stream_id, max(c.sequence), $1, $1,
-                bool_and(c.whole) AND NOT EXISTS (SELECT 1 FROM events e WHERE e.stream_id = c.stream_id)
-           FROM pg_temp.pgfold_archive_chosen c
-          WHERE c.id > $2 AND c.id <= $3
-          GROUP BY c.stream_id
-         ON CONFLICT (stream_id) DO UPDATE
-            SET segment = CASE WHEN EXCLUDED.last_sequence > a.last_sequence THEN EXCLUDED.segment ELSE a.segment END,
-                last_sequence = greatest(a.last_sequence, EXCLUDED.last_sequence),
-                whole = EXCLUDED.whole",
-        &[&segment, &after, &last],
-    )
-    .await?;
-    // Per kind of event, the newest position in the segment: what each projector
-    // must have consumed, unless its filter passes that kind not.
-    let newest: Vec<(String, String, Position)> = tx
-        .query(
-            "SELECT DISTINCT ON (event_type, stream_type) event_type, stream_type, pos_tx::text, id
-               FROM pg_temp.pgfold_archive_chosen
-              WHERE id > $1 AND id <= $2
-              ORDER BY event_type, stream_type, pos_tx DESC, id DESC",
-            &[&after, &last],
-        )
-        .await?
-        .iter()
-        .map(|r| {
-            let tx: String = r.get(2);
-            let position = Position::new(Position::parse_tx(&tx).unwrap_or(0), r.get(3));
-            (r.get(0), r.get(1), position)
-        })
-        .collect();
     test_pause("deleted");
-    if let Err(projector) = claim_segment(&tx, segment, previous, &newest).await? {
+    if let Err(projector) = claim_segment(&tx, segment, previous, &written.newest).await? {
         return Err(Retry::Fatal(anyhow::anyhow!(
             "segment {key}: projector {projector} went back before the segment's events during the pass (a replay or rebuild); nothing deleted"
         )));

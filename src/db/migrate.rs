@@ -98,6 +98,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "archive_guard_race",
         sql: include_str!("../../migrations/V14__archive_guard_race.sql"),
     },
+    Migration {
+        version: 15,
+        name: "archived_streams_no_foreign_keys",
+        sql: include_str!("../../migrations/V15__archived_streams_no_foreign_keys.sql"),
+    },
 ];
 
 /// Each DDL attempt waits at most this long for a lock before backing off.

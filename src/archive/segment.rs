@@ -24,7 +24,6 @@ use parquet::arrow::ArrowWriter;
 use parquet::arrow::ProjectionMask;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::properties::{EnabledStatistics, WriterProperties};
-use parquet::file::statistics::Statistics;
 use parquet::schema::types::ColumnPath;
 use sha2::{Digest, Sha256};
 

@@ -507,26 +507,31 @@ pub(super) fn create_bucket(endpoint: &str, bucket: &str) {
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
 
-#[tokio::test]
-async fn a_pass_to_an_s3_server_and_a_rebuild_from_it() {
-    let endpoint = std::env::var("PGFOLD_TEST_S3_ENDPOINT")
-        .unwrap_or_else(|_| "http://127.0.0.1:5599".to_string());
-    let bucket = format!("b{}", &uuid_like());
-    create_bucket(&endpoint, &bucket);
-    let s = setup(Some(&format!("s3://{bucket}/events"))).await;
-    let env = s3_env(&endpoint);
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+/// A pass to `url` (pgfold run with `env`), `archive verify`, `archive show`
+/// and `--rebuild all`: every event in the table or the archive once, and the
+/// projections rebuilt as they were.
+pub(super) async fn round_trip(url: &str, env: &[(&str, &str)]) {
+    let s = setup_in(Some(url), env).await;
     let before = projections(&s.client).await;
     let total = count(&s.client, "SELECT count(*) FROM events").await;
-    s.pgfold_ok(&["archive"], &env);
+    s.pgfold_ok(&["archive"], env);
     let (table, archived) = accounted(&s.client).await;
     assert!(archived > 0);
     assert_eq!(table + archived, total);
-    s.pgfold_ok(&["archive", "verify"], &env);
-    let shown = s.pgfold_ok(&["archive", "show", "log-1"], &env);
+    s.pgfold_ok(&["archive", "verify"], env);
+    let shown = s.pgfold_ok(&["archive", "show", "log-1"], env);
     assert_eq!(shown.lines().count(), 5);
-    s.pgfold_ok(&["run", "--once", "--rebuild", "all"], &env);
+    s.pgfold_ok(&["run", "--once", "--rebuild", "all"], env);
     assert_eq!(projections(&s.client).await, before);
+}
+
+#[tokio::test]
+async fn a_pass_to_an_s3_server_and_a_rebuild_from_it() {
+    let bucket = format!("b{}", &uuid_like());
+    create_bucket(&s3_endpoint(), &bucket);
+    let env = s3_env(&s3_endpoint());
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    round_trip(&format!("s3://{bucket}/events"), &env).await;
 }
 
 /// The S3 server's address: `PGFOLD_TEST_S3_ENDPOINT`, or moto's default.
@@ -1017,33 +1022,24 @@ async fn a_replay_or_rebuild_whose_connection_is_killed_inside_an_archived_segme
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_replay_that_finds_the_s3_server_down_for_a_moment_retries_and_completes() {
-    let endpoint = std::env::var("PGFOLD_TEST_S3_ENDPOINT")
-        .unwrap_or_else(|_| "http://127.0.0.1:5599".to_string());
-    // The S3 server behind a proxy that can be cut and restored: the server goes
-    // away for a moment and comes back with its objects.
-    let mut proxy = super::helpers::Proxy::start(endpoint.trim_start_matches("http://")).await;
+/// A `--replay all` from an archive on the S3 server, held at `step` while the
+/// server goes away (a proxy in front of it is cut), then let go: it must say
+/// `retrying` (`said`) and wait, and once the server is back with its objects,
+/// complete with the projections as before.
+async fn replay_through_an_s3_outage_at(step: &str, said: &str) {
+    let mut proxy = super::helpers::Proxy::start(s3_endpoint().trim_start_matches("http://")).await;
     let bucket = format!("b{}", &uuid_like());
-    create_bucket(&endpoint, &bucket);
+    create_bucket(&s3_endpoint(), &bucket);
     let s = setup(Some(&format!("s3://{bucket}/events"))).await;
     let env = s3_env(&format!("http://127.0.0.1:{}", proxy.port));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     s.pgfold_ok(&["archive"], &env);
     assert!(accounted(&s.client).await.1 > 0);
     let before = projections(&s.client).await;
-
-    // Past the check of every segment at start: about to fetch one to apply it.
-    let (mut replay, resume) = held(
-        &s,
-        &["run", "--once", "--replay", "all"],
-        "replay-fetch",
-        &env,
-    )
-    .await;
+    let (mut replay, resume) = held(&s, &["run", "--once", "--replay", "all"], step, &env).await;
     proxy.cut().await;
     std::fs::write(&resume, "").unwrap();
-    still_running_after(&mut replay, "archive error; retrying").await;
+    still_running_after(&mut replay, said).await;
     proxy.restore().await;
     exited_ok(&mut replay, Duration::from_secs(120))
         .await
@@ -1052,37 +1048,15 @@ async fn a_replay_that_finds_the_s3_server_down_for_a_moment_retries_and_complet
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_check_before_a_replay_retries_an_s3_server_down_for_a_moment() {
-    let endpoint = std::env::var("PGFOLD_TEST_S3_ENDPOINT")
-        .unwrap_or_else(|_| "http://127.0.0.1:5599".to_string());
-    let mut proxy = super::helpers::Proxy::start(endpoint.trim_start_matches("http://")).await;
-    let bucket = format!("b{}", &uuid_like());
-    create_bucket(&endpoint, &bucket);
-    let s = setup(Some(&format!("s3://{bucket}/events"))).await;
-    let env = s3_env(&format!("http://127.0.0.1:{}", proxy.port));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    s.pgfold_ok(&["archive"], &env);
-    assert!(accounted(&s.client).await.1 > 0);
-    let before = projections(&s.client).await;
+async fn a_replay_that_finds_the_s3_server_down_for_a_moment_retries_and_completes() {
+    // Past the check of every segment at start: about to fetch one to apply it.
+    replay_through_an_s3_outage_at("replay-fetch", "archive error; retrying").await;
+}
 
-    // About to check the segments, before anything is emptied: the store goes
-    // away for a moment and comes back. The check waits for it, then the
-    // replay runs.
-    let (mut replay, resume) = held(
-        &s,
-        &["run", "--once", "--replay", "all"],
-        "replay-check",
-        &env,
-    )
-    .await;
-    proxy.cut().await;
-    std::fs::write(&resume, "").unwrap();
-    still_running_after(&mut replay, "archive check: archive error; retrying").await;
-    proxy.restore().await;
-    exited_ok(&mut replay, Duration::from_secs(120))
-        .await
-        .unwrap_or_else(|out| panic!("the replay failed:\n{out}"));
-    assert_eq!(projections(&s.client).await, before);
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_check_before_a_replay_retries_an_s3_server_down_for_a_moment() {
+    // About to check the segments, before anything is emptied.
+    replay_through_an_s3_outage_at("replay-check", "archive check: archive error; retrying").await;
 }
 
 #[tokio::test]

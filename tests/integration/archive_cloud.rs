@@ -14,7 +14,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use pgfold::archive::{Created, Store};
 use sha2::Sha256;
 
-use super::archive::{accounted, count, projections, setup_in, uuid_like};
+use super::archive::{round_trip, uuid_like};
 
 /// The emulator's account and its published key (not a secret: every Azurite
 /// has it).
@@ -69,19 +69,7 @@ async fn a_pass_to_an_azure_container_and_a_rebuild_from_it() {
     let container = format!("c{}", uuid_like());
     create_container(&container);
     let env = azure_env();
-    let env = env_refs(&env);
-    let s = setup_in(Some(&format!("az://{container}/events")), &env).await;
-    let before = projections(&s.client).await;
-    let total = count(&s.client, "SELECT count(*) FROM events").await;
-    s.pgfold_ok(&["archive"], &env);
-    let (table, archived) = accounted(&s.client).await;
-    assert!(archived > 0);
-    assert_eq!(table + archived, total);
-    s.pgfold_ok(&["archive", "verify"], &env);
-    let shown = s.pgfold_ok(&["archive", "show", "log-1"], &env);
-    assert_eq!(shown.lines().count(), 5);
-    s.pgfold_ok(&["run", "--once", "--rebuild", "all"], &env);
-    assert_eq!(projections(&s.client).await, before);
+    round_trip(&format!("az://{container}/events"), &env_refs(&env)).await;
 }
 
 /// What an object store does with a second create of the same key: keeps the

@@ -96,20 +96,6 @@ impl ArchivedEvent {
     }
 }
 
-/// The columns a segment must have.
-const COLUMN_NAMES: [&str; 10] = [
-    "id",
-    "stream_id",
-    "stream_type",
-    "event_type",
-    "event_version",
-    "payload",
-    "metadata",
-    "occurred_at",
-    "sequence",
-    "tx_id",
-];
-
 fn schema() -> Arc<Schema> {
     Arc::new(Schema::new(vec![
         Field::new("id", DataType::Int64, false),
@@ -319,7 +305,9 @@ impl Reader {
     /// Parses the footer; fails on anything that is not a Parquet object.
     pub fn new(bytes: Bytes) -> anyhow::Result<Reader> {
         let meta = ArrowReaderMetadata::load(&bytes, ArrowReaderOptions::default())?;
-        for name in COLUMN_NAMES {
+        // The columns the writer's schema has; the schema is their one list.
+        for field in schema().fields() {
+            let name = field.name();
             if meta.schema().field_with_name(name).is_err() {
                 anyhow::bail!("not a pgfold segment: column {name} is missing");
             }

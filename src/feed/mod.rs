@@ -16,7 +16,7 @@ pub use horizon::{blocker, horizon, kept_horizon, Blocker, Horizon, KeptHorizonW
 pub use order::{delivered_ahead_of, order_batch, OrderedBatch};
 pub use plans::{plan_mode, set_plan_mode, GENERIC_PLANS_FROM_BYTES};
 pub use position::{Position, POSITION_TX};
-pub use range::{EventRange, PART_PARAMS, RANGE_PARAMS, STAGED_TABLE};
+pub use range::{key_staged, EventRange, PART_PARAMS, RANGE_PARAMS, STAGED_TABLE};
 pub(crate) use reader::event_from_row;
 pub use reader::{
     ahead_of_range, newest, read_events, ready_set_batch_end, set_batch_end, stream_key_after,

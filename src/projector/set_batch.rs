@@ -1,5 +1,6 @@
 //! A set batch, offered to SQL as the relation `batch`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use tokio_postgres::types::ToSql;
@@ -7,7 +8,7 @@ use tokio_postgres::Row;
 
 use super::Tx;
 use crate::db::Params;
-use crate::feed::{EventRange, PART_PARAMS};
+use crate::feed::{key_staged, EventRange, PART_PARAMS, STAGED_TABLE};
 
 /// The events of one batch of a [`super::SetFold`], for statements that read them
 /// as a relation named `batch`, with the columns of `events`, already cut to the
@@ -26,6 +27,8 @@ use crate::feed::{EventRange, PART_PARAMS};
 pub struct SetBatch<'a> {
     range: &'a EventRange,
     counted: OnceLock<u64>,
+    /// Whether the staged events have their keys yet (see [`SetBatch::ready`]).
+    keyed: AtomicBool,
 }
 
 impl<'a> SetBatch<'a> {
@@ -33,6 +36,7 @@ impl<'a> SetBatch<'a> {
         SetBatch {
             range,
             counted: OnceLock::new(),
+            keyed: AtomicBool::new(false),
         }
     }
 
@@ -64,6 +68,20 @@ impl<'a> SetBatch<'a> {
         SetBatch::statement_over(self.range, sql, own_params)
     }
 
+    /// Before the first statement over archived events that looks events up in
+    /// the staged segment ([`EventRange::log`]), gives it its
+    /// key ([`key_staged`]); a fold that only reads `batch` never pays for it.
+    async fn ready(&self, tx: &Tx<'_>, sql: &str) -> Result<(), tokio_postgres::Error> {
+        let table = STAGED_TABLE.trim_start_matches("pg_temp.");
+        if self.range.is_staged()
+            && sql.contains(table)
+            && !self.keyed.swap(true, Ordering::Relaxed)
+        {
+            tx.batch_execute(&key_staged()).await?;
+        }
+        Ok(())
+    }
+
     /// Runs `sql` over the batch; how many rows it wrote.
     pub async fn execute(
         &self,
@@ -71,6 +89,7 @@ impl<'a> SetBatch<'a> {
         sql: &str,
         params: Params<'_>,
     ) -> Result<u64, tokio_postgres::Error> {
+        self.ready(tx, sql).await?;
         let sql = self.statement_for(sql, params.len());
         tx.execute(&sql, &self.params(params)).await
     }
@@ -82,6 +101,7 @@ impl<'a> SetBatch<'a> {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
+        self.ready(tx, sql).await?;
         let sql = self.statement_for(sql, params.len());
         tx.query(&sql, &self.params(params)).await
     }
@@ -93,6 +113,7 @@ impl<'a> SetBatch<'a> {
         sql: &str,
         params: Params<'_>,
     ) -> Result<Row, tokio_postgres::Error> {
+        self.ready(tx, sql).await?;
         let sql = self.statement_for(sql, params.len());
         tx.query_one(&sql, &self.params(params)).await
     }

@@ -75,7 +75,7 @@ agg AS (
   SELECT stream_id,
      count(*) AS events,
      max(sequence) AS sequence,
-     min(sequence) AS first_seq,
+     min(ARRAY[sequence, id]) AS first,
      min(sequence) FILTER (WHERE kind = 1) AS first_created_seq,
      max(ARRAY[sequence, id]) FILTER (WHERE kind = 1) AS created,
      array_agg(created_payload) FILTER (WHERE kind = 1) AS created_payloads,
@@ -100,7 +100,8 @@ picked AS (
 FROM agg a
 ),
 folded AS (
-  SELECT a.stream_id, a.events, a.sequence, a.first_seq, a.first_created_seq,
+  SELECT a.stream_id, a.events, a.sequence, a.first[1] AS first_seq, a.first[2] AS first_id,
+     a.first_created_seq,
      a.created IS NOT NULL AS is_full,
      CASE WHEN a.created IS NULL THEN '{{}}'::jsonb
           WHEN jsonb_typeof(a.c) <> 'object' THEN
@@ -146,7 +147,7 @@ FROM folded f
 offending AS MATERIALIZED (
   SELECT e.id, e.event_type, e.stream_id
 FROM folded f
-JOIN {log} e ON e.stream_id = f.stream_id AND e.sequence = f.first_seq
+JOIN {log} e ON e.id = f.first_id
    WHERE (f.first_created_seq IS NULL OR f.first_seq < f.first_created_seq)
  AND NOT EXISTS (SELECT 1 FROM order_snapshots o WHERE o.stream_id = f.stream_id)
 )

@@ -11,7 +11,6 @@
 
 use super::apply::apply_set;
 use super::{Transient, Worker};
-use std::sync::Arc;
 
 use crate::archive::{self, segment, Check, FetchError, Segment, Store};
 use crate::bookkeeping::{self as checkpoint, advance_archive, archive_applied};
@@ -86,9 +85,9 @@ impl Worker {
             let applied = archive_applied(&client, &self.key).await?;
             let pending = archive::segments(&client, applied).await?;
             drop(client);
-            let Some(next) = pending.first() else {
+            if pending.is_empty() {
                 return Ok(applied_events);
-            };
+            }
             if self.settings.history == History::Hot {
                 let last = pending.last().map_or(applied, |s| s.segment);
                 let client = self.pool.get().await?;
@@ -107,27 +106,61 @@ impl Worker {
                     pending.len()
                 )));
             };
-            archive::test_pause("replay-fetch");
-            archive::test_pause(&format!("replay-fetch-{}", next.segment));
-            let bytes = archive::fetch_verified(store, next, Check::Footer).await?;
-            let events = self.apply_segment(store, next, applied, bytes).await?;
+            let group = self.group(&pending);
+            let events = self.apply_segments(store, group, applied).await?;
             applied_events += events;
             // The replay's progress (and the task's heartbeat): the archive read up
-            // to this segment's last id, its events applied for good.
-            if let Some(report) = &self.on_segment {
-                report(next.last_id, events);
+            // to this group's last id, its events applied for good.
+            if let (Some(report), Some(last)) = (&self.on_segment, group.last()) {
+                report(last.last_id, events);
             }
         }
     }
 
-    async fn apply_segment(
+    /// The pending segments the next transaction applies: for a stream set, as
+    /// many as the projector's batch size holds (at least one), since a stream
+    /// whose events fall into two batches has its state written by the first and
+    /// rewritten by the second, and a segment cut by id holds a few events of
+    /// each of many streams (see `Worker::new` for the same over the table:
+    /// applying segment by segment took twice as long as one statement); for any
+    /// other fold, one segment.
+    fn group<'s>(&self, pending: &'s [Segment]) -> &'s [Segment] {
+        let Fold::StreamSet(_) = self.projector.fold() else {
+            return &pending[..pending.len().min(1)];
+        };
+        let budget = i64::from(self.full_limit);
+        let mut events = 0;
+        let fits = pending
+            .iter()
+            .take_while(|s| {
+                events += s.events;
+                events <= budget
+            })
+            .count();
+        &pending[..fits.max(1)]
+    }
+
+    /// Applies `segments` (consecutive, the first the one after `applied`) in one
+    /// transaction that records them as consumed; how many events that was.
+    async fn apply_segments(
         &mut self,
         store: &Store,
-        seg: &Segment,
+        segments: &[Segment],
         applied: i64,
-        bytes: bytes::Bytes,
     ) -> Result<u64, ArchiveError> {
-        let label = seg.label(store);
+        let (Some(first), Some(last)) = (segments.first(), segments.last()) else {
+            return Ok(0);
+        };
+        let label = match segments.len() {
+            1 => first.label(store),
+            _ => format!(
+                "segments {} to {} ({} to {})",
+                first.segment,
+                last.segment,
+                store.describe(&first.object_key),
+                store.describe(&last.object_key)
+            ),
+        };
         let mut conn = self.pool.get().await?;
         room_for_a_segment(&conn).await?;
         let tx = conn.transaction().await?;
@@ -148,10 +181,6 @@ impl Worker {
             event_types: filter.event_types.clone(),
             stream_types: filter.stream_types.clone(),
         };
-        let reader =
-            Arc::new(segment::Reader::new(bytes).map_err(|e| {
-                anyhow::anyhow!("{label} is corrupt: {}", one_line(&e.to_string()))
-            })?);
         let mut events = 0u64;
         // A connection lost or a broker down is not the events' fault.
         let failed = |e: ProjectorError| match e {
@@ -167,8 +196,6 @@ impl Worker {
                 one_line(&e.to_string())
             )),
         };
-        // Staged for every fold: a set fold reads them as `batch`, and a fold of
-        // decoded events may read an event back by id (a SQL projection's `event`).
         // No JIT: the staged table's true size and a set-returning function's
         // guessed 100 rows per event put a fold's estimates past the JIT
         // thresholds, and compiling cost a quarter of a second per segment, more
@@ -183,7 +210,10 @@ impl Worker {
         let binary = staged_as_the_article(&tx).await?;
         match projector.fold() {
             Fold::Events(fold) => {
-                index_staged(&tx, false).await?;
+                // A fold of decoded events may read an event back by id (a SQL
+                // projection's `event`): by key, not by a scan per event.
+                tx.batch_execute(&feed::key_staged()).await?;
+                let reader = fetch(store, first, &label).await?;
                 for group in 0..reader.row_groups() {
                     let Some(batch) = reader.batch(group, &keep)? else {
                         continue;
@@ -216,36 +246,59 @@ impl Worker {
                 }
             }
             Fold::Set(fold) | Fold::StreamSet(fold) => {
-                match binary {
-                    // Decoded on a thread of its own while the server takes in
-                    // what came before: the two overlap.
-                    true => {
-                        let reader = reader.clone();
-                        stage_copy(&tx, move |send| {
+                let mut staged = 0u64;
+                for seg in segments {
+                    let reader = fetch(store, seg, &seg.label(store)).await?;
+                    staged += match binary {
+                        // Decoded on a thread of its own while the server takes in
+                        // what came before: the two overlap.
+                        true => {
+                            let keep = keep.clone();
+                            stage_copy(&tx, move |send| {
+                                let mut rows = 0;
+                                for group in 0..reader.row_groups() {
+                                    if let Some(batch) = reader.batch(group, &keep)? {
+                                        rows += batch.num_rows() as u64;
+                                        encode(&batch, send)?;
+                                    }
+                                }
+                                Ok(rows)
+                            })
+                            .await?
+                        }
+                        false => {
+                            let mut rows = 0;
                             for group in 0..reader.row_groups() {
                                 if let Some(batch) = reader.batch(group, &keep)? {
-                                    encode(&batch, send)?;
+                                    rows += batch.num_rows() as u64;
+                                    stage(&tx, &segment::from_batch(&batch)?).await?;
                                 }
                             }
-                            Ok(())
-                        })
-                        .await?;
-                    }
-                    false => {
-                        for group in 0..reader.row_groups() {
-                            if let Some(batch) = reader.batch(group, &keep)? {
-                                stage(&tx, &segment::from_batch(&batch)?).await?;
-                            }
+                            rows
                         }
+                    };
+                    // Staging many segments takes a while: each shows as a part.
+                    if let Some(report) = &self.on_part {
+                        report(seg.last_id, staged);
                     }
                 }
-                index_staged(&tx, true).await?;
+                // Statistics, from a small sample: without them the planner
+                // guessed two hundred streams where a group of segments holds
+                // hundreds of thousands, and planned the fold's grouping for so
+                // few.
+                tx.batch_execute(&format!(
+                    "SET LOCAL default_statistics_target = 10;
+                     ANALYZE {} (id, stream_id, stream_type, event_type, sequence, occurred_at);
+                     RESET default_statistics_target",
+                    feed::STAGED_TABLE
+                ))
+                .await?;
                 let range = EventRange::staged(&filter);
                 events = apply_set(&tx, fold, &range).await.map_err(failed)?;
             }
         }
         archive::test_pause("replay-apply");
-        if !advance_archive(&tx, &self.key, applied, seg.segment, events as i64).await? {
+        if !advance_archive(&tx, &self.key, applied, last.segment, events as i64).await? {
             return Err(ArchiveError::Fatal(anyhow::anyhow!(
                 "projector {}: its archive position moved during {label}",
                 self.name()
@@ -254,15 +307,25 @@ impl Worker {
         tx.commit().await?;
         // For `status` and the metrics of every instance: the checkpoint moves
         // only with the table's first batch.
-        super::parts::record_in_flight(&self.pool, &self.key, from, seg.last_id, 0).await;
+        super::parts::record_in_flight(&self.pool, &self.key, from, last.last_id, 0).await;
         tracing::info!(
             projector = self.name(),
-            segment = seg.segment,
+            segments = format!("{}..={}", first.segment, last.segment),
             events,
-            "applied an archived segment"
+            "applied archived segments"
         );
         Ok(events)
     }
+}
+
+/// Fetches `seg`, checked by its footer, and opens it; `label` names it in the
+/// error if it is corrupt.
+async fn fetch(store: &Store, seg: &Segment, label: &str) -> Result<segment::Reader, ArchiveError> {
+    archive::test_pause("replay-fetch");
+    archive::test_pause(&format!("replay-fetch-{}", seg.segment));
+    let bytes = archive::fetch_verified(store, seg, Check::Footer).await?;
+    segment::Reader::new(bytes)
+        .map_err(|e| anyhow::anyhow!("{label} is corrupt: {}", one_line(&e.to_string())).into())
 }
 
 fn decode(e: segment::ArchivedEvent) -> anyhow::Result<Event> {
@@ -403,10 +466,10 @@ impl CopyOut<'_> {
 /// Stages what `produce` encodes (on a blocking thread, with [`encode`]) through
 /// one binary `COPY` into the staging table, while the server takes in the
 /// chunks already sent. At most a few chunks wait between the two.
-async fn stage_copy(
+async fn stage_copy<T: Send + 'static>(
     tx: &super::Transaction<'_>,
-    produce: impl FnOnce(&mut CopyOut<'_>) -> anyhow::Result<()> + Send + 'static,
-) -> Result<(), ArchiveError> {
+    produce: impl FnOnce(&mut CopyOut<'_>) -> anyhow::Result<T> + Send + 'static,
+) -> Result<T, ArchiveError> {
     use futures_util::SinkExt;
     let (send, mut recv) = tokio::sync::mpsc::channel(2);
     let producer = tokio::task::spawn_blocking(move || {
@@ -418,12 +481,16 @@ async fn stage_copy(
         out.buf.extend_from_slice(b"PGCOPY\n\xff\r\n\0");
         out.buf.extend_from_slice(&0i32.to_be_bytes());
         out.buf.extend_from_slice(&0i32.to_be_bytes());
-        let done = produce(&mut out).and_then(|()| {
+        let done = produce(&mut out).and_then(|produced| {
             out.buf.extend_from_slice(&(-1i16).to_be_bytes());
-            out.flush(0)
+            out.flush(0).map(|()| produced)
         });
-        if let Err(e) = done {
-            let _ = send.blocking_send(Err(e));
+        match done {
+            Ok(produced) => Some(produced),
+            Err(e) => {
+                let _ = send.blocking_send(Err(e));
+                None
+            }
         }
     });
     let sink = tx
@@ -437,11 +504,12 @@ async fn stage_copy(
     while let Some(chunk) = recv.recv().await {
         sink.send(chunk?).await?;
     }
-    producer
+    let produced = producer
         .await
-        .map_err(|e| anyhow::anyhow!("staging an archived segment: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("staging an archived segment: {e}"))?
+        .ok_or_else(|| anyhow::anyhow!("staging an archived segment: the encoder stopped"))?;
     sink.finish().await?;
-    Ok(())
+    Ok(produced)
 }
 
 /// Microseconds from the Unix epoch to PostgreSQL's (2000-01-01).
@@ -486,29 +554,6 @@ fn encode(batch: &arrow_array::RecordBatch, out: &mut CopyOut<'_>) -> anyhow::Re
         out.flush(COPY_CHUNK)?;
     }
     Ok(())
-}
-
-/// Gives the staging table the keys of `events`, so that a fold's lookups in
-/// [`EventRange::log`] (by id, by stream and sequence) go through an index on
-/// both sides of the union, as they do in `events` alone; with `analyze`, its
-/// statistics too: a temporary table has none, and a fold's plan must not
-/// guess its size. Built once the segment is staged: cheaper than kept up
-/// row by row.
-async fn index_staged<C: Db>(tx: &C, analyze: bool) -> Result<(), tokio_postgres::Error> {
-    let t = feed::STAGED_TABLE;
-    tx.batch_execute(&format!(
-        "ALTER TABLE {t} ADD PRIMARY KEY (id);
-         CREATE UNIQUE INDEX ON {t} (stream_id, sequence);
-         {}",
-        // Not the JSON columns: sampling them cost more than the rest together,
-        // and no plan turns on them.
-        if analyze {
-            format!("ANALYZE {t} (id, stream_id, stream_type, event_type, sequence, occurred_at)")
-        } else {
-            String::new()
-        }
-    ))
-    .await
 }
 
 /// Local buffers for a staged segment (16 MiB of JSON text at most, as jsonb,

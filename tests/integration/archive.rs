@@ -1426,3 +1426,53 @@ async fn a_stream_created_and_shipped_twice_rebuilds_from_the_archive_as_from_th
         .get(0);
     assert_eq!(after, before);
 }
+
+#[tokio::test]
+async fn a_stream_set_replay_applies_consecutive_segments_in_one_transaction() {
+    // Two segments of orders archived whole, then the rest of the log.
+    let s = setup(None).await;
+    let args = [
+        "run",
+        "--once",
+        "--replay",
+        "order_snapshots",
+        "--projector",
+        "order_snapshots",
+    ];
+    s.pgfold_ok(&["archive"], &[]);
+    age_the_orders_left(&s.client).await;
+    // The snapshots from one segment and the table, as the aged log has them.
+    s.pgfold_ok(&args, &[]);
+    let before = projections(&s.client).await;
+    s.pgfold_ok(&["archive"], &[]);
+    assert_eq!(
+        count(&s.client, "SELECT count(*) FROM pgfold.archive_segments").await,
+        2
+    );
+    s.pgfold_ok(&args, &[]);
+    assert!(
+        projections(&s.client).await == before,
+        "the snapshots from two segments differ from those from one and the table"
+    );
+    // A segment cut by id holds a few events of each of many streams: applied
+    // one by one, a stream's snapshot would be written by one segment's
+    // transaction and rewritten by the next. Both segments' snapshots come from
+    // one transaction.
+    assert_eq!(
+        count(
+            &s.client,
+            "SELECT count(DISTINCT o.xmin::text) FROM order_snapshots o
+               JOIN pgfold.archived_streams a USING (stream_id)"
+        )
+        .await,
+        1
+    );
+    assert_eq!(
+        count(
+            &s.client,
+            "SELECT archive_applied FROM pgfold.projectors WHERE name = 'order_snapshots'"
+        )
+        .await,
+        2
+    );
+}

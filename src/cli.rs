@@ -280,9 +280,15 @@ async fn archive(
             let progress = crate::ops::progress::Progress::new(
                 settings.log.format == crate::config::LogFormat::Text,
             );
-            let outcome =
-                crate::archive::run_pass(&mut client, archive, &store, dry_run, Some(&progress))
-                    .await?;
+            let outcome = crate::archive::run_pass(
+                &mut client,
+                &pg,
+                archive,
+                &store,
+                dry_run,
+                Some(&progress),
+            )
+            .await?;
             for (i, (policy, moved)) in archive.policy.iter().zip(&outcome.policies).enumerate() {
                 println!(
                     "policy {} ({}, after {}{}{}): {} streams, {} events, {} bytes{}",

@@ -306,7 +306,15 @@ async fn archive_every(
         }
         let pass = async {
             let mut client = db::connect(&session).await?;
-            crate::archive::run_pass(&mut client, &settings, &store, false, Some(&progress)).await
+            crate::archive::run_pass(
+                &mut client,
+                &session,
+                &settings,
+                &store,
+                false,
+                Some(&progress),
+            )
+            .await
         };
         let outcome = tokio::select! {
             _ = token.cancelled() => return,

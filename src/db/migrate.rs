@@ -103,6 +103,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "archived_streams_no_foreign_keys",
         sql: include_str!("../../migrations/V15__archived_streams_no_foreign_keys.sql"),
     },
+    Migration {
+        version: 16,
+        name: "archived_streams_fillfactor",
+        sql: include_str!("../../migrations/V16__archived_streams_fillfactor.sql"),
+    },
 ];
 
 /// Each DDL attempt waits at most this long for a lock before backing off.

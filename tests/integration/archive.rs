@@ -10,13 +10,18 @@
 //! SIGKILL the real binary at that step. Steps: `uploaded` (the object written,
 //! not yet read back), `verified` (read back, nothing recorded), `deleted` (inside
 //! the recording transaction, rows deleted and streams recorded, not committed),
-//! `recorded` (committed); and in a projector reading the archive,
+//! `recorded` (committed); each also as `<step>-N`, at segment N of the pass
+//! only, and several steps separated by commas (a pass records segment N while
+//! it writes segment N+1: `deleted-1,verified-2` holds both); and in a
+//! projector reading the archive,
 //! `replay-fetch` (before it fetches a segment; `replay-fetch-N`, before it
 //! fetches segment N) and `replay-apply` (inside the
 //! segment's transaction, its events applied, not committed). With
 //! `PGFOLD_TEST_ARCHIVE_RESUME=<file>` as well, it
 //! waits only until that file exists, and then goes on (and no longer pauses),
-//! so that a test can act while the step is held.
+//! so that a test can act while the step is held. With
+//! `PGFOLD_TEST_ARCHIVE_SEGMENT_EVENTS=<n>`, a pass cuts segments of at most n
+//! events, for passes of several segments over a small log.
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -1475,4 +1480,53 @@ async fn a_stream_set_replay_applies_consecutive_segments_in_one_transaction() {
         .await,
         2
     );
+}
+
+/// A pass of several segments records each, on a connection of its own, before
+/// it reads the next. A SIGKILL with segment 2's recording transaction open
+/// (segment 1 recorded), or once segment 1 is recorded, loses nothing and counts
+/// nothing twice; the next pass moves the rest, and a rebuild from the archive
+/// equals the projections before.
+#[tokio::test]
+async fn a_sigkill_between_the_segments_of_one_pass_loses_nothing() {
+    let small = ("PGFOLD_TEST_ARCHIVE_SEGMENT_EVENTS", "500");
+    for step in ["deleted-2", "recorded-1"] {
+        let s = setup(None).await;
+        let before = projections(&s.client).await;
+        let total = count(&s.client, "SELECT count(*) FROM events").await;
+        let config = s.config().to_string();
+        let mut pass = Daemon::spawn(
+            PGFOLD,
+            &["--config", &config, "archive"],
+            &[("PGFOLD_TEST_ARCHIVE_PAUSE", step), small],
+        );
+        let pause = format!("test pause at {step}");
+        wait_for(&pause, Duration::from_secs(60), || {
+            let seen = pass.lines().iter().any(|l| l.contains(&pause));
+            async move { seen }
+        })
+        .await;
+        pass.kill();
+        let (table, archived) = accounted(&s.client).await;
+        assert_eq!(table + archived, total, "after a SIGKILL at {step}");
+        let segments = "SELECT count(*) FROM pgfold.archive_segments";
+        assert_eq!(
+            count(&s.client, segments).await,
+            1,
+            "after a SIGKILL at {step}"
+        );
+
+        s.pgfold_ok(&["archive"], &[small]);
+        let (table, archived) = accounted(&s.client).await;
+        assert_eq!(
+            table + archived,
+            total,
+            "after the pass that followed {step}"
+        );
+        let recorded = count(&s.client, segments).await;
+        assert!(recorded > 2, "{recorded} segments");
+        s.pgfold_ok(&["archive", "verify"], &[]);
+        s.pgfold_ok(&["run", "--once", "--rebuild", "all"], &[]);
+        assert_eq!(projections(&s.client).await, before, "rebuilt after {step}");
+    }
 }

@@ -429,25 +429,29 @@ async fn a_missing_segment_stops_a_replay_in_one_line_before_anything_is_emptied
     assert!(String::from_utf8_lossy(&out.stderr).contains(&key));
 }
 
+/// Runs `pgfold archive` (with `env`) until it pauses at `step`, and SIGKILLs it
+/// there.
+async fn pass_killed_at(s: &Setup, step: &str, env: &[(&str, &str)]) {
+    let config = s.config().to_string();
+    let mut env = env.to_vec();
+    env.push(("PGFOLD_TEST_ARCHIVE_PAUSE", step));
+    let mut pass = Daemon::spawn(PGFOLD, &["--config", &config, "archive"], &env);
+    let pause = format!("test pause at {step}");
+    wait_for(&pause, Duration::from_secs(60), || {
+        let seen = pass.lines().iter().any(|l| l.contains(&pause));
+        async move { seen }
+    })
+    .await;
+    pass.kill();
+}
+
 #[tokio::test]
 async fn a_sigkill_at_each_step_of_a_pass_loses_nothing_and_counts_nothing_twice() {
     for step in ["uploaded", "verified", "deleted", "recorded"] {
         let s = setup(None).await;
         let before = projections(&s.client).await;
         let total = count(&s.client, "SELECT count(*) FROM events").await;
-        let config = s.config().to_string();
-        let mut pass = Daemon::spawn(
-            PGFOLD,
-            &["--config", &config, "archive"],
-            &[("PGFOLD_TEST_ARCHIVE_PAUSE", step)],
-        );
-        let pause = format!("test pause at {step}");
-        wait_for(&pause, Duration::from_secs(60), || {
-            let seen = pass.lines().iter().any(|l| l.contains(&pause));
-            async move { seen }
-        })
-        .await;
-        pass.kill();
+        pass_killed_at(&s, step, &[]).await;
         let (table, archived) = accounted(&s.client).await;
         assert_eq!(table + archived, total, "after a SIGKILL at {step}");
         assert_eq!(
@@ -1494,19 +1498,7 @@ async fn a_sigkill_between_the_segments_of_one_pass_loses_nothing() {
         let s = setup(None).await;
         let before = projections(&s.client).await;
         let total = count(&s.client, "SELECT count(*) FROM events").await;
-        let config = s.config().to_string();
-        let mut pass = Daemon::spawn(
-            PGFOLD,
-            &["--config", &config, "archive"],
-            &[("PGFOLD_TEST_ARCHIVE_PAUSE", step), small],
-        );
-        let pause = format!("test pause at {step}");
-        wait_for(&pause, Duration::from_secs(60), || {
-            let seen = pass.lines().iter().any(|l| l.contains(&pause));
-            async move { seen }
-        })
-        .await;
-        pass.kill();
+        pass_killed_at(&s, step, &[small]).await;
         let (table, archived) = accounted(&s.client).await;
         assert_eq!(table + archived, total, "after a SIGKILL at {step}");
         let segments = "SELECT count(*) FROM pgfold.archive_segments";

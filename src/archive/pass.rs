@@ -198,7 +198,7 @@ async fn pass(
             progress.begin_as(PROGRESS_LABEL, first - 1, last, Words::ARCHIVE);
         }
         let mut recorder = Recorder::new(recorder);
-        let read = read_and_record(
+        read_and_record(
             client,
             store,
             &mut recorder,
@@ -206,16 +206,7 @@ async fn pass(
             &mut outcome,
             &mut steps,
         )
-        .await;
-        // The segment being recorded, if any, ends before the pass returns,
-        // whatever became of the reading.
-        let t = Instant::now();
-        let recorded = recorder.wait().await;
-        steps.wait += t.elapsed();
-        if let Some(r) = recorded? {
-            done(r, store, progress, &mut outcome, &mut steps);
-        }
-        read?;
+        .await?;
     }
     client
         .execute(
@@ -238,7 +229,8 @@ async fn pass(
 /// here, as the text arrives, rather than in the choice, which turned the JSON
 /// of every event of the policy's stream types into text, chosen or not, only
 /// for it to be turned into text again here.
-/// Each segment is written, verified and handed to `recorder` while the rows
+///
+/// Each segment is written, verified and recorded by `recorder` while the rows
 /// after it wait in the connection (the server sends no more than its socket
 /// takes meanwhile).
 async fn read_and_record(
@@ -287,8 +279,7 @@ async fn read_and_record(
     Ok(())
 }
 
-/// Uploads segment `n`, reads it back, and once the segment before it is
-/// recorded, starts recording it.
+/// Uploads segment `n`, reads it back, and records it.
 async fn ship(
     store: &Store,
     recorder: &mut Recorder<'_>,
@@ -320,13 +311,8 @@ async fn ship(
     // the application's commits queued behind it (a writer's p99 during a pass
     // went from 1.8x to 2.9x its p99 without one, for a pass 10 % faster).
     // Reading the next segment is the pause that lets them through.
-    recorder.start(key, written, n).await?;
-    let t = Instant::now();
-    let recorded = recorder.wait().await;
-    steps.wait += t.elapsed();
-    if let Some(r) = recorded? {
-        done(r, store, progress, outcome, steps);
-    }
+    let recorded = recorder.record(key, written, n).await?;
+    done(recorded, store, progress, outcome, steps);
     Ok(())
 }
 
@@ -368,8 +354,8 @@ fn done(
 /// read.
 struct Recorder<'a> {
     config: &'a PgConfig,
-    idle: Option<Client>,
-    running: Option<tokio::task::JoinHandle<(Client, anyhow::Result<Recorded>)>>,
+    /// Connected at the first segment, and kept for the others.
+    client: Option<Client>,
 }
 
 /// A segment recorded, its rows deleted.
@@ -386,49 +372,36 @@ impl<'a> Recorder<'a> {
     fn new(config: &'a PgConfig) -> Recorder<'a> {
         Recorder {
             config,
-            idle: None,
-            running: None,
+            client: None,
         }
     }
 
-    /// Starts recording segment `n` (none must be running: [`Recorder::wait`]
-    /// first).
-    async fn start(&mut self, key: String, written: Written, n: usize) -> anyhow::Result<()> {
-        debug_assert!(self.running.is_none());
-        let mut client = match self.idle.take() {
+    /// Records segment `n` in one transaction (see [`record`]).
+    async fn record(
+        &mut self,
+        key: String,
+        written: Written,
+        n: usize,
+    ) -> anyhow::Result<Recorded> {
+        let client = match &mut self.client {
             Some(client) => client,
             None => {
                 let client = crate::db::connect(self.config).await?;
                 // As on the pass's own connection: a few long statements.
                 client.batch_execute("SET jit = off").await?;
-                client
+                self.client.insert(client)
             }
         };
-        self.running = Some(tokio::spawn(async move {
-            let t = Instant::now();
-            let mut times = RecordTimes::default();
-            let recorded = record(&mut client, &key, &written, n, &mut times)
-                .await
-                .map(|()| Recorded {
-                    key,
-                    summary: written.summary,
-                    policy_bytes: written.policy_bytes,
-                    took: t.elapsed(),
-                    times,
-                });
-            (client, recorded)
-        }));
-        Ok(())
-    }
-
-    /// Waits for the segment being recorded, if any.
-    async fn wait(&mut self) -> anyhow::Result<Option<Recorded>> {
-        let Some(running) = self.running.take() else {
-            return Ok(None);
-        };
-        let (client, recorded) = running.await.context("recording a segment")?;
-        self.idle = Some(client);
-        recorded.map(Some)
+        let t = Instant::now();
+        let mut times = RecordTimes::default();
+        record(client, &key, &written, n, &mut times).await?;
+        Ok(Recorded {
+            key,
+            summary: written.summary,
+            policy_bytes: written.policy_bytes,
+            took: t.elapsed(),
+            times,
+        })
     }
 }
 
@@ -448,8 +421,6 @@ struct Steps {
     deletes: Duration,
     claim: Duration,
     commit: Duration,
-    /// The pass waiting for a recording transaction to end.
-    wait: Duration,
 }
 
 impl Steps {
@@ -466,7 +437,6 @@ impl Steps {
             deletes = s(self.deletes),
             claim = s(self.claim),
             commit = s(self.commit),
-            wait = s(self.wait),
             "archive pass: seconds per step"
         );
     }
@@ -495,9 +465,7 @@ pub(crate) fn test_pause(step: &str) {
 
 /// [`test_pause`] at a step of a pass's segment `n`: named `step` (any
 /// segment) or `step-n`. It waits without blocking its thread, so that the
-/// pass's other work goes on meanwhile: the segment before being recorded while
-/// this one is held at `verified-2`, say, or the next one read while this one's
-/// recording transaction is held at `deleted-1`.
+/// pass's connections go on answering the server meanwhile.
 async fn test_pause_at(step: &str, n: usize) {
     if std::env::var_os("PGFOLD_TEST_ARCHIVE_PAUSE").is_none() {
         return;

@@ -316,8 +316,14 @@ async fn archive(
             }
             if !dry_run {
                 println!(
-                    "archived {} events in {} segments ({} bytes)",
-                    outcome.events, outcome.segments, outcome.bytes
+                    "archived {} events in {} segments ({} bytes){}",
+                    outcome.events,
+                    outcome.segments,
+                    outcome.bytes,
+                    match outcome.rested.as_secs_f64() {
+                        0.0 => String::new(),
+                        s => format!("; rested {s:.1} s while the application was writing"),
+                    }
                 );
             }
             Ok(ExitCode::SUCCESS)

@@ -14,6 +14,7 @@ mod holders;
 mod pass;
 pub mod segment;
 mod store;
+mod yielding;
 
 use bytes::Bytes;
 use serde::Serialize;

@@ -21,6 +21,7 @@ use tokio_postgres::types::{ToSql, Type};
 use super::holders::{class_filter, describe, holders};
 use super::segment::{self, ArchivedEvent, Summary};
 use super::store::{Created, Store};
+use super::yielding::Yield;
 use crate::bookkeeping::{claim_segment, oldest_checkpoint};
 use crate::config::{ArchivePolicy, ArchiveSettings};
 use crate::db::{Client, Db, PgConfig};
@@ -31,8 +32,10 @@ use crate::ops::progress::{Progress, Words};
 const SEGMENT_EVENTS: i64 = 100_000;
 /// …or once its events' JSON text reaches this: what a pass holds in memory.
 const SEGMENT_BYTES: i64 = 16 << 20;
-/// Rows deleted per statement in the recording transaction.
-const DELETE_BATCH: usize = 5_000;
+/// Rows deleted, and streams recorded, per statement in the recording
+/// transaction; events read between two looks at whether the application is
+/// writing (see `yielding`).
+const STEP_ROWS: usize = 5_000;
 /// How long a recording transaction waits for any lock before giving up (and
 /// trying again): the application's writers never queue behind it for longer.
 const LOCK_TIMEOUT: &str = "200ms";
@@ -66,6 +69,9 @@ pub struct Outcome {
     /// The projectors whose checkpoints keep events in the table that would
     /// otherwise leave (`None`: nothing does).
     pub held_back_by: Option<String>,
+    /// How long the pass rested while the application was writing (see
+    /// `yielding`).
+    pub rested: Duration,
 }
 
 /// How a pass shows in `progress`: a bar on a terminal, log lines otherwise.
@@ -207,6 +213,7 @@ async fn pass(
             &mut steps,
         )
         .await?;
+        outcome.rested = recorder.rested();
     }
     client
         .execute(
@@ -257,6 +264,7 @@ async fn read_and_record(
     futures_util::pin_mut!(rows);
     let mut building = Building::new(outcome.policies.len())?;
     let mut n = 0;
+    let mut step = Instant::now();
     while let Some(row) = rows.try_next().await? {
         let event = ArchivedEvent::from_row(&row);
         let size = event.bytes() as i64;
@@ -270,6 +278,10 @@ async fn read_and_record(
             t = Instant::now();
         }
         building.push(event, &row)?;
+        if building.events % STEP_ROWS as i64 == 0 {
+            recorder.rest_after(step).await?;
+            step = Instant::now();
+        }
     }
     if building.events > 0 {
         let written = building.finish()?;
@@ -356,6 +368,9 @@ struct Recorder<'a> {
     config: &'a PgConfig,
     /// Connected at the first segment, and kept for the others.
     client: Option<Client>,
+    /// Whether the application is writing, read on the recorder's connection:
+    /// the pass's own is busy with the streamed read.
+    yielding: Yield,
 }
 
 /// A segment recorded, its rows deleted.
@@ -373,7 +388,31 @@ impl<'a> Recorder<'a> {
         Recorder {
             config,
             client: None,
+            yielding: Yield::default(),
         }
+    }
+
+    async fn client(&mut self) -> anyhow::Result<&mut Client> {
+        if self.client.is_none() {
+            let client = crate::db::connect(self.config).await?;
+            // As on the pass's own connection: a few long statements.
+            client.batch_execute("SET jit = off").await?;
+            compress_page_images(&client).await?;
+            self.client = Some(client);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    /// After a step of reading that began at `began`: rests while the
+    /// application is writing (see [`Yield`]).
+    async fn rest_after(&mut self, began: Instant) -> anyhow::Result<()> {
+        self.client().await?;
+        let client = self.client.as_ref().expect("connected above");
+        Ok(self.yielding.after(client, began).await?)
+    }
+
+    fn rested(&self) -> Duration {
+        self.yielding.rested()
     }
 
     /// Records segment `n` in one transaction (see [`record`]).
@@ -383,19 +422,11 @@ impl<'a> Recorder<'a> {
         written: Written,
         n: usize,
     ) -> anyhow::Result<Recorded> {
-        let client = match &mut self.client {
-            Some(client) => client,
-            None => {
-                let client = crate::db::connect(self.config).await?;
-                // As on the pass's own connection: a few long statements.
-                client.batch_execute("SET jit = off").await?;
-                compress_page_images(&client).await?;
-                self.client.insert(client)
-            }
-        };
+        self.client().await?;
+        let client = self.client.as_mut().expect("connected above");
         let t = Instant::now();
         let mut times = RecordTimes::default();
-        record(client, &key, &written, n, &mut times).await?;
+        record(client, &key, &written, n, &mut times, &mut self.yielding).await?;
         Ok(Recorded {
             key,
             summary: written.summary,
@@ -835,10 +866,11 @@ async fn record(
     written: &Written,
     n: usize,
     times: &mut RecordTimes,
+    yielding: &mut Yield,
 ) -> anyhow::Result<()> {
     let mut backoff = crate::util::Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     for attempt in 1..=RECORD_ATTEMPTS {
-        match record_once(client, key, written, n, times).await {
+        match record_once(client, key, written, n, times, yielding).await {
             Ok(()) => return Ok(()),
             Err(Retry::Lock(e)) if attempt < RECORD_ATTEMPTS => {
                 tracing::warn!(segment = key, error = %e, "archive: a lock was not granted in time; trying again");
@@ -886,6 +918,7 @@ async fn record_once(
     written: &Written,
     n: usize,
     times: &mut RecordTimes,
+    yielding: &mut Yield,
 ) -> Result<(), Retry> {
     let summary = &written.summary;
     let tx = client.transaction().await?;
@@ -913,28 +946,34 @@ async fn record_once(
     // in the table; the append guard (V14) counts a stream as archived whole
     // only while the table holds none of its events, so the flag errs safely,
     // exactly as for an append racing this transaction.
-    let stream_ids: Vec<&str> = written.streams.iter().map(|s| s.0.as_str()).collect();
-    let sequences: Vec<i64> = written.streams.iter().map(|s| s.1).collect();
-    let whole: Vec<bool> = written.streams.iter().map(|s| s.2).collect();
     let t = Instant::now();
-    tx.execute(
-        "INSERT INTO pgfold.archived_streams AS a (stream_id, last_sequence, segment, first_segment, whole)
-         SELECT s.stream_id, s.last_sequence, $1, $1, s.whole
-           FROM unnest($2::text[], $3::bigint[], $4::boolean[]) AS s(stream_id, last_sequence, whole)
-         ON CONFLICT (stream_id) DO UPDATE
-            SET segment = CASE WHEN EXCLUDED.last_sequence > a.last_sequence THEN EXCLUDED.segment ELSE a.segment END,
-                last_sequence = greatest(a.last_sequence, EXCLUDED.last_sequence),
-                whole = EXCLUDED.whole",
-        &[&segment, &stream_ids, &sequences, &whole],
-    )
-    .await?;
+    for streams in written.streams.chunks(STEP_ROWS) {
+        let step = Instant::now();
+        let stream_ids: Vec<&str> = streams.iter().map(|s| s.0.as_str()).collect();
+        let sequences: Vec<i64> = streams.iter().map(|s| s.1).collect();
+        let whole: Vec<bool> = streams.iter().map(|s| s.2).collect();
+        tx.execute(
+            "INSERT INTO pgfold.archived_streams AS a (stream_id, last_sequence, segment, first_segment, whole)
+             SELECT s.stream_id, s.last_sequence, $1, $1, s.whole
+               FROM unnest($2::text[], $3::bigint[], $4::boolean[]) AS s(stream_id, last_sequence, whole)
+             ON CONFLICT (stream_id) DO UPDATE
+                SET segment = CASE WHEN EXCLUDED.last_sequence > a.last_sequence THEN EXCLUDED.segment ELSE a.segment END,
+                    last_sequence = greatest(a.last_sequence, EXCLUDED.last_sequence),
+                    whole = EXCLUDED.whole",
+            &[&segment, &stream_ids, &sequences, &whole],
+        )
+        .await?;
+        yielding.after(&tx, step).await?;
+    }
     times.streams += t.elapsed();
     let t = Instant::now();
     let mut deleted = 0u64;
-    for ids in written.ids.chunks(DELETE_BATCH) {
+    for ids in written.ids.chunks(STEP_ROWS) {
+        let step = Instant::now();
         deleted += tx
             .execute("DELETE FROM events WHERE id = ANY($1)", &[&ids])
             .await?;
+        yielding.after(&tx, step).await?;
     }
     times.deletes += t.elapsed();
     if deleted != summary.events as u64 {

@@ -1522,3 +1522,91 @@ async fn a_sigkill_between_the_segments_of_one_pass_loses_nothing() {
         assert_eq!(projections(&s.client).await, before, "rebuilt after {step}");
     }
 }
+
+/// Commits in the test's database as `pg_stat_database` has them now.
+async fn commits_so_far(client: &Client) -> i64 {
+    client
+        .batch_execute("SELECT pg_stat_clear_snapshot()")
+        .await
+        .unwrap();
+    count(
+        client,
+        "SELECT (xact_commit + xact_rollback)::bigint FROM pg_stat_database
+          WHERE datname = current_database()",
+    )
+    .await
+}
+
+/// A pass held between its first and second segments for `hold` (the rate of
+/// commits is taken over a second, src/archive/yielding.rs), with an
+/// application committing small transactions meanwhile or not: the pass's log.
+async fn pass_held_while(application_writes: bool) -> String {
+    let s = setup(None).await;
+    s.client
+        .batch_execute("CREATE TABLE app_writes (n int)")
+        .await
+        .unwrap();
+    let (pass, resume_file) = held(
+        &s,
+        &["archive"],
+        "uploaded-2",
+        &[
+            ("PGFOLD_TEST_ARCHIVE_SEGMENT_EVENTS", "300"),
+            ("RUST_LOG", "pgfold=info"),
+        ],
+    )
+    .await;
+    let held_at = std::time::Instant::now();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = application_writes.then(|| {
+        let (stop, db) = (stop.clone(), s.db.url.clone());
+        tokio::spawn(async move {
+            let client = super::helpers::connect(&db).await;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                client
+                    .execute("INSERT INTO app_writes VALUES (1)", &[])
+                    .await
+                    .unwrap();
+            }
+        })
+    });
+    if application_writes {
+        // Until the writes show in the statistics the pass reads.
+        let before = commits_so_far(&s.client).await;
+        wait_for(
+            "the writes in pg_stat_database",
+            Duration::from_secs(30),
+            || {
+                let client = &s.client;
+                async move { commits_so_far(client).await > before + 500 }
+            },
+        )
+        .await;
+    }
+    // The pass takes the rate of commits over a second at least: held for
+    // less, it could not tell a quiet database from a busy one.
+    tokio::time::sleep(Duration::from_millis(1200).saturating_sub(held_at.elapsed())).await;
+    let (table, archived) = accounted(&s.client).await;
+    let total = table + archived;
+    let mut pass = pass;
+    std::fs::write(&resume_file, "").unwrap();
+    let status = pass.wait().unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(writer) = writer {
+        writer.await.unwrap();
+    }
+    assert!(status.success(), "the pass: {}", pass.output());
+    let (table, archived) = accounted(&s.client).await;
+    assert_eq!(table + archived, total);
+    assert!(archived > 300, "more than one segment archived");
+    pass.output()
+}
+
+#[tokio::test]
+async fn a_pass_rests_while_the_application_writes_and_runs_flat_out_otherwise() {
+    let writing = "the application is writing";
+    let log = pass_held_while(true).await;
+    assert!(log.contains(writing), "{log}");
+    let log = pass_held_while(false).await;
+    assert!(!log.contains(writing), "{log}");
+}

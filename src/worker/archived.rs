@@ -227,21 +227,30 @@ impl Worker {
                     }
                     // Through the projector's upcasters, as a read of the table
                     // would be: read back from the staging table.
-                    let decoded = match filter.upcasters.is_empty() {
-                        true => rows
-                            .into_iter()
-                            .map(decode)
-                            .collect::<anyhow::Result<Vec<Event>>>()?,
-                        false => staged_upcast(&tx, &filter).await?,
-                    };
-                    events += decoded.len() as u64;
-                    fold.apply(&Tx::staged(&tx), &decoded)
-                        .await
-                        .map_err(failed)?;
-                    // A segment of large events takes a while: its row groups
-                    // show as parts of it.
-                    if let (Some(report), Some(last)) = (&self.on_part, decoded.last()) {
-                        report(last.id, events);
+                    let decoded: Box<dyn Iterator<Item = anyhow::Result<Event>> + Send> =
+                        match filter.upcasters.is_empty() {
+                            true => Box::new(rows.into_iter().map(decode)),
+                            false => {
+                                Box::new(staged_upcast(&tx, &filter).await?.into_iter().map(Ok))
+                            }
+                        };
+                    // Decoded a few at a time: a row group's events as JSON
+                    // values take several times its text, and a replay of every
+                    // projector decodes a row group for each.
+                    // As many as a batch from the table holds (`daemon.batch_size`).
+                    let mut decoded = decoded.peekable();
+                    while decoded.peek().is_some() {
+                        let some = decoded
+                            .by_ref()
+                            .take(self.full_limit.max(1) as usize)
+                            .collect::<anyhow::Result<Vec<Event>>>()?;
+                        events += some.len() as u64;
+                        fold.apply(&Tx::staged(&tx), &some).await.map_err(failed)?;
+                        // A segment of large events takes a while: its row
+                        // groups show as parts of it.
+                        if let (Some(report), Some(last)) = (&self.on_part, some.last()) {
+                            report(last.id, events);
+                        }
                     }
                 }
             }

@@ -340,8 +340,8 @@ pub async fn archive(env: &mut Env) -> Result<()> {
             &after,
         )?;
         // A pass rests while the writers write (src/archive/yielding.rs): it
-        // takes up to three times as long as alone.
-        let budget = 5.0 * median(&pass_runs.iter().map(|p| p.0).collect::<Vec<_>>()) + 2.0;
+        // takes up to six times as long as alone.
+        let budget = 8.0 * median(&pass_runs.iter().map(|p| p.0).collect::<Vec<_>>()) + 2.0;
         log(format!(
             "archive round {round}/{}: {} writers at {} events/s, a pass after {QUIET_SECONDS} s",
             a.runs, a.writers, a.rate

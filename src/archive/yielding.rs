@@ -5,9 +5,10 @@
 //! wait for one: with 2,000 appends a second on 2 cores, a writer's p99 during a
 //! pass was 2.8–4× its p99 without one. So while the database commits more than
 //! [`BUSY_COMMITS_PER_SECOND`] transactions a second, the pass rests after each
-//! step for as long as the step took, leaving the cores to the application
-//! half of the time (measured the same way: 1.7–1.8×, for a pass 2.5× longer).
-//! On a quiet database it runs flat out, as before.
+//! step for twice as long as the step took, leaving the cores to the
+//! application two thirds of the time (measured the same way: 1.75×, for a
+//! pass six times as long as alone). On a quiet database it runs flat out, as
+//! before.
 //!
 //! What the application commits is read from `pg_stat_database`, which each
 //! server process updates at most once a second: a pass notices writers, and
@@ -20,6 +21,13 @@ use crate::db::Db;
 /// Commits a second (the pass's own, a few a second, included) above which the
 /// application counts as writing.
 pub const BUSY_COMMITS_PER_SECOND: f64 = 50.0;
+
+/// While the application writes, the pass rests this many times as long as
+/// each step took: it works a third of the time. Measured with pgbench at 2,000
+/// appends a second on 2 cores (`benches/pass_p99.sh`), a writer's
+/// p99 during a pass was 12-14 ms unpaced, 8-9 ms resting as long as it
+/// worked, 7 ms resting twice as long, against 3.5-4.5 ms without a pass.
+const REST_PER_WORK: u32 = 2;
 
 /// How often the commit count is read: often enough to notice writers within
 /// about a second, rarely enough to add nothing to them.
@@ -53,8 +61,9 @@ impl Yield {
         let worked = began.elapsed();
         self.sample(db).await?;
         if self.busy {
-            tokio::time::sleep(worked).await;
-            self.rested += worked;
+            let rest = worked * REST_PER_WORK;
+            tokio::time::sleep(rest).await;
+            self.rested += rest;
         }
         Ok(())
     }

@@ -30,6 +30,9 @@ use sha2::{Digest, Sha256};
 /// A row group is closed once its encoded size reaches this.
 const ROW_GROUP_BYTES: usize = 4 << 20;
 
+/// Rows decoded at a time when a segment is read ([`Reader::each_batch`]).
+const DECODED_ROWS: usize = 4_096;
+
 /// A batch of rows is handed to the writer once it holds this much text.
 const CHUNK_BYTES: usize = 1 << 20;
 
@@ -332,11 +335,32 @@ impl Reader {
     /// The rows of row group `group` that `keep` keeps, in `id` order, as one
     /// batch (`None`: it keeps none).
     pub fn batch(&self, group: usize, keep: &Keep) -> anyhow::Result<Option<RecordBatch>> {
-        let rows = self.meta.metadata().row_group(group).num_rows().max(1) as usize;
+        let mut batches = Vec::new();
+        self.each_batch(group, keep, |batch| {
+            batches.push(batch);
+            Ok(())
+        })?;
+        Ok(match batches.len() {
+            0 => None,
+            1 => batches.pop(),
+            _ => Some(concat(&batches)?),
+        })
+    }
+
+    /// Hands `each` the rows of row group `group` that `keep` keeps, in `id`
+    /// order, [`DECODED_ROWS`] at a time at most (no empty batch): a row group's
+    /// text decoded whole, once per projector of a replay of all of them, took
+    /// a replay past 128 MiB.
+    pub fn each_batch(
+        &self,
+        group: usize,
+        keep: &Keep,
+        mut each: impl FnMut(RecordBatch) -> anyhow::Result<()>,
+    ) -> anyhow::Result<()> {
         let mut builder = self
             .builder()
             .with_row_groups(vec![group])
-            .with_batch_size(rows);
+            .with_batch_size(DECODED_ROWS);
         if !keep.everything() {
             let mask =
                 ProjectionMask::columns(builder.parquet_schema(), ["event_type", "stream_type"]);
@@ -367,18 +391,13 @@ impl Reader {
             });
             builder = builder.with_row_filter(RowFilter::new(vec![Box::new(predicate)]));
         }
-        let mut batches = Vec::new();
         for batch in builder.build()? {
             let batch = batch?;
             if batch.num_rows() > 0 {
-                batches.push(batch);
+                each(batch)?;
             }
         }
-        Ok(match batches.len() {
-            0 => None,
-            1 => batches.pop(),
-            _ => Some(concat(&batches)?),
-        })
+        Ok(())
     }
 
     /// The ids of every row, read from the `id` column alone, in file order.

@@ -266,10 +266,10 @@ impl Worker {
                             stage_copy(&tx, move |send| {
                                 let mut rows = 0;
                                 for group in 0..reader.row_groups() {
-                                    if let Some(batch) = reader.batch(group, &keep)? {
+                                    reader.each_batch(group, &keep, |batch| {
                                         rows += batch.num_rows() as u64;
-                                        encode(&batch, send)?;
-                                    }
+                                        encode(&batch, send)
+                                    })?;
                                 }
                                 Ok(rows)
                             })

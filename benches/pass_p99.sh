@@ -21,7 +21,7 @@ trap 'rm -rf "$WORK"' EXIT
 P="psql -h 127.0.0.1 -U postgres -q -v ON_ERROR_STOP=1"
 $P -c "DROP DATABASE IF EXISTS $DB" -c "CREATE DATABASE $DB TEMPLATE $TEMPLATE STRATEGY FILE_COPY" -c CHECKPOINT
 cat >"$WORK/append.sql" <<'SQL'
-\set n random(1, 1000000000)
+\set n random(1, 9000000000000000000)
 BEGIN;
 INSERT INTO events (stream_id, stream_type, event_type, payload, sequence) VALUES ('w-' || :client_id || '-' || :n, 'order', 'OrderCreated', '{"customer": "c-1", "items": [{"sku": "a", "qty": 1, "price": "9.99", "category": "x"}]}', 1);
 SELECT pg_current_xact_id();
@@ -36,7 +36,7 @@ end=$(date +%s.%N)
 guard=$(date -d "$(grep "append guard on events is in place" "$WORK/pass.out" | cut -c1-26)" +%s.%N)
 grep -o "choose=.*" "$WORK/pass.out" || true
 tail -n 1 "$WORK/pass.out"
-wait $writers
+wait $writers || { echo "pgbench failed:"; tail -n 5 "$WORK/pgbench.out"; }
 $P -c "DROP DATABASE $DB"
 python3 - "$start" "$end" "$guard" "$WORK" <<'PY'
 import glob, sys

@@ -320,9 +320,12 @@ async fn archive(
                     outcome.events,
                     outcome.segments,
                     outcome.bytes,
-                    match outcome.rested.as_secs_f64() {
-                        0.0 => String::new(),
-                        s => format!("; rested {s:.1} s while the application was writing"),
+                    match outcome.rested.is_zero() {
+                        true => String::new(),
+                        false => format!(
+                            "; rested {:.1} s while the application was writing",
+                            outcome.rested.as_secs_f64()
+                        ),
                     }
                 );
             }

@@ -276,6 +276,8 @@ async fn read_and_record(
             n += 1;
             ship(store, recorder, written, n, progress, outcome, steps).await?;
             t = Instant::now();
+            // Shipping rested on its own, step by step.
+            step = Instant::now();
         }
         building.push(event, &row)?;
         if building.events % STEP_ROWS as i64 == 0 {
@@ -392,23 +394,26 @@ impl<'a> Recorder<'a> {
         }
     }
 
-    async fn client(&mut self) -> anyhow::Result<&mut Client> {
-        if self.client.is_none() {
-            let client = crate::db::connect(self.config).await?;
+    /// The recorder's connection, opened on first use.
+    async fn client<'c>(
+        client: &'c mut Option<Client>,
+        config: &PgConfig,
+    ) -> anyhow::Result<&'c mut Client> {
+        if client.is_none() {
+            let connected = crate::db::connect(config).await?;
             // As on the pass's own connection: a few long statements.
-            client.batch_execute("SET jit = off").await?;
-            compress_page_images(&client).await?;
-            self.client = Some(client);
+            connected.batch_execute("SET jit = off").await?;
+            compress_page_images(&connected).await?;
+            *client = Some(connected);
         }
-        Ok(self.client.as_mut().expect("connected above"))
+        Ok(client.as_mut().expect("connected above"))
     }
 
     /// After a step of reading that began at `began`: rests while the
     /// application is writing (see [`Yield`]).
     async fn rest_after(&mut self, began: Instant) -> anyhow::Result<()> {
-        self.client().await?;
-        let client = self.client.as_ref().expect("connected above");
-        Ok(self.yielding.after(client, began).await?)
+        let client = Recorder::client(&mut self.client, self.config).await?;
+        Ok(self.yielding.after(&*client, began).await?)
     }
 
     fn rested(&self) -> Duration {
@@ -422,8 +427,7 @@ impl<'a> Recorder<'a> {
         written: Written,
         n: usize,
     ) -> anyhow::Result<Recorded> {
-        self.client().await?;
-        let client = self.client.as_mut().expect("connected above");
+        let client = Recorder::client(&mut self.client, self.config).await?;
         let t = Instant::now();
         let mut times = RecordTimes::default();
         record(client, &key, &written, n, &mut times, &mut self.yielding).await?;

@@ -6,8 +6,8 @@
 //! pass was 2.8–4× its p99 without one. So while the database commits more than
 //! [`BUSY_COMMITS_PER_SECOND`] transactions a second, the pass rests after each
 //! step for twice as long as the step took, leaving the cores to the
-//! application two thirds of the time (measured the same way: 1.75×, for a
-//! pass six times as long as alone). On a quiet database it runs flat out, as
+//! application two thirds of the time (measured the same way: 1.80×, for a
+//! pass four times as long as alone). On a quiet database it runs flat out, as
 //! before.
 //!
 //! What the application commits is read from `pg_stat_database`, which each
@@ -50,7 +50,7 @@ pub struct Yield {
 
 impl Yield {
     /// After a step of the pass that began at `began`: if the application is
-    /// writing, rests as long as the step took. `db` is any connection of the
+    /// writing, rests [`REST_PER_WORK`] times as long as the step took. `db` is any connection of the
     /// pass that is not in the middle of a streamed read (the count is read on
     /// it).
     pub async fn after<C: Db>(
@@ -98,7 +98,7 @@ impl Yield {
                     match busy {
                         true => tracing::info!(
                             commits_per_second = rate as u64,
-                            "archive: the application is writing; the pass gives it half the time"
+                            "archive: the application is writing; the pass gives it two thirds of the time"
                         ),
                         false => tracing::info!(
                             commits_per_second = rate as u64,

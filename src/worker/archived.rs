@@ -234,10 +234,10 @@ impl Worker {
                                 Box::new(staged_upcast(&tx, &filter).await?.into_iter().map(Ok))
                             }
                         };
-                    // Decoded a few at a time: a row group's events as JSON
-                    // values take several times its text, and a replay of every
-                    // projector decodes a row group for each.
-                    // As many as a batch from the table holds (`daemon.batch_size`).
+                    // Decoded as many at a time as a batch from the table holds
+                    // (`daemon.batch_size`), not a row group at once: its events
+                    // as JSON values take several times its text, and a replay
+                    // of every projector decodes a row group for each.
                     let mut decoded = decoded.peekable();
                     while decoded.peek().is_some() {
                         let some = decoded

@@ -1537,16 +1537,17 @@ async fn commits_so_far(client: &Client) -> i64 {
     .await
 }
 
-/// A pass held between its first and second segments for `hold` (the rate of
-/// commits is taken over a second, src/archive/yielding.rs), with an
-/// application committing small transactions meanwhile or not: the pass's log.
+/// A pass held between its first and second segments for a little over a
+/// second (the rate of commits is taken over a second,
+/// src/archive/yielding.rs), with an application committing small transactions
+/// meanwhile or not: the pass's log.
 async fn pass_held_while(application_writes: bool) -> String {
     let s = setup(None).await;
     s.client
         .batch_execute("CREATE TABLE app_writes (n int)")
         .await
         .unwrap();
-    let (pass, resume_file) = held(
+    let (mut pass, resume_file) = held(
         &s,
         &["archive"],
         "uploaded-2",
@@ -1588,7 +1589,6 @@ async fn pass_held_while(application_writes: bool) -> String {
     tokio::time::sleep(Duration::from_millis(1200).saturating_sub(held_at.elapsed())).await;
     let (table, archived) = accounted(&s.client).await;
     let total = table + archived;
-    let mut pass = pass;
     std::fs::write(&resume_file, "").unwrap();
     let status = pass.wait().unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

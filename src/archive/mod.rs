@@ -21,8 +21,8 @@ use serde::Serialize;
 
 use crate::db::Db;
 
-pub(crate) use pass::test_pause;
 pub use pass::{check_policies, run as run_pass, Moved, Outcome, PROGRESS_LABEL};
+pub(crate) use pass::{test_pause, test_pause_async};
 pub use store::{Created, FetchError, Store};
 
 /// A recorded segment.

@@ -521,20 +521,26 @@ pub(crate) fn test_pause(step: &str) {
 }
 
 /// [`test_pause`] at a step of a pass's segment `n`: named `step` (any
-/// segment) or `step-n`. It waits without blocking its thread, so that the
-/// pass's connections go on answering the server meanwhile.
+/// segment) or `step-n`.
 async fn test_pause_at(step: &str, n: usize) {
     if std::env::var_os("PGFOLD_TEST_ARCHIVE_PAUSE").is_none() {
         return;
     }
     for step in [step.to_string(), format!("{step}-{n}")] {
-        if let Some(resume) = pausing_at(&step) {
-            loop {
-                match &resume {
-                    Some(f) if f.exists() => break,
-                    Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-                    None => tokio::time::sleep(Duration::from_secs(3600)).await,
-                }
+        test_pause_async(&step).await;
+    }
+}
+
+/// [`test_pause`], waiting without blocking its thread: the process's
+/// connections go on answering the server meanwhile, and other work of the
+/// same task (the other lane of a replay) goes on.
+pub(crate) async fn test_pause_async(step: &str) {
+    if let Some(resume) = pausing_at(step) {
+        loop {
+            match &resume {
+                Some(f) if f.exists() => break,
+                Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                None => tokio::time::sleep(Duration::from_secs(3600)).await,
             }
         }
     }

@@ -36,6 +36,17 @@ impl Pool {
         Ok(Session::new(self.pool.get().await?, self.statements))
     }
 
+    /// A connection from the pool if one is free now (or may be opened), without
+    /// waiting for one to be returned: for work that can do without it.
+    pub async fn try_get(&self) -> Option<Session<deadpool_postgres::Object>> {
+        let now = deadpool_postgres::Timeouts {
+            wait: Some(Duration::ZERO),
+            ..self.pool.timeouts()
+        };
+        let conn = self.pool.timeout_get(&now).await.ok()?;
+        Some(Session::new(conn, self.statements))
+    }
+
     /// Closes the pool: every later `get` fails, idle connections close now and
     /// the others when returned.
     pub fn close(&self) {

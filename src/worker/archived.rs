@@ -106,14 +106,80 @@ impl Worker {
                     pending.len()
                 )));
             };
+            if let Some(events) = self.apply_in_two_lanes(store, &pending, applied).await? {
+                applied_events += events;
+                continue;
+            }
             let group = self.group(&pending);
-            let events = self.apply_segments(store, group, applied).await?;
+            let mut conn = self.pool.get().await?;
+            let events = self
+                .apply_segments(&mut conn, store, group, applied, Turn::Now)
+                .await?
+                .unwrap_or(0);
             applied_events += events;
             // The replay's progress (and the task's heartbeat): the archive read up
             // to this group's last id, its events applied for good.
             if let (Some(report), Some(last)) = (&self.on_segment, group.last()) {
                 report(last.last_id, events);
             }
+        }
+    }
+
+    /// For a set fold with several segments to apply, and a second connection
+    /// free: applies them all, one transaction each as always, on two
+    /// connections taking turns, so that one stages segment k + 1 while the
+    /// other folds segment k. Staging is most of a set fold's replay from the
+    /// archive (the server parses each payload into `jsonb`, about as long as
+    /// the fold takes), and one connection leaves a core idle meanwhile. The
+    /// transactions still commit in segment order: each waits, once staged, for
+    /// the one before it. How many events they applied, or `None` (nothing
+    /// done) where one connection must do.
+    async fn apply_in_two_lanes(
+        &self,
+        store: &Store,
+        pending: &[Segment],
+        applied: i64,
+    ) -> Result<Option<u64>, ArchiveError> {
+        if !matches!(self.projector.fold(), Fold::Set(_)) || pending.len() < 2 {
+            return Ok(None);
+        }
+        // Both connections are held for the whole run: a lane that waited for
+        // one while holding a staged transaction could wait for ever on a pool
+        // that other projectors' lanes have emptied.
+        let Some(second) = self.pool.try_get().await else {
+            return Ok(None);
+        };
+        let first = self.pool.get().await?;
+        let (committed, turns) = tokio::sync::watch::channel(applied);
+        let events = std::sync::atomic::AtomicU64::new(0);
+        let lane = |mut conn: Conn, start: usize| {
+            let (committed, mut turns, events) = (&committed, turns.clone(), &events);
+            async move {
+                for i in (start..pending.len()).step_by(2) {
+                    let before = i.checked_sub(1).map_or(applied, |b| pending[b].segment);
+                    let seg = &pending[i..=i];
+                    let turn = Turn::After(&mut turns);
+                    let Some(n) = self
+                        .apply_segments(&mut conn, store, seg, before, turn)
+                        .await?
+                    else {
+                        // Another instance applied it: the loop above looks again.
+                        return Err(LaneStop::Moved);
+                    };
+                    events.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    // Reported before the other lane may commit the next one, so
+                    // that progress only moves forward.
+                    if let Some(report) = &self.on_segment {
+                        report(seg[0].last_id, n);
+                    }
+                    committed.send_replace(seg[0].segment);
+                }
+                Ok(())
+            }
+        };
+        match tokio::try_join!(lane(first, 0), lane(second, 1)) {
+            Ok(_) | Err(LaneStop::Moved) => Ok(Some(events.into_inner())),
+            Err(LaneStop::Failed(e)) => Err(e),
         }
     }
 
@@ -141,15 +207,20 @@ impl Worker {
     }
 
     /// Applies `segments` (consecutive, the first the one after `applied`) in one
-    /// transaction that records them as consumed; how many events that was.
+    /// transaction on `conn` that records them as consumed; how many events that
+    /// was, or `None` if another instance applied them meanwhile. A set fold's
+    /// segments are staged before the transaction takes its `turn` and the
+    /// projector's lock.
     async fn apply_segments(
-        &mut self,
+        &self,
+        conn: &mut Conn,
         store: &Store,
         segments: &[Segment],
         applied: i64,
-    ) -> Result<u64, ArchiveError> {
+        turn: Turn<'_>,
+    ) -> Result<Option<u64>, ArchiveError> {
         let (Some(first), Some(last)) = (segments.first(), segments.last()) else {
-            return Ok(0);
+            return Ok(Some(0));
         };
         let label = match segments.len() {
             1 => first.label(store),
@@ -161,18 +232,8 @@ impl Worker {
                 store.describe(&last.object_key)
             ),
         };
-        let mut conn = self.pool.get().await?;
-        room_for_a_segment(&conn).await?;
+        room_for_a_segment(&*conn).await?;
         let tx = conn.transaction().await?;
-        // Waits for another instance's batch of this projector to end.
-        checkpoint::lock(&tx, &self.key).await?;
-        if archive_applied(&tx, &self.key).await? != applied {
-            // Another instance applied it meanwhile.
-            return Ok(0);
-        }
-        // Where the checkpoint stands while the archive is read: what `status`
-        // takes this segment's progress to start from.
-        let from = checkpoint::load(&tx, &self.key).await?.position;
         self.target.enter(&tx).await?;
         let filter = self.projector.filter();
         let projector = self.projector.clone();
@@ -208,7 +269,51 @@ impl Worker {
         ))
         .await?;
         let binary = staged_as_the_article(&tx).await?;
+        if let Fold::Set(_) | Fold::StreamSet(_) = projector.fold() {
+            // In turns, the segment's own commit shows it: a part staged ahead of
+            // the segment before it would move the progress back.
+            let parts = matches!(turn, Turn::Now);
+            self.stage_segments(&tx, store, segments, &keep, binary, parts)
+                .await?;
+        }
+        if let Turn::After(turns) = turn {
+            let before = |c: &i64| *c >= applied;
+            if turns.wait_for(before).await.is_err() {
+                return Ok(None);
+            }
+        }
+        // Waits for another instance's batch of this projector to end.
+        checkpoint::lock(&tx, &self.key).await?;
+        if archive_applied(&tx, &self.key).await? != applied {
+            // Another instance applied it meanwhile.
+            return Ok(None);
+        }
+        // Where the checkpoint stands while the archive is read: what `status`
+        // takes this segment's progress to start from.
+        let from = checkpoint::load(&tx, &self.key).await?.position;
         match projector.fold() {
+            Fold::Set(fold) | Fold::StreamSet(fold) => {
+                // A stream set groups by stream: statistics, from a small
+                // sample, since without them the planner guessed two hundred
+                // streams where a group of segments holds hundreds of thousands,
+                // and planned the fold's grouping for so few. A set fold groups
+                // by what it computes from payloads, which no column's
+                // statistics describe: with them, `daily_revenue`'s planner took
+                // each of a segment's events for a day of its own (`occurred_at`
+                // is nearly unique) and sorted 190,000 rows on disk where a hash
+                // table of 7,000 groups fitted in memory, a quarter slower.
+                if let Fold::StreamSet(_) = projector.fold() {
+                    tx.batch_execute(&format!(
+                        "SET LOCAL default_statistics_target = 10;
+                         ANALYZE {} (id, stream_id, stream_type, event_type, sequence, occurred_at);
+                         RESET default_statistics_target",
+                        feed::STAGED_TABLE
+                    ))
+                    .await?;
+                }
+                let range = EventRange::staged(&filter);
+                events = apply_set(&tx, fold, &range).await.map_err(failed)?;
+            }
             Fold::Events(fold) => {
                 // A fold of decoded events may read an event back by id (a SQL
                 // projection's `event`): by key, not by a scan per event.
@@ -254,66 +359,9 @@ impl Worker {
                     }
                 }
             }
-            Fold::Set(fold) | Fold::StreamSet(fold) => {
-                let mut staged = 0u64;
-                for seg in segments {
-                    let reader = fetch(store, seg, &seg.label(store)).await?;
-                    staged += match binary {
-                        // Decoded on a thread of its own while the server takes in
-                        // what came before: the two overlap.
-                        true => {
-                            let keep = keep.clone();
-                            stage_copy(&tx, move |send| {
-                                let mut rows = 0;
-                                for group in 0..reader.row_groups() {
-                                    reader.each_batch(group, &keep, |batch| {
-                                        rows += batch.num_rows() as u64;
-                                        encode(&batch, send)
-                                    })?;
-                                }
-                                Ok(rows)
-                            })
-                            .await?
-                        }
-                        false => {
-                            let mut rows = 0;
-                            for group in 0..reader.row_groups() {
-                                if let Some(batch) = reader.batch(group, &keep)? {
-                                    rows += batch.num_rows() as u64;
-                                    stage(&tx, &segment::from_batch(&batch)?).await?;
-                                }
-                            }
-                            rows
-                        }
-                    };
-                    // Staging many segments takes a while: each shows as a part.
-                    if let Some(report) = &self.on_part {
-                        report(seg.last_id, staged);
-                    }
-                }
-                // A stream set groups by stream: statistics, from a small
-                // sample, since without them the planner guessed two hundred
-                // streams where a group of segments holds hundreds of thousands,
-                // and planned the fold's grouping for so few. A set fold groups
-                // by what it computes from payloads, which no column's
-                // statistics describe: with them, `daily_revenue`'s planner took
-                // each of a segment's events for a day of its own (`occurred_at`
-                // is nearly unique) and sorted 190,000 rows on disk where a hash
-                // table of 7,000 groups fitted in memory, a quarter slower.
-                if let Fold::StreamSet(_) = projector.fold() {
-                    tx.batch_execute(&format!(
-                        "SET LOCAL default_statistics_target = 10;
-                         ANALYZE {} (id, stream_id, stream_type, event_type, sequence, occurred_at);
-                         RESET default_statistics_target",
-                        feed::STAGED_TABLE
-                    ))
-                    .await?;
-                }
-                let range = EventRange::staged(&filter);
-                events = apply_set(&tx, fold, &range).await.map_err(failed)?;
-            }
         }
-        archive::test_pause("replay-apply");
+        archive::test_pause_async("replay-apply").await;
+        archive::test_pause_async(&format!("replay-apply-{}", last.segment)).await;
         if !advance_archive(&tx, &self.key, applied, last.segment, events as i64).await? {
             return Err(ArchiveError::Fatal(anyhow::anyhow!(
                 "projector {}: its archive position moved during {label}",
@@ -330,15 +378,93 @@ impl Worker {
             events,
             "applied archived segments"
         );
-        Ok(events)
+        Ok(Some(events))
+    }
+}
+
+impl Worker {
+    /// Stages the filtered events of `segments`, one after another, in the
+    /// transaction's staging table; with `parts`, each staged segment is
+    /// reported as a part.
+    async fn stage_segments(
+        &self,
+        tx: &super::Transaction<'_>,
+        store: &Store,
+        segments: &[Segment],
+        keep: &segment::Keep,
+        binary: bool,
+        parts: bool,
+    ) -> Result<(), ArchiveError> {
+        let mut staged = 0u64;
+        for seg in segments {
+            let reader = fetch(store, seg, &seg.label(store)).await?;
+            staged += match binary {
+                // Decoded on a thread of its own while the server takes in what
+                // came before: the two overlap.
+                true => {
+                    let keep = keep.clone();
+                    stage_copy(tx, move |send| {
+                        let mut rows = 0;
+                        for group in 0..reader.row_groups() {
+                            reader.each_batch(group, &keep, |batch| {
+                                rows += batch.num_rows() as u64;
+                                encode(&batch, send)
+                            })?;
+                        }
+                        Ok(rows)
+                    })
+                    .await?
+                }
+                false => {
+                    let mut rows = 0;
+                    for group in 0..reader.row_groups() {
+                        if let Some(batch) = reader.batch(group, keep)? {
+                            rows += batch.num_rows() as u64;
+                            stage(tx, &segment::from_batch(&batch)?).await?;
+                        }
+                    }
+                    rows
+                }
+            };
+            // Staging many segments takes a while: each shows as a part.
+            if let (true, Some(report)) = (parts, &self.on_part) {
+                report(seg.last_id, staged);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A pooled connection that applies segments.
+type Conn = db::Session<deadpool_postgres::Object>;
+
+/// When a transaction that applies segments may take the projector's lock.
+enum Turn<'a> {
+    /// At once.
+    Now,
+    /// Once the segment it follows is committed, as the other lane says here
+    /// (see `Worker::apply_in_two_lanes`).
+    After(&'a mut tokio::sync::watch::Receiver<i64>),
+}
+
+/// Why a lane stopped before its last segment.
+enum LaneStop {
+    /// Another instance applied a segment first.
+    Moved,
+    Failed(ArchiveError),
+}
+
+impl From<ArchiveError> for LaneStop {
+    fn from(e: ArchiveError) -> LaneStop {
+        LaneStop::Failed(e)
     }
 }
 
 /// Fetches `seg`, checked by its footer, and opens it; `label` names it in the
 /// error if it is corrupt.
 async fn fetch(store: &Store, seg: &Segment, label: &str) -> Result<segment::Reader, ArchiveError> {
-    archive::test_pause("replay-fetch");
-    archive::test_pause(&format!("replay-fetch-{}", seg.segment));
+    archive::test_pause_async("replay-fetch").await;
+    archive::test_pause_async(&format!("replay-fetch-{}", seg.segment)).await;
     let bytes = archive::fetch_verified(store, seg, Check::Footer).await?;
     segment::Reader::new(bytes)
         .map_err(|e| anyhow::anyhow!("{label} is corrupt: {}", one_line(&e.to_string())).into())

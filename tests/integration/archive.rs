@@ -16,7 +16,8 @@
 //! projector reading the archive,
 //! `replay-fetch` (before it fetches a segment; `replay-fetch-N`, before it
 //! fetches segment N) and `replay-apply` (inside the
-//! segment's transaction, its events applied, not committed). With
+//! segment's transaction, its events applied, not committed; `replay-apply-N`,
+//! in segment N's). With
 //! `PGFOLD_TEST_ARCHIVE_RESUME=<file>` as well, it
 //! waits only until that file exists, and then goes on (and no longer pauses),
 //! so that a test can act while the step is held. With
@@ -1317,7 +1318,7 @@ async fn status_shows_a_replay_moving_through_the_archive_before_its_checkpoint_
         2
     );
 
-    // Held after the first segment, before the second.
+    // Held after the first segment, before the second commits.
     let args = [
         "run",
         "--once",
@@ -1326,7 +1327,7 @@ async fn status_shows_a_replay_moving_through_the_archive_before_its_checkpoint_
         "--projector",
         "daily_revenue",
     ];
-    let (mut replay, resume) = held(&s, &args, "replay-fetch-2", &[]).await;
+    let (mut replay, resume) = held(&s, &args, "replay-apply-2", &[]).await;
     let status: Value =
         serde_json::from_slice(&s.pgfold(&["status", "--json"], &[]).stdout).unwrap();
     let p = status["projectors"]
@@ -1483,6 +1484,67 @@ async fn a_stream_set_replay_applies_consecutive_segments_in_one_transaction() {
         )
         .await,
         2
+    );
+}
+
+/// A set fold's replay of several segments stages the next segment on a second
+/// connection while it folds one (src/worker/archived.rs, `apply_in_two_lanes`),
+/// and still commits them in order: held with segment 1 applied and not
+/// committed, it has reached segment 2's fetch; resumed, the projection equals
+/// the one before, and the segments were consumed one after another.
+#[tokio::test]
+async fn a_set_fold_replay_stages_the_next_segment_while_it_folds_one() {
+    let s = setup(None).await;
+    s.pgfold_ok(
+        &["archive"],
+        &[("PGFOLD_TEST_ARCHIVE_SEGMENT_EVENTS", "300")],
+    );
+    let segments = count(&s.client, "SELECT count(*) FROM pgfold.archive_segments").await;
+    assert!(segments >= 3, "{segments} segments");
+    let args = [
+        "run",
+        "--once",
+        "--replay",
+        "daily_revenue",
+        "--projector",
+        "daily_revenue",
+    ];
+    s.pgfold_ok(&args, &[]);
+    let before = projections(&s.client).await;
+
+    let resume_file = s.dir.join("resume-lanes");
+    let config = s.config().to_string();
+    let mut all = vec!["--config", config.as_str()];
+    all.extend_from_slice(&args);
+    let env = [
+        ("PGFOLD_TEST_ARCHIVE_PAUSE", "replay-apply-1,replay-fetch-2"),
+        ("PGFOLD_TEST_ARCHIVE_RESUME", resume_file.to_str().unwrap()),
+    ];
+    let mut replay = Daemon::spawn(&s.bin, &all, &env);
+    // One connection would fetch segment 2 only once segment 1 is committed.
+    still_running_after(&mut replay, "test pause at replay-apply-1").await;
+    still_running_after(&mut replay, "test pause at replay-fetch-2").await;
+    assert_eq!(
+        count(
+            &s.client,
+            "SELECT archive_applied FROM pgfold.projectors WHERE name = 'daily_revenue'"
+        )
+        .await,
+        0,
+        "nothing committed while segment 1 is held"
+    );
+    resume(replay, &resume_file);
+    assert!(
+        projections(&s.client).await == before,
+        "replayed in two lanes"
+    );
+    assert_eq!(
+        count(
+            &s.client,
+            "SELECT archive_applied FROM pgfold.projectors WHERE name = 'daily_revenue'"
+        )
+        .await,
+        segments
     );
 }
 

@@ -125,6 +125,13 @@ async fn pass(
     let mut outcome = Outcome::default();
     let mut steps = Steps::default();
     check_policies(&**client, &settings.policy).await?;
+    let mut recorder = Recorder::new(recorder);
+    if !dry_run {
+        // The choice takes a second or more on a large log: by its end, whether
+        // the application is writing is known, and the first segments are
+        // recorded accordingly (see `read_and_record`).
+        recorder.start().await?;
+    }
     let Some((_, oldest)) = oldest_checkpoint(&**client).await? else {
         outcome.policies = vec![Moved::default(); settings.policy.len()];
         outcome.held_back_by = Some("no projector has run yet".into());
@@ -203,16 +210,8 @@ async fn pass(
         if let Some(progress) = progress {
             progress.begin_as(PROGRESS_LABEL, first - 1, last, Words::ARCHIVE);
         }
-        let mut recorder = Recorder::new(recorder);
-        read_and_record(
-            client,
-            store,
-            &mut recorder,
-            progress,
-            &mut outcome,
-            &mut steps,
-        )
-        .await?;
+        let recorder =
+            read_and_record(client, store, recorder, progress, &mut outcome, &mut steps).await?;
         outcome.rested = recorder.rested();
     }
     client
@@ -239,11 +238,36 @@ async fn pass(
 ///
 /// Each segment is written, verified and recorded by `recorder` while the rows
 /// after it wait in the connection (the server sends no more than its socket
-/// takes meanwhile).
+/// takes meanwhile). While the application is known to be quiet, a segment is
+/// recorded while the next is read instead: see [`Recording`].
 async fn read_and_record(
     client: &Client,
     store: &Store,
-    recorder: &mut Recorder<'_>,
+    recorder: Recorder,
+    progress: Option<&Progress>,
+    outcome: &mut Outcome,
+    steps: &mut Steps,
+) -> anyhow::Result<Recorder> {
+    let mut recording = Recording {
+        idle: Some(recorder),
+        busy: None,
+        overlapped: false,
+    };
+    let read = read_segments(client, store, &mut recording, progress, outcome, steps).await;
+    // A segment recorded while the read failed is counted all the same, and
+    // the pass ends with no transaction of its own open.
+    let idle = recording.idle(store, progress, outcome, steps).await;
+    read?;
+    idle?;
+    recording
+        .idle
+        .context("recording a segment: its recorder was lost")
+}
+
+async fn read_segments(
+    client: &Client,
+    store: &Store,
+    recording: &mut Recording,
     progress: Option<&Progress>,
     outcome: &mut Outcome,
     steps: &mut Steps,
@@ -274,29 +298,78 @@ async fn read_and_record(
             let written = full.finish()?;
             steps.write += t.elapsed();
             n += 1;
-            ship(store, recorder, written, n, progress, outcome, steps).await?;
+            ship(store, recording, written, n, progress, outcome, steps).await?;
             t = Instant::now();
             // Shipping rested on its own, step by step.
             step = Instant::now();
         }
         building.push(event, &row)?;
         if building.events % STEP_ROWS as i64 == 0 {
-            recorder.rest_after(step).await?;
+            if let Some(recorder) = &mut recording.idle {
+                recorder.rest_after(step).await?;
+            }
             step = Instant::now();
         }
     }
     if building.events > 0 {
         let written = building.finish()?;
         steps.write += t.elapsed();
-        ship(store, recorder, written, n + 1, progress, outcome, steps).await?;
+        ship(store, recording, written, n + 1, progress, outcome, steps).await?;
     }
     Ok(())
 }
 
-/// Uploads segment `n`, reads it back, and records it.
+/// The recorder, idle or recording a segment in a task of its own.
+///
+/// Recording a segment (its streams, its deletes) takes twice as long as
+/// reading and writing it, on other cores: while the application is quiet, a
+/// segment is recorded while the next is read (a lone pass: 5.6 s serial, see
+/// the benchmark's archive phase). While it writes, never: two server
+/// processes and the encoding at once took every core, and recording
+/// transactions back to back doubled the WAL a pass writes per second; the
+/// application's commits queued behind both (a writer's p99 during a pass
+/// went from 1.8x to 2.9x its p99 without one). Segments are recorded one
+/// after another either way, in id order: a crash finds at most one recording
+/// transaction open.
+struct Recording {
+    /// The recorder, while it records nothing…
+    idle: Option<Recorder>,
+    /// …or the task that has it, recording a segment.
+    busy: Option<tokio::task::JoinHandle<(Recorder, anyhow::Result<Recorded>)>>,
+    /// Whether a segment has been recorded while the next was read yet: said
+    /// once a pass.
+    overlapped: bool,
+}
+
+impl Recording {
+    /// Waits for the segment being recorded, if one is, counts it, and hands
+    /// back the recorder.
+    async fn idle(
+        &mut self,
+        store: &Store,
+        progress: Option<&Progress>,
+        outcome: &mut Outcome,
+        steps: &mut Steps,
+    ) -> anyhow::Result<&mut Recorder> {
+        if let Some(task) = self.busy.take() {
+            let (recorder, recorded) = task
+                .await
+                .map_err(|e| anyhow::anyhow!("recording a segment: {e}"))?;
+            self.idle = Some(recorder);
+            done(recorded?, store, progress, outcome, steps);
+        }
+        self.idle
+            .as_mut()
+            .context("recording a segment: its recorder was lost")
+    }
+}
+
+/// Uploads segment `n`, reads it back, and records it: at once while the
+/// application writes, in the background while it is quiet (see
+/// [`Recording`]), in either case after the segment before it.
 async fn ship(
     store: &Store,
-    recorder: &mut Recorder<'_>,
+    recording: &mut Recording,
     written: Written,
     n: usize,
     progress: Option<&Progress>,
@@ -320,13 +393,24 @@ async fn ship(
     }
     steps.verify += t.elapsed();
     test_pause_at("verified", n).await;
-    // Recorded before the next segment is read, not while it is: recording
-    // transactions back to back doubled the WAL a pass writes per second, and
-    // the application's commits queued behind it (a writer's p99 during a pass
-    // went from 1.8x to 2.9x its p99 without one, for a pass 10 % faster).
-    // Reading the next segment is the pause that lets them through.
-    let recorded = recorder.record(key, written, n).await?;
-    done(recorded, store, progress, outcome, steps);
+    let recorder = recording.idle(store, progress, outcome, steps).await?;
+    if !recorder.quiet() {
+        let recorded = recorder.record(key, written, n).await?;
+        done(recorded, store, progress, outcome, steps);
+        return Ok(());
+    }
+    if !recording.overlapped {
+        recording.overlapped = true;
+        tracing::info!(
+            "archive: the application is quiet; each segment is recorded while the next is read"
+        );
+    }
+    if let Some(mut recorder) = recording.idle.take() {
+        recording.busy = Some(tokio::spawn(async move {
+            let recorded = recorder.record(key, written, n).await;
+            (recorder, recorded)
+        }));
+    }
     Ok(())
 }
 
@@ -366,8 +450,8 @@ fn done(
 /// table), only the segment's ids, streams and positions, gathered as its rows
 /// went by. See [`ship`] for why a segment is not recorded while the next is
 /// read.
-struct Recorder<'a> {
-    config: &'a PgConfig,
+struct Recorder {
+    config: PgConfig,
     /// Connected at the first segment, and kept for the others.
     client: Option<Client>,
     /// Whether the application is writing, read on the recorder's connection:
@@ -385,10 +469,10 @@ struct Recorded {
     times: RecordTimes,
 }
 
-impl<'a> Recorder<'a> {
-    fn new(config: &'a PgConfig) -> Recorder<'a> {
+impl Recorder {
+    fn new(config: &PgConfig) -> Recorder {
         Recorder {
-            config,
+            config: config.clone(),
             client: None,
             yielding: Yield::default(),
         }
@@ -409,11 +493,22 @@ impl<'a> Recorder<'a> {
         Ok(client.as_mut().expect("connected above"))
     }
 
+    /// Connects, and starts watching whether the application writes.
+    async fn start(&mut self) -> anyhow::Result<()> {
+        let client = Recorder::client(&mut self.client, &self.config).await?;
+        Ok(self.yielding.start(&*client).await?)
+    }
+
     /// After a step of reading that began at `began`: rests while the
     /// application is writing (see [`Yield`]).
     async fn rest_after(&mut self, began: Instant) -> anyhow::Result<()> {
-        let client = Recorder::client(&mut self.client, self.config).await?;
+        let client = Recorder::client(&mut self.client, &self.config).await?;
         Ok(self.yielding.after(&*client, began).await?)
+    }
+
+    /// Whether the application is known to be quiet (see [`Yield::quiet`]).
+    fn quiet(&self) -> bool {
+        self.yielding.quiet()
     }
 
     fn rested(&self) -> Duration {
@@ -427,7 +522,7 @@ impl<'a> Recorder<'a> {
         written: Written,
         n: usize,
     ) -> anyhow::Result<Recorded> {
-        let client = Recorder::client(&mut self.client, self.config).await?;
+        let client = Recorder::client(&mut self.client, &self.config).await?;
         let t = Instant::now();
         let mut times = RecordTimes::default();
         record(client, &key, &written, n, &mut times, &mut self.yielding).await?;

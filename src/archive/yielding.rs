@@ -43,6 +43,9 @@ pub struct Yield {
     /// The oldest sample of the current rate window: when, and the count then.
     window: Option<(Instant, i64)>,
     last_sample: Option<Instant>,
+    /// Whether a rate has been measured yet: until then the application's
+    /// writing is unknown.
+    measured: bool,
     busy: bool,
     /// How long the pass rested, in all.
     rested: Duration,
@@ -66,6 +69,19 @@ impl Yield {
             self.rested += rest;
         }
         Ok(())
+    }
+
+    /// Whether the application is known to be quiet: a rate was measured, and
+    /// it was low.
+    pub fn quiet(&self) -> bool {
+        self.measured && !self.busy
+    }
+
+    /// Reads the commit count now, whenever it was last read: the start of
+    /// the first rate window.
+    pub async fn start<C: Db>(&mut self, db: &C) -> Result<(), tokio_postgres::Error> {
+        self.last_sample = None;
+        self.sample(db).await
     }
 
     /// How long the pass rested for the application, in all.
@@ -107,6 +123,7 @@ impl Yield {
                     }
                 }
                 self.busy = busy;
+                self.measured = true;
                 self.window = Some((now, commits));
             }
             Some(_) => {}

@@ -11,9 +11,9 @@
 //! not yet read back), `verified` (read back, nothing recorded), `deleted` (inside
 //! the recording transaction, rows deleted and streams recorded, not committed),
 //! `recorded` (committed); each also as `<step>-N`, at segment N of the pass
-//! only, and several steps separated by commas (a pass records segment N while
-//! it writes segment N+1: `deleted-1,verified-2` holds both); and in a
-//! projector reading the archive,
+//! only, and several steps separated by commas (a pass of a quiet database
+//! records segment N while it writes segment N+1: `deleted-1,verified-2` holds
+//! both); and in a projector reading the archive,
 //! `replay-fetch` (before it fetches a segment; `replay-fetch-N`, before it
 //! fetches segment N) and `replay-apply` (inside the
 //! segment's transaction, its events applied, not committed; `replay-apply-N`,
@@ -1667,8 +1667,11 @@ async fn pass_held_while(application_writes: bool) -> String {
 #[tokio::test]
 async fn a_pass_rests_while_the_application_writes_and_runs_flat_out_otherwise() {
     let writing = "the application is writing";
+    let overlapping = "each segment is recorded while the next is read";
     let log = pass_held_while(true).await;
     assert!(log.contains(writing), "{log}");
+    assert!(!log.contains(overlapping), "{log}");
     let log = pass_held_while(false).await;
     assert!(!log.contains(writing), "{log}");
+    assert!(log.contains(overlapping), "{log}");
 }

@@ -32,10 +32,6 @@ use crate::ops::progress::{Progress, Words};
 const SEGMENT_EVENTS: i64 = 100_000;
 /// …or once its events' JSON text reaches this: what a pass holds in memory.
 const SEGMENT_BYTES: i64 = 16 << 20;
-/// Rows deleted, and streams recorded, per statement in the recording
-/// transaction; events read between two looks at whether the application is
-/// writing (see `yielding`).
-const STEP_ROWS: usize = 5_000;
 /// How long a recording transaction waits for any lock before giving up (and
 /// trying again): the application's writers never queue behind it for longer.
 const LOCK_TIMEOUT: &str = "200ms";
@@ -289,6 +285,7 @@ async fn read_segments(
     let mut building = Building::new(outcome.policies.len())?;
     let mut n = 0;
     let mut step = Instant::now();
+    let mut in_step = 0;
     while let Some(row) = rows.try_next().await? {
         let event = ArchivedEvent::from_row(&row);
         let size = event.bytes() as i64;
@@ -304,11 +301,15 @@ async fn read_segments(
             step = Instant::now();
         }
         building.push(event, &row)?;
-        if building.events % STEP_ROWS as i64 == 0 {
-            if let Some(recorder) = &mut recording.idle {
+        in_step += 1;
+        // With a segment being recorded meanwhile, the application is quiet:
+        // nothing to rest for.
+        if let Some(recorder) = &mut recording.idle {
+            if in_step >= recorder.yielding.step_rows() {
                 recorder.rest_after(step).await?;
+                step = Instant::now();
+                in_step = 0;
             }
-            step = Instant::now();
         }
     }
     if building.events > 0 {
@@ -1052,7 +1053,10 @@ async fn record_once(
     // only while the table holds none of its events, so the flag errs safely,
     // exactly as for an append racing this transaction.
     let t = Instant::now();
-    for streams in written.streams.chunks(STEP_ROWS) {
+    let mut left = &written.streams[..];
+    while !left.is_empty() {
+        let (streams, after) = left.split_at(yielding.step_rows().min(left.len()));
+        left = after;
         let step = Instant::now();
         let stream_ids: Vec<&str> = streams.iter().map(|s| s.0.as_str()).collect();
         let sequences: Vec<i64> = streams.iter().map(|s| s.1).collect();
@@ -1073,7 +1077,10 @@ async fn record_once(
     times.streams += t.elapsed();
     let t = Instant::now();
     let mut deleted = 0u64;
-    for ids in written.ids.chunks(STEP_ROWS) {
+    let mut left = &written.ids[..];
+    while !left.is_empty() {
+        let (ids, after) = left.split_at(yielding.step_rows().min(left.len()));
+        left = after;
         let step = Instant::now();
         deleted += tx
             .execute("DELETE FROM events WHERE id = ANY($1)", &[&ids])

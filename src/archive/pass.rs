@@ -165,15 +165,28 @@ async fn pass(
         // reads none, counts them here.
         let row = client
             .query_one(
-                if dry_run {
-                    "SELECT count(DISTINCT c.stream_id), count(*),
-                            coalesce(sum(octet_length(e.payload::text)::bigint
-                                         + octet_length(e.metadata::text)), 0)::bigint
-                       FROM pg_temp.pgfold_archive_chosen c JOIN events e ON e.id = c.id
-                      WHERE c.policy = $1"
-                } else {
-                    "SELECT count(DISTINCT stream_id), count(*), 0::bigint
-                       FROM pg_temp.pgfold_archive_chosen WHERE policy = $1"
+                match (dry_run, policy.whole_streams) {
+                    (true, _) => {
+                        "SELECT count(DISTINCT c.stream_id), count(*),
+                                coalesce(sum(octet_length(e.payload::text)::bigint
+                                             + octet_length(e.metadata::text)), 0)::bigint
+                           FROM pg_temp.pgfold_archive_chosen c JOIN events e ON e.id = c.id
+                          WHERE c.policy = $1"
+                    }
+                    // A stream that leaves whole has one newest event: counting
+                    // those takes 30 ms where `count(DISTINCT stream_id)` sorted
+                    // half a million ids for 350 ms, 7 % of a pass.
+                    (false, true) => {
+                        "SELECT count(*) FILTER (WHERE stream_last), count(*), 0::bigint
+                           FROM pg_temp.pgfold_archive_chosen WHERE policy = $1"
+                    }
+                    // A hash of the streams, not a sort of their ids: half the time.
+                    (false, false) => {
+                        "SELECT (SELECT count(*) FROM (SELECT DISTINCT stream_id
+                                   FROM pg_temp.pgfold_archive_chosen WHERE policy = $1) s),
+                                count(*), 0::bigint
+                           FROM pg_temp.pgfold_archive_chosen WHERE policy = $1"
+                    }
                 },
                 &[&n],
             )

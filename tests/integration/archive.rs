@@ -840,7 +840,9 @@ async fn held(s: &Setup, args: &[&str], step: &str, env: &[(&str, &str)]) -> (Da
     env.push(("PGFOLD_TEST_ARCHIVE_PAUSE", step));
     env.push(("PGFOLD_TEST_ARCHIVE_RESUME", resume.to_str().unwrap()));
     let mut held = Daemon::spawn(&s.bin, &all, &env);
-    still_running_after(&mut held, &format!("test pause at {step}")).await;
+    for step in step.split(',') {
+        still_running_after(&mut held, &format!("test pause at {step}")).await;
+    }
     (held, resume)
 }
 
@@ -1207,6 +1209,28 @@ async fn age_the_orders_left(client: &Client) {
 /// The payments in the table: what daily_revenue consumes.
 const PAID: &str = "SELECT count(*) FROM events WHERE event_type = 'OrderPaid'";
 
+/// A replay of daily_revenue alone.
+const REPLAY_DAILY_REVENUE: [&str; 6] = [
+    "run",
+    "--once",
+    "--replay",
+    "daily_revenue",
+    "--projector",
+    "daily_revenue",
+];
+
+/// How many archived segments `projector` has consumed.
+async fn archive_applied(client: &Client, projector: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT archive_applied FROM pgfold.projectors WHERE name = $1",
+            &[&projector],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// The JSON log lines of `pgfold ARGS` run with JSON logs at info.
 fn json_log(s: &Setup, args: &[&str]) -> Vec<Value> {
     let out = s.pgfold(
@@ -1319,15 +1343,7 @@ async fn status_shows_a_replay_moving_through_the_archive_before_its_checkpoint_
     );
 
     // Held after the first segment, before the second commits.
-    let args = [
-        "run",
-        "--once",
-        "--replay",
-        "daily_revenue",
-        "--projector",
-        "daily_revenue",
-    ];
-    let (mut replay, resume) = held(&s, &args, "replay-apply-2", &[]).await;
+    let (mut replay, resume) = held(&s, &REPLAY_DAILY_REVENUE, "replay-apply-2", &[]).await;
     let status: Value =
         serde_json::from_slice(&s.pgfold(&["status", "--json"], &[]).stdout).unwrap();
     let p = status["projectors"]
@@ -1477,14 +1493,7 @@ async fn a_stream_set_replay_applies_consecutive_segments_in_one_transaction() {
         .await,
         1
     );
-    assert_eq!(
-        count(
-            &s.client,
-            "SELECT archive_applied FROM pgfold.projectors WHERE name = 'order_snapshots'"
-        )
-        .await,
-        2
-    );
+    assert_eq!(archive_applied(&s.client, "order_snapshots").await, 2);
 }
 
 /// A set fold's replay of several segments stages the next segment on a second
@@ -1501,35 +1510,19 @@ async fn a_set_fold_replay_stages_the_next_segment_while_it_folds_one() {
     );
     let segments = count(&s.client, "SELECT count(*) FROM pgfold.archive_segments").await;
     assert!(segments >= 3, "{segments} segments");
-    let args = [
-        "run",
-        "--once",
-        "--replay",
-        "daily_revenue",
-        "--projector",
-        "daily_revenue",
-    ];
-    s.pgfold_ok(&args, &[]);
+    s.pgfold_ok(&REPLAY_DAILY_REVENUE, &[]);
     let before = projections(&s.client).await;
 
-    let resume_file = s.dir.join("resume-lanes");
-    let config = s.config().to_string();
-    let mut all = vec!["--config", config.as_str()];
-    all.extend_from_slice(&args);
-    let env = [
-        ("PGFOLD_TEST_ARCHIVE_PAUSE", "replay-apply-1,replay-fetch-2"),
-        ("PGFOLD_TEST_ARCHIVE_RESUME", resume_file.to_str().unwrap()),
-    ];
-    let mut replay = Daemon::spawn(&s.bin, &all, &env);
     // One connection would fetch segment 2 only once segment 1 is committed.
-    still_running_after(&mut replay, "test pause at replay-apply-1").await;
-    still_running_after(&mut replay, "test pause at replay-fetch-2").await;
+    let (replay, resume_file) = held(
+        &s,
+        &REPLAY_DAILY_REVENUE,
+        "replay-apply-1,replay-fetch-2",
+        &[],
+    )
+    .await;
     assert_eq!(
-        count(
-            &s.client,
-            "SELECT archive_applied FROM pgfold.projectors WHERE name = 'daily_revenue'"
-        )
-        .await,
+        archive_applied(&s.client, "daily_revenue").await,
         0,
         "nothing committed while segment 1 is held"
     );
@@ -1538,18 +1531,11 @@ async fn a_set_fold_replay_stages_the_next_segment_while_it_folds_one() {
         projections(&s.client).await == before,
         "replayed in two lanes"
     );
-    assert_eq!(
-        count(
-            &s.client,
-            "SELECT archive_applied FROM pgfold.projectors WHERE name = 'daily_revenue'"
-        )
-        .await,
-        segments
-    );
+    assert_eq!(archive_applied(&s.client, "daily_revenue").await, segments);
 }
 
-/// A pass of several segments records each, on a connection of its own, before
-/// it reads the next. A SIGKILL with segment 2's recording transaction open
+/// A pass of several segments records each on a connection of its own, one
+/// transaction at a time. A SIGKILL with segment 2's recording transaction open
 /// (segment 1 recorded), or once segment 1 is recorded, loses nothing and counts
 /// nothing twice; the next pass moves the rest, and a rebuild from the archive
 /// equals the projections before.

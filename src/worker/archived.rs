@@ -145,11 +145,12 @@ impl Worker {
         }
         // Both connections are held for the whole run: a lane that waited for
         // one while holding a staged transaction could wait for ever on a pool
-        // that other projectors' lanes have emptied.
+        // that other projectors' lanes have emptied. The second is only taken
+        // if one is free at once, and never waited for while holding the first.
+        let first = self.pool.get().await?;
         let Some(second) = self.pool.try_get().await else {
             return Ok(None);
         };
-        let first = self.pool.get().await?;
         let (committed, turns) = tokio::sync::watch::channel(applied);
         let events = std::sync::atomic::AtomicU64::new(0);
         let lane = |mut conn: Conn, start: usize| {

@@ -80,6 +80,7 @@ impl Worker {
         let store = self.archive.clone();
         let store = store.as_ref();
         let mut applied_events = 0;
+        let mut reading = None;
         loop {
             let client = self.pool.get().await?;
             let applied = archive_applied(&client, &self.key).await?;
@@ -88,6 +89,7 @@ impl Worker {
             if pending.is_empty() {
                 return Ok(applied_events);
             }
+            reading.get_or_insert_with(Reading::start);
             if self.settings.history == History::Hot {
                 let last = pending.last().map_or(applied, |s| s.segment);
                 let client = self.pool.get().await?;
@@ -140,7 +142,8 @@ impl Worker {
         pending: &[Segment],
         applied: i64,
     ) -> Result<Option<u64>, ArchiveError> {
-        if !matches!(self.projector.fold(), Fold::Set(_)) || pending.len() < 2 {
+        if !matches!(self.projector.fold(), Fold::Set(_)) || pending.len() < 2 || !Reading::alone()
+        {
             return Ok(None);
         }
         // Both connections are held for the whole run: a lane that waited for
@@ -153,10 +156,20 @@ impl Worker {
         };
         let (committed, turns) = tokio::sync::watch::channel(applied);
         let events = std::sync::atomic::AtomicU64::new(0);
-        let lane = |mut conn: Conn, start: usize| {
-            let (committed, mut turns, events) = (&committed, turns.clone(), &events);
+        // Each lane takes the next segment when it is free; the second stops
+        // taking any once another projector reads the archive too.
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        let lane = |mut conn: Conn, second: bool| {
+            let (committed, mut turns, events, next) = (&committed, turns.clone(), &events, &next);
             async move {
-                for i in (start..pending.len()).step_by(2) {
+                loop {
+                    if second && !Reading::alone() {
+                        return Ok(());
+                    }
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= pending.len() {
+                        return Ok(());
+                    }
                     let before = i.checked_sub(1).map_or(applied, |b| pending[b].segment);
                     let seg = &pending[i..=i];
                     let turn = Turn::After(&mut turns);
@@ -175,10 +188,9 @@ impl Worker {
                     }
                     committed.send_replace(seg[0].segment);
                 }
-                Ok(())
             }
         };
-        match tokio::try_join!(lane(first, 0), lane(second, 1)) {
+        match tokio::try_join!(lane(first, false), lane(second, true)) {
             Ok(_) | Err(LaneStop::Moved) => Ok(Some(events.into_inner())),
             Err(LaneStop::Failed(e)) => Err(e),
         }
@@ -433,6 +445,35 @@ impl Worker {
             }
         }
         Ok(())
+    }
+}
+
+/// How many projectors of this process are applying archived segments now.
+static READING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// A projector applying archived segments, counted in [`READING`] while it
+/// lives. A replay of several projectors from the archive (`--replay all`, a
+/// first start) keeps every core busy with their own connections: a second
+/// connection for one of them only took cores from the others (`--replay
+/// all` took 1.31-1.32x the replay from the table with it, 1.28x without).
+struct Reading;
+
+impl Reading {
+    fn start() -> Reading {
+        READING.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Reading
+    }
+
+    /// Whether no other projector of this process is applying archived
+    /// segments.
+    fn alone() -> bool {
+        READING.load(std::sync::atomic::Ordering::Relaxed) <= 1
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        READING.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

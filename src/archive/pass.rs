@@ -8,8 +8,9 @@
 //! recorded, verified, and its rows are gone, all at once.
 //!
 //! Segments are recorded on a second connection, one transaction each, in id
-//! order ([`Recorder`]), each before the next is read: a crash finds at most one
-//! segment's transaction open (rolled back), which is the case above.
+//! order ([`Recorder`]; while the application is quiet, each while the next is
+//! read: [`Recording`]): a crash finds at most one segment's transaction open
+//! (rolled back), which is the case above.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -462,11 +463,11 @@ fn done(
 /// connection is in the middle of the streamed read of the chosen events, and
 /// the recording transaction needs nothing of its session (its temporary
 /// table), only the segment's ids, streams and positions, gathered as its rows
-/// went by. See [`ship`] for why a segment is not recorded while the next is
+/// went by. See [`Recording`] for when a segment is recorded while the next is
 /// read.
 struct Recorder {
     config: PgConfig,
-    /// Connected at the first segment, and kept for the others.
+    /// Connected as the pass starts, and kept for all its segments.
     client: Option<Client>,
     /// Whether the application is writing, read on the recorder's connection:
     /// the pass's own is busy with the streamed read.

@@ -1496,6 +1496,84 @@ async fn a_stream_set_replay_applies_consecutive_segments_in_one_transaction() {
     assert_eq!(archive_applied(&s.client, "order_snapshots").await, 2);
 }
 
+/// A pass records a stream that leaves whole over several of its segments at
+/// its first segment, with its upper bound open, and at its last, not in
+/// between (src/archive/pass.rs, `StreamRecord`). Killed with segments 1 to 7
+/// recorded and the rest not (an order's three events lie some 1,400 ids
+/// apart: segments of 300 put them in three segments), every order caught in
+/// the middle still shows its whole history, archive and table; after the next
+/// pass, no bound is left open and the histories are the same.
+#[tokio::test]
+async fn a_pass_killed_between_a_streams_segments_leaves_its_history_whole() {
+    let s = setup(None).await;
+    let small = ("PGFOLD_TEST_ARCHIVE_SEGMENT_EVENTS", "300");
+    let open = "FROM pgfold.archived_streams WHERE segment = 9223372036854775807";
+    pass_killed_at(&s, "recorded-7", &[small]).await;
+    // Orders leave whole: one not yet whole is one the pass was in the middle of.
+    let caught: Vec<String> = s
+        .client
+        .query(
+            "SELECT stream_id FROM pgfold.archived_streams
+              WHERE NOT whole AND stream_id LIKE 'order-%'
+              ORDER BY first_segment, stream_id LIMIT 10",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(!caught.is_empty(), "a stream caught between its segments");
+    let mut histories = Vec::new();
+    for stream in &caught {
+        let shown = shown_events(&s, stream);
+        let sequences: Vec<i64> = shown.iter().map(|e| e.1).collect();
+        assert_eq!(
+            sequences,
+            (1..=shown.len() as i64).collect::<Vec<_>>(),
+            "{stream}: {shown:?}"
+        );
+        let in_table = count_events_of(&s.client, stream).await;
+        assert!(
+            shown.len() as i64 > in_table,
+            "{stream}: some of it archived"
+        );
+        histories.push(shown);
+    }
+    s.pgfold_ok(&["archive"], &[small]);
+    assert_eq!(
+        count(&s.client, &format!("SELECT count(*) {open}")).await,
+        0,
+        "no bound left open"
+    );
+    for (stream, before) in caught.iter().zip(histories) {
+        assert_eq!(shown_events(&s, stream), before, "{stream}");
+    }
+}
+
+/// `archive show STREAM`: each event's id and sequence.
+fn shown_events(s: &Setup, stream: &str) -> Vec<(i64, i64)> {
+    s.pgfold_ok(&["archive", "show", stream], &[])
+        .lines()
+        .map(|l| {
+            let e: Value = serde_json::from_str(l).unwrap();
+            (e["id"].as_i64().unwrap(), e["sequence"].as_i64().unwrap())
+        })
+        .collect()
+}
+
+/// How many of `stream`'s events are in the table.
+async fn count_events_of(client: &Client, stream: &str) -> i64 {
+    client
+        .query_one(
+            "SELECT count(*) FROM events WHERE stream_id = $1",
+            &[&stream],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// A set fold's replay of several segments stages the next segment on a second
 /// connection while it folds one (src/worker/archived.rs, `apply_in_two_lanes`),
 /// and still commits them in order: held with segment 1 applied and not

@@ -180,6 +180,15 @@ async fn a_predecessor_above_the_horizon_is_delivered_ahead_exactly_once_live() 
         || async { scalar_i64(&first, "SELECT count(*) FROM pgfold.delivered_ahead").await == 0 },
     )
     .await;
+    // daily_revenue folds the payment on its own schedule: under a loaded
+    // machine it had not yet when the daemon stopped, and the check below
+    // found its row missing.
+    wait_for(
+        "daily_revenue to fold the payment",
+        Duration::from_secs(10),
+        || async { events_applied(&first, "daily_revenue").await == 1 },
+    )
+    .await;
 
     let outcome = daemon.stop().await;
     assert!(outcome.parked.is_empty(), "{:?}", outcome.parked);

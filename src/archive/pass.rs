@@ -208,8 +208,8 @@ async fn pass(
     // Each policy marked its streams' first and last chosen events (a policy
     // that moves events one by one, all of them: see `StreamRecord`). With
     // several, a stream may have events chosen by two: its first and last are
-    // the pass's, over all of them.
-    if settings.policy.len() > 1 {
+    // the pass's, over all of them. A dry run records nothing.
+    if settings.policy.len() > 1 && !dry_run {
         client
             .batch_execute(
                 "UPDATE pg_temp.pgfold_archive_chosen c

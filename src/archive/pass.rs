@@ -888,7 +888,8 @@ struct Building {
     bytes: i64,
     ids: Vec<i64>,
     streams: HashMap<String, StreamRows>,
-    newest: HashMap<(String, String), Position>,
+    /// Per event type, per stream type: the newest position.
+    newest: HashMap<String, HashMap<String, Position>>,
     policy_bytes: Vec<i64>,
 }
 
@@ -929,25 +930,33 @@ impl Building {
             *b += size;
         }
         self.ids.push(event.id);
-        let stream = self.streams.entry(event.stream_id.clone()).or_insert((
-            event.sequence,
-            whole,
-            false,
-            false,
-            false,
-        ));
-        *stream = (
-            stream.0.max(event.sequence),
-            stream.1 && whole,
-            stream.2 || stream_last,
-            stream.3 || pass_first,
-            stream.4 || pass_last,
-        );
-        let kind = self
-            .newest
-            .entry((event.event_type.clone(), event.stream_type.clone()))
-            .or_insert(position);
-        *kind = (*kind).max(position);
+        // Looked up by the event's own strings, copied only for a stream or a
+        // kind met for the first time in the segment.
+        let rows = (event.sequence, whole, stream_last, pass_first, pass_last);
+        match self.streams.get_mut(event.stream_id.as_str()) {
+            Some(s) => {
+                *s = (
+                    s.0.max(rows.0),
+                    s.1 && whole,
+                    s.2 || stream_last,
+                    s.3 || pass_first,
+                    s.4 || pass_last,
+                )
+            }
+            None => {
+                self.streams.insert(event.stream_id.clone(), rows);
+            }
+        }
+        let kinds = match self.newest.get_mut(event.event_type.as_str()) {
+            Some(kinds) => kinds,
+            None => self.newest.entry(event.event_type.clone()).or_default(),
+        };
+        match kinds.get_mut(event.stream_type.as_str()) {
+            Some(p) => *p = (*p).max(position),
+            None => {
+                kinds.insert(event.stream_type.clone(), position);
+            }
+        }
         self.writer.push(event)?;
         Ok(())
     }
@@ -978,7 +987,11 @@ impl Building {
             newest: self
                 .newest
                 .into_iter()
-                .map(|((event_type, stream_type), position)| (event_type, stream_type, position))
+                .flat_map(|(event_type, kinds)| {
+                    kinds.into_iter().map(move |(stream_type, position)| {
+                        (event_type.clone(), stream_type, position)
+                    })
+                })
                 .collect(),
             policy_bytes: self.policy_bytes,
         })

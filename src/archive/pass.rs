@@ -39,6 +39,10 @@ const SEGMENT_BYTES: i64 = 16 << 20;
 /// alternating rounds: median 5.36 s with a first segment of 62,000 events,
 /// 5.18 s with one of 10,000.
 const FIRST_SEGMENT_EVENTS: i64 = 10_000;
+/// A pass's last segment closes at this many events at most: it is recorded
+/// with nothing left to read meanwhile, so the pass's tail is as short as it
+/// is small.
+const LAST_SEGMENT_EVENTS: i64 = 10_000;
 /// How long a recording transaction waits for any lock before giving up (and
 /// trying again): the application's writers never queue behind it for longer.
 const LOCK_TIMEOUT: &str = "200ms";
@@ -321,6 +325,11 @@ async fn read_segments(
     futures_util::pin_mut!(rows);
     let mut building = Building::new(outcome.policies.len())?;
     let mut n = 0;
+    // The events chosen, and those read so far: the last segment is cut at
+    // most LAST_SEGMENT_EVENTS from the end. Fewer may be read than chosen
+    // (an event deleted meanwhile), hence "at most".
+    let chosen: i64 = outcome.policies.iter().map(|p| p.events).sum();
+    let (mut read, mut tail) = (0i64, false);
     let mut step = Instant::now();
     let mut in_step = 0;
     while let Some(row) = rows.try_next().await? {
@@ -330,7 +339,10 @@ async fn read_segments(
             0 => most.min(FIRST_SEGMENT_EVENTS),
             _ => most,
         };
-        if building.events > 0 && (building.events == most || building.bytes + size > SEGMENT_BYTES)
+        let tail_starts = !tail && chosen - read <= LAST_SEGMENT_EVENTS;
+        tail |= tail_starts;
+        if building.events > 0
+            && (tail_starts || building.events == most || building.bytes + size > SEGMENT_BYTES)
         {
             let full = std::mem::replace(&mut building, Building::new(outcome.policies.len())?);
             let written = full.finish()?;
@@ -342,6 +354,7 @@ async fn read_segments(
             step = Instant::now();
         }
         building.push(event, &row)?;
+        read += 1;
         in_step += 1;
         // With a segment being recorded meanwhile, the application is quiet:
         // nothing to rest for.

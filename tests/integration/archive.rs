@@ -1221,14 +1221,7 @@ const REPLAY_DAILY_REVENUE: [&str; 6] = [
 
 /// How many archived segments `projector` has consumed.
 async fn archive_applied(client: &Client, projector: &str) -> i64 {
-    client
-        .query_one(
-            "SELECT archive_applied FROM pgfold.projectors WHERE name = $1",
-            &[&projector],
-        )
-        .await
-        .unwrap()
-        .get(0)
+    super::helpers::projector_counter(client, projector, "archive_applied").await
 }
 
 /// The JSON log lines of `pgfold ARGS` run with JSON logs at info.
@@ -1313,11 +1306,7 @@ async fn a_replay_counts_the_archived_events_it_applies_in_its_progress_and_stat
         .unwrap_or_else(|| panic!("no summary of the replay in {lines:?}"));
     assert_eq!(done["events_applied"].as_i64(), Some(paid), "{done}");
     assert_eq!(
-        count(
-            &s.client,
-            "SELECT events_applied FROM pgfold.projectors WHERE name = 'daily_revenue'"
-        )
-        .await,
+        super::helpers::projector_counter(&s.client, "daily_revenue", "events_applied").await,
         paid
     );
 }
@@ -1358,11 +1347,7 @@ async fn status_shows_a_replay_moving_through_the_archive_before_its_checkpoint_
     std::fs::write(&resume, "").unwrap();
     assert!(replay.wait().unwrap().success(), "{}", replay.output());
     assert_eq!(
-        count(
-            &s.client,
-            "SELECT events_applied FROM pgfold.projectors WHERE name = 'daily_revenue'"
-        )
-        .await,
+        super::helpers::projector_counter(&s.client, "daily_revenue", "events_applied").await,
         before
     );
 }

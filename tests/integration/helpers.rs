@@ -372,6 +372,19 @@ pub fn with_policy(
     settings
 }
 
+/// One of a projector's counters in `pgfold.projectors` (`events_applied`,
+/// `archive_applied`).
+pub async fn projector_counter(client: &Client, name: &str, column: &'static str) -> i64 {
+    client
+        .query_one(
+            &format!("SELECT {column} FROM pgfold.projectors WHERE name = $1"),
+            &[&name],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// (state, failing_event_id, attempts, last_error) of a projector's row.
 pub async fn projector_row(
     client: &Client,

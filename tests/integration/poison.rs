@@ -285,11 +285,7 @@ async fn daily_revenue_skips(bad: Bad) {
     let total = revenue_total(client).await;
     assert_eq!(total, "152.50", "{bad:?}: 20.00 + 3.5 + 100.00 + 29.00");
     assert_eq!(
-        scalar_i64(
-            client,
-            "SELECT events_applied FROM pgfold.projectors WHERE name = 'daily_revenue'"
-        )
-        .await,
+        projector_counter(client, "daily_revenue", "events_applied").await,
         4,
         "{bad:?}: the four good payments, once each"
     );
@@ -411,11 +407,7 @@ async fn skip_dead_letters_a_payment_before_its_order_exists() {
         0
     );
     assert_eq!(
-        scalar_i64(
-            client,
-            "SELECT events_applied FROM pgfold.projectors WHERE name = 'order_snapshots'"
-        )
-        .await,
+        projector_counter(client, "order_snapshots", "events_applied").await,
         6,
         "the six good events, once each"
     );

@@ -21,14 +21,7 @@ async fn append_in_open(client: &Client, event: &pgfold::store::NewEvent, sequen
 }
 
 async fn events_applied(client: &Client, projector: &str) -> i64 {
-    client
-        .query_one(
-            "SELECT events_applied FROM pgfold.projectors WHERE name = $1",
-            &[&projector],
-        )
-        .await
-        .unwrap()
-        .get(0)
+    projector_counter(client, projector, "events_applied").await
 }
 
 /// A database [`with_scratch`] where two writers take their transaction ids,

@@ -375,12 +375,13 @@ const ARCHIVE_PURGE_DELAY_MS: std::ffi::c_long = 50;
 
 /// With mimalloc as the allocator (pgfold's binary, and the examples): give freed
 /// memory back to the system `after_ms` milliseconds after it is freed (0: at
-/// once; an archive pass waits a little, see `main`). By default mimalloc 3 purges freed pages
-/// after 1 s, arenas after 10 s, and only when the thread that owns them allocates
-/// again; the worker thread that decoded a batch of large events then idles, and
-/// the batch's memory stayed resident (measured: 64 MiB an idle minute after a
-/// replay of 1.9 MB events, against 27 MiB before it; 36 MiB with this). Harmless
-/// when another allocator is the global one: mimalloc then holds nothing.
+/// once; an archive pass waits a little, see `main`). By default mimalloc 3
+/// purges freed pages after 1 s, arenas after 10 s, and only when the thread
+/// that owns them allocates again; the worker thread that decoded a batch of
+/// large events then idles, and the batch's memory stayed resident (measured:
+/// 64 MiB an idle minute after a replay of 1.9 MB events, against 27 MiB before
+/// it; 36 MiB with this). Harmless when another allocator is the global one:
+/// mimalloc then holds nothing.
 fn return_freed_memory(after_ms: std::ffi::c_long) {
     // SAFETY: sets one integer option; called before the runtime, or any
     // other thread that could read it concurrently, is started.

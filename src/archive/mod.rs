@@ -252,7 +252,7 @@ pub async fn show<C: Db>(
     let mut events = Vec::new();
     let span = client
         .query_opt(
-            "SELECT first_segment, segment FROM pgfold.archived_streams WHERE stream_id = $1",
+            "SELECT first_segment, segment, last_id FROM pgfold.archived_streams WHERE stream_id = $1",
             &[&stream_id],
         )
         .await?;
@@ -260,10 +260,17 @@ pub async fn show<C: Db>(
         let store = store.ok_or_else(|| {
             anyhow::anyhow!("stream {stream_id} has archived events, and [archive] url is not set")
         })?;
-        let (first, last): (i64, i64) = (span.get(0), span.get(1));
+        // The segments from the first that holds the stream to the one that
+        // holds its last archived event, or, where that is open, to any whose
+        // ids start at or before its last archived id (migration V17).
+        let (first, last, last_id): (i64, i64, Option<i64>) =
+            (span.get(0), span.get(1), span.get(2));
         for seg in segments(client, first - 1).await? {
             if seg.segment > last {
                 break;
+            }
+            if last_id.is_some_and(|id| seg.first_id > id) {
+                continue;
             }
             let bytes = fetch_verified(store, &seg, Check::Footer).await?;
             segment::read(bytes, |rows| {

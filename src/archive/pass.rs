@@ -157,7 +157,8 @@ async fn pass(
              CREATE TEMPORARY TABLE pgfold_archive_chosen (
                id BIGINT NOT NULL, stream_id TEXT NOT NULL, whole BOOLEAN NOT NULL,
                stream_last BOOLEAN NOT NULL, policy INT NOT NULL,
-               pass_first BOOLEAN NOT NULL, pass_last BOOLEAN NOT NULL)",
+               pass_first BOOLEAN NOT NULL, pass_last BOOLEAN NOT NULL,
+               last_sequence BIGINT NOT NULL, last_id BIGINT NOT NULL)",
         )
         .await?;
     let has_class = has_retention_class(&**client).await?;
@@ -209,16 +210,20 @@ async fn pass(
             bytes: row.get(2),
         });
     }
-    // Each policy marked its streams' first and last chosen events (a policy
-    // that moves events one by one, all of them: see `StreamRecord`). With
-    // several, a stream may have events chosen by two: its first and last are
-    // the pass's, over all of them. A dry run records nothing.
+    // Each policy marked its streams' first and last chosen events, and gave
+    // each row what its stream's record says once the pass is done (a policy
+    // that moves events one by one: every event its own first and last, see
+    // `StreamRecord`). With several, a stream may have events chosen by two:
+    // its first, its last, its bounds and whether it leaves whole are the
+    // pass's, over all of them. A dry run records nothing.
     if settings.policy.len() > 1 && !dry_run {
         client
             .batch_execute(
                 "UPDATE pg_temp.pgfold_archive_chosen c
-                    SET pass_first = c.id = m.first, pass_last = c.id = m.last
-                   FROM (SELECT stream_id, min(id) AS first, max(id) AS last
+                    SET pass_first = c.id = m.first, pass_last = c.id = m.last,
+                        last_sequence = m.last_sequence, last_id = m.last, whole = m.whole
+                   FROM (SELECT stream_id, min(id) AS first, max(id) AS last,
+                                max(last_sequence) AS last_sequence, bool_and(whole) AS whole
                            FROM pg_temp.pgfold_archive_chosen GROUP BY stream_id) m
                   WHERE m.stream_id = c.stream_id",
             )
@@ -311,8 +316,8 @@ async fn read_segments(
     // Both sides in id order: a merge join, no sort (a sort of a segment's
     // rows by id spilled to disk).
     let sql = format!(
-        "SELECT {}, COALESCE(e.tx_id, '0'::xid8)::text, c.whole, c.stream_last, c.policy,
-                c.pass_first, c.pass_last
+        "SELECT {}, COALESCE(e.tx_id, '0'::xid8)::text, c.whole, c.policy,
+                c.pass_first, c.pass_last, c.last_sequence, c.last_id
            FROM pg_temp.pgfold_archive_chosen c JOIN events e ON e.id = c.id
           ORDER BY c.id",
         segment::COLUMNS
@@ -787,11 +792,13 @@ async fn choose<C: Db>(
     let sql = if policy.whole_streams {
         format!(
             "INSERT INTO pg_temp.pgfold_archive_chosen
-                    (id, stream_id, whole, stream_last, policy, pass_first, pass_last)
-             SELECT q.id, q.stream_id, true, q.id = q.newest, $3, q.id = q.oldest, q.id = q.newest
+                    (id, stream_id, whole, stream_last, policy, pass_first, pass_last,
+                     last_sequence, last_id)
+             SELECT q.id, q.stream_id, true, q.id = q.newest, $3, q.id = q.oldest, q.id = q.newest,
+                    q.last_sequence, q.newest
                FROM (SELECT e.id, e.stream_id,
                             bool_and({qualifies}) OVER s AS ok, max(e.id) OVER s AS newest,
-                            min(e.id) OVER s AS oldest
+                            min(e.id) OVER s AS oldest, max(e.sequence) OVER s AS last_sequence
                        FROM events e WHERE e.stream_type = ANY($1)
                      WINDOW s AS (PARTITION BY e.stream_id)) q
               WHERE q.ok
@@ -800,8 +807,9 @@ async fn choose<C: Db>(
     } else {
         format!(
             "INSERT INTO pg_temp.pgfold_archive_chosen
-                    (id, stream_id, whole, stream_last, policy, pass_first, pass_last)
-             SELECT q.id, q.stream_id, false, false, $3, true, true
+                    (id, stream_id, whole, stream_last, policy, pass_first, pass_last,
+                     last_sequence, last_id)
+             SELECT q.id, q.stream_id, false, false, $3, true, true, q.sequence, q.id
                FROM (SELECT e.id, e.stream_id, e.sequence,
                             coalesce(min(e.sequence) FILTER (WHERE NOT {qualifies})
                                        OVER (PARTITION BY e.stream_id),
@@ -859,38 +867,47 @@ struct Written {
 /// What a segment's recording transaction writes of a stream to
 /// `archived_streams`.
 ///
-/// A stream with events in several segments of a pass is written at the
-/// segment of its first chosen event (with its upper bound open, `segment` =
-/// [`OPEN_SEGMENT`], which `archive show` reads as every segment from its first
-/// on) and at that of its last (exactly), and not in between: rewriting it in
-/// each segment it touched was 290,000 of a pass's 487,000 stream writes on the
-/// benchmark's log. After a crash between the two, the open bound is still
-/// right: `archive show` reads every segment that may hold the stream; it is
-/// not whole (its last chosen event is still in the table), so the guard lets
-/// appends through, and its head is in the table. A policy that moves events
-/// one by one marks every event first and last, so that its streams are
-/// written in every segment, unless the pass has several policies (see
-/// `pass`).
+/// A stream is written once a pass, by the segment that holds its first chosen
+/// event, and written as it will be once the pass is done: its last chosen
+/// sequence, the id of its last chosen event (`last_id`, which bounds the
+/// segments `archive show` reads) and whether it leaves whole. When a later
+/// segment holds more of it, `segment` is left open ([`OPEN_SEGMENT`]: the
+/// bound an older pgfold reads). Writing it again at its last segment, as
+/// before migration V17, was 145,000 of a pass's 342,000 stream writes on the
+/// benchmark's log, and the slower half of them (an update each).
+///
+/// After a crash between the two segments, the rest of its chosen events are
+/// still in the table, and the record is right all the same: the append guard
+/// counts a stream as whole only while the table holds none of its events, an
+/// append at or below `last_sequence` meets those very rows in the unique
+/// index (23505, as the guard's own answer), `stream_head` is the greater of
+/// the two, and `archive show` reads the archive up to `last_id` and the table.
+/// The next pass that moves the rest updates the record.
+///
+/// A policy that moves events one by one marks every event first and last, and
+/// gives each its own sequence and id: its streams are written in every
+/// segment, exactly, unless the pass has several policies (see `pass`).
 struct StreamRecord {
     stream_id: String,
-    /// Its newest sequence here.
+    /// Its last chosen sequence.
     sequence: i64,
-    /// Whether it leaves whole with this segment: all its events here were
-    /// chosen whole, and the newest of them (its newest event when it was
-    /// chosen) is here.
+    /// The id of its last chosen event.
+    last_id: i64,
+    /// Whether it leaves the table whole with this pass: every event of it
+    /// was chosen by a policy that moves streams whole.
     whole: bool,
     /// Whether a later segment of the pass holds more of it.
     open: bool,
 }
 
-/// `archived_streams.segment` of a stream that leaves whole over segments of a
-/// pass that are not all recorded yet (see [`StreamRecord`]).
+/// `archived_streams.segment` of a stream that a later segment of the pass
+/// holds more of (see [`StreamRecord`]).
 const OPEN_SEGMENT: i64 = i64::MAX;
 
-/// A stream's rows in a segment being read: its newest sequence; whether they
-/// are all chosen whole; whether they hold its newest event; its first, and its
-/// last, chosen event of the pass.
-type StreamRows = (i64, bool, bool, bool, bool);
+/// A stream's rows in a segment being read: what its record says (last
+/// sequence, last id, whether it leaves whole) and whether they hold its first,
+/// and its last, chosen event of the pass.
+type StreamRows = (i64, i64, bool, bool, bool);
 
 /// A segment being read: the rows of [`read_and_record`]'s query, pushed in
 /// id order.
@@ -920,15 +937,16 @@ impl Building {
     }
 
     /// Adds `event`, read from `row` (whose columns after the event's are the
-    /// writing transaction, `whole`, `stream_last`, the policy, `pass_first`
-    /// and `pass_last`).
+    /// writing transaction, `whole`, the policy, `pass_first`, `pass_last`,
+    /// `last_sequence` and `last_id`).
     fn push(&mut self, event: ArchivedEvent, row: &tokio_postgres::Row) -> anyhow::Result<()> {
         let tx: String = row.get(segment::COLUMN_COUNT);
         let whole: bool = row.get(segment::COLUMN_COUNT + 1);
-        let stream_last: bool = row.get(segment::COLUMN_COUNT + 2);
-        let policy: i32 = row.get(segment::COLUMN_COUNT + 3);
-        let pass_first: bool = row.get(segment::COLUMN_COUNT + 4);
-        let pass_last: bool = row.get(segment::COLUMN_COUNT + 5);
+        let policy: i32 = row.get(segment::COLUMN_COUNT + 2);
+        let pass_first: bool = row.get(segment::COLUMN_COUNT + 3);
+        let pass_last: bool = row.get(segment::COLUMN_COUNT + 4);
+        let last_sequence: i64 = row.get(segment::COLUMN_COUNT + 5);
+        let last_id: i64 = row.get(segment::COLUMN_COUNT + 6);
         let position = match Position::parse_tx(&tx) {
             Ok(tx) => Position::new(tx, event.id),
             Err(e) => anyhow::bail!("event {}: tx_id {tx:?}: {e}", event.id),
@@ -945,13 +963,13 @@ impl Building {
         self.ids.push(event.id);
         // Looked up by the event's own strings, copied only for a stream or a
         // kind met for the first time in the segment.
-        let rows = (event.sequence, whole, stream_last, pass_first, pass_last);
+        let rows = (last_sequence, last_id, whole, pass_first, pass_last);
         match self.streams.get_mut(event.stream_id.as_str()) {
             Some(s) => {
                 *s = (
                     s.0.max(rows.0),
-                    s.1 && whole,
-                    s.2 || stream_last,
+                    s.1.max(rows.1),
+                    s.2 && whole,
                     s.3 || pass_first,
                     s.4 || pass_last,
                 )
@@ -979,12 +997,13 @@ impl Building {
         let mut streams: Vec<StreamRecord> = self
             .streams
             .into_iter()
-            .filter(|(_, (_, _, _, first, last))| *first || *last)
+            .filter(|(_, (_, _, _, first, _))| *first)
             .map(
-                |(stream_id, (sequence, whole, newest, _, last))| StreamRecord {
+                |(stream_id, (sequence, last_id, whole, _, last))| StreamRecord {
                     stream_id,
                     sequence,
-                    whole: whole && newest,
+                    last_id,
+                    whole,
                     open: !last,
                 },
             )
@@ -1181,20 +1200,24 @@ async fn record_once(
         let stream_ids: Vec<&str> = streams.iter().map(|s| s.stream_id.as_str()).collect();
         let sequences: Vec<i64> = streams.iter().map(|s| s.sequence).collect();
         let whole: Vec<bool> = streams.iter().map(|s| s.whole).collect();
+        let last_ids: Vec<i64> = streams.iter().map(|s| s.last_id).collect();
         let segments: Vec<i64> = streams
             .iter()
             .map(|s| if s.open { OPEN_SEGMENT } else { segment })
             .collect();
         tx.execute(
-            "INSERT INTO pgfold.archived_streams AS a (stream_id, last_sequence, segment, first_segment, whole)
-             SELECT s.stream_id, s.last_sequence, s.segment, $1, s.whole
-               FROM unnest($2::text[], $3::bigint[], $4::boolean[], $5::bigint[])
-                    AS s(stream_id, last_sequence, whole, segment)
+            "INSERT INTO pgfold.archived_streams AS a
+                    (stream_id, last_sequence, segment, first_segment, whole, last_id)
+             SELECT s.stream_id, s.last_sequence, s.segment, $1, s.whole, s.last_id
+               FROM unnest($2::text[], $3::bigint[], $4::boolean[], $5::bigint[], $6::bigint[])
+                    AS s(stream_id, last_sequence, whole, segment, last_id)
              ON CONFLICT (stream_id) DO UPDATE
                 SET segment = CASE WHEN EXCLUDED.last_sequence > a.last_sequence THEN EXCLUDED.segment ELSE a.segment END,
                     last_sequence = greatest(a.last_sequence, EXCLUDED.last_sequence),
-                    whole = EXCLUDED.whole",
-            &[&segment, &stream_ids, &sequences, &whole, &segments],
+                    whole = EXCLUDED.whole,
+                    -- A row an older pgfold wrote is bounded by `segment` alone.
+                    last_id = CASE WHEN a.last_id IS NOT NULL THEN greatest(a.last_id, EXCLUDED.last_id) END",
+            &[&segment, &stream_ids, &sequences, &whole, &segments, &last_ids],
         )
         .await?;
         yielding.after(&tx, step).await?;

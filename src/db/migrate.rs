@@ -108,6 +108,11 @@ const MIGRATIONS: &[Migration] = &[
         name: "archived_streams_fillfactor",
         sql: include_str!("../../migrations/V16__archived_streams_fillfactor.sql"),
     },
+    Migration {
+        version: 17,
+        name: "archived_streams_last_id",
+        sql: include_str!("../../migrations/V17__archived_streams_last_id.sql"),
+    },
 ];
 
 /// Each DDL attempt waits at most this long for a lock before backing off.

@@ -1481,24 +1481,28 @@ async fn a_stream_set_replay_applies_consecutive_segments_in_one_transaction() {
     assert_eq!(archive_applied(&s.client, "order_snapshots").await, 2);
 }
 
-/// A pass records a stream that leaves whole over several of its segments at
-/// its first segment, with its upper bound open, and at its last, not in
-/// between (src/archive/pass.rs, `StreamRecord`). Killed with segments 1 to 7
-/// recorded and the rest not (an order's three events lie some 1,400 ids
-/// apart: segments of 300 put them in three segments), every order caught in
-/// the middle still shows its whole history, archive and table; after the next
-/// pass, no bound is left open and the histories are the same.
+/// A pass records a stream that leaves whole over several of its segments
+/// once, at its first segment, as it will be once the pass is done: its last
+/// sequence, whole, and the id of its last event, with `segment` open
+/// (src/archive/pass.rs, `StreamRecord`). Killed with segments 1 to 7 recorded
+/// and the rest not (an order's three events lie some 1,400 ids apart:
+/// segments of 300 put them in three segments), every order caught in the
+/// middle is recorded so, still shows its whole history, archive and table, and
+/// takes an append after its newest event; after the next pass the histories
+/// are the same, all archived.
 #[tokio::test]
 async fn a_pass_killed_between_a_streams_segments_leaves_its_history_whole() {
     let s = setup(None).await;
     let small = ("PGFOLD_TEST_ARCHIVE_SEGMENT_EVENTS", "300");
     pass_killed_at(&s, "recorded-7", &[small]).await;
-    // Orders leave whole: one not yet whole is one the pass was in the middle of.
+    // One recorded with events still in the table is one the pass was in the
+    // middle of.
     let caught: Vec<(String, i64)> = pairs(
         &s.client,
-        "SELECT stream_id, first_segment FROM pgfold.archived_streams
-          WHERE NOT whole AND stream_id LIKE 'order-%'
-          ORDER BY first_segment, stream_id LIMIT 10",
+        "SELECT a.stream_id, a.first_segment FROM pgfold.archived_streams a
+          WHERE a.stream_id LIKE 'order-%'
+            AND EXISTS (SELECT 1 FROM events e WHERE e.stream_id = a.stream_id)
+          ORDER BY a.first_segment, a.stream_id LIMIT 10",
     )
     .await;
     assert!(!caught.is_empty(), "a stream caught between its segments");
@@ -1515,23 +1519,128 @@ async fn a_pass_killed_between_a_streams_segments_leaves_its_history_whole() {
             shown.iter().any(|e| e.2) && shown.iter().any(|e| !e.2),
             "{stream}: in the archive and in the table: {shown:?}"
         );
+        // Recorded once, final: its newest event, still in the table, is its
+        // last sequence and bounds it.
+        let newest = shown.last().expect("shown above");
+        let recorded: Vec<(i64, i64)> = pairs(
+            &s.client,
+            &format!(
+                "SELECT last_sequence, last_id FROM pgfold.archived_streams
+                  WHERE stream_id = '{stream}' AND whole AND segment = {}",
+                i64::MAX
+            ),
+        )
+        .await;
+        assert_eq!(recorded, vec![(newest.1, newest.0)], "{stream}");
         histories.push(shown);
     }
-    s.pgfold_ok(&["archive"], &[small]);
-    assert_eq!(
-        count(
-            &s.client,
-            "SELECT count(*) FROM pgfold.archived_streams WHERE segment = 9223372036854775807"
+    // Whole, with events in the table: the stream takes an append after its
+    // newest event (the append guard, V14), and shows it.
+    let (stream, _) = &caught[0];
+    let next = histories[0].len() as i64 + 1;
+    s.client
+        .execute(
+            "INSERT INTO events (stream_id, stream_type, event_type, sequence, payload)
+             VALUES ($1, 'order', 'OrderNoted', $2, '{}')",
+            &[stream, &next],
         )
-        .await,
-        0,
-        "no bound left open"
-    );
+        .await
+        .expect("an append after the newest event of a stream caught mid-pass");
+    assert_eq!(shown_events(&s, stream).len() as i64, next);
+    s.client
+        .execute(
+            "DELETE FROM events WHERE stream_id = $1 AND sequence = $2",
+            &[stream, &next],
+        )
+        .await
+        .unwrap();
+    s.pgfold_ok(&["archive"], &[small]);
     // The same events, now all in the archive.
     let ids = |h: Vec<(i64, i64, bool)>| h.into_iter().map(|e| (e.0, e.1)).collect::<Vec<_>>();
     for ((stream, _), before) in caught.iter().zip(histories) {
-        assert_eq!(ids(shown_events(&s, stream)), ids(before), "{stream}");
+        let after = shown_events(&s, stream);
+        assert!(
+            after.iter().all(|e| e.2),
+            "{stream}: all archived: {after:?}"
+        );
+        assert_eq!(ids(after), ids(before), "{stream}");
     }
+}
+
+/// A pass writes each stream to `archived_streams` once: a stream its segments
+/// cut in several is written by its first segment's transaction, not again by
+/// its last's.
+#[tokio::test]
+async fn a_pass_writes_each_stream_it_moves_once() {
+    let s = setup(None).await;
+    let small = ("PGFOLD_TEST_ARCHIVE_SEGMENT_EVENTS", "300");
+    s.pgfold_ok(&["archive"], &[small]);
+    let segments = count(&s.client, "SELECT count(*) FROM pgfold.archive_segments").await;
+    assert!(segments > 3, "segments: {segments}");
+    let straddling = count(
+        &s.client,
+        &format!(
+            "SELECT count(*) FROM pgfold.archived_streams WHERE segment = {}",
+            i64::MAX
+        ),
+    )
+    .await;
+    assert!(straddling > 0, "streams over several segments");
+    // Each row was last written by the transaction that recorded the segment
+    // of its first event (an update at its last segment would be a later one).
+    assert_eq!(
+        count(
+            &s.client,
+            "SELECT count(*) FROM pgfold.archived_streams a
+               JOIN pgfold.archive_segments g ON g.segment = a.first_segment
+              WHERE a.xmin::text <> g.xmin::text"
+        )
+        .await,
+        0
+    );
+}
+
+/// An older pgfold's pass, beside this one after migration V17, updates a
+/// stream's `segment` and `last_sequence` and knows nothing of `last_id`: the
+/// bound it leaves stale is forgotten, and `archive show` reads by `segment`.
+#[tokio::test]
+async fn an_older_pass_updating_a_stream_forgets_its_id_bound() {
+    let s = setup(None).await;
+    let small = ("PGFOLD_TEST_ARCHIVE_SEGMENT_EVENTS", "300");
+    s.pgfold_ok(&["archive"], &[small]);
+    let (stream, _): (String, i64) = pairs(
+        &s.client,
+        &format!(
+            "SELECT stream_id, last_id FROM pgfold.archived_streams
+              WHERE segment = {} AND last_id IS NOT NULL LIMIT 1",
+            i64::MAX
+        ),
+    )
+    .await
+    .remove(0);
+    let before = shown_events(&s, &stream);
+    // What an older pass writes when a later segment holds more of a stream.
+    s.client
+        .execute(
+            "UPDATE pgfold.archived_streams
+                SET segment = (SELECT max(segment) FROM pgfold.archive_segments),
+                    last_sequence = last_sequence + 1
+              WHERE stream_id = $1",
+            &[&stream],
+        )
+        .await
+        .unwrap();
+    let last_id: Option<i64> = s
+        .client
+        .query_one(
+            "SELECT last_id FROM pgfold.archived_streams WHERE stream_id = $1",
+            &[&stream],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(last_id, None);
+    assert_eq!(shown_events(&s, &stream), before);
 }
 
 /// `archive show STREAM`: each event's id, sequence, and whether it is

@@ -4,12 +4,14 @@
 //!
 //! - `store`: the object store behind `archive.url`; conditional creates only.
 //! - `segment`: a segment's bytes (Parquet, the article's columns, sorted by id).
+//! - `choice`: what a pass moves, chosen into its temporary table.
 //! - `pass`: one pass: choose, write, read back, record and delete.
 //! - this file: what the commands and `status` read: the recorded segments,
 //!   `archive verify`, `archive show`.
 //!
 //! Replays read the segments through `worker::archived`, which sits above this.
 
+mod choice;
 mod holders;
 mod pass;
 pub mod segment;

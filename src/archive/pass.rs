@@ -19,10 +19,11 @@ use anyhow::Context;
 use futures_util::TryStreamExt;
 use tokio_postgres::types::{ToSql, Type};
 
-use super::holders::{class_filter, describe, holders};
+use super::choice;
+use super::holders::{describe, holders};
 use super::segment::{self, ArchivedEvent, Summary};
 use super::store::{Created, Store};
-use super::yielding::Yield;
+use super::yielding::{Writes, Yield};
 use crate::bookkeeping::{claim_segment, oldest_checkpoint};
 use crate::config::{ArchivePolicy, ArchiveSettings};
 use crate::db::{Client, Db, PgConfig};
@@ -150,22 +151,24 @@ async fn pass(
     let _ = client.batch_execute("SET temp_buffers = '64MB'").await;
     // The pass's statements are few and long: compiling them costs more than
     // it saves (half a second for the choice alone on a 1 M-event log).
-    client
-        .batch_execute(
-            "SET jit = off;
-             DROP TABLE IF EXISTS pg_temp.pgfold_archive_chosen;
-             CREATE TEMPORARY TABLE pgfold_archive_chosen (
-               id BIGINT NOT NULL, stream_id TEXT NOT NULL, whole BOOLEAN NOT NULL,
-               stream_last BOOLEAN NOT NULL, policy INT NOT NULL,
-               pass_first BOOLEAN NOT NULL, pass_last BOOLEAN NOT NULL,
-               last_sequence BIGINT NOT NULL, last_id BIGINT NOT NULL)",
-        )
-        .await?;
+    client.batch_execute("SET jit = off").await?;
+    choice::create_table(client).await?;
+    // Whether the application writes decides whether the choice takes the
+    // recorder's connection too: read off before and during the steps to it.
+    let writes = Writes::mark(&**client).await?;
     let has_class = has_retention_class(&**client).await?;
+    let mut writes = Some(writes);
     for (i, policy) in settings.policy.iter().enumerate() {
         let n = i as i32 + 1;
         let t = Instant::now();
-        choose(&**client, policy, n, has_class, oldest).await?;
+        let helper = match (dry_run, writes.take()) {
+            (false, Some(writes)) => Some(choice::Helper {
+                client: recorder.connection().await?,
+                writes,
+            }),
+            _ => None,
+        };
+        choice::choose(client, helper, policy, n, has_class, oldest).await?;
         if i == 0 {
             // Built once the first policy's rows are in (a bulk build, not one
             // insertion per row); the later policies' rows meet it as a conflict.
@@ -553,6 +556,12 @@ impl Recorder {
         Ok(client.as_mut().expect("connected above"))
     }
 
+    /// Its connection, for work of the pass before the first segment (see
+    /// `choice`).
+    async fn connection(&mut self) -> anyhow::Result<&Client> {
+        Ok(&*Recorder::client(&mut self.client, &self.config).await?)
+    }
+
     /// Connects, and starts watching whether the application writes.
     async fn start(&mut self) -> anyhow::Result<()> {
         let client = Recorder::client(&mut self.client, &self.config).await?;
@@ -749,90 +758,6 @@ pub async fn check_policies<C: Db>(client: &C, policies: &[ArchivePolicy]) -> an
             );
         }
     }
-    Ok(())
-}
-
-/// Adds what `policy` lets leave the table to the chosen set: events that every
-/// projector has consumed (at or before its checkpoint) or never will (its
-/// recorded filter passes them not: a projector's checkpoint moves only with the
-/// events it consumes), older than `after`, of its stream types and class, and
-/// never `hot`. Whole streams: every event of the
-/// stream qualifies. One by one: a stream's qualifying prefix, less its newest
-/// event, which stays so that an append's `currentMax + 1` stays right.
-///
-/// `oldest` is the oldest checkpoint of all: an event at or before it is
-/// consumed by every projector, which spares the per-projector test for all but
-/// the log's tail. The cut-off time is computed once, not per row.
-async fn choose<C: Db>(
-    client: &C,
-    policy: &ArchivePolicy,
-    n: i32,
-    has_class: bool,
-    oldest: Position,
-) -> Result<(), tokio_postgres::Error> {
-    let class = class_filter("e", "$4", has_class, policy.retention_class.is_some());
-    let qualifies = format!(
-        "(e.occurred_at < $2 {class}
-          AND ((COALESCE(e.tx_id, '0'::xid8), e.id) <= ($5::text::xid8, $6::bigint)
-               OR NOT EXISTS (
-                 SELECT 1 FROM pgfold.projectors p
-                  WHERE (COALESCE(e.tx_id, '0'::xid8), e.id) > (p.position_tx, p.position_id)
-                    AND (p.event_types IS NULL OR e.event_type = ANY(p.event_types))
-                    AND (p.stream_types IS NULL OR e.stream_type = ANY(p.stream_types)))))"
-    );
-    // The first policy's rows go into the table before its index exists.
-    let conflict = if n > 1 {
-        "ON CONFLICT (id) DO NOTHING"
-    } else {
-        ""
-    };
-    // One read of the policy's stream types, in stream order (through the
-    // unique index on (stream_id, sequence)): each stream's verdict is a window
-    // over its own rows, where a GROUP BY and a join back would read it twice.
-    let sql = if policy.whole_streams {
-        format!(
-            "INSERT INTO pg_temp.pgfold_archive_chosen
-                    (id, stream_id, whole, stream_last, policy, pass_first, pass_last,
-                     last_sequence, last_id)
-             SELECT q.id, q.stream_id, true, q.id = q.newest, $3, q.id = q.oldest, q.id = q.newest,
-                    q.last_sequence, q.newest
-               FROM (SELECT e.id, e.stream_id,
-                            bool_and({qualifies}) OVER s AS ok, max(e.id) OVER s AS newest,
-                            min(e.id) OVER s AS oldest, max(e.sequence) OVER s AS last_sequence
-                       FROM events e WHERE e.stream_type = ANY($1)
-                     WINDOW s AS (PARTITION BY e.stream_id)) q
-              WHERE q.ok
-             {conflict}"
-        )
-    } else {
-        format!(
-            "INSERT INTO pg_temp.pgfold_archive_chosen
-                    (id, stream_id, whole, stream_last, policy, pass_first, pass_last,
-                     last_sequence, last_id)
-             SELECT q.id, q.stream_id, false, false, $3, true, true, q.sequence, q.id
-               FROM (SELECT e.id, e.stream_id, e.sequence,
-                            coalesce(min(e.sequence) FILTER (WHERE NOT {qualifies})
-                                       OVER (PARTITION BY e.stream_id),
-                                     max(e.sequence) OVER (PARTITION BY e.stream_id)) AS keep_from
-                       FROM events e WHERE e.stream_type = ANY($1)) q
-              WHERE q.sequence < q.keep_from
-             {conflict}"
-        )
-    };
-    let cutoff: chrono::DateTime<chrono::Utc> = client
-        .query_one("SELECT now() - $1::text::interval", &[&policy.after])
-        .await?
-        .get(0);
-    let oldest_tx = oldest.tx_text();
-    let params: [&(dyn ToSql + Sync); 6] = [
-        &policy.stream_types,
-        &cutoff,
-        &n,
-        &policy.retention_class,
-        &oldest_tx,
-        &oldest.id,
-    ];
-    client.execute(&sql, &params).await?;
     Ok(())
 }
 

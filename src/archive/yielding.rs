@@ -152,3 +152,48 @@ impl Yield {
         Ok(())
     }
 }
+
+/// Whether the application is writing now, from how fast transaction ids are
+/// used between two readings a moment apart: for a decision the pass makes
+/// before [`Yield`] has measured anything. Unlike `pg_stat_database`'s counts,
+/// which arrive once a second, the counter moves as each writing transaction
+/// ends; readers use none.
+pub struct Writes {
+    at: Instant,
+    next_xid: i64,
+}
+
+/// [`Writes`] reads over at least this long…
+const WRITES_OVER: Duration = Duration::from_millis(50);
+
+impl Writes {
+    /// Reads the counter now.
+    pub async fn mark<C: Db>(db: &C) -> Result<Writes, tokio_postgres::Error> {
+        Ok(Writes {
+            at: Instant::now(),
+            next_xid: next_xid(db).await?,
+        })
+    }
+
+    /// Whether more than [`BUSY_COMMITS_PER_SECOND`] writing transactions a
+    /// second (and more than two in all) ended since the mark, waiting for
+    /// [`WRITES_OVER`] to have passed since it.
+    pub async fn busy<C: Db>(&self, db: &C) -> Result<bool, tokio_postgres::Error> {
+        if let Some(rest) = WRITES_OVER.checked_sub(self.at.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+        let ended = next_xid(db).await? - self.next_xid;
+        let rate = ended as f64 / self.at.elapsed().as_secs_f64();
+        Ok(ended > 2 && rate > BUSY_COMMITS_PER_SECOND)
+    }
+}
+
+async fn next_xid<C: Db>(db: &C) -> Result<i64, tokio_postgres::Error> {
+    Ok(db
+        .query_one(
+            "SELECT pg_snapshot_xmax(pg_current_snapshot())::text::bigint",
+            &[],
+        )
+        .await?
+        .get(0))
+}

@@ -1567,6 +1567,53 @@ async fn a_pass_killed_between_a_streams_segments_leaves_its_history_whole() {
     }
 }
 
+/// A pass chooses in two halves on two connections while the application is
+/// quiet (src/archive/choice.rs), and moves exactly what the dry run, which
+/// chooses in one statement, said it would: every order whole, none twice.
+#[tokio::test]
+async fn a_choice_in_two_halves_moves_what_one_statement_chooses() {
+    let s = setup(None).await;
+    // Per policy, the streams and events of its line.
+    let moved = |out: &str| -> Vec<String> {
+        out.lines()
+            .filter(|l| l.starts_with("policy "))
+            .map(|l| {
+                let counts = l.split(": ").nth(1).unwrap_or_default();
+                counts.split(", ").take(2).collect::<Vec<_>>().join(", ")
+            })
+            .collect()
+    };
+    let dry = moved(&s.pgfold_ok(&["archive", "--dry-run"], &[]));
+    assert!(
+        !dry.is_empty() && !dry[0].starts_with("0 streams"),
+        "{dry:?}"
+    );
+    let out = s.pgfold(
+        &["archive"],
+        &[
+            ("PGFOLD_TEST_ARCHIVE_SPLIT", "1"),
+            ("RUST_LOG", "pgfold=debug"),
+        ],
+    );
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("chose in two halves"), "{stderr}");
+    assert_eq!(moved(&stdout), dry, "{stdout}");
+    assert_eq!(
+        count(
+            &s.client,
+            "SELECT count(*) FROM pgfold.archived_streams a JOIN events e USING (stream_id)
+              WHERE e.stream_type = 'order'"
+        )
+        .await,
+        0,
+        "no order both archived and in the table"
+    );
+}
+
 /// A pass writes each stream to `archived_streams` once: a stream its segments
 /// cut in several is written by its first segment's transaction, not again by
 /// its last's.

@@ -1570,6 +1570,8 @@ async fn a_pass_killed_between_a_streams_segments_leaves_its_history_whole() {
 /// A pass chooses in two halves on two connections while the application is
 /// quiet (src/archive/choice.rs), and moves exactly what the dry run, which
 /// chooses in one statement, said it would: every order whole, none twice.
+/// The second half's rows are held 100 at a time here, so that most of them
+/// are copied as the server sends them.
 #[tokio::test]
 async fn a_choice_in_two_halves_moves_what_one_statement_chooses() {
     let s = setup(None).await;
@@ -1591,7 +1593,7 @@ async fn a_choice_in_two_halves_moves_what_one_statement_chooses() {
     let out = s.pgfold(
         &["archive"],
         &[
-            ("PGFOLD_TEST_ARCHIVE_SPLIT", "1"),
+            ("PGFOLD_TEST_ARCHIVE_SPLIT", "100"),
             ("RUST_LOG", "pgfold=debug"),
         ],
     );
@@ -1600,7 +1602,14 @@ async fn a_choice_in_two_halves_moves_what_one_statement_chooses() {
         String::from_utf8_lossy(&out.stderr),
     );
     assert!(out.status.success(), "{stderr}");
-    assert!(stderr.contains("chose in two halves"), "{stderr}");
+    let copied: usize = stderr
+        .lines()
+        .find(|l| l.contains("chose in two halves"))
+        .and_then(|l| l.split("copied=").nth(1))
+        .and_then(|v| v.split(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no choice in two halves: {stderr}"));
+    assert!(copied > 100, "past the rows held: {copied}");
     assert_eq!(moved(&stdout), dry, "{stdout}");
     assert_eq!(
         count(

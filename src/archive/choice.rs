@@ -139,31 +139,22 @@ pub(super) async fn choose(
     // up to BUFFERED_ROWS; then the server holds the rest back until they are
     // copied. Either way its scan and sort, the choice's work, are done by then.
     let (inserted, head) = tokio::join!(client.execute(&before, &split_params), async {
-        let rows = Box::pin(
+        let mut rows = Box::pin(
             helper
                 .query_raw(&after, split_params.iter().copied())
                 .await?,
         );
-        let mut head = Vec::new();
-        let mut rows = Some(rows);
-        while head.len() < buffered_rows() {
-            match rows
-                .as_mut()
-                .expect("read until its end")
-                .try_next()
-                .await?
-            {
+        let (most, mut head, mut ended) = (buffered_rows(), Vec::new(), false);
+        while !ended && head.len() < most {
+            match rows.try_next().await? {
                 Some(r) => head.push(Chosen::from_row(&r)?),
-                None => {
-                    rows = None;
-                    break;
-                }
+                None => ended = true,
             }
         }
-        Ok::<_, tokio_postgres::Error>((head, rows))
+        Ok::<_, tokio_postgres::Error>((head, rows, ended))
     });
     inserted?;
-    let (head, mut rest) = head?;
+    let (head, mut rest, ended) = head?;
     let sink = client
         .copy_in(&format!(
             "COPY pg_temp.pgfold_archive_chosen ({COLUMNS}) FROM STDIN (FORMAT binary)"
@@ -176,8 +167,8 @@ pub(super) async fn choose(
         r.write(writer.as_mut()).await?;
         copied += 1;
     }
-    if let Some(rows) = rest.as_mut() {
-        while let Some(r) = rows.try_next().await? {
+    if !ended {
+        while let Some(r) = rest.try_next().await? {
             Chosen::from_row(&r)?.write(writer.as_mut()).await?;
             copied += 1;
         }

@@ -153,20 +153,23 @@ async fn pass(
     // it saves (half a second for the choice alone on a 1 M-event log).
     client.batch_execute("SET jit = off").await?;
     choice::create_table(client).await?;
-    // Whether the application writes decides whether the choice takes the
-    // recorder's connection too: read off before and during the steps to it.
-    let writes = Writes::mark(&**client).await?;
+    // Whether the application writes decides whether the first policy's
+    // choice takes the recorder's connection too (a dry run has none): read
+    // off before and during the steps to it.
+    let mut writes = match dry_run {
+        true => None,
+        false => Some(Writes::mark(&**client).await?),
+    };
     let has_class = has_retention_class(&**client).await?;
-    let mut writes = Some(writes);
     for (i, policy) in settings.policy.iter().enumerate() {
         let n = i as i32 + 1;
         let t = Instant::now();
-        let helper = match (dry_run, writes.take()) {
-            (false, Some(writes)) => Some(choice::Helper {
+        let helper = match writes.take() {
+            Some(writes) => Some(choice::Helper {
                 client: recorder.connection().await?,
                 writes,
             }),
-            _ => None,
+            None => None,
         };
         choice::choose(client, helper, policy, n, has_class, oldest).await?;
         if i == 0 {

@@ -1522,15 +1522,18 @@ async fn a_pass_killed_between_a_streams_segments_leaves_its_history_whole() {
         // Recorded once, final: its newest event, still in the table, is its
         // last sequence and bounds it.
         let newest = shown.last().expect("shown above");
-        let recorded: Vec<(i64, i64)> = pairs(
-            &s.client,
-            &format!(
+        let recorded: Vec<(i64, i64)> = s
+            .client
+            .query(
                 "SELECT last_sequence, last_id FROM pgfold.archived_streams
-                  WHERE stream_id = '{stream}' AND whole AND segment = {}",
-                i64::MAX
-            ),
-        )
-        .await;
+                  WHERE stream_id = $1 AND whole AND segment = $2",
+                &[stream, &i64::MAX],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect();
         assert_eq!(recorded, vec![(newest.1, newest.0)], "{stream}");
         histories.push(shown);
     }

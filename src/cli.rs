@@ -299,6 +299,7 @@ async fn archive(
                 archive,
                 &store,
                 dry_run,
+                crate::archive::Process::Own,
                 Some(&progress),
             )
             .await?;

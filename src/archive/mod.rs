@@ -6,6 +6,7 @@
 //! - `segment`: a segment's bytes (Parquet, the article's columns, sorted by id).
 //! - `choice`: what a pass moves, chosen into its temporary table.
 //! - `pass`: one pass: choose, write, read back, record and delete.
+//! - `yielding`, `priority`: how a pass gives way to the application's writes.
 //! - this file: what the commands and `status` read: the recorded segments,
 //!   `archive verify`, `archive show`.
 //!
@@ -14,6 +15,7 @@
 mod choice;
 mod holders;
 mod pass;
+mod priority;
 pub mod segment;
 mod store;
 mod yielding;
@@ -25,6 +27,7 @@ use crate::db::Db;
 
 pub use pass::{check_policies, run as run_pass, Moved, Outcome, PROGRESS_LABEL};
 pub(crate) use pass::{test_pause, test_pause_async};
+pub use priority::Process;
 pub use store::{Created, FetchError, Store};
 
 /// A recorded segment.

@@ -21,6 +21,7 @@ use tokio_postgres::types::{ToSql, Type};
 
 use super::choice;
 use super::holders::{describe, holders};
+use super::priority::Process;
 use super::segment::{self, ArchivedEvent, Summary};
 use super::store::{Created, Store};
 use super::yielding::{Writes, Yield};
@@ -90,12 +91,14 @@ pub const PROGRESS_LABEL: &str = "archive pass";
 /// connection opened from `recorder` (see [`Recorder`]). With `dry_run`, only
 /// chooses and counts. With `progress`, the pass shows how far it has come
 /// through the events it chose, segment by segment, as [`PROGRESS_LABEL`].
+/// `process` says whether the pass has its process to itself (see `priority`).
 pub async fn run(
     client: &mut Client,
     recorder: &PgConfig,
     settings: &ArchiveSettings,
     store: &Store,
     dry_run: bool,
+    process: Process,
     progress: Option<&Progress>,
 ) -> anyhow::Result<Outcome> {
     // A pass killed a moment ago holds the lock until the server notices: wait a
@@ -109,7 +112,10 @@ pub async fn run(
         }
         return Err(e.into());
     }
-    let outcome = pass(client, recorder, settings, store, dry_run, progress).await;
+    let outcome = pass(
+        client, recorder, settings, store, dry_run, process, progress,
+    )
+    .await;
     if let Some(progress) = progress {
         progress.finish(PROGRESS_LABEL);
     }
@@ -128,12 +134,13 @@ async fn pass(
     settings: &ArchiveSettings,
     store: &Store,
     dry_run: bool,
+    process: Process,
     progress: Option<&Progress>,
 ) -> anyhow::Result<Outcome> {
     let mut outcome = Outcome::default();
     let mut steps = Steps::default();
     check_policies(&**client, &settings.policy).await?;
-    let mut recorder = Recorder::new(recorder);
+    let mut recorder = Recorder::new(recorder, process);
     if !dry_run {
         // The choice takes a second or more on a large log: by its end, whether
         // the application is writing is known, and the first segments are
@@ -536,11 +543,11 @@ struct Recorded {
 }
 
 impl Recorder {
-    fn new(config: &PgConfig) -> Recorder {
+    fn new(config: &PgConfig, process: Process) -> Recorder {
         Recorder {
             config: config.clone(),
             client: None,
-            yielding: Yield::default(),
+            yielding: Yield::new(process),
         }
     }
 

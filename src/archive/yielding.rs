@@ -16,6 +16,7 @@
 
 use std::time::{Duration, Instant};
 
+use super::priority::{self, Process};
 use crate::db::Db;
 
 /// Commits a second (the pass's own, a few a second, included) above which the
@@ -60,9 +61,20 @@ pub struct Yield {
     busy: bool,
     /// How long the pass rested, in all.
     rested: Duration,
+    /// Whether the pass has its process to itself, whose priority it then
+    /// lowers while the application writes (see `priority`).
+    process: Process,
 }
 
 impl Yield {
+    /// Nothing measured yet, for a pass in `process`.
+    pub fn new(process: Process) -> Yield {
+        Yield {
+            process,
+            ..Yield::default()
+        }
+    }
+
     /// After a step of the pass that began at `began`: if the application is
     /// writing, rests [`REST_PER_WORK`] times as long as the step took. `db` is any connection of the
     /// pass that is not in the middle of a streamed read (the count is read on
@@ -134,13 +146,20 @@ impl Yield {
                     match busy {
                         true => tracing::info!(
                             commits_per_second = rate as u64,
-                            "archive: the application is writing; the pass gives it two thirds of the time"
+                            "archive: the application is writing; the pass gives it two thirds of the time{}",
+                            match self.process {
+                                Process::Own => ", and its cores first",
+                                Process::Shared => "",
+                            }
                         ),
                         false => tracing::info!(
                             commits_per_second = rate as u64,
                             "archive: the application is quiet; the pass runs flat out"
                         ),
                     }
+                }
+                if busy != self.busy {
+                    priority::follow(self.process, busy);
                 }
                 self.busy = busy;
                 self.measured = true;

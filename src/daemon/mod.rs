@@ -312,6 +312,7 @@ async fn archive_every(
                 &settings,
                 &store,
                 false,
+                crate::archive::Process::Shared,
                 Some(&progress),
             )
             .await

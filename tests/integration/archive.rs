@@ -1861,6 +1861,13 @@ async fn pass_held_while(application_writes: bool) -> String {
     let (table, archived) = accounted(&s.client).await;
     let total = table + archived;
     std::fs::write(&resume_file, "").unwrap();
+    // Awaited, not waited for: the writer shares this test's thread, and
+    // stopped while it blocked, the pass saw the application go quiet.
+    wait_for("the pass to end", Duration::from_secs(60), || {
+        let running = pass.is_running();
+        async move { !running }
+    })
+    .await;
     let status = pass.wait().unwrap();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(writer) = writer {

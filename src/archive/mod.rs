@@ -27,7 +27,7 @@ use crate::db::Db;
 
 pub use pass::{check_policies, run as run_pass, Moved, Outcome, PROGRESS_LABEL};
 pub(crate) use pass::{test_pause, test_pause_async};
-pub use priority::Process;
+pub use priority::{on_own_threads, Process};
 pub use store::{Created, FetchError, Store};
 
 /// A recorded segment.

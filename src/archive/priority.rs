@@ -1,5 +1,5 @@
-//! A pass that has its process to itself gives the application's server
-//! processes the cores first while the application writes.
+//! A pass gives the application's server processes the cores first while
+//! the application writes.
 //!
 //! Resting ([`super::yielding`]) keeps a pass idle two thirds of the time; in
 //! the third it works, pgfold's own threads (receiving the chosen events and
@@ -14,33 +14,44 @@
 //!
 //! Only while the application writes: a pass alone at nice 15 took 5.4 s
 //! instead of 4.1 s, its own threads behind its two server processes. And
-//! only in a process of its own (`pgfold archive`): niceness is per thread,
-//! and in `pgfold run` the pass shares its threads with the projectors,
-//! whose freshness comes first.
+//! only the pass's threads: niceness is per thread, so `pgfold archive`, which
+//! has its process to itself, lowers all of them, and `pgfold run` runs each
+//! of its `interval` passes on a runtime of its own ([`on_own_threads`]) and
+//! lowers that runtime's threads alone, never the projectors'.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 
 /// The niceness of a pass's threads while the application writes.
 const NICE_WHILE_WRITING: i32 = 15;
 
-/// Whether the pass has the process to itself.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// Which threads are the pass's.
+#[derive(Clone, Debug)]
 pub enum Process {
-    /// `pgfold archive`: nothing else runs in it.
+    /// `pgfold archive`: every thread of the process.
     Own,
-    /// `pgfold run`'s `archive.interval`: projectors share its threads.
-    #[default]
-    Shared,
+    /// The threads of the pass's own runtime in a process that runs other
+    /// work (see [`on_own_threads`]).
+    Threads(Arc<Mutex<Vec<ThreadId>>>),
 }
 
-/// Lowers the priority of every thread of the process while the application
-/// writes (`writing`), or asks for the default one back once it is quiet,
-/// which only a process allowed to raise its priority (`CAP_SYS_NICE`) gets;
-/// otherwise the pass goes on at the lower one. Nothing for a shared process.
-pub fn follow(process: Process, writing: bool) {
-    if process == Process::Shared {
-        return;
-    }
+/// A thread's id, as `setpriority` takes it.
+pub type ThreadId = libc::id_t;
+
+/// Lowers the priority of the pass's threads while the application writes
+/// (`writing`), or asks for the default one back once it is quiet, which only
+/// a process allowed to raise its priority (`CAP_SYS_NICE`) gets; otherwise
+/// the pass goes on at the lower one.
+pub fn follow(process: &Process, writing: bool) {
     let nice = if writing { NICE_WHILE_WRITING } else { 0 };
-    match set_all_threads(nice) {
+    let set = match process {
+        Process::Own => all_threads().and_then(|tids| set_threads(&tids, nice)),
+        Process::Threads(tids) => {
+            let tids = tids.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            set_threads(&tids, nice)
+        }
+    };
+    match set {
         Ok(()) => tracing::debug!(nice, "archive: the pass's threads reniced"),
         Err(e) => {
             tracing::debug!(nice, error = %e, "archive: the pass's threads keep their priority")
@@ -48,23 +59,74 @@ pub fn follow(process: Process, writing: bool) {
     }
 }
 
-/// Threads a new thread inherits its creator's niceness from: every thread the
-/// process has now, so that those it starts later follow.
+/// Runs what `pass` makes on a runtime of its own, on threads of its own (two
+/// workers, and its blocking threads), handing it those threads as its
+/// [`Process`]; the result arrives on the receiver. The runtime ends with the
+/// future, on its own thread.
+pub fn on_own_threads<T, F, Fut>(pass: F) -> std::io::Result<tokio::sync::oneshot::Receiver<T>>
+where
+    T: Send + 'static,
+    F: FnOnce(Process) -> Fut + Send + 'static,
+    Fut: Future<Output = T>,
+{
+    let threads: Arc<Mutex<Vec<ThreadId>>> = Arc::default();
+    let register = {
+        let threads = threads.clone();
+        move || {
+            if let Some(tid) = this_thread() {
+                threads.lock().unwrap_or_else(|e| e.into_inner()).push(tid);
+            }
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("pgfold-archive")
+        .on_thread_start(register.clone())
+        .enable_all()
+        .build()?;
+    let (send, receive) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("pgfold-archive".into())
+        .spawn(move || {
+            // This thread polls the pass's own future: one of its threads too.
+            register();
+            let _ = send.send(runtime.block_on(pass(Process::Threads(threads))));
+        })?;
+    Ok(receive)
+}
+
 #[cfg(target_os = "linux")]
-fn set_all_threads(nice: i32) -> std::io::Result<()> {
+fn this_thread() -> Option<ThreadId> {
+    // SAFETY: gettid takes nothing and cannot fail.
+    Some(unsafe { libc::syscall(libc::SYS_gettid) } as ThreadId)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn this_thread() -> Option<ThreadId> {
+    None
+}
+
+/// Every thread the process has now. A new thread inherits its creator's
+/// niceness, so those the process starts later follow.
+#[cfg(target_os = "linux")]
+fn all_threads() -> std::io::Result<Vec<ThreadId>> {
+    let mut tids = Vec::new();
     for task in std::fs::read_dir("/proc/self/task")? {
-        let Some(tid) = task?
-            .file_name()
-            .to_str()
-            .and_then(|t| t.parse::<libc::id_t>().ok())
-        else {
-            continue;
-        };
+        if let Some(tid) = task?.file_name().to_str().and_then(|t| t.parse().ok()) {
+            tids.push(tid);
+        }
+    }
+    Ok(tids)
+}
+
+#[cfg(target_os = "linux")]
+fn set_threads(tids: &[ThreadId], nice: i32) -> std::io::Result<()> {
+    for &tid in tids {
         // On Linux, PRIO_PROCESS with a thread id sets that thread's niceness.
         // SAFETY: setpriority reads only its integer arguments.
         if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } != 0 {
             let e = std::io::Error::last_os_error();
-            // A thread that ended since the directory was read.
+            // A thread that ended meanwhile.
             if e.raw_os_error() != Some(libc::ESRCH) {
                 return Err(e);
             }
@@ -74,7 +136,12 @@ fn set_all_threads(nice: i32) -> std::io::Result<()> {
 }
 
 #[cfg(not(target_os = "linux"))]
-fn set_all_threads(_nice: i32) -> std::io::Result<()> {
+fn all_threads() -> std::io::Result<Vec<ThreadId>> {
+    Ok(Vec::new())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_threads(_tids: &[ThreadId], _nice: i32) -> std::io::Result<()> {
     Ok(())
 }
 
@@ -92,9 +159,25 @@ mod tests {
     }
 
     #[test]
-    fn a_pass_of_its_own_lowers_every_thread_and_a_shared_one_none() {
-        // A thread of its own: the test harness's other threads are reniced
-        // too, which changes nothing they assert.
+    fn a_pass_lowers_its_own_threads_alone_or_its_whole_process() {
+        // One test, not two: the second half renices every thread of the
+        // test process, which the first half's caller must not be yet.
+        let before = niceness_of_this_thread();
+        let receive = on_own_threads(|process| async move {
+            follow(&process, true);
+            // A worker of the pass's runtime, and the thread polling the pass.
+            let worker = tokio::spawn(async { niceness_of_this_thread() })
+                .await
+                .unwrap();
+            (worker, niceness_of_this_thread())
+        })
+        .unwrap();
+        let (worker, polling) = receive.blocking_recv().unwrap();
+        assert_eq!(worker, NICE_WHILE_WRITING.max(before));
+        assert_eq!(polling, NICE_WHILE_WRITING.max(before));
+        assert_eq!(niceness_of_this_thread(), before, "the caller's thread");
+
+        // The whole process: a thread started before, and this one.
         let (ready, wait) = std::sync::mpsc::channel();
         let (done, finish) = std::sync::mpsc::channel::<()>();
         let other = std::thread::spawn(move || {
@@ -103,14 +186,11 @@ mod tests {
             niceness_of_this_thread()
         });
         wait.recv().unwrap();
-        let before = niceness_of_this_thread();
-        follow(Process::Shared, true);
-        assert_eq!(niceness_of_this_thread(), before);
-        follow(Process::Own, true);
+        follow(&Process::Own, true);
         assert_eq!(niceness_of_this_thread(), NICE_WHILE_WRITING.max(before));
         done.send(()).unwrap();
         assert_eq!(other.join().unwrap(), NICE_WHILE_WRITING.max(before));
         // Back to the default where the process may (as root).
-        follow(Process::Own, false);
+        follow(&Process::Own, false);
     }
 }

@@ -50,7 +50,6 @@ const SAMPLE_EVERY: Duration = Duration::from_millis(250);
 const RATE_OVER: Duration = Duration::from_secs(1);
 
 /// Tracks whether the application is writing, and rests the pass when it is.
-#[derive(Default)]
 pub struct Yield {
     /// The oldest sample of the current rate window: when, and the count then.
     window: Option<(Instant, i64)>,
@@ -61,8 +60,8 @@ pub struct Yield {
     busy: bool,
     /// How long the pass rested, in all.
     rested: Duration,
-    /// Whether the pass has its process to itself, whose priority it then
-    /// lowers while the application writes (see `priority`).
+    /// The pass's threads, whose priority it lowers while the application
+    /// writes (see `priority`).
     process: Process,
 }
 
@@ -70,8 +69,12 @@ impl Yield {
     /// Nothing measured yet, for a pass in `process`.
     pub fn new(process: Process) -> Yield {
         Yield {
+            window: None,
+            last_sample: None,
+            measured: false,
+            busy: false,
+            rested: Duration::ZERO,
             process,
-            ..Yield::default()
         }
     }
 
@@ -146,11 +149,7 @@ impl Yield {
                     match busy {
                         true => tracing::info!(
                             commits_per_second = rate as u64,
-                            "archive: the application is writing; the pass gives it two thirds of the time{}",
-                            match self.process {
-                                Process::Own => ", and its cores first",
-                                Process::Shared => "",
-                            }
+                            "archive: the application is writing; the pass gives it two thirds of the time, and its cores first"
                         ),
                         false => tracing::info!(
                             commits_per_second = rate as u64,
@@ -159,7 +158,7 @@ impl Yield {
                     }
                 }
                 if busy != self.busy {
-                    priority::follow(self.process, busy);
+                    priority::follow(&self.process, busy);
                 }
                 self.busy = busy;
                 self.measured = true;

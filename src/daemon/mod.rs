@@ -201,13 +201,12 @@ impl Daemon {
             };
             services.spawn(ops::http::serve(listen, state, token.clone()).await?);
         }
-        if let (Some(a), Some(store)) = (&settings.archive, &archive) {
+        if let (Some(a), Some(_)) = (&settings.archive, &archive) {
             if let Some(every) = a.interval()? {
                 services.spawn(archive_every(
                     every,
                     session.clone(),
                     a.clone(),
-                    store.clone(),
                     (ops.metrics.clone(), ops.progress.clone()),
                     token.clone(),
                 ));
@@ -291,11 +290,14 @@ impl Daemon {
 /// `archive.interval`: a pass every `every`, on a connection of its own (a pass
 /// keeps a temporary table and a session lock), until shutdown. A failed pass
 /// deleted nothing; it is logged, counted, and tried again next time.
+///
+/// Each pass runs on threads of its own (`archive::on_own_threads`), with a
+/// store of its own, so that it can lower their priority while the
+/// application writes without lowering the projectors'.
 async fn archive_every(
     every: Duration,
     session: db::PgConfig,
     settings: crate::config::ArchiveSettings,
-    store: crate::archive::Store,
     (metrics, progress): (Arc<Metrics>, Arc<Progress>),
     token: CancellationToken,
 ) {
@@ -304,22 +306,44 @@ async fn archive_every(
             _ = token.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let pass = async {
-            let mut client = db::connect(&session).await?;
-            crate::archive::run_pass(
-                &mut client,
-                &session,
-                &settings,
-                &store,
-                false,
-                crate::archive::Process::Shared,
-                Some(&progress),
-            )
-            .await
-        };
-        let outcome = tokio::select! {
-            _ = token.cancelled() => return,
-            outcome = pass => outcome,
+        let (session, settings, progress, cancelled) = (
+            session.clone(),
+            settings.clone(),
+            progress.clone(),
+            token.clone(),
+        );
+        let pass = crate::archive::on_own_threads(move |process| async move {
+            let pass = async {
+                let store = crate::archive::Store::open(&settings.url)?;
+                let mut client = db::connect(&session).await?;
+                crate::archive::run_pass(
+                    &mut client,
+                    &session,
+                    &settings,
+                    &store,
+                    false,
+                    process,
+                    Some(&progress),
+                )
+                .await
+            };
+            tokio::select! {
+                _ = cancelled.cancelled() => None,
+                outcome = pass => Some(outcome),
+            }
+        });
+        let outcome = match pass {
+            Ok(pass) => tokio::select! {
+                _ = token.cancelled() => return,
+                outcome = pass => match outcome {
+                    Ok(Some(outcome)) => outcome,
+                    Ok(None) => return,
+                    Err(_) => Err(anyhow::anyhow!("the archive pass's thread ended without a result")),
+                },
+            },
+            Err(e) => Err(anyhow::anyhow!(
+                "cannot start the archive pass's threads: {e}"
+            )),
         };
         match outcome {
             Ok(o) => {

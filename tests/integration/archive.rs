@@ -1824,7 +1824,7 @@ async fn pass_held_while(application_writes: bool) -> String {
         "uploaded-2",
         &[
             ("PGFOLD_TEST_ARCHIVE_SEGMENT_EVENTS", "300"),
-            ("RUST_LOG", "pgfold=info"),
+            ("RUST_LOG", "pgfold=info,pgfold::archive::priority=debug"),
         ],
     )
     .await;
@@ -1880,14 +1880,103 @@ async fn pass_held_while(application_writes: bool) -> String {
     pass.output()
 }
 
+/// The niceness of each thread of process `pid`: (thread name, niceness).
+fn thread_niceness(pid: u32) -> Vec<(String, i64)> {
+    let mut threads = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let Ok(stat) = std::fs::read_to_string(task.unwrap().path().join("stat")) else {
+            continue; // ended meanwhile
+        };
+        // "tid (name) state ppid ...": niceness is the 19th field, the 17th
+        // after the name.
+        let (head, rest) = stat.rsplit_once(')').unwrap();
+        let name = head.split_once('(').unwrap().1.to_string();
+        let nice = rest.split_whitespace().nth(16).unwrap().parse().unwrap();
+        threads.push((name, nice));
+    }
+    threads
+}
+
+#[tokio::test]
+async fn an_interval_pass_under_writes_lowers_its_own_threads_and_not_the_projectors() {
+    let s = setup(None).await;
+    let text = std::fs::read_to_string(&s.config).unwrap();
+    std::fs::write(
+        &s.config,
+        text.replace("[archive]\n", "[archive]\ninterval = \"1s\"\n"),
+    )
+    .unwrap();
+    s.client
+        .batch_execute("CREATE TABLE app_writes (n int)")
+        .await
+        .unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, db) = (stop.clone(), s.db.url.clone());
+        tokio::spawn(async move {
+            let client = super::helpers::connect(&db).await;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                client
+                    .execute("INSERT INTO app_writes VALUES (1)", &[])
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    let before = commits_so_far(&s.client).await;
+    wait_for(
+        "the writes in pg_stat_database",
+        Duration::from_secs(30),
+        || {
+            let client = &s.client;
+            async move { commits_so_far(client).await > before + 500 }
+        },
+    )
+    .await;
+    let (mut daemon, resume_file) = held(
+        &s,
+        &["run"],
+        "uploaded-2",
+        &[
+            ("PGFOLD_TEST_ARCHIVE_SEGMENT_EVENTS", "300"),
+            ("RUST_LOG", "pgfold=info,pgfold::archive::priority=debug"),
+        ],
+    )
+    .await;
+    let ours = thread_niceness(std::process::id())[0].1;
+    // The pass takes the rate of commits over a second at least.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    std::fs::write(&resume_file, "").unwrap();
+    still_running_after(&mut daemon, "archive pass done").await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    let log = daemon.output();
+    assert!(log.contains("the pass's threads reniced nice=15"), "{log}");
+    // The rest of the daemon (projectors, its runtime) kept its priority; the
+    // threads of a later pass, if one runs now, are the pass's own.
+    let threads = thread_niceness(daemon.pid());
+    assert!(
+        threads
+            .iter()
+            .all(|(name, nice)| name == "pgfold-archive" || *nice == ours),
+        "{threads:?} (this test runs at {ours})"
+    );
+    daemon.stop(Duration::from_secs(10)).unwrap();
+}
+
 #[tokio::test]
 async fn a_pass_rests_while_the_application_writes_and_runs_flat_out_otherwise() {
     let writing = "the application is writing";
     let overlapping = "each segment is recorded while the next is read";
+    // `pgfold archive` has its process to itself: its threads give the
+    // writers' server processes the cores first while they write.
+    let reniced = "the pass's threads reniced nice=15";
     let log = pass_held_while(true).await;
     assert!(log.contains(writing), "{log}");
     assert!(!log.contains(overlapping), "{log}");
+    assert!(log.contains(reniced), "{log}");
     let log = pass_held_while(false).await;
     assert!(!log.contains(writing), "{log}");
     assert!(log.contains(overlapping), "{log}");
+    assert!(!log.contains(reniced), "{log}");
 }

@@ -1812,12 +1812,55 @@ async fn commits_so_far(client: &Client) -> i64 {
 /// second (the rate of commits is taken over a second,
 /// src/archive/yielding.rs), with an application committing small transactions
 /// meanwhile or not: the pass's log.
+/// The application writing: one connection committing inserts into a table
+/// of its own as fast as it can.
+struct ApplicationWrites {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    writer: tokio::task::JoinHandle<()>,
+}
+
+impl ApplicationWrites {
+    /// Starts writing, and returns once the writes show in the statistics a
+    /// pass reads.
+    async fn start(s: &Setup) -> ApplicationWrites {
+        s.client
+            .batch_execute("CREATE TABLE app_writes (n int)")
+            .await
+            .unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let (stop, db) = (stop.clone(), s.db.url.clone());
+            tokio::spawn(async move {
+                let client = super::helpers::connect(&db).await;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    client
+                        .execute("INSERT INTO app_writes VALUES (1)", &[])
+                        .await
+                        .unwrap();
+                }
+            })
+        };
+        let before = commits_so_far(&s.client).await;
+        wait_for(
+            "the writes in pg_stat_database",
+            Duration::from_secs(30),
+            || {
+                let client = &s.client;
+                async move { commits_so_far(client).await > before + 500 }
+            },
+        )
+        .await;
+        ApplicationWrites { stop, writer }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.writer.await.unwrap();
+    }
+}
+
 async fn pass_held_while(application_writes: bool) -> String {
     let s = setup(None).await;
-    s.client
-        .batch_execute("CREATE TABLE app_writes (n int)")
-        .await
-        .unwrap();
     let (mut pass, resume_file) = held(
         &s,
         &["archive"],
@@ -1829,32 +1872,10 @@ async fn pass_held_while(application_writes: bool) -> String {
     )
     .await;
     let held_at = std::time::Instant::now();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = application_writes.then(|| {
-        let (stop, db) = (stop.clone(), s.db.url.clone());
-        tokio::spawn(async move {
-            let client = super::helpers::connect(&db).await;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                client
-                    .execute("INSERT INTO app_writes VALUES (1)", &[])
-                    .await
-                    .unwrap();
-            }
-        })
-    });
-    if application_writes {
-        // Until the writes show in the statistics the pass reads.
-        let before = commits_so_far(&s.client).await;
-        wait_for(
-            "the writes in pg_stat_database",
-            Duration::from_secs(30),
-            || {
-                let client = &s.client;
-                async move { commits_so_far(client).await > before + 500 }
-            },
-        )
-        .await;
-    }
+    let writer = match application_writes {
+        true => Some(ApplicationWrites::start(&s).await),
+        false => None,
+    };
     // The pass takes the rate of commits over a second at least: held for
     // less, it could not tell a quiet database from a busy one.
     tokio::time::sleep(Duration::from_millis(1200).saturating_sub(held_at.elapsed())).await;
@@ -1869,9 +1890,8 @@ async fn pass_held_while(application_writes: bool) -> String {
     })
     .await;
     let status = pass.wait().unwrap();
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
     if let Some(writer) = writer {
-        writer.await.unwrap();
+        writer.stop().await;
     }
     assert!(status.success(), "the pass: {}", pass.output());
     let (table, archived) = accounted(&s.client).await;
@@ -1906,33 +1926,7 @@ async fn an_interval_pass_under_writes_lowers_its_own_threads_and_not_the_projec
         text.replace("[archive]\n", "[archive]\ninterval = \"1s\"\n"),
     )
     .unwrap();
-    s.client
-        .batch_execute("CREATE TABLE app_writes (n int)")
-        .await
-        .unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let writer = {
-        let (stop, db) = (stop.clone(), s.db.url.clone());
-        tokio::spawn(async move {
-            let client = super::helpers::connect(&db).await;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                client
-                    .execute("INSERT INTO app_writes VALUES (1)", &[])
-                    .await
-                    .unwrap();
-            }
-        })
-    };
-    let before = commits_so_far(&s.client).await;
-    wait_for(
-        "the writes in pg_stat_database",
-        Duration::from_secs(30),
-        || {
-            let client = &s.client;
-            async move { commits_so_far(client).await > before + 500 }
-        },
-    )
-    .await;
+    let writer = ApplicationWrites::start(&s).await;
     let (mut daemon, resume_file) = held(
         &s,
         &["run"],
@@ -1948,8 +1942,7 @@ async fn an_interval_pass_under_writes_lowers_its_own_threads_and_not_the_projec
     tokio::time::sleep(Duration::from_millis(1200)).await;
     std::fs::write(&resume_file, "").unwrap();
     still_running_after(&mut daemon, "archive pass done").await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    writer.await.unwrap();
+    writer.stop().await;
     let log = daemon.output();
     assert!(log.contains("the pass's threads reniced nice=15"), "{log}");
     // The rest of the daemon (projectors, its runtime) kept its priority; the

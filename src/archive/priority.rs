@@ -32,7 +32,16 @@ pub enum Process {
     Own,
     /// The threads of the pass's own runtime in a process that runs other
     /// work (see [`on_own_threads`]).
-    Threads(Arc<Mutex<Vec<ThreadId>>>),
+    Threads(Arc<Mutex<Registered>>),
+}
+
+/// The threads of a pass's runtime, and the niceness they are at: a thread
+/// that starts later takes it as it registers (it inherits its creator's,
+/// which may be a thread of another part of the process).
+#[derive(Debug, Default)]
+pub struct Registered {
+    threads: Vec<ThreadId>,
+    nice: i32,
 }
 
 /// A thread's id, as `setpriority` takes it.
@@ -45,10 +54,13 @@ pub type ThreadId = libc::id_t;
 pub fn follow(process: &Process, writing: bool) {
     let nice = if writing { NICE_WHILE_WRITING } else { 0 };
     let set = match process {
-        Process::Own => all_threads().and_then(|tids| set_threads(&tids, nice)),
-        Process::Threads(tids) => {
-            let tids = tids.lock().unwrap_or_else(|e| e.into_inner()).clone();
-            set_threads(&tids, nice)
+        Process::Own => set_all_threads(nice),
+        Process::Threads(registered) => {
+            // Held while renicing, so that a thread registering meanwhile
+            // takes the new niceness itself.
+            let mut registered = registered.lock().unwrap_or_else(|e| e.into_inner());
+            registered.nice = nice;
+            set_threads(&registered.threads, nice)
         }
     };
     match set {
@@ -69,12 +81,16 @@ where
     F: FnOnce(Process) -> Fut + Send + 'static,
     Fut: Future<Output = T>,
 {
-    let threads: Arc<Mutex<Vec<ThreadId>>> = Arc::default();
+    let threads: Arc<Mutex<Registered>> = Arc::default();
     let register = {
         let threads = threads.clone();
         move || {
             if let Some(tid) = this_thread() {
-                threads.lock().unwrap_or_else(|e| e.into_inner()).push(tid);
+                let mut registered = threads.lock().unwrap_or_else(|e| e.into_inner());
+                registered.threads.push(tid);
+                if registered.nice != 0 {
+                    let _ = set_threads(&[tid], registered.nice);
+                }
             }
         }
     };
@@ -106,13 +122,33 @@ fn this_thread() -> Option<ThreadId> {
     None
 }
 
-/// Every thread the process has now. A new thread inherits its creator's
-/// niceness, so those the process starts later follow.
+/// Sets every thread of the process to `nice`. A new thread inherits its
+/// creator's niceness, so those the process starts later follow. A listing of
+/// the threads skips one now and then when another ends as it is read (the
+/// kernel lists them by position), so the process is listed again until a
+/// listing finds no thread not set yet.
+fn set_all_threads(nice: i32) -> std::io::Result<()> {
+    let mut set: Vec<ThreadId> = Vec::new();
+    loop {
+        let new: Vec<ThreadId> = all_threads()?
+            .into_iter()
+            .filter(|tid| !set.contains(tid))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
+        set_threads(&new, nice)?;
+        set.extend(new);
+    }
+}
+
+/// The threads of the process, as one listing shows them.
 #[cfg(target_os = "linux")]
 fn all_threads() -> std::io::Result<Vec<ThreadId>> {
     let mut tids = Vec::new();
-    for task in std::fs::read_dir("/proc/self/task")? {
-        if let Some(tid) = task?.file_name().to_str().and_then(|t| t.parse().ok()) {
+    // An entry that cannot be read is a thread that ended as it was listed.
+    for task in std::fs::read_dir("/proc/self/task")?.flatten() {
+        if let Some(tid) = task.file_name().to_str().and_then(|t| t.parse().ok()) {
             tids.push(tid);
         }
     }
@@ -121,18 +157,20 @@ fn all_threads() -> std::io::Result<Vec<ThreadId>> {
 
 #[cfg(target_os = "linux")]
 fn set_threads(tids: &[ThreadId], nice: i32) -> std::io::Result<()> {
+    let mut first_error = None;
     for &tid in tids {
         // On Linux, PRIO_PROCESS with a thread id sets that thread's niceness.
         // SAFETY: setpriority reads only its integer arguments.
         if unsafe { libc::setpriority(libc::PRIO_PROCESS, tid, nice) } != 0 {
             let e = std::io::Error::last_os_error();
-            // A thread that ended meanwhile.
+            // A thread that ended meanwhile is no error; one refused does not
+            // keep the others from trying.
             if e.raw_os_error() != Some(libc::ESRCH) {
-                return Err(e);
+                first_error.get_or_insert(e);
             }
         }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -150,12 +188,9 @@ mod tests {
     use super::*;
 
     fn niceness_of_this_thread() -> i32 {
-        // SAFETY: gettid and getpriority read no memory of ours.
-        unsafe {
-            let tid = libc::syscall(libc::SYS_gettid) as libc::id_t;
-            *libc::__errno_location() = 0;
-            libc::getpriority(libc::PRIO_PROCESS, tid)
-        }
+        let tid = this_thread().expect("a thread id on Linux");
+        // SAFETY: getpriority reads only its integer arguments.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, tid) }
     }
 
     #[test]

@@ -156,8 +156,6 @@ impl Yield {
                             "archive: the application is quiet; the pass runs flat out"
                         ),
                     }
-                }
-                if busy != self.busy {
                     priority::follow(&self.process, busy);
                 }
                 self.busy = busy;

@@ -332,14 +332,14 @@ async fn archive_every(
                 outcome = pass => Some(outcome),
             }
         });
+        // At shutdown the pass sees the token itself, and ends at once.
         let outcome = match pass {
-            Ok(pass) => tokio::select! {
-                _ = token.cancelled() => return,
-                outcome = pass => match outcome {
-                    Ok(Some(outcome)) => outcome,
-                    Ok(None) => return,
-                    Err(_) => Err(anyhow::anyhow!("the archive pass's thread ended without a result")),
-                },
+            Ok(pass) => match pass.await {
+                Ok(Some(outcome)) => outcome,
+                Ok(None) => return,
+                Err(_) => Err(anyhow::anyhow!(
+                    "the archive pass's thread ended without a result"
+                )),
             },
             Err(e) => Err(anyhow::anyhow!(
                 "cannot start the archive pass's threads: {e}"
